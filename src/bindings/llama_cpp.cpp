@@ -1,0 +1,1433 @@
+// llama_cpp._core: the native core of llama-cpp-nanobind.
+//
+// One file, in sections: errors, logging, backend, model, sampling, text, context,
+// generation. Each section ends in a bind_* function; NB_MODULE only calls them.
+//
+// Threading rules (see ../../README.md, "Threads and the GIL"):
+//   * every call that can take more than about a millisecond releases the GIL; arguments
+//     are converted before the release and no Python object is touched inside;
+//   * a context is used by one thread at a time, enforced by ContextState::mutex, which is
+//     only ever locked with the GIL released (so a thread waiting for it never blocks one
+//     that needs the GIL to finish);
+//   * llama.cpp's log callback takes the GIL only to hand a finished line to Python.
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <ggml-backend.h>
+#include <ggml.h>
+#include <llama.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include <sys/stat.h>
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+#ifndef LLAMA_CPP_COMMIT
+#define LLAMA_CPP_COMMIT "unknown"
+#endif
+
+namespace {
+
+// =====================================================================================
+// Errors
+// =====================================================================================
+//
+// C++ exceptions thrown anywhere below are translated at the boundary into a small Python
+// hierarchy rooted at LlamaError (a RuntimeError). Errors that a caller provokes with a bad
+// argument also derive from ValueError, so code written for llama-cpp-python (which raises
+// ValueError) keeps working.
+
+struct LlamaError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+struct ModelLoadError : LlamaError {
+    using LlamaError::LlamaError;
+};
+struct ContextOverflowError : LlamaError {
+    using LlamaError::LlamaError;
+};
+struct DecodeError : LlamaError {
+    using LlamaError::LlamaError;
+};
+struct ClosedError : LlamaError {
+    using LlamaError::LlamaError;
+};
+struct InvalidArgumentError : LlamaError {
+    using LlamaError::LlamaError;
+};
+
+PyObject *py_llama_error = nullptr;
+PyObject *py_model_load_error = nullptr;
+PyObject *py_context_overflow_error = nullptr;
+PyObject *py_decode_error = nullptr;
+PyObject *py_closed_error = nullptr;
+PyObject *py_invalid_argument_error = nullptr;
+
+PyObject *new_exception(nb::module_ &m, const char *name, PyObject *bases, const char *doc) {
+    std::string qualified = std::string("llama_cpp._core.") + name;
+    PyObject *type = PyErr_NewExceptionWithDoc(qualified.c_str(), doc, bases, nullptr);
+    if (type == nullptr) {
+        throw nb::python_error();
+    }
+    m.attr(name) = nb::handle(type);
+    return type;
+}
+
+void bind_errors(nb::module_ &m) {
+    py_llama_error = new_exception(m, "LlamaError", PyExc_RuntimeError,
+                                   "Base class of every error raised by llama_cpp.");
+    nb::object load_bases = nb::make_tuple(nb::handle(py_llama_error), nb::handle(PyExc_ValueError));
+    py_model_load_error = new_exception(
+        m, "ModelLoadError", load_bases.ptr(),
+        "A GGUF file is missing, unreadable, truncated or not a model llama.cpp can load.");
+    py_context_overflow_error = new_exception(
+        m, "ContextOverflowError", load_bases.ptr(),
+        "The tokens to evaluate do not fit in the context window.");
+    py_decode_error = new_exception(m, "DecodeError", py_llama_error,
+                                    "llama_decode failed (out of memory or an internal error).");
+    py_closed_error = new_exception(
+        m, "ClosedError", py_llama_error,
+        "The model or context was closed (possibly while a call on it was running).");
+    py_invalid_argument_error = new_exception(m, "InvalidArgumentError", load_bases.ptr(),
+                                              "An argument is out of its valid range.");
+
+    nb::register_exception_translator([](const std::exception_ptr &p, void *) {
+        try {
+            std::rethrow_exception(p);
+        } catch (const ModelLoadError &e) {
+            PyErr_SetString(py_model_load_error, e.what());
+        } catch (const ContextOverflowError &e) {
+            PyErr_SetString(py_context_overflow_error, e.what());
+        } catch (const DecodeError &e) {
+            PyErr_SetString(py_decode_error, e.what());
+        } catch (const ClosedError &e) {
+            PyErr_SetString(py_closed_error, e.what());
+        } catch (const InvalidArgumentError &e) {
+            PyErr_SetString(py_invalid_argument_error, e.what());
+        } catch (const LlamaError &e) {
+            PyErr_SetString(py_llama_error, e.what());
+        }
+    });
+}
+
+// =====================================================================================
+// Logging
+// =====================================================================================
+//
+// llama.cpp and ggml log through one process-wide callback. Lines are assembled per thread
+// (llama.cpp emits pieces with GGML_LOG_LEVEL_CONT) and handed, whole, to a Python callable
+// installed by llama_cpp._logging. Lines below the current threshold are dropped without
+// taking the GIL. The last error lines of the calling thread are kept so that a failed load
+// can say why it failed.
+
+struct LogState {
+    std::mutex mutex;                       // guards callback
+    PyObject *callback = nullptr;           // owned reference, or nullptr
+    std::atomic<int> min_level{GGML_LOG_LEVEL_WARN};
+};
+
+LogState &log_state() {
+    static LogState *state = new LogState();  // never destroyed: may be used during exit
+    return *state;
+}
+
+thread_local std::string tl_log_line;
+thread_local int tl_log_level = GGML_LOG_LEVEL_INFO;
+thread_local std::string tl_last_errors;
+
+bool python_is_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+    return Py_IsFinalizing() != 0;
+#else
+    return _Py_IsFinalizing() != 0;
+#endif
+}
+
+void emit_log_line(int level, const std::string &line) {
+    if (level == GGML_LOG_LEVEL_ERROR) {
+        if (!tl_last_errors.empty()) {
+            tl_last_errors += "; ";
+        }
+        tl_last_errors += line;
+        if (tl_last_errors.size() > 4096) {
+            tl_last_errors.erase(0, tl_last_errors.size() - 4096);
+        }
+    }
+    if (level < log_state().min_level.load(std::memory_order_relaxed)) {
+        return;
+    }
+    if (!Py_IsInitialized() || python_is_finalizing()) {
+        return;
+    }
+    nb::gil_scoped_acquire gil;
+    PyObject *callback = nullptr;
+    {
+        std::lock_guard<std::mutex> lock(log_state().mutex);
+        callback = log_state().callback;
+        Py_XINCREF(callback);
+    }
+    if (callback == nullptr) {
+        return;
+    }
+    PyObject *text = PyUnicode_DecodeUTF8(line.data(), static_cast<Py_ssize_t>(line.size()), "replace");
+    PyObject *result = text ? PyObject_CallFunction(callback, "iO", level, text) : nullptr;
+    if (result == nullptr) {
+        PyErr_WriteUnraisable(callback);  // a broken handler must not break decoding
+    }
+    Py_XDECREF(result);
+    Py_XDECREF(text);
+    Py_DECREF(callback);
+}
+
+void log_callback(ggml_log_level level, const char *text, void * /*user_data*/) {
+    if (level != GGML_LOG_LEVEL_CONT) {
+        if (!tl_log_line.empty()) {
+            emit_log_line(tl_log_level, tl_log_line);
+            tl_log_line.clear();
+        }
+        tl_log_level = level;
+    }
+    tl_log_line += text;
+    size_t newline;
+    while ((newline = tl_log_line.find('\n')) != std::string::npos) {
+        std::string line = tl_log_line.substr(0, newline);
+        tl_log_line.erase(0, newline + 1);
+        if (!line.empty()) {
+            emit_log_line(tl_log_level, line);
+        }
+    }
+}
+
+void set_log_callback(nb::object callback) {
+    PyObject *old = nullptr;
+    {
+        std::lock_guard<std::mutex> lock(log_state().mutex);
+        old = log_state().callback;
+        log_state().callback = callback.is_none() ? nullptr : callback.inc_ref().ptr();
+    }
+    Py_XDECREF(old);
+}
+
+void bind_logging(nb::module_ &m) {
+    llama_log_set(log_callback, nullptr);
+    m.def("set_log_callback", &set_log_callback, "callback"_a.none(),
+          "Install ``callback(level: int, line: str)`` for llama.cpp's log (None removes it).");
+    m.def(
+        "set_log_level", [](int level) { log_state().min_level.store(level); }, "level"_a,
+        "Drop llama.cpp log lines below ``level`` (a GGML_LOG_LEVEL value) without taking the "
+        "GIL.");
+    m.attr("LOG_LEVEL_DEBUG") = static_cast<int>(GGML_LOG_LEVEL_DEBUG);
+    m.attr("LOG_LEVEL_INFO") = static_cast<int>(GGML_LOG_LEVEL_INFO);
+    m.attr("LOG_LEVEL_WARN") = static_cast<int>(GGML_LOG_LEVEL_WARN);
+    m.attr("LOG_LEVEL_ERROR") = static_cast<int>(GGML_LOG_LEVEL_ERROR);
+}
+
+// =====================================================================================
+// Backend
+// =====================================================================================
+
+struct Device {
+    std::string name;
+    std::string description;
+    std::string type;
+    size_t memory_free = 0;
+    size_t memory_total = 0;
+};
+
+std::once_flag backend_once;
+
+void backend_init(const std::string &backend_dir) {
+    // Backends built as loadable modules (GGML_BACKEND_DL, the portable build) live next to
+    // libggml; a regular build links them in and this loads nothing.
+    std::call_once(backend_once, [&] {
+        if (!backend_dir.empty()) {
+            ggml_backend_load_all_from_path(backend_dir.c_str());
+        }
+        llama_backend_init();
+    });
+}
+
+std::vector<Device> list_devices() {
+    std::vector<Device> devices;
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        Device d;
+        d.name = ggml_backend_dev_name(dev);
+        d.description = ggml_backend_dev_description(dev);
+        switch (ggml_backend_dev_type(dev)) {
+        case GGML_BACKEND_DEVICE_TYPE_CPU: d.type = "cpu"; break;
+        case GGML_BACKEND_DEVICE_TYPE_GPU: d.type = "gpu"; break;
+        case GGML_BACKEND_DEVICE_TYPE_IGPU: d.type = "igpu"; break;
+        case GGML_BACKEND_DEVICE_TYPE_ACCEL: d.type = "accel"; break;
+        default: d.type = "other"; break;
+        }
+        ggml_backend_dev_memory(dev, &d.memory_free, &d.memory_total);
+        devices.push_back(std::move(d));
+    }
+    return devices;
+}
+
+void bind_backend(nb::module_ &m) {
+    m.def("backend_init", &backend_init, "backend_dir"_a,
+          "Load backend modules from ``backend_dir`` (portable builds) and initialise llama.cpp. "
+          "Called once by the package on import; later calls do nothing.");
+    m.def("system_info", [] { return std::string(llama_print_system_info()); },
+          "llama.cpp's system line: backends and the CPU features they were built with.");
+    m.def("supports_gpu_offload", &llama_supports_gpu_offload);
+    m.def("supports_mmap", &llama_supports_mmap);
+    m.def("supports_mlock", &llama_supports_mlock);
+    m.def("supports_rpc", &llama_supports_rpc);
+    m.def("max_devices", [] { return static_cast<int64_t>(llama_max_devices()); });
+    m.def("llama_cpp_commit", [] { return std::string(LLAMA_CPP_COMMIT); },
+          "The llama.cpp commit the module was compiled against ('unknown' for a user's build).");
+
+    nb::class_<Device>(m, "Device", "A compute device that ggml can use.")
+        .def_ro("name", &Device::name)
+        .def_ro("description", &Device::description)
+        .def_ro("type", &Device::type, "'cpu', 'gpu', 'igpu', 'accel' or 'other'.")
+        .def_ro("memory_free", &Device::memory_free, "Free memory in bytes.")
+        .def_ro("memory_total", &Device::memory_total, "Total memory in bytes.")
+        .def("__repr__", [](const Device &d) {
+            return "Device(name='" + d.name + "', type='" + d.type + "', description='" +
+                   d.description + "')";
+        });
+    m.def("devices", &list_devices, "The devices of every loaded backend.");
+}
+
+// =====================================================================================
+// Model
+// =====================================================================================
+
+struct ModelDeleter {
+    void operator()(llama_model *model) const { llama_model_free(model); }
+};
+using ModelHandle = std::shared_ptr<llama_model>;
+
+struct ModelOptions {
+    int n_gpu_layers = 0;
+    int split_mode = LLAMA_SPLIT_MODE_LAYER;
+    int main_gpu = 0;
+    std::vector<float> tensor_split;
+    bool vocab_only = false;
+    bool use_mmap = true;
+    bool use_mlock = false;
+    bool check_tensors = false;
+};
+
+std::string format_size(uint64_t bytes) {
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "%.2f MiB", static_cast<double>(bytes) / (1024.0 * 1024.0));
+    return buf;
+}
+
+// A loaded llama_model. The handle is shared with every Context made from it, so closing the
+// Model while a context still runs only drops this object's reference.
+class Model {
+  public:
+    Model(const std::string &path, const ModelOptions &options) : path_(path) {
+        struct stat st {};
+        if (::stat(path.c_str(), &st) != 0) {
+            throw ModelLoadError("model file not found: '" + path + "'");
+        }
+        if (!S_ISREG(st.st_mode)) {
+            throw ModelLoadError("model path is not a regular file: '" + path + "'");
+        }
+        if (std::FILE *f = std::fopen(path.c_str(), "rb")) {
+            char magic[4] = {0, 0, 0, 0};
+            size_t n = std::fread(magic, 1, 4, f);
+            std::fclose(f);
+            if (n != 4 || std::string_view(magic, 4) != "GGUF") {
+                throw ModelLoadError("not a GGUF file (bad magic): '" + path + "'");
+            }
+        } else {
+            throw ModelLoadError("cannot open model file: '" + path + "'");
+        }
+
+        llama_model_params params = llama_model_default_params();
+        params.n_gpu_layers = options.n_gpu_layers;
+        params.split_mode = static_cast<llama_split_mode>(options.split_mode);
+        params.main_gpu = options.main_gpu;
+        if (!options.tensor_split.empty()) {
+            if (options.tensor_split.size() > llama_max_devices()) {
+                throw InvalidArgumentError("tensor_split has more entries than llama_max_devices()");
+            }
+            tensor_split_ = options.tensor_split;
+            tensor_split_.resize(llama_max_devices(), 0.0f);
+            params.tensor_split = tensor_split_.data();
+        }
+        params.vocab_only = options.vocab_only;
+        // llama-cpp-python's use_mmap/use_mlock map onto llama.cpp's load mode.
+        if (options.use_mlock) {
+            params.load_mode = options.use_mmap ? LLAMA_LOAD_MODE_MMAP_MLOCK : LLAMA_LOAD_MODE_MLOCK;
+        } else if (!options.use_mmap) {
+            params.load_mode = LLAMA_LOAD_MODE_NONE;
+        }
+        params.check_tensors = options.check_tensors;
+
+        tl_last_errors.clear();
+        llama_model *model = llama_model_load_from_file(path.c_str(), params);
+        if (model == nullptr) {
+            std::string reason = tl_last_errors.empty() ? "see the llama_cpp log" : tl_last_errors;
+            throw ModelLoadError("failed to load model from '" + path + "': " + reason);
+        }
+        handle_ = ModelHandle(model, ModelDeleter());
+        vocab_ = llama_model_get_vocab(model);
+    }
+
+    ModelHandle handle() const {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!handle_) {
+            throw ClosedError("the model is closed");
+        }
+        return handle_;
+    }
+
+    const llama_vocab *vocab() const {
+        handle();  // throws once closed
+        return vocab_;
+    }
+
+    void close() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        handle_.reset();
+    }
+
+    bool closed() const {
+        std::lock_guard<std::mutex> lock(mutex_);
+        return !handle_;
+    }
+
+    const std::string &path() const { return path_; }
+
+    std::vector<llama_token> tokenize(const std::string &text, bool add_special,
+                                      bool parse_special) const {
+        ModelHandle keep = handle();
+        return tokenize_with(vocab_, text, add_special, parse_special);
+    }
+
+    static std::vector<llama_token> tokenize_with(const llama_vocab *vocab, const std::string &text,
+                                                  bool add_special, bool parse_special) {
+        if (text.size() > static_cast<size_t>(INT32_MAX)) {
+            throw InvalidArgumentError("text is too long to tokenize");
+        }
+        const auto len = static_cast<int32_t>(text.size());
+        std::vector<llama_token> tokens(static_cast<size_t>(len) + 2);
+        int32_t n = llama_tokenize(vocab, text.data(), len, tokens.data(),
+                                   static_cast<int32_t>(tokens.size()), add_special, parse_special);
+        if (n == INT32_MIN) {
+            throw InvalidArgumentError("tokenization overflowed int32");
+        }
+        if (n < 0) {
+            tokens.resize(static_cast<size_t>(-n));
+            n = llama_tokenize(vocab, text.data(), len, tokens.data(),
+                               static_cast<int32_t>(tokens.size()), add_special, parse_special);
+            if (n < 0) {
+                throw LlamaError("llama_tokenize failed");
+            }
+        }
+        tokens.resize(static_cast<size_t>(n));
+        return tokens;
+    }
+
+    std::string token_to_piece(llama_token token, bool special) const {
+        ModelHandle keep = handle();
+        check_token(token);
+        return piece_with(vocab_, token, special);
+    }
+
+    static std::string piece_with(const llama_vocab *vocab, llama_token token, bool special) {
+        char small[64];
+        int32_t n = llama_token_to_piece(vocab, token, small, sizeof(small), 0, special);
+        if (n >= 0) {
+            return std::string(small, static_cast<size_t>(n));
+        }
+        std::string piece(static_cast<size_t>(-n), '\0');
+        n = llama_token_to_piece(vocab, token, piece.data(), static_cast<int32_t>(piece.size()), 0,
+                                 special);
+        if (n < 0) {
+            throw LlamaError("llama_token_to_piece failed");
+        }
+        piece.resize(static_cast<size_t>(n));
+        return piece;
+    }
+
+    std::string detokenize(const std::vector<llama_token> &tokens, bool special) const {
+        ModelHandle keep = handle();
+        for (llama_token t : tokens) {
+            check_token(t);
+        }
+        // Concatenated pieces, as llama-cpp-python does: no leading-space stripping, so that
+        // detokenize(a) + detokenize(b) == detokenize(a + b) holds.
+        std::string out;
+        for (llama_token t : tokens) {
+            out += piece_with(vocab_, t, special);
+        }
+        return out;
+    }
+
+    void check_token(llama_token token) const {
+        if (token < 0 || token >= llama_vocab_n_tokens(vocab_)) {
+            throw InvalidArgumentError("token id " + std::to_string(token) +
+                                       " is out of range [0, " +
+                                       std::to_string(llama_vocab_n_tokens(vocab_)) + ")");
+        }
+    }
+
+    std::vector<std::pair<std::string, std::string>> metadata() const {
+        ModelHandle keep = handle();
+        std::vector<std::pair<std::string, std::string>> out;
+        const int32_t count = llama_model_meta_count(keep.get());
+        std::vector<char> key(256), value(4096);
+        for (int32_t i = 0; i < count; ++i) {
+            out.emplace_back(meta_string(keep.get(), i, key, true),
+                             meta_string(keep.get(), i, value, false));
+        }
+        return out;
+    }
+
+    std::string description() const {
+        ModelHandle keep = handle();
+        char buf[256];
+        int32_t n = llama_model_desc(keep.get(), buf, sizeof(buf));
+        return std::string(buf, static_cast<size_t>(std::max(n, 0)));
+    }
+
+    std::optional<std::string> chat_template() const {
+        ModelHandle keep = handle();
+        const char *tmpl = llama_model_chat_template(keep.get(), nullptr);
+        if (tmpl == nullptr) {
+            return std::nullopt;
+        }
+        return std::string(tmpl);
+    }
+
+  private:
+    static std::string meta_string(const llama_model *model, int32_t i, std::vector<char> &buf,
+                                   bool key) {
+        auto read = [&]() {
+            return key ? llama_model_meta_key_by_index(model, i, buf.data(), buf.size())
+                       : llama_model_meta_val_str_by_index(model, i, buf.data(), buf.size());
+        };
+        int32_t n = read();
+        if (n >= static_cast<int32_t>(buf.size())) {
+            buf.resize(static_cast<size_t>(n) + 1);
+            n = read();
+        }
+        return n < 0 ? std::string() : std::string(buf.data(), static_cast<size_t>(n));
+    }
+
+    std::string path_;
+    mutable std::mutex mutex_;  // guards handle_
+    ModelHandle handle_;
+    const llama_vocab *vocab_ = nullptr;
+    std::vector<float> tensor_split_;  // must outlive the load call
+};
+
+template <typename F>
+auto with_model(const Model &model, F &&f) {
+    ModelHandle keep = model.handle();
+    return f(keep.get(), llama_model_get_vocab(keep.get()));
+}
+
+void bind_model(nb::module_ &m) {
+    nb::class_<ModelOptions>(m, "ModelOptions", "Options for loading a model (llama_model_params).")
+        .def(nb::init<>())
+        .def_rw("n_gpu_layers", &ModelOptions::n_gpu_layers)
+        .def_rw("split_mode", &ModelOptions::split_mode)
+        .def_rw("main_gpu", &ModelOptions::main_gpu)
+        .def_rw("tensor_split", &ModelOptions::tensor_split)
+        .def_rw("vocab_only", &ModelOptions::vocab_only)
+        .def_rw("use_mmap", &ModelOptions::use_mmap)
+        .def_rw("use_mlock", &ModelOptions::use_mlock)
+        .def_rw("check_tensors", &ModelOptions::check_tensors);
+
+    nb::class_<Model>(m, "Model", "A GGUF model loaded by llama.cpp.")
+        .def(nb::init<const std::string &, const ModelOptions &>(), "path"_a, "options"_a,
+             nb::call_guard<nb::gil_scoped_release>(),
+             "Load ``path``. Raises ModelLoadError if it is missing or not a loadable GGUF.")
+        .def("close", &Model::close, "Drop this object's reference to the weights (idempotent).")
+        .def_prop_ro("closed", &Model::closed)
+        .def_prop_ro("path", &Model::path)
+        .def(
+            "tokenize",
+            [](const Model &self, nb::bytes text, bool add_special, bool parse_special) {
+                std::string data(text.c_str(), text.size());
+                nb::gil_scoped_release release;
+                return self.tokenize(data, add_special, parse_special);
+            },
+            "text"_a, "add_special"_a, "parse_special"_a,
+            "Token ids of the UTF-8 bytes ``text``.")
+        .def(
+            "detokenize",
+            [](const Model &self, const std::vector<llama_token> &tokens, bool special) {
+                std::string out;
+                {
+                    nb::gil_scoped_release release;
+                    out = self.detokenize(tokens, special);
+                }
+                return nb::bytes(out.data(), out.size());
+            },
+            "tokens"_a, "special"_a)
+        .def(
+            "token_to_piece",
+            [](const Model &self, llama_token token, bool special) {
+                std::string piece = self.token_to_piece(token, special);
+                return nb::bytes(piece.data(), piece.size());
+            },
+            "token"_a, "special"_a)
+        .def("metadata", &Model::metadata, "GGUF key/value metadata, values rendered as text.")
+        .def("description", &Model::description)
+        .def("chat_template", &Model::chat_template)
+        .def("is_eog",
+             [](const Model &self, llama_token t) {
+                 self.check_token(t);
+                 return llama_vocab_is_eog(self.vocab(), t);
+             })
+        .def_prop_ro("n_vocab", [](const Model &s) { return llama_vocab_n_tokens(s.vocab()); })
+        .def_prop_ro("n_ctx_train",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *mdl, auto *) {
+                             return llama_model_n_ctx_train(mdl);
+                         });
+                     })
+        .def_prop_ro("n_embd",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *mdl, auto *) { return llama_model_n_embd(mdl); });
+                     })
+        .def_prop_ro("n_layer",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *mdl, auto *) { return llama_model_n_layer(mdl); });
+                     })
+        .def_prop_ro("n_params",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *mdl, auto *) { return llama_model_n_params(mdl); });
+                     })
+        .def_prop_ro("size",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *mdl, auto *) { return llama_model_size(mdl); });
+                     })
+        .def_prop_ro("token_bos", [](const Model &s) { return llama_vocab_bos(s.vocab()); })
+        .def_prop_ro("token_eos", [](const Model &s) { return llama_vocab_eos(s.vocab()); })
+        .def_prop_ro("add_bos", [](const Model &s) { return llama_vocab_get_add_bos(s.vocab()); })
+        .def_prop_ro("add_eos", [](const Model &s) { return llama_vocab_get_add_eos(s.vocab()); })
+        .def("__repr__", [](const Model &s) {
+            if (s.closed()) {
+                return "<Model '" + s.path() + "' (closed)>";
+            }
+            return "<Model '" + s.path() + "' " + s.description() + ", " +
+                   format_size(with_model(s, [](auto *mdl, auto *) { return llama_model_size(mdl); })) + ">";
+        });
+}
+
+// =====================================================================================
+// Sampling
+// =====================================================================================
+
+struct SamplerDeleter {
+    void operator()(llama_sampler *s) const { llama_sampler_free(s); }
+};
+using SamplerPtr = std::unique_ptr<llama_sampler, SamplerDeleter>;
+
+// The sampling settings of one generation. The chain is built in llama-cpp-python's order:
+// logit bias, penalties, then greedy (temperature == 0), plain random (temperature < 0),
+// mirostat, or top-k -> typical -> top-p -> min-p -> temperature -> distribution.
+struct SamplerConfig {
+    float temperature = 0.8f;
+    int32_t top_k = 40;
+    float top_p = 0.95f;
+    float min_p = 0.05f;
+    float typical_p = 1.0f;
+    float repeat_penalty = 1.0f;
+    float frequency_penalty = 0.0f;
+    float presence_penalty = 0.0f;
+    int32_t penalty_last_n = 64;
+    int32_t mirostat_mode = 0;
+    float mirostat_tau = 5.0f;
+    float mirostat_eta = 0.1f;
+    uint32_t seed = LLAMA_DEFAULT_SEED;
+    std::vector<std::pair<llama_token, float>> logit_bias;
+
+    void validate(int32_t n_vocab) const {
+        auto fail = [](const std::string &what) { throw InvalidArgumentError(what); };
+        if (!(temperature == temperature)) fail("temperature must be a number, got NaN");
+        if (top_k < 0) fail("top_k must be >= 0 (0 disables it), got " + std::to_string(top_k));
+        if (!(top_p >= 0.0f && top_p <= 1.0f)) fail("top_p must be in [0, 1], got " + std::to_string(top_p));
+        if (!(min_p >= 0.0f && min_p <= 1.0f)) fail("min_p must be in [0, 1], got " + std::to_string(min_p));
+        if (!(typical_p >= 0.0f && typical_p <= 1.0f))
+            fail("typical_p must be in [0, 1], got " + std::to_string(typical_p));
+        if (!(repeat_penalty > 0.0f))
+            fail("repeat_penalty must be > 0 (1.0 disables it), got " + std::to_string(repeat_penalty));
+        if (!std::isfinite(frequency_penalty)) fail("frequency_penalty must be finite");
+        if (!std::isfinite(presence_penalty)) fail("presence_penalty must be finite");
+        if (penalty_last_n < -1) fail("penalty_last_n must be >= -1");
+        if (mirostat_mode < 0 || mirostat_mode > 2)
+            fail("mirostat_mode must be 0, 1 or 2, got " + std::to_string(mirostat_mode));
+        if (!(mirostat_tau >= 0.0f)) fail("mirostat_tau must be >= 0");
+        if (!(mirostat_eta >= 0.0f)) fail("mirostat_eta must be >= 0");
+        for (const auto &[token, bias] : logit_bias) {
+            if (token < 0 || token >= n_vocab)
+                fail("logit_bias token id " + std::to_string(token) + " is out of range [0, " +
+                     std::to_string(n_vocab) + ")");
+            if (bias != bias) fail("logit_bias values must be numbers, got NaN");
+        }
+    }
+
+    SamplerPtr build(const llama_model *model, int32_t n_ctx) const {
+        const llama_vocab *vocab = llama_model_get_vocab(model);
+        const int32_t n_vocab = llama_vocab_n_tokens(vocab);
+        validate(n_vocab);
+        llama_sampler_chain_params chain_params = llama_sampler_chain_default_params();
+        chain_params.no_perf = false;
+        SamplerPtr chain(llama_sampler_chain_init(chain_params));
+        auto add = [&](llama_sampler *s) {
+            if (s == nullptr) {
+                throw LlamaError("failed to create a sampler");
+            }
+            llama_sampler_chain_add(chain.get(), s);
+        };
+        if (!logit_bias.empty()) {
+            std::vector<llama_logit_bias> biases;
+            biases.reserve(logit_bias.size());
+            for (const auto &[token, bias] : logit_bias) {
+                biases.push_back({token, bias});
+            }
+            add(llama_sampler_init_logit_bias(n_vocab, static_cast<int32_t>(biases.size()),
+                                              biases.data()));
+        }
+        if (repeat_penalty != 1.0f || frequency_penalty != 0.0f || presence_penalty != 0.0f) {
+            add(llama_sampler_init_penalties(n_vocab, penalty_last_n == -1 ? n_ctx : penalty_last_n,
+                                             repeat_penalty, frequency_penalty, presence_penalty));
+        }
+        if (temperature == 0.0f) {
+            add(llama_sampler_init_greedy());
+        } else if (temperature < 0.0f) {
+            add(llama_sampler_init_dist(seed));
+        } else if (mirostat_mode == 1) {
+            add(llama_sampler_init_temp(temperature));
+            add(llama_sampler_init_mirostat(n_vocab, seed, mirostat_tau, mirostat_eta, 100));
+        } else if (mirostat_mode == 2) {
+            add(llama_sampler_init_temp(temperature));
+            add(llama_sampler_init_mirostat_v2(seed, mirostat_tau, mirostat_eta));
+        } else {
+            if (top_k > 0) add(llama_sampler_init_top_k(top_k));
+            if (typical_p < 1.0f) add(llama_sampler_init_typical(typical_p, 1));
+            if (top_p < 1.0f) add(llama_sampler_init_top_p(top_p, 1));
+            if (min_p > 0.0f) add(llama_sampler_init_min_p(min_p, 1));
+            add(llama_sampler_init_temp(temperature));
+            add(llama_sampler_init_dist(seed));
+        }
+        return chain;
+    }
+};
+
+void bind_sampling(nb::module_ &m) {
+    nb::class_<SamplerConfig>(m, "SamplerConfig",
+                              "Sampling settings of one generation (see llama_cpp.SamplingParams).")
+        .def(nb::init<>())
+        .def_rw("temperature", &SamplerConfig::temperature)
+        .def_rw("top_k", &SamplerConfig::top_k)
+        .def_rw("top_p", &SamplerConfig::top_p)
+        .def_rw("min_p", &SamplerConfig::min_p)
+        .def_rw("typical_p", &SamplerConfig::typical_p)
+        .def_rw("repeat_penalty", &SamplerConfig::repeat_penalty)
+        .def_rw("frequency_penalty", &SamplerConfig::frequency_penalty)
+        .def_rw("presence_penalty", &SamplerConfig::presence_penalty)
+        .def_rw("penalty_last_n", &SamplerConfig::penalty_last_n)
+        .def_rw("mirostat_mode", &SamplerConfig::mirostat_mode)
+        .def_rw("mirostat_tau", &SamplerConfig::mirostat_tau)
+        .def_rw("mirostat_eta", &SamplerConfig::mirostat_eta)
+        .def_rw("seed", &SamplerConfig::seed)
+        .def_rw("logit_bias", &SamplerConfig::logit_bias);
+    m.attr("DEFAULT_SEED") = static_cast<uint32_t>(LLAMA_DEFAULT_SEED);
+}
+
+// =====================================================================================
+// Text: incremental UTF-8 and stop strings
+// =====================================================================================
+
+// Length of the UTF-8 sequence that starts with byte `c`, or 0 if `c` cannot start one.
+size_t utf8_sequence_length(unsigned char c) {
+    if (c < 0x80) return 1;
+    if (c >= 0xC2 && c <= 0xDF) return 2;
+    if (c >= 0xE0 && c <= 0xEF) return 3;
+    if (c >= 0xF0 && c <= 0xF4) return 4;
+    return 0;
+}
+
+// Whether bytes [1, n) of a sequence starting with `lead` are acceptable continuation bytes
+// (the second byte is range-restricted to exclude overlongs, surrogates and > U+10FFFF).
+bool utf8_continuation_ok(unsigned char lead, const unsigned char *rest, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+        unsigned char c = rest[i];
+        unsigned char lo = 0x80, hi = 0xBF;
+        if (i == 0) {
+            if (lead == 0xE0) lo = 0xA0;
+            if (lead == 0xED) hi = 0x9F;
+            if (lead == 0xF0) lo = 0x90;
+            if (lead == 0xF4) hi = 0x8F;
+        }
+        if (c < lo || c > hi) return false;
+    }
+    return true;
+}
+
+// Incremental UTF-8 decoding of token pieces: bytes come in, valid text goes out. A
+// character split across tokens is held back until it is complete; bytes that can never
+// form a character become U+FFFD, so the output is always valid UTF-8.
+class Utf8Decoder {
+  public:
+    std::string push(const std::string &bytes) {
+        pending_ += bytes;
+        return drain(false);
+    }
+    std::string flush() { return drain(true); }
+
+  private:
+    std::string drain(bool final) {
+        static const std::string replacement = "\xEF\xBF\xBD";
+        std::string out;
+        size_t i = 0;
+        const auto *p = reinterpret_cast<const unsigned char *>(pending_.data());
+        const size_t n = pending_.size();
+        while (i < n) {
+            size_t len = utf8_sequence_length(p[i]);
+            if (len == 0) {
+                out += replacement;
+                i += 1;
+                continue;
+            }
+            size_t avail = std::min(len, n - i) - 1;
+            if (!utf8_continuation_ok(p[i], p + i + 1, avail)) {
+                out += replacement;  // a broken sequence: replace its lead byte, resync
+                i += 1;
+                continue;
+            }
+            if (avail + 1 < len) {
+                if (!final) break;  // incomplete: wait for the next token
+                out += replacement;
+                i = n;
+                break;
+            }
+            out.append(pending_, i, len);
+            i += len;
+        }
+        pending_.erase(0, i);
+        return out;
+    }
+
+    std::string pending_;
+};
+
+// Stop strings matched on text, across token boundaries. Text that might be the start of a
+// stop string is held back until it is known not to be, so a stop never leaks into output.
+class StopMatcher {
+  public:
+    explicit StopMatcher(std::vector<std::string> stops) : stops_(std::move(stops)) {
+        stops_.erase(std::remove(stops_.begin(), stops_.end(), std::string()), stops_.end());
+    }
+
+    // Appends `text`; returns what can be released. Sets `stopped` when a stop string is found
+    // (the returned text then ends right before it).
+    std::string push(const std::string &text, bool &stopped) {
+        held_ += text;
+        size_t first = std::string::npos;
+        for (const auto &stop : stops_) {
+            size_t pos = held_.find(stop);
+            if (pos < first) first = pos;
+        }
+        if (first != std::string::npos) {
+            stopped = true;
+            std::string out = held_.substr(0, first);
+            held_.clear();
+            return out;
+        }
+        size_t keep = 0;
+        for (const auto &stop : stops_) {
+            size_t max_len = std::min(stop.size() - 1, held_.size());
+            for (size_t len = max_len; len > keep; --len) {
+                if (held_.compare(held_.size() - len, len, stop, 0, len) == 0) {
+                    keep = len;
+                    break;
+                }
+            }
+        }
+        std::string out = held_.substr(0, held_.size() - keep);
+        held_.erase(0, held_.size() - keep);
+        return out;
+    }
+
+    std::string flush() {
+        std::string out;
+        out.swap(held_);
+        return out;
+    }
+
+  private:
+    std::vector<std::string> stops_;
+    std::string held_;
+};
+
+// =====================================================================================
+// Context
+// =====================================================================================
+
+struct ContextDeleter {
+    void operator()(llama_context *ctx) const { llama_free(ctx); }
+};
+struct BatchOwner {
+    llama_batch batch{};
+    int32_t capacity = 0;
+    BatchOwner() = default;
+    explicit BatchOwner(int32_t n) : batch(llama_batch_init(n, 0, 1)), capacity(n) {}
+    BatchOwner(const BatchOwner &) = delete;
+    BatchOwner &operator=(const BatchOwner &) = delete;
+    ~BatchOwner() {
+        if (capacity > 0) llama_batch_free(batch);
+    }
+};
+
+struct ContextOptions {
+    uint32_t n_ctx = 512;
+    uint32_t n_batch = 512;
+    uint32_t n_ubatch = 512;
+    int32_t n_threads = 0;        // 0: llama.cpp's default
+    int32_t n_threads_batch = 0;  // 0: llama.cpp's default
+    int32_t flash_attn = -1;      // -1 auto, 0 off, 1 on
+    bool offload_kqv = true;
+    bool embeddings = false;
+    float rope_freq_base = 0.0f;
+    float rope_freq_scale = 0.0f;
+    int32_t rope_scaling_type = LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED;
+    float yarn_ext_factor = -1.0f;
+    float yarn_attn_factor = -1.0f;
+    float yarn_beta_fast = -1.0f;
+    float yarn_beta_slow = -1.0f;
+    uint32_t yarn_orig_ctx = 0;
+    int32_t pooling_type = LLAMA_POOLING_TYPE_UNSPECIFIED;
+    int32_t type_k = -1;  // -1: llama.cpp's default (f16)
+    int32_t type_v = -1;
+};
+
+struct PerfData {
+    double t_load_ms, t_prompt_ms, t_eval_ms;
+    int32_t n_prompt, n_eval, n_reused;
+};
+
+// Everything one llama_context owns. Shared by the Context object and any TokenStream made
+// from it, so a stream can never outlive the memory it decodes into.
+struct ContextState {
+    std::mutex mutex;  // one thread at a time; locked only with the GIL released
+    ModelHandle model;
+    const llama_vocab *vocab = nullptr;
+    std::unique_ptr<llama_context, ContextDeleter> ctx;
+    std::unique_ptr<BatchOwner> batch;  // reused for every decode
+    std::vector<llama_token> tokens;    // the tokens of sequence 0 now in the KV cache
+    uint64_t epoch = 0;                 // bumped whenever the KV contents change hands
+    std::atomic<bool> abort{false};     // read by llama.cpp's abort callback
+    std::atomic<bool> closing{false};
+
+    llama_context *get() const {
+        if (!ctx) throw ClosedError("the context is closed");
+        return ctx.get();
+    }
+
+    int32_t n_ctx() const { return static_cast<int32_t>(llama_n_ctx(get())); }
+
+    // The KV position, read back from llama.cpp rather than mirrored.
+    int32_t n_past() const {
+        llama_pos pos = llama_memory_seq_pos_max(llama_get_memory(get()), 0);
+        return pos < 0 ? 0 : pos + 1;
+    }
+
+    void clear() {
+        llama_memory_clear(llama_get_memory(get()), true);
+        tokens.clear();
+        ++epoch;
+    }
+
+    void check_tokens(const std::vector<llama_token> &toks) const {
+        const int32_t n_vocab = llama_vocab_n_tokens(vocab);
+        for (llama_token t : toks) {
+            if (t < 0 || t >= n_vocab) {
+                throw InvalidArgumentError("token id " + std::to_string(t) + " is out of range [0, " +
+                                           std::to_string(n_vocab) + ")");
+            }
+        }
+    }
+
+    // Decodes `toks` at the end of sequence 0 in n_batch chunks, logits for the last token
+    // only. On failure the cache is cleared so that it never holds a half-evaluated prompt.
+    void decode(const llama_token *toks, size_t count) {
+        llama_context *c = get();
+        const int32_t n_batch = batch->capacity;
+        for (size_t start = 0; start < count; start += static_cast<size_t>(n_batch)) {
+            const auto n = static_cast<int32_t>(std::min<size_t>(n_batch, count - start));
+            llama_batch &b = batch->batch;
+            const auto pos0 = static_cast<llama_pos>(tokens.size());
+            for (int32_t i = 0; i < n; ++i) {
+                b.token[i] = toks[start + static_cast<size_t>(i)];
+                b.pos[i] = pos0 + i;
+                b.n_seq_id[i] = 1;
+                b.seq_id[i][0] = 0;
+                b.logits[i] = (start + static_cast<size_t>(i) == count - 1) ? 1 : 0;
+            }
+            b.n_tokens = n;
+            const int32_t rc = llama_decode(c, b);
+            if (rc != 0) {
+                clear();
+                if (rc == 1) {
+                    throw ContextOverflowError("no room left in the KV cache (n_ctx=" +
+                                               std::to_string(n_ctx()) + ")");
+                }
+                if (rc == 2) {
+                    throw ClosedError("decoding was aborted because the context is closing");
+                }
+                throw DecodeError("llama_decode failed with code " + std::to_string(rc));
+            }
+            tokens.insert(tokens.end(), toks + start, toks + start + static_cast<size_t>(n));
+        }
+    }
+
+    // Makes sequence 0 hold `prompt`, reusing the longest cached prefix. At least the last
+    // prompt token is always evaluated, so fresh logits exist for sampling. Returns the
+    // number of prompt tokens that were reused.
+    size_t load_prompt(const std::vector<llama_token> &prompt) {
+        if (prompt.empty()) {
+            throw InvalidArgumentError("the prompt is empty (no tokens)");
+        }
+        check_tokens(prompt);
+        const auto limit = static_cast<size_t>(n_ctx());
+        if (prompt.size() > limit) {
+            throw ContextOverflowError("the prompt has " + std::to_string(prompt.size()) +
+                                       " tokens, more than the context window of " +
+                                       std::to_string(limit));
+        }
+        size_t keep = 0;
+        while (keep < tokens.size() && keep < prompt.size() && tokens[keep] == prompt[keep]) {
+            ++keep;
+        }
+        keep = std::min(keep, prompt.size() - 1);
+        ++epoch;
+        if (keep < tokens.size()) {
+            // Partial removal can fail (e.g. recurrent or sliding-window caches); start over.
+            if (keep == 0 || !llama_memory_seq_rm(llama_get_memory(get()), 0,
+                                                  static_cast<llama_pos>(keep), -1)) {
+                clear();
+                keep = 0;
+            } else {
+                tokens.resize(keep);
+            }
+        }
+        decode(prompt.data() + keep, prompt.size() - keep);
+        return keep;
+    }
+};
+
+bool abort_callback(void *data) {
+    return static_cast<ContextState *>(data)->abort.load(std::memory_order_relaxed);
+}
+
+// Holds the context lock, taken with the GIL released.
+class ContextLock {
+  public:
+    explicit ContextLock(ContextState &state) : lock_(state.mutex) {
+        if (state.closing.load() || !state.ctx) {
+            throw ClosedError("the context is closed");
+        }
+    }
+
+  private:
+    std::unique_lock<std::mutex> lock_;
+};
+
+class Context {
+  public:
+    Context(const Model &model, const ContextOptions &options) : state_(std::make_shared<ContextState>()) {
+        state_->model = model.handle();
+        state_->vocab = llama_model_get_vocab(state_->model.get());
+        if (options.n_batch == 0) throw InvalidArgumentError("n_batch must be >= 1");
+        llama_context_params params = llama_context_default_params();
+        params.n_ctx = options.n_ctx;
+        params.n_batch = options.n_batch;
+        params.n_ubatch = std::min(options.n_ubatch == 0 ? options.n_batch : options.n_ubatch, options.n_batch);
+        if (options.n_threads > 0) params.n_threads = options.n_threads;
+        if (options.n_threads_batch > 0) params.n_threads_batch = options.n_threads_batch;
+        params.flash_attn_type = options.flash_attn < 0   ? LLAMA_FLASH_ATTN_TYPE_AUTO
+                                 : options.flash_attn == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED
+                                                           : LLAMA_FLASH_ATTN_TYPE_ENABLED;
+        params.offload_kqv = options.offload_kqv;
+        params.embeddings = options.embeddings;
+        params.rope_freq_base = options.rope_freq_base;
+        params.rope_freq_scale = options.rope_freq_scale;
+        params.rope_scaling_type = static_cast<llama_rope_scaling_type>(options.rope_scaling_type);
+        params.yarn_ext_factor = options.yarn_ext_factor;
+        if (options.yarn_attn_factor >= 0.0f) params.yarn_attn_factor = options.yarn_attn_factor;
+        if (options.yarn_beta_fast >= 0.0f) params.yarn_beta_fast = options.yarn_beta_fast;
+        if (options.yarn_beta_slow >= 0.0f) params.yarn_beta_slow = options.yarn_beta_slow;
+        params.yarn_orig_ctx = options.yarn_orig_ctx;
+        params.pooling_type = static_cast<enum llama_pooling_type>(options.pooling_type);
+        if (options.type_k >= 0) params.type_k = static_cast<ggml_type>(options.type_k);
+        if (options.type_v >= 0) params.type_v = static_cast<ggml_type>(options.type_v);
+        params.no_perf = false;
+        params.abort_callback = abort_callback;
+        params.abort_callback_data = state_.get();
+
+        tl_last_errors.clear();
+        llama_context *ctx = llama_init_from_model(state_->model.get(), params);
+        if (ctx == nullptr) {
+            std::string reason = tl_last_errors.empty() ? "see the llama_cpp log" : tl_last_errors;
+            throw LlamaError("failed to create a context: " + reason);
+        }
+        state_->ctx.reset(ctx);
+        state_->batch = std::make_unique<BatchOwner>(static_cast<int32_t>(llama_n_batch(ctx)));
+    }
+
+    const std::shared_ptr<ContextState> &state() const { return state_; }
+
+    // Waits for the call in flight (asking it to stop at the next token or decode step),
+    // then frees the context. Safe to call twice and from any thread.
+    void close() {
+        state_->closing.store(true);
+        state_->abort.store(true);
+        std::lock_guard<std::mutex> lock(state_->mutex);
+        state_->ctx.reset();
+        state_->batch.reset();
+        state_->tokens.clear();
+        state_->model.reset();
+    }
+
+    bool closed() const { return state_->closing.load(); }
+
+    int32_t n_ctx() {
+        ContextLock lock(*state_);
+        return state_->n_ctx();
+    }
+    int32_t n_batch() {
+        ContextLock lock(*state_);
+        return static_cast<int32_t>(llama_n_batch(state_->get()));
+    }
+    int32_t n_past() {
+        ContextLock lock(*state_);
+        return state_->n_past();
+    }
+    std::vector<llama_token> tokens() {
+        ContextLock lock(*state_);
+        return state_->tokens;
+    }
+    void reset() {
+        ContextLock lock(*state_);
+        state_->clear();
+    }
+    void eval(const std::vector<llama_token> &toks) {
+        ContextLock lock(*state_);
+        state_->check_tokens(toks);
+        if (state_->tokens.size() + toks.size() > static_cast<size_t>(state_->n_ctx())) {
+            throw ContextOverflowError("evaluating " + std::to_string(toks.size()) + " tokens after " +
+                                       std::to_string(state_->tokens.size()) +
+                                       " would exceed the context window of " +
+                                       std::to_string(state_->n_ctx()));
+        }
+        ++state_->epoch;
+        state_->decode(toks.data(), toks.size());
+    }
+    std::vector<float> logits() {
+        ContextLock lock(*state_);
+        if (state_->tokens.empty()) {
+            throw LlamaError("no logits: nothing has been evaluated");
+        }
+        const float *row = llama_get_logits_ith(state_->get(), -1);
+        if (row == nullptr) throw LlamaError("no logits available for the last token");
+        return std::vector<float>(row, row + llama_vocab_n_tokens(state_->vocab));
+    }
+    PerfData perf() {
+        ContextLock lock(*state_);
+        llama_perf_context_data d = llama_perf_context(state_->get());
+        return PerfData{d.t_load_ms, d.t_p_eval_ms, d.t_eval_ms, d.n_p_eval, d.n_eval, d.n_reused};
+    }
+    void perf_reset() {
+        ContextLock lock(*state_);
+        llama_perf_context_reset(state_->get());
+    }
+
+  private:
+    std::shared_ptr<ContextState> state_;
+};
+
+// =====================================================================================
+// Generation: the token loop
+// =====================================================================================
+
+struct GenerationResult {
+    std::string text;
+    std::vector<llama_token> tokens;
+    std::string finish_reason;
+    int32_t n_prompt = 0;
+    int32_t n_reused = 0;
+};
+
+struct Chunk {
+    std::string text;
+    std::vector<llama_token> tokens;
+};
+
+// One generation: prompt evaluation, then sample -> detokenize -> stop check -> decode, one
+// token at a time, entirely in C++. Used whole by Context.generate and step by step by
+// TokenStream; both run it with the context lock held and the GIL released.
+class Generation {
+  public:
+    Generation(std::shared_ptr<ContextState> state, std::vector<llama_token> prompt,
+               const SamplerConfig &sampling, int32_t max_tokens, std::vector<std::string> stop)
+        : state_(std::move(state)), prompt_(std::move(prompt)), sampling_(sampling),
+          max_tokens_(max_tokens), stop_(std::move(stop)) {}
+
+    bool finished() const { return !finish_reason_.empty(); }
+    const std::string &finish_reason() const { return finish_reason_; }
+    int32_t n_prompt() const { return static_cast<int32_t>(prompt_.size()); }
+    int32_t n_reused() const { return static_cast<int32_t>(n_reused_); }
+    const std::vector<llama_token> &generated() const { return generated_; }
+
+    // Runs until some text is ready or the generation ends. Caller holds the context lock.
+    Chunk next() {
+        Chunk chunk;
+        if (finished()) return chunk;
+        if (!started_) {
+            start();
+        } else if (state_->epoch != epoch_) {
+            throw LlamaError("this generation was interrupted: the context was used by another call");
+        }
+        while (!finished() && chunk.text.empty()) {
+            step(chunk);
+        }
+        return chunk;
+    }
+
+  private:
+    void start() {
+        started_ = true;
+        chain_ = sampling_.build(state_->model.get(), state_->n_ctx());
+        n_reused_ = state_->load_prompt(prompt_);
+        epoch_ = state_->epoch;
+        // Penalties see the prompt, as in llama-cpp-python and llama-server.
+        for (llama_token t : prompt_) {
+            llama_sampler_accept(chain_.get(), t);
+        }
+    }
+
+    void finish(const std::string &reason, Chunk &chunk) {
+        chunk.text += stop_.flush_all(decoder_);
+        finish_reason_ = reason;
+    }
+
+    void step(Chunk &chunk) {
+        if (state_->closing.load()) {
+            throw ClosedError("the context was closed during generation");
+        }
+        llama_context *ctx = state_->get();
+        const llama_token token = llama_sampler_sample(chain_.get(), ctx, -1);
+        if (llama_vocab_is_eog(state_->vocab, token)) {
+            finish("stop", chunk);
+            return;
+        }
+        generated_.push_back(token);
+        chunk.tokens.push_back(token);
+        bool stopped = false;
+        chunk.text += stop_.push(decoder_.push(Model::piece_with(state_->vocab, token, false)), stopped);
+        if (stopped) {
+            finish_reason_ = "stop";
+            return;
+        }
+        if (max_tokens_ > 0 && static_cast<int32_t>(generated_.size()) >= max_tokens_) {
+            finish("length", chunk);
+            return;
+        }
+        if (state_->tokens.size() >= static_cast<size_t>(state_->n_ctx())) {
+            // The context is full: stop instead of sampling from stale logits.
+            finish("length", chunk);
+            return;
+        }
+        state_->decode(&token, 1);
+        epoch_ = state_->epoch;
+    }
+
+    // Stop matching composed with the decoder's final flush.
+    struct Stops {
+        StopMatcher matcher;
+        explicit Stops(std::vector<std::string> s) : matcher(std::move(s)) {}
+        std::string push(const std::string &text, bool &stopped) { return matcher.push(text, stopped); }
+        std::string flush_all(Utf8Decoder &decoder) {
+            bool stopped = false;
+            std::string out = matcher.push(decoder.flush(), stopped);
+            return stopped ? out : out + matcher.flush();
+        }
+    };
+
+    std::shared_ptr<ContextState> state_;
+    std::vector<llama_token> prompt_;
+    SamplerConfig sampling_;
+    int32_t max_tokens_;
+    Stops stop_;
+    SamplerPtr chain_;
+    Utf8Decoder decoder_;
+    std::vector<llama_token> generated_;
+    std::string finish_reason_;
+    size_t n_reused_ = 0;
+    uint64_t epoch_ = 0;
+    bool started_ = false;
+};
+
+GenerationResult generate(Context &self, const std::vector<llama_token> &prompt,
+                          const SamplerConfig &sampling, int32_t max_tokens,
+                          const std::vector<std::string> &stop) {
+    ContextLock lock(*self.state());
+    Generation gen(self.state(), prompt, sampling, max_tokens, stop);
+    GenerationResult result;
+    while (!gen.finished()) {
+        result.text += gen.next().text;
+    }
+    result.tokens = gen.generated();
+    result.finish_reason = gen.finish_reason();
+    result.n_prompt = gen.n_prompt();
+    result.n_reused = gen.n_reused();
+    return result;
+}
+
+// A generation driven from Python, one chunk per __next__. The context lock is held only
+// inside each step, so an abandoned stream never blocks the context; a stream whose context
+// was used by another call in between raises instead of continuing on foreign state.
+class TokenStream {
+  public:
+    TokenStream(std::shared_ptr<ContextState> state, std::vector<llama_token> prompt,
+                const SamplerConfig &sampling, int32_t max_tokens, std::vector<std::string> stop)
+        : state_(state), gen_(std::move(state), std::move(prompt), sampling, max_tokens, std::move(stop)) {}
+
+    std::optional<Chunk> next() {
+        if (gen_.finished() || closed_) return std::nullopt;
+        ContextLock lock(*state_);
+        return gen_.next();
+    }
+    void close() { closed_ = true; }
+    std::optional<std::string> finish_reason() const {
+        if (!gen_.finished()) return std::nullopt;
+        return gen_.finish_reason();
+    }
+    const Generation &generation() const { return gen_; }
+
+  private:
+    std::shared_ptr<ContextState> state_;
+    Generation gen_;
+    bool closed_ = false;
+};
+
+void bind_context(nb::module_ &m) {
+    nb::class_<ContextOptions>(m, "ContextOptions", "Options for a context (llama_context_params).")
+        .def(nb::init<>())
+        .def_rw("n_ctx", &ContextOptions::n_ctx)
+        .def_rw("n_batch", &ContextOptions::n_batch)
+        .def_rw("n_ubatch", &ContextOptions::n_ubatch)
+        .def_rw("n_threads", &ContextOptions::n_threads)
+        .def_rw("n_threads_batch", &ContextOptions::n_threads_batch)
+        .def_rw("flash_attn", &ContextOptions::flash_attn)
+        .def_rw("offload_kqv", &ContextOptions::offload_kqv)
+        .def_rw("embeddings", &ContextOptions::embeddings)
+        .def_rw("rope_freq_base", &ContextOptions::rope_freq_base)
+        .def_rw("rope_freq_scale", &ContextOptions::rope_freq_scale)
+        .def_rw("rope_scaling_type", &ContextOptions::rope_scaling_type)
+        .def_rw("yarn_ext_factor", &ContextOptions::yarn_ext_factor)
+        .def_rw("yarn_attn_factor", &ContextOptions::yarn_attn_factor)
+        .def_rw("yarn_beta_fast", &ContextOptions::yarn_beta_fast)
+        .def_rw("yarn_beta_slow", &ContextOptions::yarn_beta_slow)
+        .def_rw("yarn_orig_ctx", &ContextOptions::yarn_orig_ctx)
+        .def_rw("pooling_type", &ContextOptions::pooling_type)
+        .def_rw("type_k", &ContextOptions::type_k)
+        .def_rw("type_v", &ContextOptions::type_v);
+
+    nb::class_<PerfData>(m, "PerfData", "llama.cpp's context timings since the last reset.")
+        .def_ro("t_load_ms", &PerfData::t_load_ms)
+        .def_ro("t_prompt_ms", &PerfData::t_prompt_ms)
+        .def_ro("t_eval_ms", &PerfData::t_eval_ms)
+        .def_ro("n_prompt", &PerfData::n_prompt)
+        .def_ro("n_eval", &PerfData::n_eval)
+        .def_ro("n_reused", &PerfData::n_reused);
+
+    nb::class_<GenerationResult>(m, "GenerationResult", "The outcome of Context.generate.")
+        .def_ro("text", &GenerationResult::text)
+        .def_ro("tokens", &GenerationResult::tokens)
+        .def_ro("finish_reason", &GenerationResult::finish_reason, "'stop' or 'length'.")
+        .def_ro("n_prompt", &GenerationResult::n_prompt)
+        .def_ro("n_reused", &GenerationResult::n_reused, "Prompt tokens served from the cache.");
+
+    nb::class_<Chunk>(m, "Chunk", "Text released by one TokenStream step, and its tokens.")
+        .def_ro("text", &Chunk::text)
+        .def_ro("tokens", &Chunk::tokens);
+
+    nb::class_<TokenStream>(m, "TokenStream", "A generation advanced one chunk at a time.")
+        .def("next", &TokenStream::next, nb::call_guard<nb::gil_scoped_release>(),
+             "The next chunk, or None once the generation has ended.")
+        .def("close", &TokenStream::close, "Stop early; later next() calls return None.")
+        .def_prop_ro("finish_reason", &TokenStream::finish_reason)
+        .def_prop_ro("tokens", [](const TokenStream &s) { return s.generation().generated(); })
+        .def_prop_ro("n_prompt", [](const TokenStream &s) { return s.generation().n_prompt(); })
+        .def_prop_ro("n_reused", [](const TokenStream &s) { return s.generation().n_reused(); });
+
+    nb::class_<Context>(m, "Context", "A llama_context: KV cache, batch buffer and token loop.")
+        .def(nb::init<const Model &, const ContextOptions &>(), "model"_a, "options"_a,
+             nb::call_guard<nb::gil_scoped_release>())
+        .def("close", &Context::close, nb::call_guard<nb::gil_scoped_release>(),
+             "Stop any running call at its next step, wait for it, free the context. Idempotent.")
+        .def_prop_ro("closed", &Context::closed)
+        .def("n_ctx", &Context::n_ctx, nb::call_guard<nb::gil_scoped_release>())
+        .def("n_batch", &Context::n_batch, nb::call_guard<nb::gil_scoped_release>())
+        .def("n_past", &Context::n_past, nb::call_guard<nb::gil_scoped_release>(),
+             "Tokens in sequence 0 of the KV cache, as llama.cpp reports it.")
+        .def("tokens", &Context::tokens, nb::call_guard<nb::gil_scoped_release>(),
+             "The tokens held in the KV cache.")
+        .def("reset", &Context::reset, nb::call_guard<nb::gil_scoped_release>())
+        .def("eval", &Context::eval, "tokens"_a, nb::call_guard<nb::gil_scoped_release>(),
+             "Append ``tokens`` to the KV cache (n_batch at a time).")
+        .def("logits", &Context::logits, nb::call_guard<nb::gil_scoped_release>(),
+             "The logits of the last evaluated token.")
+        .def("perf", &Context::perf, nb::call_guard<nb::gil_scoped_release>())
+        .def("perf_reset", &Context::perf_reset, nb::call_guard<nb::gil_scoped_release>())
+        .def("generate", &generate, "prompt"_a, "sampling"_a, "max_tokens"_a, "stop"_a,
+             nb::call_guard<nb::gil_scoped_release>(),
+             "Run the whole token loop in C++ (max_tokens <= 0: until the context is full).")
+        .def(
+            "stream",
+            [](Context &self, std::vector<llama_token> prompt, const SamplerConfig &sampling,
+               int32_t max_tokens, std::vector<std::string> stop) {
+                return new TokenStream(self.state(), std::move(prompt), sampling, max_tokens,
+                                       std::move(stop));
+            },
+            "prompt"_a, "sampling"_a, "max_tokens"_a, "stop"_a,
+            "Like generate, but returns a TokenStream that runs one step per next().");
+}
+
+}  // namespace
+
+NB_MODULE(_core, m) {
+    m.doc() = "The native core of llama_cpp: llama.cpp through nanobind.";
+    bind_errors(m);
+    bind_logging(m);
+    bind_backend(m);
+    bind_model(m);
+    bind_sampling(m);
+    bind_context(m);
+}

@@ -1,0 +1,85 @@
+"""llama_cpp: fast, dependable llama.cpp bindings (nanobind), a drop-in for llama-cpp-python.
+
+Quick start::
+
+    from llama_cpp import Llama
+
+    with Llama("models/gemma-3-270m-q4_k_m.gguf") as llm:
+        print(llm.generate("The capital of France is", max_tokens=16))
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from llama_cpp import _core, _logging
+from llama_cpp._core import Device
+from llama_cpp.errors import (
+    ClosedError,
+    ContextOverflowError,
+    DecodeError,
+    InvalidArgumentError,
+    LlamaError,
+    ModelLoadError,
+)
+from llama_cpp.llama import Completion, Llama
+from llama_cpp.params import DEFAULT_SEED, SamplingParams
+
+__all__ = [
+    "DEFAULT_SEED",
+    "ClosedError",
+    "Completion",
+    "ContextOverflowError",
+    "DecodeError",
+    "Device",
+    "InvalidArgumentError",
+    "Llama",
+    "LlamaError",
+    "ModelLoadError",
+    "SamplingParams",
+    "__version__",
+    "build_info",
+    "devices",
+    "lib_dir",
+    "set_native_log_level",
+    "system_info",
+]
+
+try:
+    __version__ = version("llama-cpp-nanobind")
+except PackageNotFoundError:  # pragma: no cover - running from an uninstalled tree
+    __version__ = "0.0.0"
+
+set_native_log_level = _logging.set_native_log_level
+
+
+def lib_dir() -> Path:
+    """The folder holding llama.cpp's shared libraries and ``ggml-rpc-server``."""
+    return Path(_core.__file__).resolve().parent / "lib"
+
+
+@cache
+def build_info() -> dict[str, Any]:
+    """How the bundled llama.cpp was built: commit, backend, portability, build key."""
+    info_file = lib_dir() / "llama-build.json"
+    info: dict[str, Any] = json.loads(info_file.read_text()) if info_file.exists() else {}
+    info["llama_cpp_commit"] = _core.llama_cpp_commit()
+    return info
+
+
+def system_info() -> str:
+    """llama.cpp's system line: the backends and CPU features they were built with."""
+    return _core.system_info()
+
+
+def devices() -> list[Device]:
+    """The compute devices llama.cpp can use (the CPU, and GPUs in a GPU build)."""
+    return _core.devices()
+
+
+_logging.install()
+_core.backend_init(str(lib_dir()))

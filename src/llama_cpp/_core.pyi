@@ -1,0 +1,539 @@
+"""The native core of llama_cpp: llama.cpp through nanobind."""
+
+from collections.abc import Sequence
+
+
+class LlamaError(RuntimeError):
+    """Base class of every error raised by llama_cpp."""
+
+class ModelLoadError(LlamaError, ValueError):
+    """
+    A GGUF file is missing, unreadable, truncated or not a model llama.cpp can load.
+    """
+
+class ContextOverflowError(LlamaError, ValueError):
+    """The tokens to evaluate do not fit in the context window."""
+
+class DecodeError(LlamaError):
+    """llama_decode failed (out of memory or an internal error)."""
+
+class ClosedError(LlamaError):
+    """
+    The model or context was closed (possibly while a call on it was running).
+    """
+
+class InvalidArgumentError(LlamaError, ValueError):
+    """An argument is out of its valid range."""
+
+def set_log_callback(callback: object | None) -> None:
+    """
+    Install ``callback(level: int, line: str)`` for llama.cpp's log (None removes it).
+    """
+
+def set_log_level(level: int) -> None:
+    """
+    Drop llama.cpp log lines below ``level`` (a GGML_LOG_LEVEL value) without taking the GIL.
+    """
+
+LOG_LEVEL_DEBUG: int = 1
+
+LOG_LEVEL_INFO: int = 2
+
+LOG_LEVEL_WARN: int = 3
+
+LOG_LEVEL_ERROR: int = 4
+
+def backend_init(backend_dir: str) -> None:
+    """
+    Load backend modules from ``backend_dir`` (portable builds) and initialise llama.cpp. Called once by the package on import; later calls do nothing.
+    """
+
+def system_info() -> str:
+    """
+    llama.cpp's system line: backends and the CPU features they were built with.
+    """
+
+def supports_gpu_offload() -> bool: ...
+
+def supports_mmap() -> bool: ...
+
+def supports_mlock() -> bool: ...
+
+def supports_rpc() -> bool: ...
+
+def max_devices() -> int: ...
+
+def llama_cpp_commit() -> str:
+    """
+    The llama.cpp commit the module was compiled against ('unknown' for a user's build).
+    """
+
+class Device:
+    """A compute device that ggml can use."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def description(self) -> str: ...
+
+    @property
+    def type(self) -> str:
+        """'cpu', 'gpu', 'igpu', 'accel' or 'other'."""
+
+    @property
+    def memory_free(self) -> int:
+        """Free memory in bytes."""
+
+    @property
+    def memory_total(self) -> int:
+        """Total memory in bytes."""
+
+    def __repr__(self) -> str: ...
+
+def devices() -> list[Device]:
+    """The devices of every loaded backend."""
+
+class ModelOptions:
+    """Options for loading a model (llama_model_params)."""
+
+    def __init__(self) -> None: ...
+
+    @property
+    def n_gpu_layers(self) -> int: ...
+
+    @n_gpu_layers.setter
+    def n_gpu_layers(self, arg: int, /) -> None: ...
+
+    @property
+    def split_mode(self) -> int: ...
+
+    @split_mode.setter
+    def split_mode(self, arg: int, /) -> None: ...
+
+    @property
+    def main_gpu(self) -> int: ...
+
+    @main_gpu.setter
+    def main_gpu(self, arg: int, /) -> None: ...
+
+    @property
+    def tensor_split(self) -> list[float]: ...
+
+    @tensor_split.setter
+    def tensor_split(self, arg: Sequence[float], /) -> None: ...
+
+    @property
+    def vocab_only(self) -> bool: ...
+
+    @vocab_only.setter
+    def vocab_only(self, arg: bool, /) -> None: ...
+
+    @property
+    def use_mmap(self) -> bool: ...
+
+    @use_mmap.setter
+    def use_mmap(self, arg: bool, /) -> None: ...
+
+    @property
+    def use_mlock(self) -> bool: ...
+
+    @use_mlock.setter
+    def use_mlock(self, arg: bool, /) -> None: ...
+
+    @property
+    def check_tensors(self) -> bool: ...
+
+    @check_tensors.setter
+    def check_tensors(self, arg: bool, /) -> None: ...
+
+class Model:
+    """A GGUF model loaded by llama.cpp."""
+
+    def __init__(self, path: str, options: ModelOptions) -> None:
+        """
+        Load ``path``. Raises ModelLoadError if it is missing or not a loadable GGUF.
+        """
+
+    def close(self) -> None:
+        """Drop this object's reference to the weights (idempotent)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def path(self) -> str: ...
+
+    def tokenize(self, text: bytes, add_special: bool, parse_special: bool) -> list[int]:
+        """Token ids of the UTF-8 bytes ``text``."""
+
+    def detokenize(self, tokens: Sequence[int], special: bool) -> bytes: ...
+
+    def token_to_piece(self, token: int, special: bool) -> bytes: ...
+
+    def metadata(self) -> list[tuple[str, str]]:
+        """GGUF key/value metadata, values rendered as text."""
+
+    def description(self) -> str: ...
+
+    def chat_template(self) -> str | None: ...
+
+    def is_eog(self, arg: int, /) -> bool: ...
+
+    @property
+    def n_vocab(self) -> int: ...
+
+    @property
+    def n_ctx_train(self) -> int: ...
+
+    @property
+    def n_embd(self) -> int: ...
+
+    @property
+    def n_layer(self) -> int: ...
+
+    @property
+    def n_params(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def token_bos(self) -> int: ...
+
+    @property
+    def token_eos(self) -> int: ...
+
+    @property
+    def add_bos(self) -> bool: ...
+
+    @property
+    def add_eos(self) -> bool: ...
+
+    def __repr__(self) -> str: ...
+
+class SamplerConfig:
+    """Sampling settings of one generation (see llama_cpp.SamplingParams)."""
+
+    def __init__(self) -> None: ...
+
+    @property
+    def temperature(self) -> float: ...
+
+    @temperature.setter
+    def temperature(self, arg: float, /) -> None: ...
+
+    @property
+    def top_k(self) -> int: ...
+
+    @top_k.setter
+    def top_k(self, arg: int, /) -> None: ...
+
+    @property
+    def top_p(self) -> float: ...
+
+    @top_p.setter
+    def top_p(self, arg: float, /) -> None: ...
+
+    @property
+    def min_p(self) -> float: ...
+
+    @min_p.setter
+    def min_p(self, arg: float, /) -> None: ...
+
+    @property
+    def typical_p(self) -> float: ...
+
+    @typical_p.setter
+    def typical_p(self, arg: float, /) -> None: ...
+
+    @property
+    def repeat_penalty(self) -> float: ...
+
+    @repeat_penalty.setter
+    def repeat_penalty(self, arg: float, /) -> None: ...
+
+    @property
+    def frequency_penalty(self) -> float: ...
+
+    @frequency_penalty.setter
+    def frequency_penalty(self, arg: float, /) -> None: ...
+
+    @property
+    def presence_penalty(self) -> float: ...
+
+    @presence_penalty.setter
+    def presence_penalty(self, arg: float, /) -> None: ...
+
+    @property
+    def penalty_last_n(self) -> int: ...
+
+    @penalty_last_n.setter
+    def penalty_last_n(self, arg: int, /) -> None: ...
+
+    @property
+    def mirostat_mode(self) -> int: ...
+
+    @mirostat_mode.setter
+    def mirostat_mode(self, arg: int, /) -> None: ...
+
+    @property
+    def mirostat_tau(self) -> float: ...
+
+    @mirostat_tau.setter
+    def mirostat_tau(self, arg: float, /) -> None: ...
+
+    @property
+    def mirostat_eta(self) -> float: ...
+
+    @mirostat_eta.setter
+    def mirostat_eta(self, arg: float, /) -> None: ...
+
+    @property
+    def seed(self) -> int: ...
+
+    @seed.setter
+    def seed(self, arg: int, /) -> None: ...
+
+    @property
+    def logit_bias(self) -> list[tuple[int, float]]: ...
+
+    @logit_bias.setter
+    def logit_bias(self, arg: Sequence[tuple[int, float]], /) -> None: ...
+
+DEFAULT_SEED: int = 4294967295
+
+class ContextOptions:
+    """Options for a context (llama_context_params)."""
+
+    def __init__(self) -> None: ...
+
+    @property
+    def n_ctx(self) -> int: ...
+
+    @n_ctx.setter
+    def n_ctx(self, arg: int, /) -> None: ...
+
+    @property
+    def n_batch(self) -> int: ...
+
+    @n_batch.setter
+    def n_batch(self, arg: int, /) -> None: ...
+
+    @property
+    def n_ubatch(self) -> int: ...
+
+    @n_ubatch.setter
+    def n_ubatch(self, arg: int, /) -> None: ...
+
+    @property
+    def n_threads(self) -> int: ...
+
+    @n_threads.setter
+    def n_threads(self, arg: int, /) -> None: ...
+
+    @property
+    def n_threads_batch(self) -> int: ...
+
+    @n_threads_batch.setter
+    def n_threads_batch(self, arg: int, /) -> None: ...
+
+    @property
+    def flash_attn(self) -> int: ...
+
+    @flash_attn.setter
+    def flash_attn(self, arg: int, /) -> None: ...
+
+    @property
+    def offload_kqv(self) -> bool: ...
+
+    @offload_kqv.setter
+    def offload_kqv(self, arg: bool, /) -> None: ...
+
+    @property
+    def embeddings(self) -> bool: ...
+
+    @embeddings.setter
+    def embeddings(self, arg: bool, /) -> None: ...
+
+    @property
+    def rope_freq_base(self) -> float: ...
+
+    @rope_freq_base.setter
+    def rope_freq_base(self, arg: float, /) -> None: ...
+
+    @property
+    def rope_freq_scale(self) -> float: ...
+
+    @rope_freq_scale.setter
+    def rope_freq_scale(self, arg: float, /) -> None: ...
+
+    @property
+    def rope_scaling_type(self) -> int: ...
+
+    @rope_scaling_type.setter
+    def rope_scaling_type(self, arg: int, /) -> None: ...
+
+    @property
+    def yarn_ext_factor(self) -> float: ...
+
+    @yarn_ext_factor.setter
+    def yarn_ext_factor(self, arg: float, /) -> None: ...
+
+    @property
+    def yarn_attn_factor(self) -> float: ...
+
+    @yarn_attn_factor.setter
+    def yarn_attn_factor(self, arg: float, /) -> None: ...
+
+    @property
+    def yarn_beta_fast(self) -> float: ...
+
+    @yarn_beta_fast.setter
+    def yarn_beta_fast(self, arg: float, /) -> None: ...
+
+    @property
+    def yarn_beta_slow(self) -> float: ...
+
+    @yarn_beta_slow.setter
+    def yarn_beta_slow(self, arg: float, /) -> None: ...
+
+    @property
+    def yarn_orig_ctx(self) -> int: ...
+
+    @yarn_orig_ctx.setter
+    def yarn_orig_ctx(self, arg: int, /) -> None: ...
+
+    @property
+    def pooling_type(self) -> int: ...
+
+    @pooling_type.setter
+    def pooling_type(self, arg: int, /) -> None: ...
+
+    @property
+    def type_k(self) -> int: ...
+
+    @type_k.setter
+    def type_k(self, arg: int, /) -> None: ...
+
+    @property
+    def type_v(self) -> int: ...
+
+    @type_v.setter
+    def type_v(self, arg: int, /) -> None: ...
+
+class PerfData:
+    """llama.cpp's context timings since the last reset."""
+
+    @property
+    def t_load_ms(self) -> float: ...
+
+    @property
+    def t_prompt_ms(self) -> float: ...
+
+    @property
+    def t_eval_ms(self) -> float: ...
+
+    @property
+    def n_prompt(self) -> int: ...
+
+    @property
+    def n_eval(self) -> int: ...
+
+    @property
+    def n_reused(self) -> int: ...
+
+class GenerationResult:
+    """The outcome of Context.generate."""
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def tokens(self) -> list[int]: ...
+
+    @property
+    def finish_reason(self) -> str:
+        """'stop' or 'length'."""
+
+    @property
+    def n_prompt(self) -> int: ...
+
+    @property
+    def n_reused(self) -> int:
+        """Prompt tokens served from the cache."""
+
+class Chunk:
+    """Text released by one TokenStream step, and its tokens."""
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def tokens(self) -> list[int]: ...
+
+class TokenStream:
+    """A generation advanced one chunk at a time."""
+
+    def next(self) -> Chunk | None:
+        """The next chunk, or None once the generation has ended."""
+
+    def close(self) -> None:
+        """Stop early; later next() calls return None."""
+
+    @property
+    def finish_reason(self) -> str | None: ...
+
+    @property
+    def tokens(self) -> list[int]: ...
+
+    @property
+    def n_prompt(self) -> int: ...
+
+    @property
+    def n_reused(self) -> int: ...
+
+class Context:
+    """A llama_context: KV cache, batch buffer and token loop."""
+
+    def __init__(self, model: Model, options: ContextOptions) -> None: ...
+
+    def close(self) -> None:
+        """
+        Stop any running call at its next step, wait for it, free the context. Idempotent.
+        """
+
+    @property
+    def closed(self) -> bool: ...
+
+    def n_ctx(self) -> int: ...
+
+    def n_batch(self) -> int: ...
+
+    def n_past(self) -> int:
+        """Tokens in sequence 0 of the KV cache, as llama.cpp reports it."""
+
+    def tokens(self) -> list[int]:
+        """The tokens held in the KV cache."""
+
+    def reset(self) -> None: ...
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Append ``tokens`` to the KV cache (n_batch at a time)."""
+
+    def logits(self) -> list[float]:
+        """The logits of the last evaluated token."""
+
+    def perf(self) -> PerfData: ...
+
+    def perf_reset(self) -> None: ...
+
+    def generate(self, prompt: Sequence[int], sampling: SamplerConfig, max_tokens: int, stop: Sequence[str]) -> GenerationResult:
+        """
+        Run the whole token loop in C++ (max_tokens <= 0: until the context is full).
+        """
+
+    def stream(self, prompt: Sequence[int], sampling: SamplerConfig, max_tokens: int, stop: Sequence[str]) -> TokenStream:
+        """
+        Like generate, but returns a TokenStream that runs one step per next().
+        """

@@ -1,0 +1,26 @@
+"""The exceptions raised by llama_cpp.
+
+Every error derives from :class:`LlamaError` (a ``RuntimeError``). Errors caused by a bad
+argument or input also derive from ``ValueError``, so code written against llama-cpp-python,
+which raises ``ValueError`` for these, keeps working.
+
+The classes are created by the native module, so that C++ can raise them directly.
+"""
+
+from llama_cpp._core import (
+    ClosedError,
+    ContextOverflowError,
+    DecodeError,
+    InvalidArgumentError,
+    LlamaError,
+    ModelLoadError,
+)
+
+__all__ = [
+    "ClosedError",
+    "ContextOverflowError",
+    "DecodeError",
+    "InvalidArgumentError",
+    "LlamaError",
+    "ModelLoadError",
+]

@@ -1,0 +1,537 @@
+"""`Llama`: a GGUF model and one context, with llama-cpp-python's high-level API."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Generator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, overload
+
+from llama_cpp import _core
+from llama_cpp._responses import CompletionBuilder, finish_reason
+from llama_cpp.errors import InvalidArgumentError
+from llama_cpp.llama_types import CreateCompletionResponse, FinishReason
+from llama_cpp.params import DEFAULT_SEED, SamplingParams
+
+__all__ = ["Completion", "Llama"]
+
+# llama-cpp-python keywords that are accepted for compatibility and have no effect here.
+_IGNORED_KWARGS = frozenset({"numa", "last_n_tokens_size", "logits_all", "chat_handler", "draft_model"})
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The outcome of :meth:`Llama.complete`.
+
+    Attributes:
+        text: The generated text, without the stop string or end-of-generation token.
+        tokens: The generated token ids (including those that formed a stop string).
+        finish_reason: ``"stop"`` (end of generation or a stop string) or ``"length"``
+            (``max_tokens`` reached, or the context window is full).
+        prompt_tokens: Number of prompt tokens.
+        cached_tokens: Prompt tokens reused from the previous call instead of evaluated.
+    """
+
+    text: str
+    tokens: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    cached_tokens: int
+
+
+class Llama:
+    """A GGUF model with one context: tokenization, completion and streaming.
+
+    The keyword arguments are llama-cpp-python's, with the same meaning. llama.cpp's log goes
+    to the ``llama_cpp`` logger. One instance may be shared between threads: calls on it are
+    serialized by a lock in C++. Use it as a context manager, or call :meth:`close`, to free
+    its memory deterministically.
+
+    Args:
+        model_path: Path to a GGUF file.
+        n_gpu_layers: Layers to offload to the GPU (-1: all).
+        split_mode: How to split over several GPUs (0 none, 1 layer, 2 row).
+        main_gpu: GPU for the whole model when ``split_mode`` is 0.
+        tensor_split: Proportion of the model per GPU.
+        vocab_only: Load only the vocabulary (tokenize/detokenize; no generation).
+        use_mmap: Map the file instead of reading it.
+        use_mlock: Lock the weights in RAM.
+        seed: Default sampling seed (``DEFAULT_SEED`` or -1: random each generation).
+        n_ctx: Context window in tokens (0: the model's training context).
+        n_batch: Largest number of tokens decoded in one llama_decode call.
+        n_ubatch: Physical batch size (defaults to ``n_batch``).
+        n_threads: Threads for generation (default: the CPUs this process may use).
+        n_threads_batch: Threads for prompt processing (default: same as ``n_threads``).
+        flash_attn: Use flash attention (None: let llama.cpp decide).
+        offload_kqv: Keep the KV cache on the GPU when layers are offloaded.
+        embedding: Create the context with embeddings enabled.
+        rope_freq_base, rope_freq_scale, rope_scaling_type, yarn_*: RoPE overrides.
+        type_k, type_v: KV cache data types (ggml type ids).
+        verbose: Accepted for compatibility; llama.cpp's log always goes to ``logging``.
+
+    Raises:
+        ModelLoadError: The file is missing, unreadable or not a loadable GGUF model.
+        InvalidArgumentError: An argument is out of range.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        n_gpu_layers: int = 0,
+        split_mode: int = 1,
+        main_gpu: int = 0,
+        tensor_split: Sequence[float] | None = None,
+        vocab_only: bool = False,
+        use_mmap: bool = True,
+        use_mlock: bool = False,
+        seed: int = DEFAULT_SEED,
+        n_ctx: int = 512,
+        n_batch: int = 512,
+        n_ubatch: int | None = None,
+        n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        flash_attn: bool | None = None,
+        offload_kqv: bool = True,
+        embedding: bool = False,
+        rope_scaling_type: int = -1,
+        rope_freq_base: float = 0.0,
+        rope_freq_scale: float = 0.0,
+        yarn_ext_factor: float = -1.0,
+        yarn_attn_factor: float = -1.0,
+        yarn_beta_fast: float = -1.0,
+        yarn_beta_slow: float = -1.0,
+        yarn_orig_ctx: int = 0,
+        type_k: int | None = None,
+        type_v: int | None = None,
+        verbose: bool = True,
+        **kwargs: object,
+    ) -> None:
+        for name in kwargs:
+            hint = " (no effect here)" if name in _IGNORED_KWARGS else ""
+            warnings.warn(f"Llama() got an unknown keyword argument {name!r}{hint}", stacklevel=2)
+        _check_range("n_ctx", n_ctx, 0)
+        _check_range("n_batch", n_batch, 1)
+        if n_ubatch is not None:
+            _check_range("n_ubatch", n_ubatch, 1)
+        for name, value in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
+            if value is not None:
+                _check_range(name, value, 1)
+        self.model_path = os.fspath(model_path)
+        self.verbose = verbose
+        self._seed = seed
+        self._model: _core.Model | None = None
+        self._ctx: _core.Context | None = None
+
+        model_options = _core.ModelOptions()
+        model_options.n_gpu_layers = n_gpu_layers
+        model_options.split_mode = split_mode
+        model_options.main_gpu = main_gpu
+        model_options.tensor_split = list(tensor_split or [])
+        model_options.vocab_only = vocab_only
+        model_options.use_mmap = use_mmap
+        model_options.use_mlock = use_mlock
+        self._model = _core.Model(self.model_path, model_options)
+        if vocab_only:
+            return
+
+        threads = n_threads or _default_threads()
+        options = _core.ContextOptions()
+        options.n_ctx = n_ctx
+        options.n_batch = n_batch
+        options.n_ubatch = n_ubatch or n_batch
+        options.n_threads = threads
+        options.n_threads_batch = n_threads_batch or threads
+        options.flash_attn = -1 if flash_attn is None else int(flash_attn)
+        options.offload_kqv = offload_kqv
+        options.embeddings = embedding
+        options.rope_scaling_type = rope_scaling_type
+        options.rope_freq_base = rope_freq_base
+        options.rope_freq_scale = rope_freq_scale
+        options.yarn_ext_factor = yarn_ext_factor
+        options.yarn_attn_factor = yarn_attn_factor
+        options.yarn_beta_fast = yarn_beta_fast
+        options.yarn_beta_slow = yarn_beta_slow
+        options.yarn_orig_ctx = yarn_orig_ctx
+        options.type_k = -1 if type_k is None else type_k
+        options.type_v = -1 if type_v is None else type_v
+        try:
+            self._ctx = _core.Context(self._model, options)
+        except BaseException:
+            self._model.close()
+            raise
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the context and the weights. Idempotent.
+
+        A generation running in another thread is stopped at its next token (it raises
+        :class:`ClosedError`) before any memory is freed.
+        """
+        if self._ctx is not None:
+            self._ctx.close()
+        if self._model is not None:
+            self._model.close()
+
+    def __enter__(self) -> Llama:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Llama({self.model_path!r})"
+
+    @property
+    def model(self) -> _core.Model:
+        """The native model (raises ClosedError once closed)."""
+        if self._model is None or self._model.closed:
+            raise _core.ClosedError("the model is closed")
+        return self._model
+
+    @property
+    def context(self) -> _core.Context:
+        """The native context (raises LlamaError for a vocab_only model, ClosedError once closed)."""
+        if self._ctx is None:
+            if self._model is not None and not self._model.closed:
+                raise _core.LlamaError("this model was loaded with vocab_only=True: it has no context")
+            raise _core.ClosedError("the model is closed")
+        return self._ctx
+
+    # -- model facts ----------------------------------------------------------------------
+
+    def n_ctx(self) -> int:
+        """The context window in tokens."""
+        return self.context.n_ctx()
+
+    def n_vocab(self) -> int:
+        return self.model.n_vocab
+
+    def n_embd(self) -> int:
+        return self.model.n_embd
+
+    def token_bos(self) -> int:
+        return self.model.token_bos
+
+    def token_eos(self) -> int:
+        return self.model.token_eos
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The GGUF metadata, values rendered as text (arrays are summarised by llama.cpp)."""
+        return dict(self.model.metadata())
+
+    # -- tokens ---------------------------------------------------------------------------
+
+    def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of ``text``.
+
+        Args:
+            text: UTF-8 bytes or str.
+            add_bos: Add the BOS (and EOS) tokens the model asks for.
+            special: Parse special-token text such as ``<start_of_turn>`` as special tokens.
+        """
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        return self.model.tokenize(data, add_bos, special)
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
+        """The bytes of ``tokens`` (may end inside a multi-byte character)."""
+        return self.model.detokenize(list(tokens), special)
+
+    def reset(self) -> None:
+        """Empty the KV cache."""
+        self.context.reset()
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Append ``tokens`` to the KV cache, n_batch at a time."""
+        self.context.eval(list(tokens))
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the KV cache, as llama.cpp reports it."""
+        return self.context.n_past()
+
+    # -- generation -----------------------------------------------------------------------
+
+    def _prompt_tokens(self, prompt: str | bytes | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str | bytes):
+            # As llama-cpp-python: BOS/EOS where the model asks, special tokens parsed.
+            return self.tokenize(prompt, add_bos=True, special=True)
+        return list(prompt)
+
+    def _sampling(
+        self, sampling: SamplingParams | None, overrides: Mapping[str, Any] | None = None
+    ) -> _core.SamplerConfig:
+        params = sampling or SamplingParams()
+        if overrides:
+            params = SamplingParams(**{**_fields(params), **overrides})
+        if params.seed is None and self._seed != DEFAULT_SEED:
+            params = SamplingParams(**{**_fields(params), "seed": self._seed})
+        return params.to_native()
+
+    def complete(
+        self,
+        prompt: str | bytes | Sequence[int],
+        *,
+        max_tokens: int | None = 16,
+        sampling: SamplingParams | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> Completion:
+        """Generate a completion of ``prompt``; the whole token loop runs in C++.
+
+        The longest prefix that ``prompt`` shares with the tokens already in the KV cache is
+        reused rather than evaluated again.
+
+        Args:
+            prompt: Text (tokenized with BOS, special tokens parsed) or token ids.
+            max_tokens: Most tokens to generate; None or <= 0 means until the context is full.
+            sampling: Sampling settings (default: ``SamplingParams()``).
+            stop: Strings that end the generation; they are not included in the text.
+
+        Returns:
+            A :class:`Completion`.
+
+        Raises:
+            ContextOverflowError: The prompt does not fit in the context window.
+            InvalidArgumentError: A sampling value or token id is out of range.
+            ClosedError: The model was closed, possibly during the call.
+        """
+        result = self.context.generate(
+            self._prompt_tokens(prompt), self._sampling(sampling), _limit(max_tokens), _stops(stop)
+        )
+        return Completion(
+            text=result.text,
+            tokens=list(result.tokens),
+            finish_reason=finish_reason(result.finish_reason),
+            prompt_tokens=result.n_prompt,
+            cached_tokens=result.n_reused,
+        )
+
+    @overload
+    def generate(
+        self,
+        prompt: str | bytes | Sequence[int],
+        *,
+        max_tokens: int | None = ...,
+        sampling: SamplingParams | None = ...,
+        stop: str | Sequence[str] | None = ...,
+        stream: Literal[False] = ...,
+    ) -> str: ...
+
+    @overload
+    def generate(
+        self,
+        prompt: str | bytes | Sequence[int],
+        *,
+        max_tokens: int | None = ...,
+        sampling: SamplingParams | None = ...,
+        stop: str | Sequence[str] | None = ...,
+        stream: Literal[True],
+    ) -> Iterator[str]: ...
+
+    def generate(
+        self,
+        prompt: str | bytes | Sequence[int],
+        *,
+        max_tokens: int | None = 256,
+        sampling: SamplingParams | None = None,
+        stop: str | Sequence[str] | None = None,
+        stream: bool = False,
+    ) -> str | Iterator[str]:
+        """The generated text of ``prompt`` (see :meth:`complete` for the arguments).
+
+        With ``stream=True``, an iterator of text pieces, as :meth:`generate_stream`.
+        """
+        if stream:
+            return self.generate_stream(prompt, max_tokens=max_tokens, sampling=sampling, stop=stop)
+        return self.complete(prompt, max_tokens=max_tokens, sampling=sampling, stop=stop).text
+
+    def generate_stream(
+        self,
+        prompt: str | bytes | Sequence[int],
+        *,
+        max_tokens: int | None = 256,
+        sampling: SamplingParams | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> Generator[str, None, None]:
+        """Yield text as it is generated; each piece is whole UTF-8 characters.
+
+        Each step runs in C++ with the GIL released. Closing the iterator (or breaking out of
+        a ``for`` loop over it) stops generation at once and leaves the instance usable.
+        """
+        token_stream = self._stream(prompt, max_tokens, self._sampling(sampling), stop)
+        return _iterate_text(token_stream)
+
+    def _stream(
+        self,
+        prompt: str | bytes | Sequence[int],
+        max_tokens: int | None,
+        sampling: _core.SamplerConfig,
+        stop: str | Sequence[str] | None,
+    ) -> _core.TokenStream:
+        return self.context.stream(self._prompt_tokens(prompt), sampling, _limit(max_tokens), _stops(stop))
+
+    # -- llama-cpp-python's completion API ------------------------------------------------
+
+    @overload
+    def create_completion(
+        self,
+        prompt: str | Sequence[int],
+        suffix: str | None = ...,
+        max_tokens: int | None = ...,
+        temperature: float = ...,
+        top_p: float = ...,
+        min_p: float = ...,
+        typical_p: float = ...,
+        logprobs: int | None = ...,
+        echo: bool = ...,
+        stop: str | Sequence[str] | None = ...,
+        frequency_penalty: float = ...,
+        presence_penalty: float = ...,
+        repeat_penalty: float = ...,
+        top_k: int = ...,
+        stream: Literal[False] = False,
+        seed: int | None = ...,
+        mirostat_mode: int = ...,
+        mirostat_tau: float = ...,
+        mirostat_eta: float = ...,
+        model: str | None = ...,
+        logit_bias: Mapping[int, float] | None = ...,
+    ) -> CreateCompletionResponse: ...
+
+    @overload
+    def create_completion(
+        self,
+        prompt: str | Sequence[int],
+        suffix: str | None = ...,
+        max_tokens: int | None = ...,
+        temperature: float = ...,
+        top_p: float = ...,
+        min_p: float = ...,
+        typical_p: float = ...,
+        logprobs: int | None = ...,
+        echo: bool = ...,
+        stop: str | Sequence[str] | None = ...,
+        frequency_penalty: float = ...,
+        presence_penalty: float = ...,
+        repeat_penalty: float = ...,
+        top_k: int = ...,
+        *,
+        stream: Literal[True],
+        seed: int | None = ...,
+        mirostat_mode: int = ...,
+        mirostat_tau: float = ...,
+        mirostat_eta: float = ...,
+        model: str | None = ...,
+        logit_bias: Mapping[int, float] | None = ...,
+    ) -> Iterator[CreateCompletionResponse]: ...
+
+    def create_completion(  # noqa: PLR0917 - llama-cpp-python passes these positionally too
+        self,
+        prompt: str | Sequence[int],
+        suffix: str | None = None,
+        max_tokens: int | None = 16,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        logprobs: int | None = None,
+        echo: bool = False,
+        stop: str | Sequence[str] | None = None,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        top_k: int = 40,
+        stream: bool = False,
+        seed: int | None = None,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        model: str | None = None,
+        logit_bias: Mapping[int, float] | None = None,
+    ) -> CreateCompletionResponse | Iterator[CreateCompletionResponse]:
+        """Complete ``prompt``, returning llama-cpp-python's (OpenAI's) completion dict.
+
+        Arguments and defaults are llama-cpp-python's. With ``stream=True`` an iterator of
+        chunk dicts is returned instead; the last chunk carries ``finish_reason``.
+
+        Raises:
+            ContextOverflowError: The prompt does not fit in the context window.
+            InvalidArgumentError: A sampling value is out of range.
+            NotImplementedError: ``suffix`` or ``logprobs`` (not supported yet).
+        """
+        if suffix is not None:
+            raise NotImplementedError("suffix (fill-in-the-middle) is not supported yet")
+        if logprobs is not None:
+            raise NotImplementedError("logprobs are not supported yet")
+        sampling = self._sampling(
+            None,
+            {
+                "temperature": temperature,
+                "top_p": top_p,
+                "min_p": min_p,
+                "typical_p": typical_p,
+                "frequency_penalty": frequency_penalty,
+                "presence_penalty": presence_penalty,
+                "repeat_penalty": repeat_penalty,
+                "top_k": top_k,
+                "seed": seed,
+                "mirostat_mode": mirostat_mode,
+                "mirostat_tau": mirostat_tau,
+                "mirostat_eta": mirostat_eta,
+                "logit_bias": dict(logit_bias or {}),
+            },
+        )
+        builder = CompletionBuilder(model=model or self.model_path)
+        prefix = ""
+        if echo:
+            prefix = self.model.detokenize(self._prompt_tokens(prompt), False).decode(
+                "utf-8", errors="replace"
+            )
+        if stream:
+            return builder.stream(prefix, self._stream(prompt, max_tokens, sampling, stop))
+        result = self.context.generate(
+            self._prompt_tokens(prompt), sampling, _limit(max_tokens), _stops(stop)
+        )
+        return builder.response(prefix + result.text, result)
+
+    __call__ = create_completion
+
+
+def _iterate_text(token_stream: _core.TokenStream) -> Generator[str, None, None]:
+    try:
+        while (piece := token_stream.next()) is not None:
+            if piece.text:
+                yield piece.text
+    finally:
+        token_stream.close()
+
+
+def _fields(params: SamplingParams) -> dict[str, Any]:
+    return {name: getattr(params, name) for name in SamplingParams.__dataclass_fields__}
+
+
+def _limit(max_tokens: int | None) -> int:
+    return 0 if max_tokens is None or max_tokens <= 0 else max_tokens
+
+
+def _stops(stop: str | Sequence[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    return [s for s in stop if s]
+
+
+def _check_range(name: str, value: int, minimum: int) -> None:
+    if not isinstance(value, int) or value < minimum:
+        raise InvalidArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")

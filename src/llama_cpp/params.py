@@ -1,0 +1,81 @@
+"""Sampling settings: :class:`SamplingParams`, a frozen, validated-at-use value object."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from llama_cpp import _core
+
+#: A random seed is drawn for each generation when ``seed`` is this value (or None).
+DEFAULT_SEED: int = _core.DEFAULT_SEED
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How the next token is chosen; defaults are llama-cpp-python's.
+
+    ``temperature == 0`` is greedy decoding, ``temperature < 0`` samples from the unmodified
+    distribution. Values are checked when a generation starts: an out-of-range value raises
+    :class:`llama_cpp.InvalidArgumentError` naming the field.
+
+    Attributes:
+        temperature: Softmax temperature.
+        top_k: Keep the k most likely tokens (0 keeps all).
+        top_p: Nucleus sampling threshold (1.0 disables it).
+        min_p: Drop tokens below ``min_p`` times the top probability (0 disables it).
+        typical_p: Locally typical sampling (1.0 disables it).
+        repeat_penalty: Penalty for tokens in the last ``penalty_last_n`` (1.0 disables it).
+        frequency_penalty: OpenAI-style frequency penalty.
+        presence_penalty: OpenAI-style presence penalty.
+        penalty_last_n: Window of the penalties (-1: the whole context).
+        mirostat_mode: 0 off, 1 Mirostat, 2 Mirostat 2.0.
+        mirostat_tau: Mirostat target entropy.
+        mirostat_eta: Mirostat learning rate.
+        seed: Sampler seed; None draws a random one.
+        logit_bias: Token id to additive logit bias (``-inf`` bans a token).
+    """
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    penalty_last_n: int = 64
+    mirostat_mode: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    seed: int | None = None
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+
+    @classmethod
+    def greedy(cls) -> SamplingParams:
+        """Deterministic decoding: always the most likely token."""
+        return cls(temperature=0.0)
+
+    def to_native(self) -> _core.SamplerConfig:
+        """The native form; raises InvalidArgumentError for a seed out of range."""
+        config = _core.SamplerConfig()
+        config.temperature = self.temperature
+        config.top_k = self.top_k
+        config.top_p = self.top_p
+        config.min_p = self.min_p
+        config.typical_p = self.typical_p
+        config.repeat_penalty = self.repeat_penalty
+        config.frequency_penalty = self.frequency_penalty
+        config.presence_penalty = self.presence_penalty
+        config.penalty_last_n = self.penalty_last_n
+        config.mirostat_mode = self.mirostat_mode
+        config.mirostat_tau = self.mirostat_tau
+        config.mirostat_eta = self.mirostat_eta
+        if self.seed is None or self.seed == -1:
+            config.seed = DEFAULT_SEED
+        elif 0 <= self.seed <= 0xFFFFFFFF:
+            config.seed = self.seed
+        else:
+            raise _core.InvalidArgumentError(f"seed must be in [0, 2**32) or None, got {self.seed}")
+        config.logit_bias = [(int(token), float(bias)) for token, bias in self.logit_bias.items()]
+        return config

@@ -1,0 +1,15 @@
+"""Helpers for testing code that uses llama_cpp: tiny GGUF models written on the spot.
+
+Needs the optional ``gguf`` and ``numpy`` packages (``pip install llama-cpp-nanobind[test]``).
+"""
+
+from llama_cpp.testing.tiny_models import (
+    BOS_ID,
+    EOS_ID,
+    SPACE_ID,
+    TinyModelSpec,
+    byte_token,
+    write_tiny_llama,
+)
+
+__all__ = ["BOS_ID", "EOS_ID", "SPACE_ID", "TinyModelSpec", "byte_token", "write_tiny_llama"]

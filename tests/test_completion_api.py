@@ -1,0 +1,58 @@
+"""llama-cpp-python's create_completion / __call__ dict API."""
+
+from __future__ import annotations
+
+import pytest
+
+from llama_cpp import Llama
+
+
+def test_create_completion_dict_shape(tiny: Llama) -> None:
+    response = tiny.create_completion("A", max_tokens=100, temperature=0)
+    assert isinstance(response, dict)
+    assert response["object"] == "text_completion"
+    assert response["id"].startswith("cmpl-")
+    assert isinstance(response["created"], int)
+    assert response["model"] == tiny.model_path
+    assert response["choices"] == [{"text": "é😀世界", "index": 0, "logprobs": None, "finish_reason": "stop"}]
+    assert response["usage"] == {"prompt_tokens": 2, "completion_tokens": 12, "total_tokens": 14}
+
+
+def test_call_is_create_completion_with_stop_and_length(tiny: Llama) -> None:
+    response = tiny("a", max_tokens=4, temperature=0)
+    assert isinstance(response, dict)
+    assert response["choices"][0]["text"] == "bcde"
+    assert response["choices"][0]["finish_reason"] == "length"
+    stopped = tiny("a", max_tokens=40, temperature=0, stop="f")
+    assert isinstance(stopped, dict)
+    assert stopped["choices"][0]["text"] == "bcde"
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+
+
+def test_streamed_chunks_concatenate_to_the_text(tiny: Llama) -> None:
+    chunks = list(tiny.create_completion("A", max_tokens=100, temperature=0, stream=True))
+    texts = [c["choices"][0]["text"] for c in chunks]
+    assert "".join(texts) == "é😀世界"
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, None, None, "stop"]
+    assert len({c["id"] for c in chunks}) == 1
+    assert all("usage" not in c for c in chunks)
+
+
+def test_echo_prepends_the_prompt(tiny: Llama) -> None:
+    response = tiny.create_completion("xy", max_tokens=2, temperature=0, echo=True)
+    assert isinstance(response, dict)
+    assert response["choices"][0]["text"] == "xyza"
+
+
+def test_token_prompt(tiny: Llama) -> None:
+    tokens = tiny.tokenize("a")
+    response = tiny.create_completion(tokens, max_tokens=3, temperature=0)
+    assert isinstance(response, dict)
+    assert response["choices"][0]["text"] == "bcd"
+
+
+def test_unsupported_options_say_so(tiny: Llama) -> None:
+    with pytest.raises(NotImplementedError, match="logprobs"):
+        tiny.create_completion("a", logprobs=2)
+    with pytest.raises(NotImplementedError, match="suffix"):
+        tiny.create_completion("a", suffix="b")

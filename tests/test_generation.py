@@ -1,0 +1,307 @@
+"""The token loop, on the tiny successor-table model where every output is known exactly."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llama_cpp import (
+    ClosedError,
+    ContextOverflowError,
+    InvalidArgumentError,
+    Llama,
+    LlamaError,
+    SamplingParams,
+)
+from llama_cpp.testing import BOS_ID, EOS_ID, SPACE_ID, TinyModelSpec, byte_token, write_tiny_llama
+
+GREEDY = SamplingParams.greedy()
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+
+
+def test_greedy_walks_the_successor_table_and_stops_at_eog(tiny: Llama) -> None:
+    completion = tiny.complete("A", max_tokens=100, sampling=GREEDY)
+    assert completion.text == "é😀世界"
+    assert completion.finish_reason == "stop"
+    assert completion.tokens == [byte_token(b) for b in "é😀世界".encode()]
+    assert EOS_ID not in completion.tokens
+    assert completion.prompt_tokens == 2  # BOS + 'A'
+
+
+def test_default_sampling_is_deterministic_on_a_peaked_model(tiny: Llama) -> None:
+    assert tiny.generate("A", max_tokens=100) == "é😀世界"
+
+
+def test_max_tokens_ends_with_length(tiny: Llama) -> None:
+    completion = tiny.complete("a", max_tokens=5, sampling=GREEDY)
+    assert completion.text == "bcdef"
+    assert completion.finish_reason == "length"
+    assert len(completion.tokens) == 5
+
+
+def test_a_full_context_ends_with_length_and_never_samples_stale_logits(tiny_model_path: Path) -> None:
+    with Llama(tiny_model_path, n_ctx=256, n_batch=64) as llm:
+        n_ctx = llm.n_ctx()
+        completion = llm.complete("a", max_tokens=None, sampling=GREEDY)
+        assert completion.finish_reason == "length"
+        # 2 prompt tokens + every generated token but the last were decoded: exactly full.
+        assert len(completion.tokens) == n_ctx - 2 + 1
+        assert llm.n_tokens == n_ctx
+        expected = "".join(ALPHABET[(1 + i) % 26] for i in range(len(completion.tokens)))
+        assert completion.text == expected
+
+
+def test_stop_string_spanning_tokens_is_cut_and_not_returned(tiny: Llama) -> None:
+    completion = tiny.complete("A", max_tokens=100, sampling=GREEDY, stop=["😀"])
+    assert completion.text == "é"
+    assert completion.finish_reason == "stop"
+
+
+def test_earliest_of_several_stop_strings_wins(tiny: Llama) -> None:
+    completion = tiny.complete("a", max_tokens=100, sampling=GREEDY, stop=["xyz", "klm", "q"])
+    assert completion.text == "bcdefghij"
+    assert completion.finish_reason == "stop"
+
+
+def test_a_stop_prefix_that_does_not_complete_is_released(tiny: Llama) -> None:
+    # "bcx" starts like the output ("bc") but never completes; all text must still come out.
+    completion = tiny.complete("a", max_tokens=6, sampling=GREEDY, stop=["bcx", "fgz"])
+    assert completion.text == "bcdefg"
+    assert completion.finish_reason == "length"
+
+
+def test_stream_yields_whole_characters_and_equals_the_non_streamed_text(tiny: Llama) -> None:
+    pieces = list(tiny.generate_stream("A", max_tokens=100, sampling=GREEDY))
+    # Each character arrives once its last byte token is generated, never broken.
+    assert pieces == ["é", "😀", "世", "界"]
+
+
+def test_stream_never_leaks_a_stop_string(tiny: Llama) -> None:
+    pieces = list(tiny.generate_stream("a", max_tokens=100, sampling=GREEDY, stop=["mno"]))
+    assert "".join(pieces) == "bcdefghijkl"
+    assert not any("m" in piece for piece in pieces)
+
+
+def test_a_stop_string_inside_a_multibyte_sequence_is_matched_on_text(tiny: Llama) -> None:
+    assert tiny.generate("A", max_tokens=100, sampling=GREEDY, stop="界") == "é😀世"
+
+
+def test_closing_a_stream_stops_it_and_leaves_the_instance_usable(tiny: Llama) -> None:
+    stream = tiny.generate_stream("a", max_tokens=None, sampling=GREEDY)
+    assert next(stream) == "b"
+    assert next(stream) == "c"
+    stream.close()
+    with pytest.raises(StopIteration):
+        next(stream)
+    assert tiny.generate("A", max_tokens=100, sampling=GREEDY) == "é😀世界"
+
+
+def test_breaking_out_of_a_stream_loop(tiny: Llama) -> None:
+    seen = []
+    for piece in tiny.generate_stream("a", max_tokens=None, sampling=GREEDY):
+        seen.append(piece)
+        if len(seen) == 3:
+            break
+    assert seen == ["b", "c", "d"]
+    assert tiny.generate("a", max_tokens=2, sampling=GREEDY) == "bc"
+
+
+def test_a_stream_interrupted_by_another_call_raises(tiny: Llama) -> None:
+    stream = tiny.generate_stream("a", max_tokens=None, sampling=GREEDY)
+    assert next(stream) == "b"
+    tiny.generate("A", max_tokens=3, sampling=GREEDY)
+    with pytest.raises(LlamaError, match="interrupted"):
+        next(stream)
+
+
+def test_prompt_longer_than_n_batch_is_decoded_in_chunks(tiny_model_path: Path) -> None:
+    prompt = "z" * 150 + " "
+    with Llama(tiny_model_path, n_ctx=512, n_batch=16) as llm:
+        assert llm.context.n_batch() == 16
+        completion = llm.complete(prompt, max_tokens=3, sampling=GREEDY)
+        assert completion.prompt_tokens == 152
+        assert completion.text == "abc"
+        assert llm.n_tokens == 152 + 2
+
+
+def test_prompt_longer_than_the_context_raises(tiny: Llama) -> None:
+    prompt = "z" * 300
+    with pytest.raises(
+        ContextOverflowError, match=r"the prompt has 301 tokens, more than the context window of 256"
+    ):
+        tiny.complete(prompt, max_tokens=1)
+    assert issubclass(ContextOverflowError, ValueError)
+    assert tiny.generate("A", max_tokens=100, sampling=GREEDY) == "é😀世界"
+
+
+def test_the_cached_prefix_is_reused(tiny: Llama) -> None:
+    first = tiny.complete("zzzz zzzz a", max_tokens=2, sampling=GREEDY)
+    assert first.cached_tokens == 0
+    second = tiny.complete("zzzz zzzz b", max_tokens=2, sampling=GREEDY)
+    assert second.cached_tokens == len("zzzz zzzz ") + 1  # BOS and the shared text
+    assert second.text == "cd"
+    third = tiny.complete([BOS_ID, byte_token(ord("x"))], max_tokens=2, sampling=GREEDY)
+    assert third.cached_tokens == 1
+    assert third.text == "yz"
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (SamplingParams(top_p=1.5), r"top_p must be in \[0, 1\]"),
+        (SamplingParams(min_p=-0.1), r"min_p must be in \[0, 1\]"),
+        (SamplingParams(top_k=-1), "top_k must be >= 0"),
+        (SamplingParams(repeat_penalty=0.0), "repeat_penalty must be > 0"),
+        (SamplingParams(temperature=float("nan")), "temperature must be a number"),
+        (SamplingParams(mirostat_mode=3), "mirostat_mode must be 0, 1 or 2"),
+        (SamplingParams(logit_bias={100000: 1.0}), "logit_bias token id 100000 is out of range"),
+        (SamplingParams(seed=2**40), r"seed must be in \[0, 2\*\*32\)"),
+        (SamplingParams(frequency_penalty=float("inf")), "frequency_penalty must be finite"),
+    ],
+)
+def test_invalid_sampling_values_raise_a_typed_error(
+    tiny: Llama, params: SamplingParams, message: str
+) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        tiny.complete("a", max_tokens=2, sampling=params)
+    assert tiny.generate("a", max_tokens=2, sampling=GREEDY) == "bc"
+
+
+def test_out_of_range_prompt_tokens_raise(tiny: Llama) -> None:
+    with pytest.raises(InvalidArgumentError, match="token id 999 is out of range"):
+        tiny.complete([BOS_ID, 999], max_tokens=1)
+    with pytest.raises(InvalidArgumentError, match="the prompt is empty"):
+        tiny.complete([], max_tokens=1)
+
+
+def test_logit_bias_bans_a_token(tiny: Llama) -> None:
+    banned = SamplingParams(temperature=0.0, logit_bias={byte_token(ord("d")): float("-inf")})
+    text = tiny.generate("a", max_tokens=2, sampling=banned)
+    assert text[0] == "b"
+    assert text[1] != "d"
+
+
+def test_seeded_sampling_is_reproducible(tmp_path: Path) -> None:
+    path = write_tiny_llama(tmp_path / "noisy.gguf", TinyModelSpec(logit_scale=0.0, noise=1.0, seed=7))
+    with Llama(path, n_ctx=256) as llm:
+        params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=1234)
+        first = llm.complete("a", max_tokens=24, sampling=params).tokens
+        second = llm.complete("a", max_tokens=24, sampling=params).tokens
+        other = llm.complete(
+            "a", max_tokens=24, sampling=SamplingParams(**{**params.__dict__, "seed": 99})
+        ).tokens
+    assert first == second
+    assert first != other
+
+
+def test_tokenize_and_detokenize(tiny: Llama) -> None:
+    assert tiny.tokenize("Aé") == [BOS_ID, byte_token(0x41), byte_token(0xC3), byte_token(0xA9)]
+    assert tiny.tokenize(b"A", add_bos=False) == [byte_token(0x41)]
+    assert tiny.detokenize([byte_token(0xC3)]) == b"\xc3"  # bytes: may end mid-character
+    assert tiny.detokenize(tiny.tokenize("héllo wörld", add_bos=False)) == "héllo wörld".encode()
+    assert tiny.tokenize(" ", add_bos=False) == [SPACE_ID]
+    assert tiny.tokenize("</s>", add_bos=False, special=True) == [EOS_ID]
+    assert tiny.detokenize([EOS_ID], special=True) == b"</s>"
+    assert tiny.detokenize([EOS_ID]) == b""
+    with pytest.raises(InvalidArgumentError):
+        tiny.detokenize([12345])
+
+
+def test_model_facts(tiny: Llama) -> None:
+    assert tiny.n_vocab() == 260
+    assert tiny.n_ctx() == 256
+    assert tiny.token_bos() == BOS_ID
+    assert tiny.token_eos() == EOS_ID
+    assert tiny.metadata["general.architecture"] == "llama"
+    assert tiny.metadata["general.name"] == "tiny-successor-llama"
+    assert tiny.n_embd() == TinyModelSpec().n_embd
+
+
+def test_eval_and_reset_track_the_kv_position(tiny: Llama) -> None:
+    tiny.reset()
+    assert tiny.n_tokens == 0
+    tiny.eval([BOS_ID, byte_token(ord("a"))])
+    assert tiny.n_tokens == 2
+    logits = tiny.context.logits()
+    assert max(range(len(logits)), key=logits.__getitem__) == byte_token(ord("b"))
+    tiny.reset()
+    assert tiny.n_tokens == 0
+
+
+def test_vocab_only_model_tokenizes_but_cannot_generate(tiny_model_path: Path) -> None:
+    with Llama(tiny_model_path, vocab_only=True) as llm:
+        assert llm.tokenize("A") == [BOS_ID, byte_token(0x41)]
+        with pytest.raises(LlamaError, match="vocab_only"):
+            llm.generate("A")
+
+
+def test_close_is_idempotent_and_later_calls_raise(tiny_model_path: Path) -> None:
+    llm = Llama(tiny_model_path, n_ctx=256)
+    llm.close()
+    llm.close()
+    with pytest.raises(ClosedError):
+        llm.generate("A")
+    with pytest.raises(ClosedError):
+        llm.tokenize("A")
+
+
+@pytest.mark.timeout(60)
+def test_close_during_a_generation_in_another_thread(tiny_model_path: Path) -> None:
+    llm = Llama(tiny_model_path, n_ctx=4096, n_batch=64)
+    started = threading.Event()
+    outcome: list[BaseException | str] = []
+
+    def run() -> None:
+        try:
+            stream = llm.generate_stream("a", max_tokens=None, sampling=GREEDY)
+            next(stream)
+            started.set()
+            outcome.append("".join(stream))
+        except BaseException as error:
+            outcome.append(error)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert started.wait(30)
+    llm.close()
+    worker.join(30)
+    assert not worker.is_alive()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], ClosedError)
+
+
+@pytest.mark.timeout(60)
+def test_one_instance_shared_by_threads_is_serialized(tiny: Llama) -> None:
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            prompt = "A" if index % 2 else "a"
+            results[index] = tiny.generate(prompt, max_tokens=40, sampling=GREEDY)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors
+    expected_letters = "".join(ALPHABET[(1 + i) % 26] for i in range(40))
+    assert results == {i: ("é😀世界" if i % 2 else expected_letters) for i in range(8)}
+
+
+def test_unknown_constructor_keywords_warn(tiny_model_path: Path) -> None:
+    with pytest.warns(UserWarning, match="unknown keyword argument 'last_n_tokens_size'"):
+        Llama(tiny_model_path, n_ctx=256, last_n_tokens_size=64).close()
+
+
+@pytest.mark.parametrize(("name", "value"), [("n_ctx", -1), ("n_batch", 0), ("n_threads", 0)])
+def test_invalid_constructor_values_raise(tiny_model_path: Path, name: str, value: int) -> None:
+    kwargs: dict[str, Any] = {name: value}
+    with pytest.raises(InvalidArgumentError, match=name):
+        Llama(tiny_model_path, **kwargs)

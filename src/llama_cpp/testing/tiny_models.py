@@ -56,8 +56,9 @@ def _default_successors() -> dict[int, int]:
     letters = "abcdefghijklmnopqrstuvwxyz"
     for a, b in zip(letters, letters[1:] + letters[0], strict=True):
         table[byte_token(ord(a))] = byte_token(ord(b))
-    # A space is followed by 'a', so prompts ending in a word boundary start the cycle.
+    # A space, or the BOS token alone, is followed by 'a' and starts the cycle.
     table[SPACE_ID] = byte_token(ord("a"))
+    table[BOS_ID] = byte_token(ord("a"))
     return table
 
 
@@ -149,7 +150,8 @@ def write_tiny_llama(path: str | os.PathLike[str], spec: TinyModelSpec | None = 
     """Write a tiny llama GGUF model to ``path`` and return the path.
 
     With the default spec, greedy decoding after ``"A"`` yields ``"é😀世界"`` (one byte per
-    token) and then ends; after a lowercase letter it cycles through the alphabet forever.
+    token) and then ends; after a lowercase letter, a space or BOS alone it cycles through the
+    alphabet forever.
     """
     import gguf
 

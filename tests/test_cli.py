@@ -32,7 +32,7 @@ def test_info_shows_build_and_model(tiny_model_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "llama.cpp commit:  0c1e570" in result.stdout
     assert "general.architecture = llama" in result.stdout
-    assert "vocabulary:        260" in result.stdout
+    assert "vocabulary:        261" in result.stdout
     assert "device:            CPU (cpu)" in result.stdout
 
 

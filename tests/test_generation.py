@@ -16,7 +16,7 @@ from llama_cpp import (
     LlamaError,
     SamplingParams,
 )
-from llama_cpp.testing import BOS_ID, EOS_ID, SPACE_ID, TinyModelSpec, byte_token, write_tiny_llama
+from llama_cpp.testing import BOS_ID, EOS_ID, EOT_ID, SPACE_ID, TinyModelSpec, byte_token, write_tiny_llama
 
 GREEDY = SamplingParams.greedy()
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
@@ -29,6 +29,15 @@ def test_greedy_walks_the_successor_table_and_stops_at_eog(tiny: Llama) -> None:
     assert completion.tokens == [byte_token(b) for b in "é😀世界".encode()]
     assert EOS_ID not in completion.tokens
     assert completion.prompt_tokens == 2  # BOS + 'A'
+
+
+def test_any_end_of_generation_token_stops_not_only_eos(tiny: Llama) -> None:
+    assert tiny.model.is_eog(EOT_ID)
+    assert tiny.token_eos() != EOT_ID
+    completion = tiny.complete("B", max_tokens=100, sampling=GREEDY)
+    assert completion.text == "!"
+    assert completion.finish_reason == "stop"
+    assert completion.tokens == [byte_token(ord("!"))]
 
 
 def test_default_sampling_is_deterministic_on_a_peaked_model(tiny: Llama) -> None:
@@ -211,7 +220,7 @@ def test_tokenize_and_detokenize(tiny: Llama) -> None:
 
 
 def test_model_facts(tiny: Llama) -> None:
-    assert tiny.n_vocab() == 260
+    assert tiny.n_vocab() == 261
     assert tiny.n_ctx() == 256
     assert tiny.token_bos() == BOS_ID
     assert tiny.token_eos() == EOS_ID

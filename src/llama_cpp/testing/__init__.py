@@ -6,10 +6,11 @@ Needs the optional ``gguf`` and ``numpy`` packages (``pip install llama-cpp-nano
 from llama_cpp.testing.tiny_models import (
     BOS_ID,
     EOS_ID,
+    EOT_ID,
     SPACE_ID,
     TinyModelSpec,
     byte_token,
     write_tiny_llama,
 )
 
-__all__ = ["BOS_ID", "EOS_ID", "SPACE_ID", "TinyModelSpec", "byte_token", "write_tiny_llama"]
+__all__ = ["BOS_ID", "EOS_ID", "EOT_ID", "SPACE_ID", "TinyModelSpec", "byte_token", "write_tiny_llama"]

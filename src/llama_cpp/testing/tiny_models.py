@@ -9,7 +9,8 @@ which text comes out, where a multi-byte character is split across tokens, when 
 end-of-generation token arrives.
 
 The vocabulary is SentencePiece-style: ``<unk>``, ``<s>``, ``</s>``, the 256 byte tokens
-``<0x00>``..``<0xFF>`` and ``▁`` (a space); every other text tokenizes to its UTF-8 bytes.
+``<0x00>``..``<0xFF>``, ``▁`` (a space) and ``<end_of_turn>`` (end of generation, not EOS);
+every other text tokenizes to its UTF-8 bytes.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ EOS_ID = 2
 _FIRST_BYTE_ID = 3
 #: SentencePiece's word-boundary piece; a space tokenizes to it and it detokenizes to " ".
 SPACE_ID = _FIRST_BYTE_ID + 256
-N_VOCAB = SPACE_ID + 1
+#: An end-of-turn control token: end of generation, but not EOS (as Gemma's <end_of_turn>).
+EOT_ID = SPACE_ID + 1
+N_VOCAB = EOT_ID + 1
 
 
 def byte_token(byte: int) -> int:
@@ -52,6 +55,9 @@ def _default_successors() -> dict[int, int]:
     # 'A' starts a walk through two- to four-byte UTF-8 characters, then ends the generation.
     table[byte_token(ord("A"))] = byte_token("é".encode()[0])
     table.update(chain("é😀世界"))
+    # 'B' is followed by '!' and then the end-of-turn token: generation ends without EOS.
+    table[byte_token(ord("B"))] = byte_token(ord("!"))
+    table[byte_token(ord("!"))] = EOT_ID
     # Lowercase letters cycle forever: a generation only ends by length or a stop string.
     letters = "abcdefghijklmnopqrstuvwxyz"
     for a, b in zip(letters, letters[1:] + letters[0], strict=True):
@@ -105,10 +111,14 @@ class TinyModelSpec:
 def _vocabulary() -> tuple[list[bytes], list[float], list[int]]:
     import gguf
 
-    tokens = [b"<unk>", b"<s>", b"</s>"] + [f"<0x{b:02X}>".encode() for b in range(256)] + ["▁".encode()]
+    tokens = (
+        [b"<unk>", b"<s>", b"</s>"]
+        + [f"<0x{b:02X}>".encode() for b in range(256)]
+        + ["▁".encode(), b"<end_of_turn>"]
+    )
     scores = [0.0] * len(tokens)
     types = [int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.CONTROL), int(gguf.TokenType.CONTROL)]
-    types += [int(gguf.TokenType.BYTE)] * 256 + [int(gguf.TokenType.NORMAL)]
+    types += [int(gguf.TokenType.BYTE)] * 256 + [int(gguf.TokenType.NORMAL), int(gguf.TokenType.CONTROL)]
     return tokens, scores, types
 
 
@@ -150,8 +160,8 @@ def write_tiny_llama(path: str | os.PathLike[str], spec: TinyModelSpec | None = 
     """Write a tiny llama GGUF model to ``path`` and return the path.
 
     With the default spec, greedy decoding after ``"A"`` yields ``"é😀世界"`` (one byte per
-    token) and then ends; after a lowercase letter, a space or BOS alone it cycles through the
-    alphabet forever.
+    token) and then ends with EOS; after ``"B"`` it yields ``"!"`` and ends with end-of-turn;
+    after a lowercase letter, a space or BOS alone it cycles through the alphabet forever.
     """
     import gguf
 
@@ -176,6 +186,7 @@ def write_tiny_llama(path: str | os.PathLike[str], spec: TinyModelSpec | None = 
     writer.add_unk_token_id(UNK_ID)
     writer.add_bos_token_id(BOS_ID)
     writer.add_eos_token_id(EOS_ID)
+    writer.add_eot_token_id(EOT_ID)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(False)

@@ -238,6 +238,8 @@ def test_eval_and_reset_track_the_kv_position(tiny: Llama) -> None:
     assert max(range(len(logits)), key=logits.__getitem__) == byte_token(ord("b"))
     tiny.reset()
     assert tiny.n_tokens == 0
+    with pytest.raises(LlamaError, match="no logits"):
+        tiny.context.logits()
 
 
 def test_vocab_only_model_tokenizes_but_cannot_generate(tiny_model_path: Path) -> None:

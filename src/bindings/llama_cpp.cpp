@@ -947,6 +947,7 @@ struct ContextState {
     std::unique_ptr<llama_context, ContextDeleter> ctx;
     std::unique_ptr<BatchOwner> batch;  // reused for every decode
     std::vector<llama_token> tokens;    // the tokens of sequence 0 now in the KV cache
+    bool logits_ready = false;          // the last decode's logits belong to tokens.back()
     uint64_t epoch = 0;                 // bumped whenever the KV contents change hands
     std::atomic<bool> abort{false};     // read by llama.cpp's abort callback
     std::atomic<bool> closing{false};
@@ -967,6 +968,7 @@ struct ContextState {
     void clear() {
         llama_memory_clear(llama_get_memory(get()), true);
         tokens.clear();
+        logits_ready = false;
         ++epoch;
     }
 
@@ -1010,6 +1012,7 @@ struct ContextState {
                 throw DecodeError("llama_decode failed with code " + std::to_string(rc));
             }
             tokens.insert(tokens.end(), toks + start, toks + start + static_cast<size_t>(n));
+            logits_ready = true;
         }
     }
 
@@ -1041,6 +1044,7 @@ struct ContextState {
                 keep = 0;
             } else {
                 tokens.resize(keep);
+                logits_ready = false;
             }
         }
         decode(prompt.data() + keep, prompt.size() - keep);
@@ -1157,13 +1161,59 @@ class Context {
     }
     std::vector<float> logits() {
         ContextLock lock(*state_);
-        if (state_->tokens.empty()) {
-            throw LlamaError("no logits: nothing has been evaluated");
+        if (!state_->logits_ready) {
+            throw LlamaError("no logits: evaluate a token first (a reset or a loaded state has none)");
         }
         const float *row = llama_get_logits_ith(state_->get(), -1);
         if (row == nullptr) throw LlamaError("no logits available for the last token");
         return std::vector<float>(row, row + llama_vocab_n_tokens(state_->vocab));
     }
+    // -- state: the KV cache (and last logits) with the tokens it holds -------------------
+
+    std::string state_data(std::vector<llama_token> &tokens_out) {
+        ContextLock lock(*state_);
+        llama_context *c = state_->get();
+        std::string data(llama_state_get_size(c), '\0');
+        const size_t written = llama_state_get_data(c, reinterpret_cast<uint8_t *>(data.data()), data.size());
+        if (written == 0) {
+            throw LlamaError("llama_state_get_data failed");
+        }
+        data.resize(written);
+        tokens_out = state_->tokens;
+        return data;
+    }
+
+    void set_state_data(const char *data, size_t size, const std::vector<llama_token> &toks) {
+        ContextLock lock(*state_);
+        state_->check_tokens(toks);
+        if (toks.size() > static_cast<size_t>(state_->n_ctx())) {
+            throw ContextOverflowError("the state holds " + std::to_string(toks.size()) +
+                                       " tokens, more than the context window of " +
+                                       std::to_string(state_->n_ctx()));
+        }
+        tl_last_errors.clear();
+        const size_t read = llama_state_set_data(state_->get(), reinterpret_cast<const uint8_t *>(data), size);
+        adopt_loaded_state(read != 0, toks, "the state could not be loaded");
+    }
+
+    void save_state_file(const std::string &path) {
+        ContextLock lock(*state_);
+        tl_last_errors.clear();
+        if (!llama_state_save_file(state_->get(), path.c_str(), state_->tokens.data(), state_->tokens.size())) {
+            throw LlamaError("could not save the state to '" + path + "': " + tl_last_errors);
+        }
+    }
+
+    void load_state_file(const std::string &path) {
+        ContextLock lock(*state_);
+        std::vector<llama_token> toks(static_cast<size_t>(state_->n_ctx()));
+        size_t count = 0;
+        tl_last_errors.clear();
+        const bool ok = llama_state_load_file(state_->get(), path.c_str(), toks.data(), toks.size(), &count);
+        toks.resize(ok ? count : 0);
+        adopt_loaded_state(ok, toks, "could not load the state from '" + path + "'");
+    }
+
     PerfData perf() {
         ContextLock lock(*state_);
         llama_perf_context_data d = llama_perf_context(state_->get());
@@ -1175,6 +1225,22 @@ class Context {
     }
 
   private:
+    // After llama.cpp restored a state: adopt its tokens, or leave an empty cache and raise.
+    void adopt_loaded_state(bool ok, const std::vector<llama_token> &toks, const std::string &what) {
+        ++state_->epoch;
+        // llama.cpp's state holds the KV cache only: the logits of the last token are gone.
+        state_->logits_ready = false;
+        if (ok && state_->n_past() == static_cast<int32_t>(toks.size())) {
+            state_->tokens = toks;
+            return;
+        }
+        state_->clear();
+        const std::string reason = tl_last_errors.empty()
+                                       ? "it does not match the tokens it was saved with"
+                                       : tl_last_errors;
+        throw LlamaError(what + ": " + reason);
+    }
+
     std::shared_ptr<ContextState> state_;
 };
 
@@ -1451,6 +1517,28 @@ void bind_context(nb::module_ &m) {
              "Append ``tokens`` to the KV cache (n_batch at a time).")
         .def("logits", &Context::logits, nb::call_guard<nb::gil_scoped_release>(),
              "The logits of the last evaluated token.")
+        .def(
+            "state_data",
+            [](Context &self) {
+                std::vector<llama_token> toks;
+                std::string data;
+                {
+                    nb::gil_scoped_release release;
+                    data = self.state_data(toks);
+                }
+                return std::make_pair(nb::bytes(data.data(), data.size()), toks);
+            },
+            "The KV cache and last logits as bytes, and the tokens they hold.")
+        .def(
+            "set_state_data",
+            [](Context &self, nb::bytes data, std::vector<llama_token> toks) {
+                // The caller's reference keeps the (immutable) bytes alive: no copy needed.
+                nb::gil_scoped_release release;
+                self.set_state_data(data.c_str(), data.size(), toks);
+            },
+            "data"_a, "tokens"_a, "Restore what state_data returned (raises LlamaError if it does not fit).")
+        .def("save_state_file", &Context::save_state_file, "path"_a, nb::call_guard<nb::gil_scoped_release>())
+        .def("load_state_file", &Context::load_state_file, "path"_a, nb::call_guard<nb::gil_scoped_release>())
         .def("perf", &Context::perf, nb::call_guard<nb::gil_scoped_release>())
         .def("perf_reset", &Context::perf_reset, nb::call_guard<nb::gil_scoped_release>())
         .def("generate", &generate, "prompt"_a, "sampling"_a, "max_tokens"_a, "stop"_a,

@@ -28,6 +28,7 @@ from llama_cpp.errors import (
 )
 from llama_cpp.llama import Completion, Llama
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
+from llama_cpp.state import LlamaState
 
 __all__ = [
     "DEFAULT_SEED",
@@ -39,6 +40,7 @@ __all__ = [
     "InvalidArgumentError",
     "Llama",
     "LlamaError",
+    "LlamaState",
     "ModelLoadError",
     "SamplingParams",
     "__version__",

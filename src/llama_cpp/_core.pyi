@@ -524,6 +524,18 @@ class Context:
     def logits(self) -> list[float]:
         """The logits of the last evaluated token."""
 
+    def state_data(self) -> tuple[bytes, list[int]]:
+        """The KV cache and last logits as bytes, and the tokens they hold."""
+
+    def set_state_data(self, data: bytes, tokens: Sequence[int]) -> None:
+        """
+        Restore what state_data returned (raises LlamaError if it does not fit).
+        """
+
+    def save_state_file(self, path: str) -> None: ...
+
+    def load_state_file(self, path: str) -> None: ...
+
     def perf(self) -> PerfData: ...
 
     def perf_reset(self) -> None: ...

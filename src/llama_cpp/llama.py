@@ -13,6 +13,7 @@ from llama_cpp._responses import CompletionBuilder, finish_reason
 from llama_cpp.errors import InvalidArgumentError
 from llama_cpp.llama_types import CreateCompletionResponse, FinishReason
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
+from llama_cpp.state import LlamaState
 
 __all__ = ["Completion", "Llama"]
 
@@ -259,6 +260,31 @@ class Llama:
     def n_tokens(self) -> int:
         """Tokens in the KV cache, as llama.cpp reports it."""
         return self.context.n_past()
+
+    # -- state ----------------------------------------------------------------------------
+
+    def save_state(self) -> LlamaState:
+        """A snapshot of the KV cache, the last logits and the tokens they hold."""
+        data, tokens = self.context.state_data()
+        return LlamaState(model_path=self.model_path, n_ctx=self.n_ctx(), tokens=tuple(tokens), data=data)
+
+    def load_state(self, state: LlamaState) -> None:
+        """Restore a snapshot taken by :meth:`save_state` (of this model).
+
+        Raises:
+            LlamaError: The state does not belong to this model or is damaged; the KV cache is
+                left empty.
+            ContextOverflowError: The state holds more tokens than this context's window.
+        """
+        self.context.set_state_data(state.data, list(state.tokens))
+
+    def save_state_file(self, path: str | os.PathLike[str]) -> None:
+        """Write the KV cache and its tokens to ``path`` (llama.cpp's session file format)."""
+        self.context.save_state_file(os.fspath(path))
+
+    def load_state_file(self, path: str | os.PathLike[str]) -> None:
+        """Restore what :meth:`save_state_file` wrote (raises LlamaError as :meth:`load_state`)."""
+        self.context.load_state_file(os.fspath(path))
 
     # -- generation -----------------------------------------------------------------------
 

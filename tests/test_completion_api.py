@@ -52,7 +52,5 @@ def test_token_prompt(tiny: Llama) -> None:
 
 
 def test_unsupported_options_say_so(tiny: Llama) -> None:
-    with pytest.raises(NotImplementedError, match="logprobs"):
-        tiny.create_completion("a", logprobs=2)
     with pytest.raises(NotImplementedError, match="suffix"):
         tiny.create_completion("a", suffix="b")

@@ -27,7 +27,9 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <iterator>
 #include <memory>
+#include <numeric>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -73,6 +75,9 @@ struct ClosedError : LlamaError {
 struct InvalidArgumentError : LlamaError {
     using LlamaError::LlamaError;
 };
+struct CancelledError : LlamaError {
+    using LlamaError::LlamaError;
+};
 
 PyObject *py_llama_error = nullptr;
 PyObject *py_model_load_error = nullptr;
@@ -80,6 +85,7 @@ PyObject *py_context_overflow_error = nullptr;
 PyObject *py_decode_error = nullptr;
 PyObject *py_closed_error = nullptr;
 PyObject *py_invalid_argument_error = nullptr;
+PyObject *py_cancelled_error = nullptr;
 
 PyObject *new_exception(nb::module_ &m, const char *name, PyObject *bases, const char *doc) {
     std::string qualified = std::string("llama_cpp._core.") + name;
@@ -108,6 +114,8 @@ void bind_errors(nb::module_ &m) {
         "The model or context was closed (possibly while a call on it was running).");
     py_invalid_argument_error = new_exception(m, "InvalidArgumentError", load_bases.ptr(),
                                               "An argument is out of its valid range.");
+    py_cancelled_error = new_exception(m, "GenerationCancelled", py_llama_error,
+                                       "The generation was cancelled (Cancellation.cancel()).");
 
     nb::register_exception_translator([](const std::exception_ptr &p, void *) {
         try {
@@ -122,6 +130,8 @@ void bind_errors(nb::module_ &m) {
             PyErr_SetString(py_closed_error, e.what());
         } catch (const InvalidArgumentError &e) {
             PyErr_SetString(py_invalid_argument_error, e.what());
+        } catch (const CancelledError &e) {
+            PyErr_SetString(py_cancelled_error, e.what());
         } catch (const LlamaError &e) {
             PyErr_SetString(py_llama_error, e.what());
         }
@@ -892,6 +902,38 @@ class StopMatcher {
     std::string held_;
 };
 
+struct TokenLogprob {
+    llama_token token = 0;
+    float logprob = 0.0f;
+    std::vector<std::pair<llama_token, float>> top;  // most likely first
+};
+
+// log_softmax of raw logits at `token`, and the k most likely tokens: what the model said,
+// before temperature, penalties or any other sampler touched it.
+TokenLogprob logprob_of(const float *logits, int32_t n_vocab, llama_token token, int32_t k) {
+    const float max_logit = *std::max_element(logits, logits + n_vocab);
+    double sum = 0.0;
+    for (int32_t i = 0; i < n_vocab; ++i) {
+        sum += std::exp(static_cast<double>(logits[i] - max_logit));
+    }
+    const auto log_z = static_cast<float>(max_logit + std::log(sum));
+    TokenLogprob out;
+    out.token = token;
+    out.logprob = logits[token] - log_z;
+    k = std::min(k, n_vocab);
+    if (k > 0) {
+        std::vector<llama_token> ids(static_cast<size_t>(n_vocab));
+        std::iota(ids.begin(), ids.end(), 0);
+        std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](llama_token a, llama_token b) {
+            return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+        });
+        for (int32_t i = 0; i < k; ++i) {
+            out.top.emplace_back(ids[static_cast<size_t>(i)], logits[ids[static_cast<size_t>(i)]] - log_z);
+        }
+    }
+    return out;
+}
+
 // =====================================================================================
 // Context
 // =====================================================================================
@@ -950,6 +992,7 @@ struct ContextState {
     bool logits_ready = false;          // the last decode's logits belong to tokens.back()
     uint64_t epoch = 0;                 // bumped whenever the KV contents change hands
     std::atomic<bool> abort{false};     // read by llama.cpp's abort callback
+    std::shared_ptr<std::atomic<bool>> cancel;  // the running generation's flag, if any
     std::atomic<bool> closing{false};
 
     llama_context *get() const {
@@ -984,7 +1027,11 @@ struct ContextState {
 
     // Decodes `toks` at the end of sequence 0 in n_batch chunks, logits for the last token
     // only. On failure the cache is cleared so that it never holds a half-evaluated prompt.
-    void decode(const llama_token *toks, size_t count) {
+    //
+    // With `prompt_logprobs`, every token's logits are computed and turned, chunk by chunk,
+    // into the logprob of the token that follows it (top `k` alternatives included).
+    void decode(const llama_token *toks, size_t count, std::vector<TokenLogprob> *prompt_logprobs = nullptr,
+                int32_t k = 0) {
         llama_context *c = get();
         const int32_t n_batch = batch->capacity;
         for (size_t start = 0; start < count; start += static_cast<size_t>(n_batch)) {
@@ -996,7 +1043,7 @@ struct ContextState {
                 b.pos[i] = pos0 + i;
                 b.n_seq_id[i] = 1;
                 b.seq_id[i][0] = 0;
-                b.logits[i] = (start + static_cast<size_t>(i) == count - 1) ? 1 : 0;
+                b.logits[i] = (prompt_logprobs != nullptr || start + static_cast<size_t>(i) == count - 1) ? 1 : 0;
             }
             b.n_tokens = n;
             const int32_t rc = llama_decode(c, b);
@@ -1007,19 +1054,33 @@ struct ContextState {
                                                std::to_string(n_ctx()) + ")");
                 }
                 if (rc == 2) {
-                    throw ClosedError("decoding was aborted because the context is closing");
+                    if (closing.load()) {
+                        throw ClosedError("decoding was aborted because the context is closing");
+                    }
+                    throw CancelledError("the generation was cancelled");
                 }
                 throw DecodeError("llama_decode failed with code " + std::to_string(rc));
             }
             tokens.insert(tokens.end(), toks + start, toks + start + static_cast<size_t>(n));
             logits_ready = true;
+            if (prompt_logprobs != nullptr) {
+                const int32_t n_vocab = llama_vocab_n_tokens(vocab);
+                for (int32_t i = 0; i < n; ++i) {
+                    const size_t next = start + static_cast<size_t>(i) + 1;
+                    if (next < count) {
+                        prompt_logprobs->push_back(logprob_of(llama_get_logits_ith(c, i), n_vocab, toks[next], k));
+                    }
+                }
+            }
         }
     }
 
     // Makes sequence 0 hold `prompt`, reusing the longest cached prefix. At least the last
     // prompt token is always evaluated, so fresh logits exist for sampling. Returns the
     // number of prompt tokens that were reused.
-    size_t load_prompt(const std::vector<llama_token> &prompt) {
+    // With `prompt_logprobs` the whole prompt is evaluated (no reuse) to score every token.
+    size_t load_prompt(const std::vector<llama_token> &prompt, std::vector<TokenLogprob> *prompt_logprobs = nullptr,
+                       int32_t k = 0) {
         if (prompt.empty()) {
             throw InvalidArgumentError("the prompt is empty (no tokens)");
         }
@@ -1034,7 +1095,7 @@ struct ContextState {
         while (keep < tokens.size() && keep < prompt.size() && tokens[keep] == prompt[keep]) {
             ++keep;
         }
-        keep = std::min(keep, prompt.size() - 1);
+        keep = prompt_logprobs != nullptr ? 0 : std::min(keep, prompt.size() - 1);
         ++epoch;
         if (keep < tokens.size()) {
             // Partial removal can fail (e.g. recurrent or sliding-window caches); start over.
@@ -1047,13 +1108,15 @@ struct ContextState {
                 logits_ready = false;
             }
         }
-        decode(prompt.data() + keep, prompt.size() - keep);
+        decode(prompt.data() + keep, prompt.size() - keep, prompt_logprobs, k);
         return keep;
     }
 };
 
 bool abort_callback(void *data) {
-    return static_cast<ContextState *>(data)->abort.load(std::memory_order_relaxed);
+    const auto *state = static_cast<ContextState *>(data);
+    return state->abort.load(std::memory_order_relaxed) ||
+           (state->cancel && state->cancel->load(std::memory_order_relaxed));
 }
 
 // Holds the context lock, taken with the GIL released.
@@ -1248,17 +1311,40 @@ class Context {
 // Generation: the token loop
 // =====================================================================================
 
+// A flag shared between Python and a running generation: cancel() stops it at the next
+// token, or inside llama_decode through the context's abort callback.
+class Cancellation {
+  public:
+    void cancel() { flag_->store(true); }
+    bool cancelled() const { return flag_->load(); }
+    const std::shared_ptr<std::atomic<bool>> &flag() const { return flag_; }
+
+  private:
+    std::shared_ptr<std::atomic<bool>> flag_ = std::make_shared<std::atomic<bool>>(false);
+};
+
+struct GenerateOptions {
+    int32_t max_tokens = 0;  // <= 0: until the context is full
+    std::vector<std::string> stop;
+    int32_t n_probs = -1;          // -1: no logprobs; k >= 0: the token's and the top k
+    bool prompt_logprobs = false;  // also the logprobs of prompt tokens (evaluates it whole)
+    Cancellation cancellation;
+};
+
 struct GenerationResult {
     std::string text;
     std::vector<llama_token> tokens;
     std::string finish_reason;
     int32_t n_prompt = 0;
     int32_t n_reused = 0;
+    std::vector<TokenLogprob> logprobs;         // one per generated token, if asked for
+    std::vector<TokenLogprob> prompt_logprobs;  // one per prompt token after the first
 };
 
 struct Chunk {
     std::string text;
     std::vector<llama_token> tokens;
+    std::vector<TokenLogprob> logprobs;
 };
 
 // One generation: prompt evaluation, then sample -> detokenize -> stop check -> decode, one
@@ -1267,20 +1353,23 @@ struct Chunk {
 class Generation {
   public:
     Generation(std::shared_ptr<ContextState> state, std::vector<llama_token> prompt,
-               const SamplerConfig &sampling, int32_t max_tokens, std::vector<std::string> stop)
+               const SamplerConfig &sampling, GenerateOptions options)
         : state_(std::move(state)), prompt_(std::move(prompt)), sampling_(sampling),
-          max_tokens_(max_tokens), stop_(std::move(stop)) {}
+          options_(std::move(options)), stop_(options_.stop) {}
 
     bool finished() const { return !finish_reason_.empty(); }
     const std::string &finish_reason() const { return finish_reason_; }
     int32_t n_prompt() const { return static_cast<int32_t>(prompt_.size()); }
     int32_t n_reused() const { return static_cast<int32_t>(n_reused_); }
     const std::vector<llama_token> &generated() const { return generated_; }
+    const std::vector<TokenLogprob> &prompt_logprobs() const { return prompt_logprobs_; }
+    const Cancellation &cancellation() const { return options_.cancellation; }
 
     // Runs until some text is ready or the generation ends. Caller holds the context lock.
     Chunk next() {
         Chunk chunk;
         if (finished()) return chunk;
+        ActiveCancellation active(*state_, options_.cancellation);
         if (!started_) {
             start();
         } else if (state_->epoch != epoch_) {
@@ -1293,6 +1382,13 @@ class Generation {
     }
 
   private:
+    // Points the context's abort callback at this generation's flag while it runs.
+    struct ActiveCancellation {
+        ContextState &state;
+        ActiveCancellation(ContextState &s, const Cancellation &c) : state(s) { state.cancel = c.flag(); }
+        ~ActiveCancellation() { state.cancel.reset(); }
+    };
+
     void start() {
         started_ = true;
         if (!sampling_.plain_greedy()) {
@@ -1300,7 +1396,11 @@ class Generation {
         } else {
             sampling_.validate(llama_vocab_n_tokens(state_->vocab));
         }
-        n_reused_ = state_->load_prompt(prompt_);
+        if (options_.prompt_logprobs) {
+            n_reused_ = state_->load_prompt(prompt_, &prompt_logprobs_, std::max(options_.n_probs, 0));
+        } else {
+            n_reused_ = state_->load_prompt(prompt_);
+        }
         epoch_ = state_->epoch;
         // Penalties see the prompt, as in llama-cpp-python and llama-server.
         if (chain_) {
@@ -1314,11 +1414,15 @@ class Generation {
         if (chain_) {
             return llama_sampler_sample(chain_.get(), ctx, -1);
         }
+        return argmax(last_logits(ctx), llama_vocab_n_tokens(state_->vocab));
+    }
+
+    static const float *last_logits(llama_context *ctx) {
         const float *logits = llama_get_logits_ith(ctx, -1);
         if (logits == nullptr) {
             throw LlamaError("no logits for the last token");
         }
-        return argmax(logits, llama_vocab_n_tokens(state_->vocab));
+        return logits;
     }
 
     // First index of the largest logit, as llama.cpp's greedy sampler picks it. The maximum is
@@ -1353,6 +1457,9 @@ class Generation {
         if (state_->closing.load()) {
             throw ClosedError("the context was closed during generation");
         }
+        if (options_.cancellation.cancelled()) {
+            throw CancelledError("the generation was cancelled");
+        }
         llama_context *ctx = state_->get();
         const llama_token token = sample(ctx);
         if (llama_vocab_is_eog(state_->vocab, token)) {
@@ -1361,13 +1468,17 @@ class Generation {
         }
         generated_.push_back(token);
         chunk.tokens.push_back(token);
+        if (options_.n_probs >= 0) {
+            chunk.logprobs.push_back(
+                logprob_of(last_logits(ctx), llama_vocab_n_tokens(state_->vocab), token, options_.n_probs));
+        }
         bool stopped = false;
         chunk.text += stop_.push(decoder_.push(Model::piece_with(state_->vocab, token, false)), stopped);
         if (stopped) {
             finish_reason_ = "stop";
             return;
         }
-        if (max_tokens_ > 0 && static_cast<int32_t>(generated_.size()) >= max_tokens_) {
+        if (options_.max_tokens > 0 && static_cast<int32_t>(generated_.size()) >= options_.max_tokens) {
             finish("length", chunk);
             return;
         }
@@ -1377,7 +1488,6 @@ class Generation {
             return;
         }
         state_->decode(&token, 1);
-        epoch_ = state_->epoch;
     }
 
     // Stop matching composed with the decoder's final flush.
@@ -1395,11 +1505,12 @@ class Generation {
     std::shared_ptr<ContextState> state_;
     std::vector<llama_token> prompt_;
     SamplerConfig sampling_;
-    int32_t max_tokens_;
+    GenerateOptions options_;
     Stops stop_;
     SamplerPtr chain_;
     Utf8Decoder decoder_;
     std::vector<llama_token> generated_;
+    std::vector<TokenLogprob> prompt_logprobs_;
     std::string finish_reason_;
     size_t n_reused_ = 0;
     uint64_t epoch_ = 0;
@@ -1407,18 +1518,20 @@ class Generation {
 };
 
 GenerationResult generate(Context &self, const std::vector<llama_token> &prompt,
-                          const SamplerConfig &sampling, int32_t max_tokens,
-                          const std::vector<std::string> &stop) {
+                          const SamplerConfig &sampling, const GenerateOptions &options) {
     ContextLock lock(*self.state());
-    Generation gen(self.state(), prompt, sampling, max_tokens, stop);
+    Generation gen(self.state(), prompt, sampling, options);
     GenerationResult result;
     while (!gen.finished()) {
-        result.text += gen.next().text;
+        Chunk chunk = gen.next();
+        result.text += chunk.text;
+        std::move(chunk.logprobs.begin(), chunk.logprobs.end(), std::back_inserter(result.logprobs));
     }
     result.tokens = gen.generated();
     result.finish_reason = gen.finish_reason();
     result.n_prompt = gen.n_prompt();
     result.n_reused = gen.n_reused();
+    result.prompt_logprobs = gen.prompt_logprobs();
     return result;
 }
 
@@ -1428,8 +1541,8 @@ GenerationResult generate(Context &self, const std::vector<llama_token> &prompt,
 class TokenStream {
   public:
     TokenStream(std::shared_ptr<ContextState> state, std::vector<llama_token> prompt,
-                const SamplerConfig &sampling, int32_t max_tokens, std::vector<std::string> stop)
-        : state_(state), gen_(std::move(state), std::move(prompt), sampling, max_tokens, std::move(stop)) {}
+                const SamplerConfig &sampling, GenerateOptions options)
+        : state_(state), gen_(std::move(state), std::move(prompt), sampling, std::move(options)) {}
 
     std::optional<Chunk> next() {
         if (gen_.finished() || closed_) return std::nullopt;
@@ -1480,16 +1593,38 @@ void bind_context(nb::module_ &m) {
         .def_ro("n_eval", &PerfData::n_eval)
         .def_ro("n_reused", &PerfData::n_reused);
 
+    nb::class_<Cancellation>(m, "Cancellation", "A flag that stops a generation it is given to.")
+        .def(nb::init<>())
+        .def("cancel", &Cancellation::cancel, "Stop the generation at its next token or decode step.")
+        .def_prop_ro("cancelled", &Cancellation::cancelled);
+
+    nb::class_<GenerateOptions>(m, "GenerateOptions", "What a generation produces and when it stops.")
+        .def(nb::init<>())
+        .def_rw("max_tokens", &GenerateOptions::max_tokens, "<= 0: until the context is full.")
+        .def_rw("stop", &GenerateOptions::stop, "Stop strings, matched on text.")
+        .def_rw("n_probs", &GenerateOptions::n_probs, "-1: no logprobs; k >= 0: logprob and top k.")
+        .def_rw("prompt_logprobs", &GenerateOptions::prompt_logprobs,
+                "Also score the prompt's tokens (evaluates the whole prompt).")
+        .def_rw("cancellation", &GenerateOptions::cancellation);
+
+    nb::class_<TokenLogprob>(m, "TokenLogprob", "log_softmax of the raw logits at a token.")
+        .def_ro("token", &TokenLogprob::token)
+        .def_ro("logprob", &TokenLogprob::logprob)
+        .def_ro("top", &TokenLogprob::top, "The most likely tokens and their logprobs, best first.");
+
     nb::class_<GenerationResult>(m, "GenerationResult", "The outcome of Context.generate.")
         .def_ro("text", &GenerationResult::text)
         .def_ro("tokens", &GenerationResult::tokens)
         .def_ro("finish_reason", &GenerationResult::finish_reason, "'stop' or 'length'.")
         .def_ro("n_prompt", &GenerationResult::n_prompt)
-        .def_ro("n_reused", &GenerationResult::n_reused, "Prompt tokens served from the cache.");
+        .def_ro("n_reused", &GenerationResult::n_reused, "Prompt tokens served from the cache.")
+        .def_ro("logprobs", &GenerationResult::logprobs)
+        .def_ro("prompt_logprobs", &GenerationResult::prompt_logprobs);
 
     nb::class_<Chunk>(m, "Chunk", "Text released by one TokenStream step, and its tokens.")
         .def_ro("text", &Chunk::text)
-        .def_ro("tokens", &Chunk::tokens);
+        .def_ro("tokens", &Chunk::tokens)
+        .def_ro("logprobs", &Chunk::logprobs);
 
     nb::class_<TokenStream>(m, "TokenStream", "A generation advanced one chunk at a time.")
         .def("next", &TokenStream::next, nb::call_guard<nb::gil_scoped_release>(),
@@ -1498,7 +1633,9 @@ void bind_context(nb::module_ &m) {
         .def_prop_ro("finish_reason", &TokenStream::finish_reason)
         .def_prop_ro("tokens", [](const TokenStream &s) { return s.generation().generated(); })
         .def_prop_ro("n_prompt", [](const TokenStream &s) { return s.generation().n_prompt(); })
-        .def_prop_ro("n_reused", [](const TokenStream &s) { return s.generation().n_reused(); });
+        .def_prop_ro("n_reused", [](const TokenStream &s) { return s.generation().n_reused(); })
+        .def_prop_ro("prompt_logprobs", [](const TokenStream &s) { return s.generation().prompt_logprobs(); })
+        .def_prop_ro("cancellation", [](const TokenStream &s) { return s.generation().cancellation(); });
 
     nb::class_<Context>(m, "Context", "A llama_context: KV cache, batch buffer and token loop.")
         .def(nb::init<const Model &, const ContextOptions &>(), "model"_a, "options"_a,
@@ -1541,17 +1678,15 @@ void bind_context(nb::module_ &m) {
         .def("load_state_file", &Context::load_state_file, "path"_a, nb::call_guard<nb::gil_scoped_release>())
         .def("perf", &Context::perf, nb::call_guard<nb::gil_scoped_release>())
         .def("perf_reset", &Context::perf_reset, nb::call_guard<nb::gil_scoped_release>())
-        .def("generate", &generate, "prompt"_a, "sampling"_a, "max_tokens"_a, "stop"_a,
-             nb::call_guard<nb::gil_scoped_release>(),
-             "Run the whole token loop in C++ (max_tokens <= 0: until the context is full).")
+        .def("generate", &generate, "prompt"_a, "sampling"_a, "options"_a,
+             nb::call_guard<nb::gil_scoped_release>(), "Run the whole token loop in C++.")
         .def(
             "stream",
             [](Context &self, std::vector<llama_token> prompt, const SamplerConfig &sampling,
-               int32_t max_tokens, std::vector<std::string> stop) {
-                return new TokenStream(self.state(), std::move(prompt), sampling, max_tokens,
-                                       std::move(stop));
+               const GenerateOptions &options) {
+                return new TokenStream(self.state(), std::move(prompt), sampling, options);
             },
-            "prompt"_a, "sampling"_a, "max_tokens"_a, "stop"_a,
+            "prompt"_a, "sampling"_a, "options"_a,
             "Like generate, but returns a TokenStream that runs one step per next().");
 }
 

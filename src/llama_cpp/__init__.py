@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from llama_cpp import _core, _logging
-from llama_cpp._core import Device
+from llama_cpp._core import Cancellation, Device
 from llama_cpp.errors import (
     ClosedError,
     ContextOverflowError,
     DecodeError,
+    GenerationCancelled,
     InvalidArgumentError,
     LlamaError,
     ModelLoadError,
@@ -32,11 +33,13 @@ from llama_cpp.state import LlamaState
 
 __all__ = [
     "DEFAULT_SEED",
+    "Cancellation",
     "ClosedError",
     "Completion",
     "ContextOverflowError",
     "DecodeError",
     "Device",
+    "GenerationCancelled",
     "InvalidArgumentError",
     "Llama",
     "LlamaError",

@@ -25,6 +25,9 @@ class ClosedError(LlamaError):
 class InvalidArgumentError(LlamaError, ValueError):
     """An argument is out of its valid range."""
 
+class GenerationCancelled(LlamaError):
+    """The generation was cancelled (Cancellation.cancel())."""
+
 def set_log_callback(callback: object | None) -> None:
     """
     Install ``callback(level: int, line: str)`` for llama.cpp's log (None removes it).
@@ -443,6 +446,69 @@ class PerfData:
     @property
     def n_reused(self) -> int: ...
 
+class Cancellation:
+    """A flag that stops a generation it is given to."""
+
+    def __init__(self) -> None: ...
+
+    def cancel(self) -> None:
+        """Stop the generation at its next token or decode step."""
+
+    @property
+    def cancelled(self) -> bool: ...
+
+class GenerateOptions:
+    """What a generation produces and when it stops."""
+
+    def __init__(self) -> None: ...
+
+    @property
+    def max_tokens(self) -> int:
+        """<= 0: until the context is full."""
+
+    @max_tokens.setter
+    def max_tokens(self, arg: int, /) -> None: ...
+
+    @property
+    def stop(self) -> list[str]:
+        """Stop strings, matched on text."""
+
+    @stop.setter
+    def stop(self, arg: Sequence[str], /) -> None: ...
+
+    @property
+    def n_probs(self) -> int:
+        """-1: no logprobs; k >= 0: logprob and top k."""
+
+    @n_probs.setter
+    def n_probs(self, arg: int, /) -> None: ...
+
+    @property
+    def prompt_logprobs(self) -> bool:
+        """Also score the prompt's tokens (evaluates the whole prompt)."""
+
+    @prompt_logprobs.setter
+    def prompt_logprobs(self, arg: bool, /) -> None: ...
+
+    @property
+    def cancellation(self) -> Cancellation: ...
+
+    @cancellation.setter
+    def cancellation(self, arg: Cancellation, /) -> None: ...
+
+class TokenLogprob:
+    """log_softmax of the raw logits at a token."""
+
+    @property
+    def token(self) -> int: ...
+
+    @property
+    def logprob(self) -> float: ...
+
+    @property
+    def top(self) -> list[tuple[int, float]]:
+        """The most likely tokens and their logprobs, best first."""
+
 class GenerationResult:
     """The outcome of Context.generate."""
 
@@ -463,6 +529,12 @@ class GenerationResult:
     def n_reused(self) -> int:
         """Prompt tokens served from the cache."""
 
+    @property
+    def logprobs(self) -> list[TokenLogprob]: ...
+
+    @property
+    def prompt_logprobs(self) -> list[TokenLogprob]: ...
+
 class Chunk:
     """Text released by one TokenStream step, and its tokens."""
 
@@ -471,6 +543,9 @@ class Chunk:
 
     @property
     def tokens(self) -> list[int]: ...
+
+    @property
+    def logprobs(self) -> list[TokenLogprob]: ...
 
 class TokenStream:
     """A generation advanced one chunk at a time."""
@@ -492,6 +567,12 @@ class TokenStream:
 
     @property
     def n_reused(self) -> int: ...
+
+    @property
+    def prompt_logprobs(self) -> list[TokenLogprob]: ...
+
+    @property
+    def cancellation(self) -> Cancellation: ...
 
 class Context:
     """A llama_context: KV cache, batch buffer and token loop."""
@@ -540,12 +621,10 @@ class Context:
 
     def perf_reset(self) -> None: ...
 
-    def generate(self, prompt: Sequence[int], sampling: SamplerConfig, max_tokens: int, stop: Sequence[str]) -> GenerationResult:
-        """
-        Run the whole token loop in C++ (max_tokens <= 0: until the context is full).
-        """
+    def generate(self, prompt: Sequence[int], sampling: SamplerConfig, options: GenerateOptions) -> GenerationResult:
+        """Run the whole token loop in C++."""
 
-    def stream(self, prompt: Sequence[int], sampling: SamplerConfig, max_tokens: int, stop: Sequence[str]) -> TokenStream:
+    def stream(self, prompt: Sequence[int], sampling: SamplerConfig, options: GenerateOptions) -> TokenStream:
         """
         Like generate, but returns a TokenStream that runs one step per next().
         """

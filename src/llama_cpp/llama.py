@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
-from llama_cpp import _core
-from llama_cpp._responses import CompletionBuilder, finish_reason
+from llama_cpp import _async, _core
+from llama_cpp._completion import CompletionBuilder, finish_reason, generate_options
 from llama_cpp.errors import InvalidArgumentError
 from llama_cpp.llama_types import CreateCompletionResponse, FinishReason
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
@@ -304,6 +304,9 @@ class Llama:
             params = SamplingParams(**{**_fields(params), "seed": self._seed})
         return params.to_native()
 
+    def _piece(self, token: int) -> str:
+        return self.model.token_to_piece(token, False).decode("utf-8", errors="ignore")
+
     def complete(
         self,
         prompt: str | bytes | Sequence[int],
@@ -311,6 +314,7 @@ class Llama:
         max_tokens: int | None = 16,
         sampling: SamplingParams | None = None,
         stop: str | Sequence[str] | None = None,
+        cancellation: _core.Cancellation | None = None,
     ) -> Completion:
         """Generate a completion of ``prompt``; the whole token loop runs in C++.
 
@@ -322,6 +326,8 @@ class Llama:
             max_tokens: Most tokens to generate; None or <= 0 means until the context is full.
             sampling: Sampling settings (default: ``SamplingParams()``).
             stop: Strings that end the generation; they are not included in the text.
+            cancellation: Lets another thread stop the generation (it then raises
+                :class:`GenerationCancelled`).
 
         Returns:
             A :class:`Completion`.
@@ -330,10 +336,10 @@ class Llama:
             ContextOverflowError: The prompt does not fit in the context window.
             InvalidArgumentError: A sampling value or token id is out of range.
             ClosedError: The model was closed, possibly during the call.
+            GenerationCancelled: ``cancellation`` was cancelled.
         """
-        result = self.context.generate(
-            self._prompt_tokens(prompt), self._sampling(sampling), _limit(max_tokens), _stops(stop)
-        )
+        options = generate_options(max_tokens, stop, cancellation=cancellation)
+        result = self.context.generate(self._prompt_tokens(prompt), self._sampling(sampling), options)
         return Completion(
             text=result.text,
             tokens=list(result.tokens),
@@ -394,17 +400,63 @@ class Llama:
         Each step runs in C++ with the GIL released. Closing the iterator (or breaking out of
         a ``for`` loop over it) stops generation at once and leaves the instance usable.
         """
-        token_stream = self._stream(prompt, max_tokens, self._sampling(sampling), stop)
+        token_stream = self._token_stream(
+            prompt, self._sampling(sampling), generate_options(max_tokens, stop)
+        )
         return _iterate_text(token_stream)
 
-    def _stream(
+    def _token_stream(
         self,
         prompt: str | bytes | Sequence[int],
-        max_tokens: int | None,
         sampling: _core.SamplerConfig,
-        stop: str | Sequence[str] | None,
+        options: _core.GenerateOptions,
     ) -> _core.TokenStream:
-        return self.context.stream(self._prompt_tokens(prompt), sampling, _limit(max_tokens), _stops(stop))
+        return self.context.stream(self._prompt_tokens(prompt), sampling, options)
+
+    # -- async twins ----------------------------------------------------------------------
+
+    async def complete_async(
+        self,
+        prompt: str | bytes | Sequence[int],
+        *,
+        max_tokens: int | None = 16,
+        sampling: SamplingParams | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> Completion:
+        """:meth:`complete` off the event loop; cancelling the task stops the generation."""
+        cancellation = _core.Cancellation()
+        return await _async.run(
+            lambda: self.complete(
+                prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=cancellation
+            ),
+            cancellation,
+        )
+
+    async def generate_async(
+        self,
+        prompt: str | bytes | Sequence[int],
+        *,
+        max_tokens: int | None = 256,
+        sampling: SamplingParams | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> str:
+        """:meth:`generate` off the event loop; cancelling the task stops the generation."""
+        completion = await self.complete_async(prompt, max_tokens=max_tokens, sampling=sampling, stop=stop)
+        return completion.text
+
+    def generate_stream_async(
+        self,
+        prompt: str | bytes | Sequence[int],
+        *,
+        max_tokens: int | None = 256,
+        sampling: SamplingParams | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> AsyncIterator[str]:
+        """An async iterator of text pieces; leaving it early or cancelling stops generation."""
+        cancellation = _core.Cancellation()
+        options = generate_options(max_tokens, stop, cancellation=cancellation)
+        token_stream = self._token_stream(prompt, self._sampling(sampling), options)
+        return _async.iterate(_iterate_text(token_stream), cancellation)
 
     # -- llama-cpp-python's completion API ------------------------------------------------
 
@@ -489,48 +541,105 @@ class Llama:
 
         Arguments and defaults are llama-cpp-python's. With ``stream=True`` an iterator of
         chunk dicts is returned instead; the last chunk carries ``finish_reason``.
+        ``logprobs=k`` adds, per token, the log-softmax of the model's raw logits and the k most
+        likely alternatives; with ``echo=True`` the prompt's tokens are scored too.
 
         Raises:
             ContextOverflowError: The prompt does not fit in the context window.
             InvalidArgumentError: A sampling value is out of range.
-            NotImplementedError: ``suffix`` or ``logprobs`` (not supported yet).
+            NotImplementedError: ``suffix`` (fill-in-the-middle is not supported yet).
         """
-        if suffix is not None:
-            raise NotImplementedError("suffix (fill-in-the-middle) is not supported yet")
-        if logprobs is not None:
-            raise NotImplementedError("logprobs are not supported yet")
-        sampling = self._sampling(
-            None,
-            {
-                "temperature": temperature,
-                "top_p": top_p,
-                "min_p": min_p,
-                "typical_p": typical_p,
-                "frequency_penalty": frequency_penalty,
-                "presence_penalty": presence_penalty,
-                "repeat_penalty": repeat_penalty,
-                "top_k": top_k,
-                "seed": seed,
-                "mirostat_mode": mirostat_mode,
-                "mirostat_tau": mirostat_tau,
-                "mirostat_eta": mirostat_eta,
-                "logit_bias": dict(logit_bias or {}),
-            },
+        return self._create_completion(
+            prompt,
+            stream=stream,
+            cancellation=_core.Cancellation(),
+            suffix=suffix,
+            max_tokens=max_tokens,
+            logprobs=logprobs,
+            echo=echo,
+            stop=stop,
+            model=model,
+            temperature=temperature,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            repeat_penalty=repeat_penalty,
+            top_k=top_k,
+            seed=seed,
+            mirostat_mode=mirostat_mode,
+            mirostat_tau=mirostat_tau,
+            mirostat_eta=mirostat_eta,
+            logit_bias=dict(logit_bias or {}),
         )
-        builder = CompletionBuilder(model=model or self.model_path)
-        prefix = ""
-        if echo:
-            prefix = self.model.detokenize(self._prompt_tokens(prompt), False).decode(
-                "utf-8", errors="replace"
-            )
-        if stream:
-            return builder.stream(prefix, self._stream(prompt, max_tokens, sampling, stop))
-        result = self.context.generate(
-            self._prompt_tokens(prompt), sampling, _limit(max_tokens), _stops(stop)
-        )
-        return builder.response(prefix + result.text, result)
 
     __call__ = create_completion
+
+    def _create_completion(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        stream: bool,
+        cancellation: _core.Cancellation,
+        suffix: str | None = None,
+        max_tokens: int | None = 16,
+        logprobs: int | None = None,
+        echo: bool = False,
+        stop: str | Sequence[str] | None = None,
+        model: str | None = None,
+        **sampling: Any,
+    ) -> CreateCompletionResponse | Iterator[CreateCompletionResponse]:
+        if suffix is not None:
+            raise NotImplementedError("suffix (fill-in-the-middle) is not supported yet")
+        prompt_tokens = self._prompt_tokens(prompt)
+        builder = CompletionBuilder(
+            model=model or self.model_path,
+            piece=self._piece,
+            echo=echo,
+            prompt_tokens=prompt_tokens,
+            prompt_text=self.detokenize(prompt_tokens).decode("utf-8", errors="replace") if echo else "",
+            logprobs=logprobs is not None,
+        )
+        options = generate_options(
+            max_tokens, stop, logprobs=logprobs, prompt_logprobs=echo, cancellation=cancellation
+        )
+        config = self._sampling(None, sampling)
+        if stream:
+            return builder.stream(self._token_stream(prompt_tokens, config, options))
+        return builder.response(self.context.generate(prompt_tokens, config, options))
+
+    @overload
+    async def create_completion_async(
+        self, prompt: str | Sequence[int], *, stream: Literal[False] = False, **kwargs: Any
+    ) -> CreateCompletionResponse: ...
+
+    @overload
+    async def create_completion_async(
+        self, prompt: str | Sequence[int], *, stream: Literal[True], **kwargs: Any
+    ) -> AsyncIterator[CreateCompletionResponse]: ...
+
+    async def create_completion_async(
+        self, prompt: str | Sequence[int], *, stream: bool = False, **kwargs: Any
+    ) -> CreateCompletionResponse | AsyncIterator[CreateCompletionResponse]:
+        """:meth:`create_completion` off the event loop (same keyword arguments).
+
+        With ``stream=True`` it returns an async iterator of chunks (``async for chunk in
+        await llm.create_completion_async(..., stream=True)``). Cancelling the task, or
+        leaving the ``async for`` early, stops the generation in C++.
+        """
+        cancellation = _core.Cancellation()
+        if stream:
+            chunks = self._create_completion(prompt, stream=True, cancellation=cancellation, **kwargs)
+            assert not isinstance(chunks, dict)
+            return _async.iterate(chunks, cancellation)
+
+        def call() -> CreateCompletionResponse:
+            response = self._create_completion(prompt, stream=False, cancellation=cancellation, **kwargs)
+            assert isinstance(response, dict)
+            return response
+
+        return await _async.run(call, cancellation)
 
 
 def _iterate_text(token_stream: _core.TokenStream) -> Generator[str, None, None]:
@@ -544,18 +653,6 @@ def _iterate_text(token_stream: _core.TokenStream) -> Generator[str, None, None]
 
 def _fields(params: SamplingParams) -> dict[str, Any]:
     return {name: getattr(params, name) for name in SamplingParams.__dataclass_fields__}
-
-
-def _limit(max_tokens: int | None) -> int:
-    return 0 if max_tokens is None or max_tokens <= 0 else max_tokens
-
-
-def _stops(stop: str | Sequence[str] | None) -> list[str]:
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop]
-    return [s for s in stop if s]
 
 
 def _check_range(name: str, value: int, minimum: int) -> None:

@@ -13,10 +13,20 @@ class CompletionUsage(TypedDict):
     total_tokens: int
 
 
+class CompletionLogprobs(TypedDict):
+    """Per token: its text, its character offset in the returned text, its logprob and the
+    most likely alternatives (the token itself included); None where nothing came before."""
+
+    tokens: list[str]
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+
+
 class CompletionChoice(TypedDict):
     text: str
     index: int
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
 
 

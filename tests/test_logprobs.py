@@ -1,0 +1,94 @@
+"""logprobs: the log-softmax of the model's raw logits, with top alternatives."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from llama_cpp import InvalidArgumentError, Llama, SamplingParams
+from llama_cpp._completion import generate_options
+from llama_cpp.testing import TinyModelSpec
+
+
+def log_softmax(logits: list[float]) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)
+    result: np.ndarray = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+    return result
+
+
+def test_tiny_model_logprobs_are_exact(tiny: Llama) -> None:
+    response = tiny.create_completion("a", max_tokens=3, temperature=0, logprobs=2)
+    logprobs = response["choices"][0]["logprobs"]
+    assert logprobs is not None
+    assert logprobs["tokens"] == ["b", "c", "d"]
+    assert logprobs["text_offset"] == [0, 1, 2]
+    # One logit is sqrt(n_embd) (the normalised one-hot state), the other 260 are zero.
+    peak = math.sqrt(TinyModelSpec().n_embd)
+    expected = peak - math.log(math.exp(peak) + 260)
+    for value in logprobs["token_logprobs"]:
+        assert value == pytest.approx(expected, abs=1e-5)
+    for token, top in zip(logprobs["tokens"], logprobs["top_logprobs"], strict=True):
+        assert top is not None
+        assert top[token] == pytest.approx(expected, abs=1e-5)
+        assert max(top.values()) == top[token]
+
+
+@pytest.mark.slow
+def test_logprobs_equal_log_softmax_of_the_raw_logits(gemma: Llama) -> None:
+    prompt = gemma.tokenize("The capital of France is")
+    gemma.reset()
+    sampling = SamplingParams(temperature=0.9, seed=3).to_native()
+    result = gemma.context.generate(prompt, sampling, generate_options(6, None, logprobs=5))
+    assert len(result.logprobs) == len(result.tokens) == 6
+    # Replay the generation's own decodes (prompt, then one token at a time): the logits
+    # then come out of the same kernels, and the logprobs must agree to float precision.
+    gemma.reset()
+    gemma.eval(prompt)
+    for entry, token in zip(result.logprobs, result.tokens, strict=True):
+        reference = log_softmax(gemma.context.logits())
+        assert entry.token == token
+        assert entry.logprob == pytest.approx(reference[token], abs=1e-5)
+        best = np.argsort(-reference, kind="stable")[:5]
+        assert [t for t, _ in entry.top] == [int(t) for t in best]
+        assert [v for _, v in entry.top] == pytest.approx(list(reference[best]), abs=1e-5)
+        gemma.eval([token])
+
+
+@pytest.mark.slow
+def test_echo_scores_the_prompt(gemma: Llama) -> None:
+    prompt = gemma.tokenize("Paris is the capital of France")
+    response = gemma.create_completion(prompt, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    logprobs = response["choices"][0]["logprobs"]
+    assert logprobs is not None
+    assert len(logprobs["token_logprobs"]) == len(prompt) + 1
+    assert logprobs["token_logprobs"][0] is None  # BOS: nothing before it
+    assert response["choices"][0]["text"].startswith("Paris is the capital of France")
+    for j in (1, len(prompt) // 2, len(prompt) - 1):
+        gemma.reset()
+        gemma.eval(prompt[:j])
+        reference = log_softmax(gemma.context.logits())
+        assert logprobs["token_logprobs"][j] == pytest.approx(reference[prompt[j]], abs=2e-3)
+    offsets = logprobs["text_offset"]
+    assert offsets == sorted(offsets)
+    assert "".join(logprobs["tokens"]) == response["choices"][0]["text"]
+
+
+def test_streamed_logprobs_match_the_full_response(tiny: Llama) -> None:
+    full = tiny.create_completion("A", max_tokens=20, temperature=0, logprobs=1)
+    chunks = list(tiny.create_completion("A", max_tokens=20, temperature=0, logprobs=1, stream=True))
+    streamed: list[float | None] = []
+    for chunk in chunks:
+        part = chunk["choices"][0]["logprobs"]
+        if part is not None:
+            streamed += part["token_logprobs"]
+    full_logprobs = full["choices"][0]["logprobs"]
+    assert full_logprobs is not None
+    assert streamed == full_logprobs["token_logprobs"]
+    assert len(streamed) == 12  # one per byte token of "é😀世界"
+
+
+def test_negative_logprobs_raise(tiny: Llama) -> None:
+    with pytest.raises(InvalidArgumentError, match="logprobs must be >= 0"):
+        tiny.create_completion("a", logprobs=-1)

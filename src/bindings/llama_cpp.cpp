@@ -557,6 +557,44 @@ auto with_model(const Model &model, F &&f) {
     return f(keep.get(), llama_model_get_vocab(keep.get()));
 }
 
+// A LoRA adapter loaded for a model. It keeps the model alive and frees itself (not the
+// model) when the last reference goes: the Python object and any context applying it.
+struct LoraData {
+    ModelHandle model;
+    llama_adapter_lora *adapter = nullptr;
+    std::string path;
+    LoraData() = default;
+    LoraData(const LoraData &) = delete;
+    LoraData &operator=(const LoraData &) = delete;
+    ~LoraData() {
+        if (adapter != nullptr) llama_adapter_lora_free(adapter);
+    }
+};
+
+class LoraAdapter {
+  public:
+    LoraAdapter(const Model &model, const std::string &path) : data_(std::make_shared<LoraData>()) {
+        data_->model = model.handle();
+        data_->path = path;
+        struct stat st {};
+        if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
+            throw ModelLoadError("LoRA adapter not found: '" + path + "'");
+        }
+        tl_last_errors.clear();
+        data_->adapter = llama_adapter_lora_init(data_->model.get(), path.c_str());
+        if (data_->adapter == nullptr) {
+            std::string reason = tl_last_errors.empty() ? "see the llama_cpp log" : tl_last_errors;
+            throw ModelLoadError("failed to load LoRA adapter '" + path + "': " + reason);
+        }
+    }
+    explicit LoraAdapter(std::shared_ptr<LoraData> data) : data_(std::move(data)) {}
+    const std::shared_ptr<LoraData> &data() const { return data_; }
+    const std::string &path() const { return data_->path; }
+
+  private:
+    std::shared_ptr<LoraData> data_;
+};
+
 void bind_model(nb::module_ &m) {
     nb::class_<ModelOptions>(m, "ModelOptions", "Options for loading a model (llama_model_params).")
         .def(nb::init<>())
@@ -568,6 +606,23 @@ void bind_model(nb::module_ &m) {
         .def_rw("use_mmap", &ModelOptions::use_mmap)
         .def_rw("use_mlock", &ModelOptions::use_mlock)
         .def_rw("check_tensors", &ModelOptions::check_tensors);
+
+    nb::class_<LoraAdapter>(m, "LoraAdapter", "A LoRA adapter loaded for one model.")
+        .def(nb::init<const Model &, const std::string &>(), "model"_a, "path"_a,
+             nb::call_guard<nb::gil_scoped_release>(),
+             "Load the adapter at ``path``. Raises ModelLoadError if it is missing or does not fit the model.")
+        .def_prop_ro("path", &LoraAdapter::path)
+        .def(
+            "__eq__",
+            [](const LoraAdapter &a, nb::handle other) -> nb::object {
+                if (!nb::isinstance<LoraAdapter>(other)) {
+                    return nb::borrow(Py_NotImplemented);
+                }
+                return nb::bool_(a.data() == nb::cast<const LoraAdapter &>(other).data());
+            },
+            nb::sig("def __eq__(self, other: object, /) -> bool"))
+        .def("__hash__", [](const LoraAdapter &a) { return std::hash<const void *>()(a.data().get()); })
+        .def("__repr__", [](const LoraAdapter &a) { return "<LoraAdapter '" + a.path() + "'>"; });
 
     nb::class_<Model>(m, "Model", "A GGUF model loaded by llama.cpp.")
         .def(nb::init<const std::string &, const ModelOptions &>(), "path"_a, "options"_a,
@@ -993,6 +1048,14 @@ struct ContextState {
     uint64_t epoch = 0;                 // bumped whenever the KV contents change hands
     std::atomic<bool> abort{false};     // read by llama.cpp's abort callback
     std::shared_ptr<std::atomic<bool>> cancel;  // the running generation's flag, if any
+    std::vector<std::pair<std::shared_ptr<LoraData>, float>> loras;  // applied, with their scales
+
+    // The context refers to the adapters and the model: free it first, whatever the
+    // declaration order says.
+    ~ContextState() {
+        ctx.reset();
+        loras.clear();
+    }
     std::atomic<bool> closing{false};
 
     llama_context *get() const {
@@ -1185,6 +1248,7 @@ class Context {
         state_->ctx.reset();
         state_->batch.reset();
         state_->tokens.clear();
+        state_->loras.clear();
         state_->model.reset();
     }
 
@@ -1194,6 +1258,54 @@ class Context {
         ContextLock lock(*state_);
         return state_->n_ctx();
     }
+
+    // -- LoRA: llama.cpp applies adapters per context; the KV cache was computed with the
+    // previous weights, so it is emptied whenever the applied set or a scale changes.
+
+    void set_lora(const LoraAdapter &lora, float scale) {
+        ContextLock lock(*state_);
+        if (lora.data()->model != state_->model) {
+            throw InvalidArgumentError("the LoRA adapter '" + lora.path() + "' was loaded for another model");
+        }
+        if (!std::isfinite(scale)) {
+            throw InvalidArgumentError("the LoRA scale must be finite, got " + std::to_string(scale));
+        }
+        auto loras = state_->loras;
+        auto it = std::find_if(loras.begin(), loras.end(), [&](const auto &e) { return e.first == lora.data(); });
+        if (it == loras.end()) {
+            loras.emplace_back(lora.data(), scale);
+        } else {
+            it->second = scale;
+        }
+        apply_loras(std::move(loras));
+    }
+
+    bool remove_lora(const LoraAdapter &lora) {
+        ContextLock lock(*state_);
+        auto loras = state_->loras;
+        auto it = std::find_if(loras.begin(), loras.end(), [&](const auto &e) { return e.first == lora.data(); });
+        if (it == loras.end()) {
+            return false;
+        }
+        loras.erase(it);
+        apply_loras(std::move(loras));
+        return true;
+    }
+
+    void clear_loras() {
+        ContextLock lock(*state_);
+        apply_loras({});
+    }
+
+    std::vector<std::pair<LoraAdapter, float>> loras() {
+        ContextLock lock(*state_);
+        std::vector<std::pair<LoraAdapter, float>> out;
+        for (const auto &[data, scale] : state_->loras) {
+            out.emplace_back(LoraAdapter(data), scale);
+        }
+        return out;
+    }
+
     int32_t n_batch() {
         ContextLock lock(*state_);
         return static_cast<int32_t>(llama_n_batch(state_->get()));
@@ -1288,6 +1400,20 @@ class Context {
     }
 
   private:
+    void apply_loras(std::vector<std::pair<std::shared_ptr<LoraData>, float>> loras) {
+        std::vector<llama_adapter_lora *> adapters;
+        std::vector<float> scales;
+        for (const auto &[data, scale] : loras) {
+            adapters.push_back(data->adapter);
+            scales.push_back(scale);
+        }
+        if (llama_set_adapters_lora(state_->get(), adapters.data(), adapters.size(), scales.data()) != 0) {
+            throw LlamaError("llama_set_adapters_lora failed");
+        }
+        state_->loras = std::move(loras);
+        state_->clear();
+    }
+
     // After llama.cpp restored a state: adopt its tokens, or leave an empty cache and raise.
     void adopt_loaded_state(bool ok, const std::vector<llama_token> &toks, const std::string &what) {
         ++state_->epoch;
@@ -1676,6 +1802,13 @@ void bind_context(nb::module_ &m) {
             "data"_a, "tokens"_a, "Restore what state_data returned (raises LlamaError if it does not fit).")
         .def("save_state_file", &Context::save_state_file, "path"_a, nb::call_guard<nb::gil_scoped_release>())
         .def("load_state_file", &Context::load_state_file, "path"_a, nb::call_guard<nb::gil_scoped_release>())
+        .def("set_lora", &Context::set_lora, "adapter"_a, "scale"_a, nb::call_guard<nb::gil_scoped_release>(),
+             "Apply ``adapter`` at ``scale`` (or change its scale); empties the KV cache.")
+        .def("remove_lora", &Context::remove_lora, "adapter"_a, nb::call_guard<nb::gil_scoped_release>(),
+             "Stop applying ``adapter``; False if it was not applied. Empties the KV cache.")
+        .def("clear_loras", &Context::clear_loras, nb::call_guard<nb::gil_scoped_release>())
+        .def("loras", &Context::loras, nb::call_guard<nb::gil_scoped_release>(),
+             "The applied adapters and their scales, as llama.cpp was given them.")
         .def("perf", &Context::perf, nb::call_guard<nb::gil_scoped_release>())
         .def("perf_reset", &Context::perf_reset, nb::call_guard<nb::gil_scoped_release>())
         .def("generate", &generate, "prompt"_a, "sampling"_a, "options"_a,

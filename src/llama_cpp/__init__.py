@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_cpp import _core, _logging
-from llama_cpp._core import Cancellation, Device
+from llama_cpp._core import Cancellation, Device, LoraAdapter
 from llama_cpp.errors import (
     ClosedError,
     ContextOverflowError,
@@ -44,6 +44,7 @@ __all__ = [
     "Llama",
     "LlamaError",
     "LlamaState",
+    "LoraAdapter",
     "ModelLoadError",
     "SamplingParams",
     "__version__",

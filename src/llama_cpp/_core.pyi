@@ -150,6 +150,23 @@ class ModelOptions:
     @check_tensors.setter
     def check_tensors(self, arg: bool, /) -> None: ...
 
+class LoraAdapter:
+    """A LoRA adapter loaded for one model."""
+
+    def __init__(self, model: Model, path: str) -> None:
+        """
+        Load the adapter at ``path``. Raises ModelLoadError if it is missing or does not fit the model.
+        """
+
+    @property
+    def path(self) -> str: ...
+
+    def __eq__(self, other: object, /) -> bool: ...
+
+    def __hash__(self) -> int: ...
+
+    def __repr__(self) -> str: ...
+
 class Model:
     """A GGUF model loaded by llama.cpp."""
 
@@ -616,6 +633,21 @@ class Context:
     def save_state_file(self, path: str) -> None: ...
 
     def load_state_file(self, path: str) -> None: ...
+
+    def set_lora(self, adapter: LoraAdapter, scale: float) -> None:
+        """
+        Apply ``adapter`` at ``scale`` (or change its scale); empties the KV cache.
+        """
+
+    def remove_lora(self, adapter: LoraAdapter) -> bool:
+        """
+        Stop applying ``adapter``; False if it was not applied. Empties the KV cache.
+        """
+
+    def clear_loras(self) -> None: ...
+
+    def loras(self) -> list[tuple[LoraAdapter, float]]:
+        """The applied adapters and their scales, as llama.cpp was given them."""
 
     def perf(self) -> PerfData: ...
 

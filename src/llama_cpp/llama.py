@@ -10,6 +10,7 @@ from typing import Any, Literal, overload
 
 from llama_cpp import _async, _core
 from llama_cpp._completion import CompletionBuilder, finish_reason, generate_options
+from llama_cpp._core import LoraAdapter
 from llama_cpp.errors import InvalidArgumentError
 from llama_cpp.llama_types import CreateCompletionResponse, FinishReason
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
@@ -76,6 +77,8 @@ class Llama:
         embedding: Create the context with embeddings enabled.
         rope_freq_base, rope_freq_scale, rope_scaling_type, yarn_*: RoPE overrides.
         type_k, type_v: KV cache data types (ggml type ids).
+        lora_path: A LoRA adapter to apply from the start (see :meth:`load_lora`).
+        lora_scale: Its scale.
         verbose: Accepted for compatibility; llama.cpp's log always goes to ``logging``.
 
     Raises:
@@ -113,6 +116,8 @@ class Llama:
         yarn_orig_ctx: int = 0,
         type_k: int | None = None,
         type_v: int | None = None,
+        lora_path: str | os.PathLike[str] | None = None,
+        lora_scale: float = 1.0,
         verbose: bool = True,
         **kwargs: object,
     ) -> None:
@@ -166,8 +171,10 @@ class Llama:
         options.type_v = -1 if type_v is None else type_v
         try:
             self._ctx = _core.Context(self._model, options)
+            if lora_path is not None:
+                self.load_lora(lora_path, lora_scale)
         except BaseException:
-            self._model.close()
+            self.close()
             raise
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -285,6 +292,48 @@ class Llama:
     def load_state_file(self, path: str | os.PathLike[str]) -> None:
         """Restore what :meth:`save_state_file` wrote (raises LlamaError as :meth:`load_state`)."""
         self.context.load_state_file(os.fspath(path))
+
+    # -- LoRA -----------------------------------------------------------------------------
+
+    def load_lora(self, path: str | os.PathLike[str], scale: float = 1.0) -> LoraAdapter:
+        """Load the LoRA adapter at ``path`` and apply it at ``scale``.
+
+        Adapters stay applied across :meth:`reset` and state loads; applying, rescaling or
+        removing one empties the KV cache (it was computed with other weights).
+
+        Returns:
+            The adapter's handle, for :meth:`set_lora_scale` and :meth:`remove_lora`.
+
+        Raises:
+            ModelLoadError: The file is missing or is not a LoRA adapter of this model.
+        """
+        adapter = _core.LoraAdapter(self.model, os.fspath(path))
+        self.context.set_lora(adapter, scale)
+        return adapter
+
+    def set_lora_scale(self, adapter: LoraAdapter, scale: float) -> None:
+        """Change the scale of an applied adapter.
+
+        Raises:
+            InvalidArgumentError: The adapter is not applied, or ``scale`` is not finite.
+        """
+        if adapter not in self.loras:
+            raise InvalidArgumentError(f"{adapter!r} is not applied to this model")
+        self.context.set_lora(adapter, scale)
+
+    def remove_lora(self, adapter: LoraAdapter) -> None:
+        """Stop applying ``adapter`` and free it (raises InvalidArgumentError if not applied)."""
+        if not self.context.remove_lora(adapter):
+            raise InvalidArgumentError(f"{adapter!r} is not applied to this model")
+
+    def clear_lora(self) -> None:
+        """Remove every adapter: the base model's output comes back exactly."""
+        self.context.clear_loras()
+
+    @property
+    def loras(self) -> dict[LoraAdapter, float]:
+        """The applied adapters and their scales, as the native context holds them."""
+        return dict(self.context.loras())
 
     # -- generation -----------------------------------------------------------------------
 

@@ -11,6 +11,16 @@ from llama_cpp.testing.tiny_models import (
     TinyModelSpec,
     byte_token,
     write_tiny_llama,
+    write_tiny_lora,
 )
 
-__all__ = ["BOS_ID", "EOS_ID", "EOT_ID", "SPACE_ID", "TinyModelSpec", "byte_token", "write_tiny_llama"]
+__all__ = [
+    "BOS_ID",
+    "EOS_ID",
+    "EOT_ID",
+    "SPACE_ID",
+    "TinyModelSpec",
+    "byte_token",
+    "write_tiny_llama",
+    "write_tiny_lora",
+]

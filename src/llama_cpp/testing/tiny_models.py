@@ -197,3 +197,44 @@ def write_tiny_llama(path: str | os.PathLike[str], spec: TinyModelSpec | None = 
     writer.write_tensors_to_file()
     writer.close()
     return target
+
+
+def write_tiny_lora(
+    path: str | os.PathLike[str],
+    remap: Mapping[int, int],
+    *,
+    spec: TinyModelSpec | None = None,
+    strength: float = 2.0,
+) -> Path:
+    """Write a LoRA adapter (GGUF) for the model of ``spec`` that changes successors.
+
+    For each ``token -> new`` in ``remap`` the adapter adds ``strength`` to the output row of
+    ``new`` and subtracts it from the row of the base successor, in the column of ``token``
+    (a rank-``len(remap)`` update of ``output.weight``). At scale ``s`` the new successor wins
+    when ``strength * s > (1 - strength * s)``, i.e. for ``s > 0.25`` with the default strength.
+    """
+    import gguf
+    import numpy as np
+
+    spec = spec or TinyModelSpec()
+    rank = len(remap)
+    if rank == 0:
+        raise ValueError("remap is empty: the adapter would change nothing")
+    lora_a = np.zeros((rank, spec.n_embd), dtype=np.float32)
+    lora_b = np.zeros((N_VOCAB, rank), dtype=np.float32)
+    for k, (token, new) in enumerate(remap.items()):
+        lora_a[k, token] = 1.0
+        lora_b[new, k] += strength * spec.logit_scale
+        lora_b[spec.successor(token), k] -= strength * spec.logit_scale
+    target = Path(path)
+    writer = gguf.GGUFWriter(str(target), "llama")
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(rank))  # alpha / rank = 1: the scale is the scale
+    writer.add_tensor("output.weight.lora_a", lora_a)
+    writer.add_tensor("output.weight.lora_b", lora_b)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target

@@ -1028,6 +1028,8 @@ struct ContextOptions {
     int32_t pooling_type = LLAMA_POOLING_TYPE_UNSPECIFIED;
     int32_t type_k = -1;  // -1: llama.cpp's default (f16)
     int32_t type_v = -1;
+    uint32_t n_seq_max = 1;
+    bool kv_unified = false;
 };
 
 struct PerfData {
@@ -1223,6 +1225,10 @@ class Context {
         params.pooling_type = static_cast<enum llama_pooling_type>(options.pooling_type);
         if (options.type_k >= 0) params.type_k = static_cast<ggml_type>(options.type_k);
         if (options.type_v >= 0) params.type_v = static_cast<ggml_type>(options.type_v);
+        // llama.cpp reserves max(outputs, n_seq_max) output rows and asserts that they fit in
+        // n_batch: more sequences than n_batch would abort the process.
+        params.n_seq_max = std::clamp<uint32_t>(options.n_seq_max, 1, options.n_batch);
+        params.kv_unified = options.kv_unified;
         params.no_perf = false;
         params.abort_callback = abort_callback;
         params.abort_callback_data = state_.get();
@@ -1235,6 +1241,7 @@ class Context {
         }
         state_->ctx.reset(ctx);
         state_->batch = std::make_unique<BatchOwner>(static_cast<int32_t>(llama_n_batch(ctx)));
+        embeddings_ = options.embeddings;
     }
 
     const std::shared_ptr<ContextState> &state() const { return state_; }
@@ -1343,6 +1350,63 @@ class Context {
         if (row == nullptr) throw LlamaError("no logits available for the last token");
         return std::vector<float>(row, row + llama_vocab_n_tokens(state_->vocab));
     }
+    // -- embeddings ---------------------------------------------------------------------
+
+    // Embeddings of each input: one vector per input (pooled), or one per token when the
+    // pooling type is NONE. Inputs are packed into batches of up to n_batch tokens and
+    // n_seq_max sequences, one sequence each; a sequence never spans two batches, so the
+    // result of an input does not depend on what it was batched with.
+    std::vector<std::vector<std::vector<float>>> embed(std::vector<std::vector<llama_token>> inputs,
+                                                       bool normalize, bool truncate) {
+        ContextLock lock(*state_);
+        llama_context *c = state_->get();
+        if (!embeddings_) {
+            throw LlamaError("embeddings are off: create the model with embedding=True");
+        }
+        const auto n_batch = static_cast<size_t>(state_->batch->capacity);
+        for (auto &input : inputs) {
+            state_->check_tokens(input);
+            if (input.empty()) {
+                throw InvalidArgumentError("cannot embed an empty input (no tokens)");
+            }
+            if (input.size() > n_batch) {
+                if (!truncate) {
+                    throw ContextOverflowError("an input has " + std::to_string(input.size()) +
+                                               " tokens, more than n_batch=" + std::to_string(n_batch) +
+                                               " (pass truncate=True, or a larger n_batch)");
+                }
+                input.resize(n_batch);
+            }
+        }
+        const bool pooled = llama_pooling_type(c) != LLAMA_POOLING_TYPE_NONE;
+        const int32_t n_embd = llama_model_n_embd_out(state_->model.get());
+        const auto n_seq_max = static_cast<size_t>(llama_n_seq_max(c));
+        std::vector<std::vector<std::vector<float>>> out(inputs.size());
+        ++state_->epoch;
+        size_t next = 0;
+        while (next < inputs.size()) {
+            size_t first = next, n_tokens = 0;
+            while (next < inputs.size() && next - first < n_seq_max && n_tokens + inputs[next].size() <= n_batch) {
+                n_tokens += inputs[next].size();
+                ++next;
+            }
+            embed_batch(inputs, first, next, pooled, n_embd, out);
+        }
+        if (normalize) {
+            for (auto &vectors : out) {
+                for (auto &v : vectors) {
+                    double norm = 0.0;
+                    for (float x : v) norm += static_cast<double>(x) * x;
+                    norm = std::sqrt(norm);
+                    if (norm > 0.0) {
+                        for (float &x : v) x = static_cast<float>(x / norm);
+                    }
+                }
+            }
+        }
+        return out;
+    }
+
     // -- state: the KV cache (and last logits) with the tokens it holds -------------------
 
     std::string state_data(std::vector<llama_token> &tokens_out) {
@@ -1400,6 +1464,48 @@ class Context {
     }
 
   private:
+    bool embeddings_ = false;
+
+    void embed_batch(const std::vector<std::vector<llama_token>> &inputs, size_t first, size_t last, bool pooled,
+                     int32_t n_embd, std::vector<std::vector<std::vector<float>>> &out) {
+        llama_context *c = state_->get();
+        llama_batch &b = state_->batch->batch;
+        b.n_tokens = 0;
+        for (size_t k = first; k < last; ++k) {
+            const auto &input = inputs[k];
+            for (size_t i = 0; i < input.size(); ++i) {
+                const int32_t j = b.n_tokens++;
+                b.token[j] = input[i];
+                b.pos[j] = static_cast<llama_pos>(i);
+                b.n_seq_id[j] = 1;
+                b.seq_id[j][0] = static_cast<llama_seq_id>(k - first);
+                b.logits[j] = 1;
+            }
+        }
+        state_->clear();  // each sequence starts from an empty cache
+        const int32_t rc = llama_decode(c, b);
+        state_->clear();
+        if (rc != 0) {
+            throw DecodeError("llama_decode failed with code " + std::to_string(rc) + " while embedding");
+        }
+        int32_t row = 0;
+        for (size_t k = first; k < last; ++k) {
+            const float *v = nullptr;
+            if (pooled) {
+                v = llama_get_embeddings_seq(c, static_cast<llama_seq_id>(k - first));
+                if (v == nullptr) throw LlamaError("no pooled embedding for an input");
+                out[k].emplace_back(v, v + n_embd);
+                row += static_cast<int32_t>(inputs[k].size());
+                continue;
+            }
+            for (size_t i = 0; i < inputs[k].size(); ++i, ++row) {
+                v = llama_get_embeddings_ith(c, row);
+                if (v == nullptr) throw LlamaError("no embedding for a token");
+                out[k].emplace_back(v, v + n_embd);
+            }
+        }
+    }
+
     void apply_loras(std::vector<std::pair<std::shared_ptr<LoraData>, float>> loras) {
         std::vector<llama_adapter_lora *> adapters;
         std::vector<float> scales;
@@ -1709,7 +1815,9 @@ void bind_context(nb::module_ &m) {
         .def_rw("yarn_orig_ctx", &ContextOptions::yarn_orig_ctx)
         .def_rw("pooling_type", &ContextOptions::pooling_type)
         .def_rw("type_k", &ContextOptions::type_k)
-        .def_rw("type_v", &ContextOptions::type_v);
+        .def_rw("type_v", &ContextOptions::type_v)
+        .def_rw("n_seq_max", &ContextOptions::n_seq_max)
+        .def_rw("kv_unified", &ContextOptions::kv_unified);
 
     nb::class_<PerfData>(m, "PerfData", "llama.cpp's context timings since the last reset.")
         .def_ro("t_load_ms", &PerfData::t_load_ms)
@@ -1802,6 +1910,10 @@ void bind_context(nb::module_ &m) {
             "data"_a, "tokens"_a, "Restore what state_data returned (raises LlamaError if it does not fit).")
         .def("save_state_file", &Context::save_state_file, "path"_a, nb::call_guard<nb::gil_scoped_release>())
         .def("load_state_file", &Context::load_state_file, "path"_a, nb::call_guard<nb::gil_scoped_release>())
+        .def("embed", &Context::embed, "inputs"_a, "normalize"_a, "truncate"_a,
+             nb::call_guard<nb::gil_scoped_release>(),
+             "Embeddings of each token list: [vector] when pooled, a vector per token otherwise.")
+        .def("pooling_type", [](Context &self) { return static_cast<int>(llama_pooling_type(self.state()->get())); })
         .def("set_lora", &Context::set_lora, "adapter"_a, "scale"_a, nb::call_guard<nb::gil_scoped_release>(),
              "Apply ``adapter`` at ``scale`` (or change its scale); empties the KV cache.")
         .def("remove_lora", &Context::remove_lora, "adapter"_a, nb::call_guard<nb::gil_scoped_release>(),

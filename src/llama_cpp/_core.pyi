@@ -442,6 +442,18 @@ class ContextOptions:
     @type_v.setter
     def type_v(self, arg: int, /) -> None: ...
 
+    @property
+    def n_seq_max(self) -> int: ...
+
+    @n_seq_max.setter
+    def n_seq_max(self, arg: int, /) -> None: ...
+
+    @property
+    def kv_unified(self) -> bool: ...
+
+    @kv_unified.setter
+    def kv_unified(self, arg: bool, /) -> None: ...
+
 class PerfData:
     """llama.cpp's context timings since the last reset."""
 
@@ -633,6 +645,13 @@ class Context:
     def save_state_file(self, path: str) -> None: ...
 
     def load_state_file(self, path: str) -> None: ...
+
+    def embed(self, inputs: Sequence[Sequence[int]], normalize: bool, truncate: bool) -> list[list[list[float]]]:
+        """
+        Embeddings of each token list: [vector] when pooled, a vector per token otherwise.
+        """
+
+    def pooling_type(self) -> int: ...
 
     def set_lora(self, adapter: LoraAdapter, scale: float) -> None:
         """

@@ -6,18 +6,19 @@ import os
 import warnings
 from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import Any, Literal, cast, overload
 
 from llama_cpp import _async, _core
 from llama_cpp._completion import CompletionBuilder, finish_reason, generate_options
 from llama_cpp._core import LoraAdapter
 from llama_cpp.errors import InvalidArgumentError
-from llama_cpp.llama_types import CreateCompletionResponse, FinishReason
+from llama_cpp.llama_types import CreateCompletionResponse, CreateEmbeddingResponse, FinishReason
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
 from llama_cpp.state import LlamaState
 
 __all__ = ["Completion", "Llama"]
 
+_EMBEDDING_SEQUENCES = 16
 # llama-cpp-python keywords that are accepted for compatibility and have no effect here.
 _IGNORED_KWARGS = frozenset({"numa", "last_n_tokens_size", "logits_all", "chat_handler", "draft_model"})
 
@@ -72,9 +73,11 @@ class Llama:
         n_ubatch: Physical batch size (defaults to ``n_batch``).
         n_threads: Threads for generation (default: the CPUs this process may use).
         n_threads_batch: Threads for prompt processing (default: same as ``n_threads``).
-        flash_attn: Use flash attention (None: let llama.cpp decide).
+        flash_attn: Use flash attention (None: let llama.cpp decide; off for embedding contexts,
+            see the README).
         offload_kqv: Keep the KV cache on the GPU when layers are offloaded.
-        embedding: Create the context with embeddings enabled.
+        embedding: Create the context for :meth:`embed` / :meth:`create_embedding`.
+        pooling_type: -1 the model's, 0 none (a vector per token), 1 mean, 2 CLS, 3 last, 4 rank.
         rope_freq_base, rope_freq_scale, rope_scaling_type, yarn_*: RoPE overrides.
         type_k, type_v: KV cache data types (ggml type ids).
         lora_path: A LoRA adapter to apply from the start (see :meth:`load_lora`).
@@ -106,6 +109,7 @@ class Llama:
         flash_attn: bool | None = None,
         offload_kqv: bool = True,
         embedding: bool = False,
+        pooling_type: int = -1,
         rope_scaling_type: int = -1,
         rope_freq_base: float = 0.0,
         rope_freq_scale: float = 0.0,
@@ -156,9 +160,21 @@ class Llama:
         options.n_ubatch = n_ubatch or n_batch
         options.n_threads = threads
         options.n_threads_batch = n_threads_batch or threads
+        if flash_attn is None and embedding:
+            # At the pinned llama.cpp, flash attention on the CPU mixes up sequences that share
+            # a batch (Gemma 3: an input's vectors change with its batch neighbours); embedding
+            # contexts batch several inputs, so they default to the exact path.
+            flash_attn = False
         options.flash_attn = -1 if flash_attn is None else int(flash_attn)
         options.offload_kqv = offload_kqv
         options.embeddings = embedding
+        options.pooling_type = pooling_type
+        if embedding:
+            # Several inputs per decode, one sequence each, each with the whole window; a
+            # pooled sequence must sit in one physical batch.
+            options.n_seq_max = _EMBEDDING_SEQUENCES
+            options.kv_unified = True
+            options.n_ubatch = options.n_batch
         options.rope_scaling_type = rope_scaling_type
         options.rope_freq_base = rope_freq_base
         options.rope_freq_scale = rope_freq_scale
@@ -292,6 +308,78 @@ class Llama:
     def load_state_file(self, path: str | os.PathLike[str]) -> None:
         """Restore what :meth:`save_state_file` wrote (raises LlamaError as :meth:`load_state`)."""
         self.context.load_state_file(os.fspath(path))
+
+    # -- embeddings -----------------------------------------------------------------------
+
+    def _embedding_inputs(
+        self, input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
+    ) -> tuple[bool, list[list[int]]]:
+        """Whether ``input`` is a single input, and the token lists of all inputs."""
+        if isinstance(input, str):
+            return True, [self.tokenize(input)]
+        items: list[object] = list(input)
+        if items and all(isinstance(t, int) for t in items):
+            return True, [cast(list[int], items)]
+        return False, [
+            self.tokenize(i) if isinstance(i, str) else list(cast(Sequence[int], i)) for i in items
+        ]
+
+    def _embed(
+        self,
+        input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+        normalize: bool,
+        truncate: bool,
+    ) -> tuple[bool, list[list[list[float]]], int]:
+        single, tokens = self._embedding_inputs(input)
+        vectors = self.context.embed(tokens, normalize, truncate)
+        return single, vectors, sum(min(len(t), self.context.n_batch()) for t in tokens)
+
+    def embed(
+        self,
+        input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+        normalize: bool = True,
+        truncate: bool = True,
+    ) -> list[float] | list[list[float]] | list[list[list[float]]]:
+        """Embeddings of a text (or token list), or of each of several.
+
+        With a pooling type (mean, CLS, last, rank; the model's by default) each input gives
+        one vector; with ``pooling_type=0`` (none) each gives a vector per token. Inputs are
+        batched together; each is computed in its own sequence, so results do not depend on
+        the batching.
+
+        Args:
+            input: A string or token list, or a list of them.
+            normalize: Scale each vector to unit L2 norm.
+            truncate: Cut inputs longer than ``n_batch`` (otherwise ContextOverflowError).
+
+        Raises:
+            LlamaError: The model was not created with ``embedding=True``.
+        """
+        single, vectors, _ = self._embed(input, normalize, truncate)
+        pooled = [v[0] if self.context.pooling_type() != 0 else v for v in vectors]
+        return pooled[0] if single else pooled  # type: ignore[return-value]
+
+    def create_embedding(
+        self, input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]], model: str | None = None
+    ) -> CreateEmbeddingResponse:
+        """OpenAI's embeddings response for ``input`` (normalized vectors, as llama-cpp-python)."""
+        _, vectors, n_tokens = self._embed(input, True, True)
+        pooled = self.context.pooling_type() != 0
+        return {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "embedding": v[0] if pooled else v, "index": i}
+                for i, v in enumerate(vectors)
+            ],
+            "model": model or self.model_path,
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+        }
+
+    async def create_embedding_async(
+        self, input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]], model: str | None = None
+    ) -> CreateEmbeddingResponse:
+        """:meth:`create_embedding` off the event loop."""
+        return await _async.run(lambda: self.create_embedding(input, model), _core.Cancellation())
 
     # -- LoRA -----------------------------------------------------------------------------
 

@@ -41,3 +41,21 @@ class CreateCompletionResponse(TypedDict):
 
 #: One streamed chunk: the same shape, without usage.
 CreateCompletionStreamResponse = CreateCompletionResponse
+
+
+class EmbeddingData(TypedDict):
+    object: Literal["embedding"]
+    embedding: list[float] | list[list[float]]
+    index: int
+
+
+class EmbeddingUsage(TypedDict):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class CreateEmbeddingResponse(TypedDict):
+    object: Literal["list"]
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage

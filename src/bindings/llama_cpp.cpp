@@ -78,6 +78,9 @@ struct InvalidArgumentError : LlamaError {
 struct CancelledError : LlamaError {
     using LlamaError::LlamaError;
 };
+struct GrammarError : InvalidArgumentError {
+    using InvalidArgumentError::InvalidArgumentError;
+};
 
 PyObject *py_llama_error = nullptr;
 PyObject *py_model_load_error = nullptr;
@@ -86,6 +89,7 @@ PyObject *py_decode_error = nullptr;
 PyObject *py_closed_error = nullptr;
 PyObject *py_invalid_argument_error = nullptr;
 PyObject *py_cancelled_error = nullptr;
+PyObject *py_grammar_error = nullptr;
 
 PyObject *new_exception(nb::module_ &m, const char *name, PyObject *bases, const char *doc) {
     std::string qualified = std::string("llama_cpp._core.") + name;
@@ -114,6 +118,8 @@ void bind_errors(nb::module_ &m) {
         "The model or context was closed (possibly while a call on it was running).");
     py_invalid_argument_error = new_exception(m, "InvalidArgumentError", load_bases.ptr(),
                                               "An argument is out of its valid range.");
+    py_grammar_error = new_exception(m, "GrammarError", py_invalid_argument_error,
+                                     "A GBNF grammar (or a schema turned into one) is invalid.");
     py_cancelled_error = new_exception(m, "GenerationCancelled", py_llama_error,
                                        "The generation was cancelled (Cancellation.cancel()).");
 
@@ -128,6 +134,8 @@ void bind_errors(nb::module_ &m) {
             PyErr_SetString(py_decode_error, e.what());
         } catch (const ClosedError &e) {
             PyErr_SetString(py_closed_error, e.what());
+        } catch (const GrammarError &e) {
+            PyErr_SetString(py_grammar_error, e.what());
         } catch (const InvalidArgumentError &e) {
             PyErr_SetString(py_invalid_argument_error, e.what());
         } catch (const CancelledError &e) {
@@ -714,6 +722,19 @@ using SamplerPtr = std::unique_ptr<llama_sampler, SamplerDeleter>;
 // The sampling settings of one generation. The chain is built in llama-cpp-python's order:
 // logit bias, penalties, then greedy (temperature == 0), plain random (temperature < 0),
 // mirostat, or top-k -> typical -> top-p -> min-p -> temperature -> distribution.
+// Parses a GBNF grammar into a sampler; a grammar llama.cpp rejects raises GrammarError with
+// llama.cpp's reason (read from its error log of this thread).
+llama_sampler *parse_grammar(const llama_vocab *vocab, const std::string &grammar, const std::string &root) {
+    tl_last_errors.clear();
+    llama_sampler *s = llama_sampler_init_grammar(vocab, grammar.c_str(), root.c_str());
+    if (s == nullptr) {
+        // llama.cpp's parser prints the position and cause to stderr, not to its log.
+        throw GrammarError("invalid grammar: " + (tl_last_errors.empty() ? std::string("parse error") : tl_last_errors) +
+                           " (llama.cpp printed the details to stderr)");
+    }
+    return s;
+}
+
 struct SamplerConfig {
     float temperature = 0.8f;
     int32_t top_k = 40;
@@ -729,6 +750,8 @@ struct SamplerConfig {
     float mirostat_eta = 0.1f;
     uint32_t seed = LLAMA_DEFAULT_SEED;
     std::vector<std::pair<llama_token, float>> logit_bias;
+    std::string grammar;  // GBNF; empty: unconstrained
+    std::string grammar_root = "root";
 
     void validate(int32_t n_vocab) const {
         auto fail = [](const std::string &what) { throw InvalidArgumentError(what); };
@@ -758,7 +781,7 @@ struct SamplerConfig {
     // Plain greedy decoding needs no sampler chain: an argmax over the logits is what the
     // chain would compute, without copying n_vocab candidates per token (3 MiB for Gemma 3).
     bool plain_greedy() const {
-        return temperature == 0.0f && logit_bias.empty() && repeat_penalty == 1.0f &&
+        return temperature == 0.0f && logit_bias.empty() && grammar.empty() && repeat_penalty == 1.0f &&
                frequency_penalty == 0.0f && presence_penalty == 0.0f;
     }
 
@@ -787,6 +810,11 @@ struct SamplerConfig {
         if (repeat_penalty != 1.0f || frequency_penalty != 0.0f || presence_penalty != 0.0f) {
             add(llama_sampler_init_penalties(n_vocab, penalty_last_n == -1 ? n_ctx : penalty_last_n,
                                              repeat_penalty, frequency_penalty, presence_penalty));
+        }
+        if (!grammar.empty()) {
+            // A fresh grammar state for every generation: the chain is built per generation.
+            llama_sampler *g = parse_grammar(vocab, grammar, grammar_root);
+            llama_sampler_chain_add(chain.get(), g);
         }
         if (temperature == 0.0f) {
             add(llama_sampler_init_greedy());
@@ -827,7 +855,16 @@ void bind_sampling(nb::module_ &m) {
         .def_rw("mirostat_tau", &SamplerConfig::mirostat_tau)
         .def_rw("mirostat_eta", &SamplerConfig::mirostat_eta)
         .def_rw("seed", &SamplerConfig::seed)
-        .def_rw("logit_bias", &SamplerConfig::logit_bias);
+        .def_rw("logit_bias", &SamplerConfig::logit_bias)
+        .def_rw("grammar", &SamplerConfig::grammar)
+        .def_rw("grammar_root", &SamplerConfig::grammar_root);
+    m.def(
+        "check_grammar",
+        [](const Model &model, const std::string &grammar, const std::string &root) {
+            llama_sampler_free(parse_grammar(model.vocab(), grammar, root));
+        },
+        "model"_a, "grammar"_a, "root"_a, nb::call_guard<nb::gil_scoped_release>(),
+        "Raise GrammarError if llama.cpp rejects ``grammar`` for this model's vocabulary.");
     m.attr("DEFAULT_SEED") = static_cast<uint32_t>(LLAMA_DEFAULT_SEED);
 }
 
@@ -1634,10 +1671,17 @@ class Generation {
             n_reused_ = state_->load_prompt(prompt_);
         }
         epoch_ = state_->epoch;
-        // Penalties see the prompt, as in llama-cpp-python and llama-server.
+        // Penalties see the prompt, as in llama-server; the grammar does not (it constrains
+        // the generated text only).
         if (chain_) {
-            for (llama_token t : prompt_) {
-                llama_sampler_accept(chain_.get(), t);
+            for (int32_t i = 0; i < llama_sampler_chain_n(chain_.get()); ++i) {
+                llama_sampler *sampler = llama_sampler_chain_get(chain_.get(), i);
+                if (std::string_view(llama_sampler_name(sampler)) == "grammar") {
+                    continue;
+                }
+                for (llama_token t : prompt_) {
+                    llama_sampler_accept(sampler, t);
+                }
             }
         }
     }

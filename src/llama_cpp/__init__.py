@@ -23,10 +23,12 @@ from llama_cpp.errors import (
     ContextOverflowError,
     DecodeError,
     GenerationCancelled,
+    GrammarError,
     InvalidArgumentError,
     LlamaError,
     ModelLoadError,
 )
+from llama_cpp.grammar import LlamaGrammar
 from llama_cpp.llama import Completion, Llama
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
 from llama_cpp.state import LlamaState
@@ -40,9 +42,11 @@ __all__ = [
     "DecodeError",
     "Device",
     "GenerationCancelled",
+    "GrammarError",
     "InvalidArgumentError",
     "Llama",
     "LlamaError",
+    "LlamaGrammar",
     "LlamaState",
     "LoraAdapter",
     "ModelLoadError",

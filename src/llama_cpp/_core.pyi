@@ -25,6 +25,9 @@ class ClosedError(LlamaError):
 class InvalidArgumentError(LlamaError, ValueError):
     """An argument is out of its valid range."""
 
+class GrammarError(InvalidArgumentError):
+    """A GBNF grammar (or a schema turned into one) is invalid."""
+
 class GenerationCancelled(LlamaError):
     """The generation was cancelled (Cancellation.cancel())."""
 
@@ -320,6 +323,23 @@ class SamplerConfig:
 
     @logit_bias.setter
     def logit_bias(self, arg: Sequence[tuple[int, float]], /) -> None: ...
+
+    @property
+    def grammar(self) -> str: ...
+
+    @grammar.setter
+    def grammar(self, arg: str, /) -> None: ...
+
+    @property
+    def grammar_root(self) -> str: ...
+
+    @grammar_root.setter
+    def grammar_root(self, arg: str, /) -> None: ...
+
+def check_grammar(model: Model, grammar: str, root: str) -> None:
+    """
+    Raise GrammarError if llama.cpp rejects ``grammar`` for this model's vocabulary.
+    """
 
 DEFAULT_SEED: int = 4294967295
 

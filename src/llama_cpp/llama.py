@@ -12,6 +12,7 @@ from llama_cpp import _async, _core
 from llama_cpp._completion import CompletionBuilder, finish_reason, generate_options
 from llama_cpp._core import LoraAdapter
 from llama_cpp.errors import InvalidArgumentError
+from llama_cpp.grammar import LlamaGrammar
 from llama_cpp.llama_types import CreateCompletionResponse, CreateEmbeddingResponse, FinishReason
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
 from llama_cpp.state import LlamaState
@@ -308,6 +309,10 @@ class Llama:
     def load_state_file(self, path: str | os.PathLike[str]) -> None:
         """Restore what :meth:`save_state_file` wrote (raises LlamaError as :meth:`load_state`)."""
         self.context.load_state_file(os.fspath(path))
+
+    def check_grammar(self, grammar: LlamaGrammar) -> None:
+        """Raise :class:`GrammarError` (with llama.cpp's reason) if it rejects ``grammar``."""
+        _core.check_grammar(self.model, grammar.grammar, grammar.root)
 
     # -- embeddings -----------------------------------------------------------------------
 
@@ -621,6 +626,7 @@ class Llama:
         mirostat_eta: float = ...,
         model: str | None = ...,
         logit_bias: Mapping[int, float] | None = ...,
+        grammar: LlamaGrammar | None = ...,
     ) -> CreateCompletionResponse: ...
 
     @overload
@@ -648,6 +654,7 @@ class Llama:
         mirostat_eta: float = ...,
         model: str | None = ...,
         logit_bias: Mapping[int, float] | None = ...,
+        grammar: LlamaGrammar | None = ...,
     ) -> Iterator[CreateCompletionResponse]: ...
 
     def create_completion(  # noqa: PLR0917 - llama-cpp-python passes these positionally too
@@ -673,6 +680,7 @@ class Llama:
         mirostat_eta: float = 0.1,
         model: str | None = None,
         logit_bias: Mapping[int, float] | None = None,
+        grammar: LlamaGrammar | None = None,
     ) -> CreateCompletionResponse | Iterator[CreateCompletionResponse]:
         """Complete ``prompt``, returning llama-cpp-python's (OpenAI's) completion dict.
 
@@ -709,6 +717,7 @@ class Llama:
             mirostat_tau=mirostat_tau,
             mirostat_eta=mirostat_eta,
             logit_bias=dict(logit_bias or {}),
+            grammar=grammar,
         )
 
     __call__ = create_completion

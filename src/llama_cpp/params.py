@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from llama_cpp import _core
+from llama_cpp.grammar import LlamaGrammar
 
 #: A random seed is drawn for each generation when ``seed`` is this value (or None).
 DEFAULT_SEED: int = _core.DEFAULT_SEED
@@ -34,6 +35,7 @@ class SamplingParams:
         mirostat_eta: Mirostat learning rate.
         seed: Sampler seed; None draws a random one.
         logit_bias: Token id to additive logit bias (``-inf`` bans a token).
+        grammar: A GBNF grammar that every generated token must satisfy.
     """
 
     temperature: float = 0.8
@@ -50,6 +52,7 @@ class SamplingParams:
     mirostat_eta: float = 0.1
     seed: int | None = None
     logit_bias: Mapping[int, float] = field(default_factory=dict)
+    grammar: LlamaGrammar | None = None
 
     @classmethod
     def greedy(cls) -> SamplingParams:
@@ -78,4 +81,7 @@ class SamplingParams:
         else:
             raise _core.InvalidArgumentError(f"seed must be in [0, 2**32) or None, got {self.seed}")
         config.logit_bias = [(int(token), float(bias)) for token, bias in self.logit_bias.items()]
+        if self.grammar is not None:
+            config.grammar = self.grammar.grammar
+            config.grammar_root = self.grammar.root
         return config

@@ -15,10 +15,12 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
 #include <ggml-backend.h>
 #include <ggml.h>
+#include <gguf.h>
 #include <llama.h>
 
 #include <algorithm>
@@ -27,6 +29,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <iterator>
 #include <memory>
 #include <numeric>
@@ -35,6 +38,7 @@
 #include <string>
 #include <string_view>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include <sys/stat.h>
@@ -348,6 +352,9 @@ struct ModelOptions {
     bool use_mmap = true;
     bool use_mlock = false;
     bool check_tensors = false;
+    // GGUF metadata overrides (llama-cpp-python's kv_overrides); bool before int64 so that
+    // Python's True stays a bool.
+    std::vector<std::pair<std::string, std::variant<bool, int64_t, double, std::string>>> kv_overrides;
 };
 
 std::string format_size(uint64_t bytes) {
@@ -399,6 +406,11 @@ class Model {
             params.load_mode = LLAMA_LOAD_MODE_NONE;
         }
         params.check_tensors = options.check_tensors;
+        if (!options.kv_overrides.empty()) {
+            check_override_types(path, options.kv_overrides);
+            kv_overrides_ = build_kv_overrides(options.kv_overrides);
+            params.kv_overrides = kv_overrides_.data();
+        }
 
         tl_last_errors.clear();
         llama_model *model = llama_model_load_from_file(path.c_str(), params);
@@ -556,7 +568,72 @@ class Model {
     mutable std::mutex mutex_;  // guards handle_
     ModelHandle handle_;
     const llama_vocab *vocab_ = nullptr;
+    // llama.cpp ignores an override whose type differs from the stored value's, with only a
+    // warning: a silently wrong model. Compare against the file's metadata and refuse instead.
+    static void check_override_types(
+        const std::string &path,
+        const std::vector<std::pair<std::string, std::variant<bool, int64_t, double, std::string>>> &overrides) {
+        gguf_init_params params{/*no_alloc=*/true, /*ctx=*/nullptr};
+        std::unique_ptr<gguf_context, decltype(&gguf_free)> gguf(gguf_init_from_file(path.c_str(), params), &gguf_free);
+        if (!gguf) {
+            return;  // the load itself reports what is wrong with the file
+        }
+        for (const auto &[key, value] : overrides) {
+            const int64_t id = gguf_find_key(gguf.get(), key.c_str());
+            if (id < 0) continue;  // not stored: llama.cpp uses the override where it reads the key
+            const gguf_type stored = gguf_get_kv_type(gguf.get(), id);
+            bool ok = false;
+            switch (stored) {
+            case GGUF_TYPE_UINT8: case GGUF_TYPE_INT8: case GGUF_TYPE_UINT16: case GGUF_TYPE_INT16:
+            case GGUF_TYPE_UINT32: case GGUF_TYPE_INT32: case GGUF_TYPE_UINT64: case GGUF_TYPE_INT64:
+                ok = std::holds_alternative<int64_t>(value); break;
+            case GGUF_TYPE_FLOAT32: case GGUF_TYPE_FLOAT64: ok = std::holds_alternative<double>(value); break;
+            case GGUF_TYPE_BOOL: ok = std::holds_alternative<bool>(value); break;
+            case GGUF_TYPE_STRING: ok = std::holds_alternative<std::string>(value); break;
+            default: ok = false; break;
+            }
+            if (!ok) {
+                static const char *names[] = {"bool", "int", "float", "str"};
+                throw InvalidArgumentError("kv_overrides['" + key + "'] is a " + names[value.index()] +
+                                           ", but the model stores a " + gguf_type_name(stored));
+            }
+        }
+    }
+
+    static std::vector<llama_model_kv_override> build_kv_overrides(
+        const std::vector<std::pair<std::string, std::variant<bool, int64_t, double, std::string>>> &overrides) {
+        std::vector<llama_model_kv_override> out;
+        for (const auto &[key, value] : overrides) {
+            llama_model_kv_override o{};
+            if (key.empty() || key.size() >= sizeof(o.key)) {
+                throw InvalidArgumentError("kv_overrides key must have 1 to 127 bytes: '" + key + "'");
+            }
+            std::memcpy(o.key, key.c_str(), key.size() + 1);
+            if (const auto *b = std::get_if<bool>(&value)) {
+                o.tag = LLAMA_KV_OVERRIDE_TYPE_BOOL;
+                o.val_bool = *b;
+            } else if (const auto *i = std::get_if<int64_t>(&value)) {
+                o.tag = LLAMA_KV_OVERRIDE_TYPE_INT;
+                o.val_i64 = *i;
+            } else if (const auto *f = std::get_if<double>(&value)) {
+                o.tag = LLAMA_KV_OVERRIDE_TYPE_FLOAT;
+                o.val_f64 = *f;
+            } else {
+                const auto &str = std::get<std::string>(value);
+                if (str.size() >= sizeof(o.val_str)) {
+                    throw InvalidArgumentError("kv_overrides value of '" + key + "' must have < 128 bytes");
+                }
+                o.tag = LLAMA_KV_OVERRIDE_TYPE_STR;
+                std::memcpy(o.val_str, str.c_str(), str.size() + 1);
+            }
+            out.push_back(o);
+        }
+        out.push_back(llama_model_kv_override{});  // key[0] == 0 ends the list
+        return out;
+    }
+
     std::vector<float> tensor_split_;  // must outlive the load call
+    std::vector<llama_model_kv_override> kv_overrides_;
 };
 
 template <typename F>
@@ -613,7 +690,8 @@ void bind_model(nb::module_ &m) {
         .def_rw("vocab_only", &ModelOptions::vocab_only)
         .def_rw("use_mmap", &ModelOptions::use_mmap)
         .def_rw("use_mlock", &ModelOptions::use_mlock)
-        .def_rw("check_tensors", &ModelOptions::check_tensors);
+        .def_rw("check_tensors", &ModelOptions::check_tensors)
+        .def_rw("kv_overrides", &ModelOptions::kv_overrides);
 
     nb::class_<LoraAdapter>(m, "LoraAdapter", "A LoRA adapter loaded for one model.")
         .def(nb::init<const Model &, const std::string &>(), "model"_a, "path"_a,
@@ -1387,6 +1465,52 @@ class Context {
         if (row == nullptr) throw LlamaError("no logits available for the last token");
         return std::vector<float>(row, row + llama_vocab_n_tokens(state_->vocab));
     }
+    // -- KV cache operations on sequence 0 (the tokens mirror follows them) ---------------
+
+    void kv_truncate(int32_t n) {
+        ContextLock lock(*state_);
+        if (n < 0 || static_cast<size_t>(n) > state_->tokens.size()) {
+            throw InvalidArgumentError("cannot keep " + std::to_string(n) + " of " +
+                                       std::to_string(state_->tokens.size()) + " cached tokens");
+        }
+        if (static_cast<size_t>(n) == state_->tokens.size()) return;
+        ++state_->epoch;
+        if (n == 0 || !llama_memory_seq_rm(llama_get_memory(state_->get()), 0, n, -1)) {
+            if (n != 0) {
+                state_->clear();
+                throw LlamaError("this model's cache cannot drop a suffix; it was emptied");
+            }
+            state_->clear();
+            return;
+        }
+        state_->tokens.resize(static_cast<size_t>(n));
+        state_->logits_ready = false;
+    }
+
+    // Drops cached tokens [p0, p1) and moves the later ones back: the context shift that makes
+    // room in a full window without evaluating the remaining tokens again.
+    void kv_shift(int32_t p0, int32_t p1) {
+        ContextLock lock(*state_);
+        const auto n = static_cast<int32_t>(state_->tokens.size());
+        if (p0 < 0 || p1 < p0 || p1 > n) {
+            throw InvalidArgumentError("invalid range [" + std::to_string(p0) + ", " + std::to_string(p1) +
+                                       ") of " + std::to_string(n) + " cached tokens");
+        }
+        if (p0 == p1) return;
+        llama_memory_t mem = llama_get_memory(state_->get());
+        if (!llama_memory_can_shift(mem)) {
+            throw LlamaError("this model's cache does not support shifting positions");
+        }
+        ++state_->epoch;
+        if (!llama_memory_seq_rm(mem, 0, p0, p1)) {
+            state_->clear();
+            throw LlamaError("this model's cache cannot drop a middle range; it was emptied");
+        }
+        llama_memory_seq_add(mem, 0, p1, -1, p0 - p1);
+        state_->tokens.erase(state_->tokens.begin() + p0, state_->tokens.begin() + p1);
+        state_->logits_ready = false;
+    }
+
     // -- embeddings ---------------------------------------------------------------------
 
     // Embeddings of each input: one vector per input (pooled), or one per token when the
@@ -1493,7 +1617,10 @@ class Context {
     PerfData perf() {
         ContextLock lock(*state_);
         llama_perf_context_data d = llama_perf_context(state_->get());
-        return PerfData{d.t_load_ms, d.t_p_eval_ms, d.t_eval_ms, d.n_p_eval, d.n_eval, d.n_reused};
+        // llama.cpp reports at least 1 token of each kind (it divides by them); no time means none.
+        const int32_t n_prompt = d.t_p_eval_ms > 0.0 ? d.n_p_eval : 0;
+        const int32_t n_eval = d.t_eval_ms > 0.0 ? d.n_eval : 0;
+        return PerfData{d.t_load_ms, d.t_p_eval_ms, d.t_eval_ms, n_prompt, n_eval, d.n_reused};
     }
     void perf_reset() {
         ContextLock lock(*state_);
@@ -1954,6 +2081,10 @@ void bind_context(nb::module_ &m) {
             "data"_a, "tokens"_a, "Restore what state_data returned (raises LlamaError if it does not fit).")
         .def("save_state_file", &Context::save_state_file, "path"_a, nb::call_guard<nb::gil_scoped_release>())
         .def("load_state_file", &Context::load_state_file, "path"_a, nb::call_guard<nb::gil_scoped_release>())
+        .def("kv_truncate", &Context::kv_truncate, "n"_a, nb::call_guard<nb::gil_scoped_release>(),
+             "Keep the first ``n`` cached tokens.")
+        .def("kv_shift", &Context::kv_shift, "p0"_a, "p1"_a, nb::call_guard<nb::gil_scoped_release>(),
+             "Drop cached tokens [p0, p1) and move the later ones back.")
         .def("embed", &Context::embed, "inputs"_a, "normalize"_a, "truncate"_a,
              nb::call_guard<nb::gil_scoped_release>(),
              "Embeddings of each token list: [vector] when pooled, a vector per token otherwise.")

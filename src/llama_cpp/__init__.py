@@ -18,6 +18,7 @@ from typing import Any
 
 from llama_cpp import _core, _logging
 from llama_cpp._core import Cancellation, Device, LoraAdapter
+from llama_cpp.config import LlamaConfig
 from llama_cpp.errors import (
     ClosedError,
     ContextOverflowError,
@@ -29,7 +30,7 @@ from llama_cpp.errors import (
     ModelLoadError,
 )
 from llama_cpp.grammar import LlamaGrammar
-from llama_cpp.llama import Completion, Llama
+from llama_cpp.llama import Completion, Llama, Perf
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
 from llama_cpp.state import LlamaState
 
@@ -45,11 +46,13 @@ __all__ = [
     "GrammarError",
     "InvalidArgumentError",
     "Llama",
+    "LlamaConfig",
     "LlamaError",
     "LlamaGrammar",
     "LlamaState",
     "LoraAdapter",
     "ModelLoadError",
+    "Perf",
     "SamplingParams",
     "__version__",
     "build_info",

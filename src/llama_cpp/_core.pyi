@@ -153,6 +153,12 @@ class ModelOptions:
     @check_tensors.setter
     def check_tensors(self, arg: bool, /) -> None: ...
 
+    @property
+    def kv_overrides(self) -> list[tuple[str, bool | int | float | str]]: ...
+
+    @kv_overrides.setter
+    def kv_overrides(self, arg: Sequence[tuple[str, bool | int | float | str]], /) -> None: ...
+
 class LoraAdapter:
     """A LoRA adapter loaded for one model."""
 
@@ -665,6 +671,12 @@ class Context:
     def save_state_file(self, path: str) -> None: ...
 
     def load_state_file(self, path: str) -> None: ...
+
+    def kv_truncate(self, n: int) -> None:
+        """Keep the first ``n`` cached tokens."""
+
+    def kv_shift(self, p0: int, p1: int) -> None:
+        """Drop cached tokens [p0, p1) and move the later ones back."""
 
     def embed(self, inputs: Sequence[Sequence[int]], normalize: bool, truncate: bool) -> list[list[list[float]]]:
         """

@@ -5,30 +5,23 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, cast, overload
 
 from llama_cpp import _async, _core
 from llama_cpp._completion import CompletionBuilder, finish_reason, generate_options
 from llama_cpp._core import LoraAdapter
+from llama_cpp.config import DEFAULTS, LlamaConfig
 from llama_cpp.errors import InvalidArgumentError
 from llama_cpp.grammar import LlamaGrammar
 from llama_cpp.llama_types import CreateCompletionResponse, CreateEmbeddingResponse, FinishReason
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
 from llama_cpp.state import LlamaState
 
-__all__ = ["Completion", "Llama"]
+__all__ = ["Completion", "Llama", "Perf"]
 
-_EMBEDDING_SEQUENCES = 16
 # llama-cpp-python keywords that are accepted for compatibility and have no effect here.
 _IGNORED_KWARGS = frozenset({"numa", "last_n_tokens_size", "logits_all", "chat_handler", "draft_model"})
-
-
-def _default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +44,33 @@ class Completion:
     cached_tokens: int
 
 
+@dataclass(frozen=True, slots=True)
+class Perf:
+    """Timings of a context, as llama.cpp measures them.
+
+    Attributes:
+        load_ms: Model load time.
+        prompt_tokens: Prompt tokens evaluated (batched).
+        prompt_ms: Time spent on them.
+        eval_tokens: Tokens decoded one at a time (generation).
+        eval_ms: Time spent on them.
+    """
+
+    load_ms: float
+    prompt_tokens: int
+    prompt_ms: float
+    eval_tokens: int
+    eval_ms: float
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prompt_ms * 1000.0 if self.prompt_ms > 0 else 0.0
+
+    @property
+    def eval_tokens_per_second(self) -> float:
+        return self.eval_tokens / self.eval_ms * 1000.0 if self.eval_ms > 0 else 0.0
+
+
 class Llama:
     """A GGUF model with one context: tokenization, completion and streaming.
 
@@ -61,6 +81,8 @@ class Llama:
 
     Args:
         model_path: Path to a GGUF file.
+        config: All of the options below as one :class:`LlamaConfig`; keywords passed
+            besides it (with other than their default values) win over it.
         n_gpu_layers: Layers to offload to the GPU (-1: all).
         split_mode: How to split over several GPUs (0 none, 1 layer, 2 row).
         main_gpu: GPU for the whole model when ``split_mode`` is 0.
@@ -68,6 +90,7 @@ class Llama:
         vocab_only: Load only the vocabulary (tokenize/detokenize; no generation).
         use_mmap: Map the file instead of reading it.
         use_mlock: Lock the weights in RAM.
+        kv_overrides: GGUF metadata to override at load (bool, int, float or str values).
         seed: Default sampling seed (``DEFAULT_SEED`` or -1: random each generation).
         n_ctx: Context window in tokens (0: the model's training context).
         n_batch: Largest number of tokens decoded in one llama_decode call.
@@ -94,6 +117,7 @@ class Llama:
         self,
         model_path: str | os.PathLike[str],
         *,
+        config: LlamaConfig | None = None,
         n_gpu_layers: int = 0,
         split_mode: int = 1,
         main_gpu: int = 0,
@@ -101,6 +125,7 @@ class Llama:
         vocab_only: bool = False,
         use_mmap: bool = True,
         use_mlock: bool = False,
+        kv_overrides: Mapping[str, bool | int | float | str] | None = None,
         seed: int = DEFAULT_SEED,
         n_ctx: int = 512,
         n_batch: int = 512,
@@ -129,67 +154,26 @@ class Llama:
         for name in kwargs:
             hint = " (no effect here)" if name in _IGNORED_KWARGS else ""
             warnings.warn(f"Llama() got an unknown keyword argument {name!r}{hint}", stacklevel=2)
-        _check_range("n_ctx", n_ctx, 0)
-        _check_range("n_batch", n_batch, 1)
-        if n_ubatch is not None:
-            _check_range("n_ubatch", n_ubatch, 1)
-        for name, value in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
-            if value is not None:
-                _check_range(name, value, 1)
+        given = {name: value for name, value in locals().items() if name in DEFAULTS}
+        if config is None:
+            config = LlamaConfig(**given)
+        else:
+            # Keywords passed besides a config win over it.
+            config = replace(config, **{k: v for k, v in given.items() if v != DEFAULTS[k]})
+        self.config = config
         self.model_path = os.fspath(model_path)
-        self.verbose = verbose
-        self._seed = seed
+        self.verbose = config.verbose
+        self._seed = config.seed
         self._model: _core.Model | None = None
         self._ctx: _core.Context | None = None
 
-        model_options = _core.ModelOptions()
-        model_options.n_gpu_layers = n_gpu_layers
-        model_options.split_mode = split_mode
-        model_options.main_gpu = main_gpu
-        model_options.tensor_split = list(tensor_split or [])
-        model_options.vocab_only = vocab_only
-        model_options.use_mmap = use_mmap
-        model_options.use_mlock = use_mlock
-        self._model = _core.Model(self.model_path, model_options)
-        if vocab_only:
+        self._model = _core.Model(self.model_path, config.model_options())
+        if config.vocab_only:
             return
-
-        threads = n_threads or _default_threads()
-        options = _core.ContextOptions()
-        options.n_ctx = n_ctx
-        options.n_batch = n_batch
-        options.n_ubatch = n_ubatch or n_batch
-        options.n_threads = threads
-        options.n_threads_batch = n_threads_batch or threads
-        if flash_attn is None and embedding:
-            # At the pinned llama.cpp, flash attention on the CPU mixes up sequences that share
-            # a batch (Gemma 3: an input's vectors change with its batch neighbours); embedding
-            # contexts batch several inputs, so they default to the exact path.
-            flash_attn = False
-        options.flash_attn = -1 if flash_attn is None else int(flash_attn)
-        options.offload_kqv = offload_kqv
-        options.embeddings = embedding
-        options.pooling_type = pooling_type
-        if embedding:
-            # Several inputs per decode, one sequence each, each with the whole window; a
-            # pooled sequence must sit in one physical batch.
-            options.n_seq_max = _EMBEDDING_SEQUENCES
-            options.kv_unified = True
-            options.n_ubatch = options.n_batch
-        options.rope_scaling_type = rope_scaling_type
-        options.rope_freq_base = rope_freq_base
-        options.rope_freq_scale = rope_freq_scale
-        options.yarn_ext_factor = yarn_ext_factor
-        options.yarn_attn_factor = yarn_attn_factor
-        options.yarn_beta_fast = yarn_beta_fast
-        options.yarn_beta_slow = yarn_beta_slow
-        options.yarn_orig_ctx = yarn_orig_ctx
-        options.type_k = -1 if type_k is None else type_k
-        options.type_v = -1 if type_v is None else type_v
         try:
-            self._ctx = _core.Context(self._model, options)
-            if lora_path is not None:
-                self.load_lora(lora_path, lora_scale)
+            self._ctx = _core.Context(self._model, config.context_options())
+            if config.lora_path is not None:
+                self.load_lora(config.lora_path, config.lora_scale)
         except BaseException:
             self.close()
             raise
@@ -284,6 +268,36 @@ class Llama:
     def n_tokens(self) -> int:
         """Tokens in the KV cache, as llama.cpp reports it."""
         return self.context.n_past()
+
+    def kv_cache_clear(self) -> None:
+        """Empty the KV cache (the same as :meth:`reset`)."""
+        self.context.reset()
+
+    def kv_cache_truncate(self, n_keep: int) -> None:
+        """Keep only the first ``n_keep`` cached tokens."""
+        self.context.kv_truncate(n_keep)
+
+    def kv_cache_shift(self, start: int, end: int) -> None:
+        """Drop cached tokens ``[start, end)`` and move the later ones back (a context shift).
+
+        Raises:
+            InvalidArgumentError: The range is not within the cached tokens.
+            LlamaError: The model's cache cannot shift positions.
+        """
+        self.context.kv_shift(start, end)
+
+    def perf(self, reset: bool = False) -> Perf:
+        """llama.cpp's timings of this context since creation or the last ``reset=True``."""
+        data = self.context.perf()
+        if reset:
+            self.context.perf_reset()
+        return Perf(
+            load_ms=data.t_load_ms,
+            prompt_tokens=data.n_prompt,
+            prompt_ms=data.t_prompt_ms,
+            eval_tokens=data.n_eval,
+            eval_ms=data.t_eval_ms,
+        )
 
     # -- state ----------------------------------------------------------------------------
 
@@ -799,8 +813,3 @@ def _iterate_text(token_stream: _core.TokenStream) -> Generator[str, None, None]
 
 def _fields(params: SamplingParams) -> dict[str, Any]:
     return {name: getattr(params, name) for name in SamplingParams.__dataclass_fields__}
-
-
-def _check_range(name: str, value: int, minimum: int) -> None:
-    if not isinstance(value, int) or value < minimum:
-        raise InvalidArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")

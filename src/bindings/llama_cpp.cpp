@@ -1719,12 +1719,64 @@ class Cancellation {
     std::shared_ptr<std::atomic<bool>> flag_ = std::make_shared<std::atomic<bool>>(false);
 };
 
+// Per-token Python hooks (llama-cpp-python's logits_processor / stopping_criteria): the slow
+// path. Each is called with the GIL re-acquired, as hook(token_ids, logits), over memoryviews
+// of the C++ buffers ('i' and 'f'); the logits hook edits the logits in place before
+// sampling, the stop hook returns True to end the generation. Held by shared_ptr so that
+// copies of the options never touch Python reference counts without the GIL.
+class PyHooks {
+  public:
+    PyHooks(nb::object logits_hook, nb::object stop_hook)
+        : logits_(logits_hook.is_none() ? nullptr : logits_hook.release().ptr()),
+          stop_(stop_hook.is_none() ? nullptr : stop_hook.release().ptr()) {}
+    PyHooks(const PyHooks &) = delete;
+    PyHooks &operator=(const PyHooks &) = delete;
+    ~PyHooks() {
+        if (!Py_IsInitialized() || python_is_finalizing()) return;
+        nb::gil_scoped_acquire gil;
+        Py_XDECREF(logits_);
+        Py_XDECREF(stop_);
+    }
+
+    bool has_logits_hook() const { return logits_ != nullptr; }
+
+    void process_logits(std::vector<llama_token> &tokens, float *logits, int32_t n_vocab) const {
+        if (logits_ != nullptr) call(logits_, tokens, logits, n_vocab);
+    }
+
+    bool should_stop(std::vector<llama_token> &tokens, float *logits, int32_t n_vocab) const {
+        return stop_ != nullptr && call(stop_, tokens, logits, n_vocab);
+    }
+
+  private:
+    static bool call(PyObject *hook, std::vector<llama_token> &tokens, float *logits, int32_t n_vocab) {
+        nb::gil_scoped_acquire gil;
+        nb::object ids = view(tokens.data(), tokens.size() * sizeof(llama_token), "i");
+        nb::object scores = view(logits, static_cast<size_t>(n_vocab) * sizeof(float), "f");
+        nb::object result = nb::steal(PyObject_CallFunctionObjArgs(hook, ids.ptr(), scores.ptr(), nullptr));
+        if (!result.is_valid()) throw nb::python_error();
+        const int truthy = PyObject_IsTrue(result.ptr());
+        if (truthy < 0) throw nb::python_error();
+        return truthy == 1;
+    }
+
+    static nb::object view(void *data, size_t bytes, const char *format) {
+        nb::object raw = nb::steal(PyMemoryView_FromMemory(static_cast<char *>(data), static_cast<Py_ssize_t>(bytes), PyBUF_WRITE));
+        if (!raw.is_valid()) throw nb::python_error();
+        return raw.attr("cast")(format);
+    }
+
+    PyObject *logits_;
+    PyObject *stop_;
+};
+
 struct GenerateOptions {
     int32_t max_tokens = 0;  // <= 0: until the context is full
     std::vector<std::string> stop;
     int32_t n_probs = -1;          // -1: no logprobs; k >= 0: the token's and the top k
     bool prompt_logprobs = false;  // also the logprobs of prompt tokens (evaluates it whole)
     Cancellation cancellation;
+    std::shared_ptr<PyHooks> hooks;
 };
 
 struct GenerationResult {
@@ -1798,6 +1850,9 @@ class Generation {
             n_reused_ = state_->load_prompt(prompt_);
         }
         epoch_ = state_->epoch;
+        if (options_.hooks) {
+            history_ = prompt_;
+        }
         // Penalties see the prompt, as in llama-server; the grammar does not (it constrains
         // the generated text only).
         if (chain_) {
@@ -1864,6 +1919,13 @@ class Generation {
             throw CancelledError("the generation was cancelled");
         }
         llama_context *ctx = state_->get();
+        const int32_t n_vocab = llama_vocab_n_tokens(state_->vocab);
+        std::vector<float> raw_logits;  // logprobs are of the model's logits, before any hook
+        if (options_.hooks && options_.hooks->has_logits_hook()) {
+            float *logits = const_cast<float *>(last_logits(ctx));
+            if (options_.n_probs >= 0) raw_logits.assign(logits, logits + n_vocab);
+            options_.hooks->process_logits(history_, logits, n_vocab);
+        }
         const llama_token token = sample(ctx);
         if (llama_vocab_is_eog(state_->vocab, token)) {
             finish("stop", chunk);
@@ -1872,14 +1934,22 @@ class Generation {
         generated_.push_back(token);
         chunk.tokens.push_back(token);
         if (options_.n_probs >= 0) {
-            chunk.logprobs.push_back(
-                logprob_of(last_logits(ctx), llama_vocab_n_tokens(state_->vocab), token, options_.n_probs));
+            const float *logits = raw_logits.empty() ? last_logits(ctx) : raw_logits.data();
+            chunk.logprobs.push_back(logprob_of(logits, n_vocab, token, options_.n_probs));
         }
         bool stopped = false;
         chunk.text += stop_.push(decoder_.push(Model::piece_with(state_->vocab, token, false)), stopped);
         if (stopped) {
             finish_reason_ = "stop";
             return;
+        }
+        if (options_.hooks) {
+            history_.push_back(token);
+            // As llama-cpp-python: the token that triggered the stop is part of the text.
+            if (options_.hooks->should_stop(history_, const_cast<float *>(last_logits(ctx)), n_vocab)) {
+                finish("stop", chunk);
+                return;
+            }
         }
         if (options_.max_tokens > 0 && static_cast<int32_t>(generated_.size()) >= options_.max_tokens) {
             finish("length", chunk);
@@ -1914,6 +1984,7 @@ class Generation {
     Utf8Decoder decoder_;
     std::vector<llama_token> generated_;
     std::vector<TokenLogprob> prompt_logprobs_;
+    std::vector<llama_token> history_;  // prompt + generated, for the Python hooks
     std::string finish_reason_;
     size_t n_reused_ = 0;
     uint64_t epoch_ = 0;
@@ -2010,7 +2081,16 @@ void bind_context(nb::module_ &m) {
         .def_rw("n_probs", &GenerateOptions::n_probs, "-1: no logprobs; k >= 0: logprob and top k.")
         .def_rw("prompt_logprobs", &GenerateOptions::prompt_logprobs,
                 "Also score the prompt's tokens (evaluates the whole prompt).")
-        .def_rw("cancellation", &GenerateOptions::cancellation);
+        .def_rw("cancellation", &GenerateOptions::cancellation)
+        .def(
+            "set_hooks",
+            [](GenerateOptions &self, nb::object logits_hook, nb::object stop_hook) {
+                self.hooks = (logits_hook.is_none() && stop_hook.is_none())
+                                 ? nullptr
+                                 : std::make_shared<PyHooks>(std::move(logits_hook), std::move(stop_hook));
+            },
+            "logits_hook"_a.none(), "stop_hook"_a.none(),
+            "Per-token Python hooks, called as hook(token_ids, logits) over memoryviews (slow path).");
 
     nb::class_<TokenLogprob>(m, "TokenLogprob", "log_softmax of the raw logits at a token.")
         .def_ro("token", &TokenLogprob::token)

@@ -30,6 +30,7 @@ from llama_cpp.errors import (
     ModelLoadError,
 )
 from llama_cpp.grammar import LlamaGrammar
+from llama_cpp.hooks import LogitsProcessorList, StoppingCriteriaList
 from llama_cpp.llama import Completion, Llama, Perf
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
 from llama_cpp.state import LlamaState
@@ -50,10 +51,12 @@ __all__ = [
     "LlamaError",
     "LlamaGrammar",
     "LlamaState",
+    "LogitsProcessorList",
     "LoraAdapter",
     "ModelLoadError",
     "Perf",
     "SamplingParams",
+    "StoppingCriteriaList",
     "__version__",
     "build_info",
     "devices",

@@ -551,6 +551,11 @@ class GenerateOptions:
     @cancellation.setter
     def cancellation(self, arg: Cancellation, /) -> None: ...
 
+    def set_hooks(self, logits_hook: object | None, stop_hook: object | None) -> None:
+        """
+        Per-token Python hooks, called as hook(token_ids, logits) over memoryviews (slow path).
+        """
+
 class TokenLogprob:
     """log_softmax of the raw logits at a token."""
 

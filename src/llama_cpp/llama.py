@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequenc
 from dataclasses import dataclass, replace
 from typing import Any, Literal, cast, overload
 
-from llama_cpp import _async, _core
+from llama_cpp import _async, _core, hooks
 from llama_cpp._completion import CompletionBuilder, finish_reason, generate_options
 from llama_cpp._core import LoraAdapter
 from llama_cpp.config import DEFAULTS, LlamaConfig
 from llama_cpp.errors import InvalidArgumentError
 from llama_cpp.grammar import LlamaGrammar
+from llama_cpp.hooks import LogitsProcessor, StoppingCriteria
 from llama_cpp.llama_types import CreateCompletionResponse, CreateEmbeddingResponse, FinishReason
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
 from llama_cpp.state import LlamaState
@@ -641,6 +642,8 @@ class Llama:
         model: str | None = ...,
         logit_bias: Mapping[int, float] | None = ...,
         grammar: LlamaGrammar | None = ...,
+        logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = ...,
+        stopping_criteria: StoppingCriteria | Sequence[StoppingCriteria] | None = ...,
     ) -> CreateCompletionResponse: ...
 
     @overload
@@ -669,6 +672,8 @@ class Llama:
         model: str | None = ...,
         logit_bias: Mapping[int, float] | None = ...,
         grammar: LlamaGrammar | None = ...,
+        logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = ...,
+        stopping_criteria: StoppingCriteria | Sequence[StoppingCriteria] | None = ...,
     ) -> Iterator[CreateCompletionResponse]: ...
 
     def create_completion(  # noqa: PLR0917 - llama-cpp-python passes these positionally too
@@ -695,6 +700,8 @@ class Llama:
         model: str | None = None,
         logit_bias: Mapping[int, float] | None = None,
         grammar: LlamaGrammar | None = None,
+        logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
+        stopping_criteria: StoppingCriteria | Sequence[StoppingCriteria] | None = None,
     ) -> CreateCompletionResponse | Iterator[CreateCompletionResponse]:
         """Complete ``prompt``, returning llama-cpp-python's (OpenAI's) completion dict.
 
@@ -702,6 +709,8 @@ class Llama:
         chunk dicts is returned instead; the last chunk carries ``finish_reason``.
         ``logprobs=k`` adds, per token, the log-softmax of the model's raw logits and the k most
         likely alternatives; with ``echo=True`` the prompt's tokens are scored too.
+        ``logits_processor`` / ``stopping_criteria`` are per-token Python hooks (the slow path,
+        see :mod:`llama_cpp.hooks`).
 
         Raises:
             ContextOverflowError: The prompt does not fit in the context window.
@@ -732,6 +741,8 @@ class Llama:
             mirostat_eta=mirostat_eta,
             logit_bias=dict(logit_bias or {}),
             grammar=grammar,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
         )
 
     __call__ = create_completion
@@ -748,6 +759,8 @@ class Llama:
         echo: bool = False,
         stop: str | Sequence[str] | None = None,
         model: str | None = None,
+        logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
+        stopping_criteria: StoppingCriteria | Sequence[StoppingCriteria] | None = None,
         **sampling: Any,
     ) -> CreateCompletionResponse | Iterator[CreateCompletionResponse]:
         if suffix is not None:
@@ -764,6 +777,7 @@ class Llama:
         options = generate_options(
             max_tokens, stop, logprobs=logprobs, prompt_logprobs=echo, cancellation=cancellation
         )
+        hooks.install(options, logits_processor, stopping_criteria)
         config = self._sampling(None, sampling)
         if stream:
             return builder.stream(self._token_stream(prompt_tokens, config, options))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -9,8 +11,10 @@ import pytest
 from llama_cpp import Llama, LogitsProcessorList, StoppingCriteriaList
 from llama_cpp.testing import byte_token
 
+Processor = Callable[[npt.NDArray[np.intc], npt.NDArray[np.single]], npt.NDArray[np.single]]
 
-def ban(token: int):  # noqa: ANN201 - a llama-cpp-python style processor
+
+def ban(token: int) -> Processor:
     def processor(input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]) -> npt.NDArray[np.single]:
         scores[token] = -np.inf
         return scores

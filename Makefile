@@ -41,6 +41,7 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/bench_decode.py
+	$(PY) benchmarks/bench_api.py
 
 clean:
 	rm -rf build .venv lib include models

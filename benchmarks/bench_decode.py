@@ -33,13 +33,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import llama_cpp
 from llama_cpp import Llama, SamplingParams
 from llama_cpp.testing import TinyModelSpec, write_tiny_llama
 from llama_cpp.testing.default_model import ensure_default_model
+from llama_cpp.testing.reference import reference_python
 
 ROOT = Path(__file__).resolve().parent.parent
-LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 
 # Runs inside llama-cpp-python's venv: the same measurement as measure_ours().
 THEIR_SCRIPT = """
@@ -100,6 +99,8 @@ def native_tps(model: Path, cfg: Settings) -> float:
             str(cfg.threads),
             "-r",
             str(cfg.reps),
+            "-fa",
+            "0",  # flash attention off: llama_cpp's and llama-cpp-python's default
             "-o",
             "json",
         ],
@@ -134,24 +135,6 @@ def measure_ours(model: Path, cfg: Settings) -> tuple[float, float, str]:
             stream_rates.append(n / (time.perf_counter() - start))
             assert streamed == text
     return statistics.median(completion_rates), statistics.median(stream_rates), text
-
-
-def llama_cpp_python() -> Path:
-    """A cached venv with llama-cpp-python built from the verified sdist that setup_llama uses."""
-    venv = cache_dir() / "llama-cpp-python-0.3.36"
-    python = venv / "bin" / "python"
-    if (venv / ".complete").exists():
-        return python
-    sdist = Path(llama_cpp.build_info().get("source_dir", "")).parent.parent / "sdist"
-    archive = sdist / "llama_cpp_python-0.3.36.tar.gz"
-    requirement = str(archive) if archive.exists() else LLAMA_CPP_PYTHON
-    print(f"[bench] building {LLAMA_CPP_PYTHON} into {venv} (once; 5-10 minutes)", file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", requirement], check=True
-    )
-    (venv / ".complete").write_text(LLAMA_CPP_PYTHON + "\n")
-    return python
 
 
 def measure_theirs(python: Path, model: Path, cfg: Settings) -> tuple[float, str]:
@@ -211,7 +194,7 @@ def main() -> int:
             cache_dir() / "tiny-successor-1-layer.gguf", TinyModelSpec(n_layer=1, n_ff=16)
         ),
     }
-    theirs_python = None if args.skip_llama_cpp_python else llama_cpp_python()
+    theirs_python = None if args.skip_llama_cpp_python else reference_python()
     rows = []
     for name, model in models.items():
         # Rounds alternate the three engines, so that a slow spell of the machine hits all

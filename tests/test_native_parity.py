@@ -64,6 +64,8 @@ def test_greedy_text_equals_llama_completion(gemma: Llama, default_model_path: P
             "2048",
             "-t",
             "2",
+            "-fa",
+            "off",  # llama_cpp's default (as llama-cpp-python's)
         ],
         check=True,
         capture_output=True,

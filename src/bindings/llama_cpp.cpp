@@ -174,6 +174,20 @@ LogState &log_state() {
 thread_local std::string tl_log_line;
 thread_local int tl_log_level = GGML_LOG_LEVEL_INFO;
 thread_local std::string tl_last_errors;
+thread_local bool tl_quiet = false;  // verbose=False: only errors, for this thread's current call
+
+// Drops this thread's non-error log lines for its lifetime (llama-cpp-python's verbose=False,
+// without touching the process-wide threshold that other threads rely on).
+class QuietScope {
+  public:
+    explicit QuietScope(bool quiet) : previous_(tl_quiet) { tl_quiet = quiet; }
+    ~QuietScope() { tl_quiet = previous_; }
+    QuietScope(const QuietScope &) = delete;
+    QuietScope &operator=(const QuietScope &) = delete;
+
+  private:
+    bool previous_;
+};
 
 bool python_is_finalizing() {
 #if PY_VERSION_HEX >= 0x030D0000
@@ -193,7 +207,7 @@ void emit_log_line(int level, const std::string &line) {
             tl_last_errors.erase(0, tl_last_errors.size() - 4096);
         }
     }
-    if (level < log_state().min_level.load(std::memory_order_relaxed)) {
+    if (level < log_state().min_level.load(std::memory_order_relaxed) || (tl_quiet && level < GGML_LOG_LEVEL_ERROR)) {
         return;
     }
     if (!Py_IsInitialized() || python_is_finalizing()) {
@@ -352,6 +366,7 @@ struct ModelOptions {
     bool use_mmap = true;
     bool use_mlock = false;
     bool check_tensors = false;
+    bool verbose = true;  // false: llama.cpp logs only errors while loading
     // GGUF metadata overrides (llama-cpp-python's kv_overrides); bool before int64 so that
     // Python's True stays a bool.
     std::vector<std::pair<std::string, std::variant<bool, int64_t, double, std::string>>> kv_overrides;
@@ -368,6 +383,7 @@ std::string format_size(uint64_t bytes) {
 class Model {
   public:
     Model(const std::string &path, const ModelOptions &options) : path_(path) {
+        QuietScope quiet(!options.verbose);
         struct stat st {};
         if (::stat(path.c_str(), &st) != 0) {
             throw ModelLoadError("model file not found: '" + path + "'");
@@ -691,6 +707,7 @@ void bind_model(nb::module_ &m) {
         .def_rw("use_mmap", &ModelOptions::use_mmap)
         .def_rw("use_mlock", &ModelOptions::use_mlock)
         .def_rw("check_tensors", &ModelOptions::check_tensors)
+        .def_rw("verbose", &ModelOptions::verbose)
         .def_rw("kv_overrides", &ModelOptions::kv_overrides);
 
     nb::class_<LoraAdapter>(m, "LoraAdapter", "A LoRA adapter loaded for one model.")
@@ -1145,6 +1162,7 @@ struct ContextOptions {
     int32_t type_v = -1;
     uint32_t n_seq_max = 1;
     bool kv_unified = false;
+    bool verbose = true;  // false: llama.cpp logs only errors while creating the context
 };
 
 struct PerfData {
@@ -1315,6 +1333,7 @@ class ContextLock {
 class Context {
   public:
     Context(const Model &model, const ContextOptions &options) : state_(std::make_shared<ContextState>()) {
+        QuietScope quiet(!options.verbose);
         state_->model = model.handle();
         state_->vocab = llama_model_get_vocab(state_->model.get());
         if (options.n_batch == 0) throw InvalidArgumentError("n_batch must be >= 1");
@@ -2059,7 +2078,8 @@ void bind_context(nb::module_ &m) {
         .def_rw("type_k", &ContextOptions::type_k)
         .def_rw("type_v", &ContextOptions::type_v)
         .def_rw("n_seq_max", &ContextOptions::n_seq_max)
-        .def_rw("kv_unified", &ContextOptions::kv_unified);
+        .def_rw("kv_unified", &ContextOptions::kv_unified)
+        .def_rw("verbose", &ContextOptions::verbose);
 
     nb::class_<PerfData>(m, "PerfData", "llama.cpp's context timings since the last reset.")
         .def_ro("t_load_ms", &PerfData::t_load_ms)

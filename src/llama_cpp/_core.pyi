@@ -154,6 +154,12 @@ class ModelOptions:
     def check_tensors(self, arg: bool, /) -> None: ...
 
     @property
+    def verbose(self) -> bool: ...
+
+    @verbose.setter
+    def verbose(self, arg: bool, /) -> None: ...
+
+    @property
     def kv_overrides(self) -> list[tuple[str, bool | int | float | str]]: ...
 
     @kv_overrides.setter
@@ -479,6 +485,12 @@ class ContextOptions:
 
     @kv_unified.setter
     def kv_unified(self, arg: bool, /) -> None: ...
+
+    @property
+    def verbose(self) -> bool: ...
+
+    @verbose.setter
+    def verbose(self, arg: bool, /) -> None: ...
 
 class PerfData:
     """llama.cpp's context timings since the last reset."""

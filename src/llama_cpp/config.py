@@ -41,7 +41,7 @@ class LlamaConfig:
     n_ubatch: int | None = None
     n_threads: int | None = None
     n_threads_batch: int | None = None
-    flash_attn: bool | None = None
+    flash_attn: bool | None = False
     offload_kqv: bool = True
     embedding: bool = False
     pooling_type: int = -1
@@ -81,6 +81,7 @@ class LlamaConfig:
         options.use_mmap = self.use_mmap
         options.use_mlock = self.use_mlock
         options.kv_overrides = list((self.kv_overrides or {}).items())
+        options.verbose = self.verbose
         return options
 
     def context_options(self) -> _core.ContextOptions:
@@ -91,13 +92,10 @@ class LlamaConfig:
         options.n_ubatch = self.n_ubatch or self.n_batch
         options.n_threads = threads
         options.n_threads_batch = self.n_threads_batch or threads
-        flash_attn = self.flash_attn
-        if flash_attn is None and self.embedding:
-            # At the pinned llama.cpp, flash attention on the CPU mixes up sequences that share
-            # a batch (Gemma 3: an input's vectors change with its batch neighbours); embedding
-            # contexts batch several inputs, so they default to the exact path.
-            flash_attn = False
-        options.flash_attn = -1 if flash_attn is None else int(flash_attn)
+        # Off by default, as in llama-cpp-python. At the pinned llama.cpp, flash attention on the
+        # CPU also changes results with the cache layout: a reused prefix or a batch neighbour
+        # (embeddings) alters the output, where the default path gives the same tokens.
+        options.flash_attn = -1 if self.flash_attn is None else int(self.flash_attn)
         options.offload_kqv = self.offload_kqv
         options.embeddings = self.embedding
         options.pooling_type = self.pooling_type
@@ -117,6 +115,7 @@ class LlamaConfig:
         options.yarn_orig_ctx = self.yarn_orig_ctx
         options.type_k = -1 if self.type_k is None else self.type_k
         options.type_v = -1 if self.type_v is None else self.type_v
+        options.verbose = self.verbose
         return options
 
 

@@ -98,8 +98,8 @@ class Llama:
         n_ubatch: Physical batch size (defaults to ``n_batch``).
         n_threads: Threads for generation (default: the CPUs this process may use).
         n_threads_batch: Threads for prompt processing (default: same as ``n_threads``).
-        flash_attn: Use flash attention (None: let llama.cpp decide; off for embedding contexts,
-            see the README).
+        flash_attn: Use flash attention (None: let llama.cpp decide). Off by default, as in
+            llama-cpp-python; see the README for why it stays off on the CPU.
         offload_kqv: Keep the KV cache on the GPU when layers are offloaded.
         embedding: Create the context for :meth:`embed` / :meth:`create_embedding`.
         pooling_type: -1 the model's, 0 none (a vector per token), 1 mean, 2 CLS, 3 last, 4 rank.
@@ -107,7 +107,8 @@ class Llama:
         type_k, type_v: KV cache data types (ggml type ids).
         lora_path: A LoRA adapter to apply from the start (see :meth:`load_lora`).
         lora_scale: Its scale.
-        verbose: Accepted for compatibility; llama.cpp's log always goes to ``logging``.
+        verbose: False keeps llama.cpp quiet while this model and context are created (errors
+            still reach ``logging``); llama.cpp's log otherwise goes to the ``llama_cpp`` logger.
 
     Raises:
         ModelLoadError: The file is missing, unreadable or not a loadable GGUF model.
@@ -133,7 +134,7 @@ class Llama:
         n_ubatch: int | None = None,
         n_threads: int | None = None,
         n_threads_batch: int | None = None,
-        flash_attn: bool | None = None,
+        flash_attn: bool | None = False,
         offload_kqv: bool = True,
         embedding: bool = False,
         pooling_type: int = -1,
@@ -357,7 +358,7 @@ class Llama:
     def embed(
         self,
         input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
-        normalize: bool = True,
+        normalize: bool = False,
         truncate: bool = True,
     ) -> list[float] | list[list[float]] | list[list[list[float]]]:
         """Embeddings of a text (or token list), or of each of several.
@@ -369,7 +370,7 @@ class Llama:
 
         Args:
             input: A string or token list, or a list of them.
-            normalize: Scale each vector to unit L2 norm.
+            normalize: Scale each vector to unit L2 norm (off by default, as in llama-cpp-python).
             truncate: Cut inputs longer than ``n_batch`` (otherwise ContextOverflowError).
 
         Raises:
@@ -382,8 +383,8 @@ class Llama:
     def create_embedding(
         self, input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]], model: str | None = None
     ) -> CreateEmbeddingResponse:
-        """OpenAI's embeddings response for ``input`` (normalized vectors, as llama-cpp-python)."""
-        _, vectors, n_tokens = self._embed(input, True, True)
+        """OpenAI's embeddings response for ``input`` (vectors as :meth:`embed` gives them)."""
+        _, vectors, n_tokens = self._embed(input, False, True)
         pooled = self.context.pooling_type() != 0
         return {
             "object": "list",

@@ -36,6 +36,7 @@ int main(int argc, char **argv) {
     cparams.n_ctx = std::atoi(argv[4]);
     cparams.n_batch = cparams.n_ctx;
     cparams.n_threads = cparams.n_threads_batch = std::atoi(argv[5]);
+    cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;  // llama_cpp's default, as llama-cpp-python's
     llama_context *ctx = llama_init_from_model(model, cparams);
     if (ctx == nullptr) return 1;
 

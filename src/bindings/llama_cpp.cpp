@@ -29,6 +29,10 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <cerrno>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <cstring>
 #include <iterator>
 #include <memory>
@@ -41,7 +45,12 @@
 #include <variant>
 #include <vector>
 
+#include <fcntl.h>
+#include <netdb.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -321,6 +330,78 @@ std::vector<Device> list_devices() {
     return devices;
 }
 
+// -- RPC: llama.cpp's RPC backend puts layers on ggml-rpc-server processes, here or on other
+// machines. A server's devices are registered once per process (llama.cpp keeps them);
+// which ones a model uses is chosen per model (see Model::offload_devices).
+
+std::mutex rpc_mutex;
+std::vector<std::string> rpc_endpoints;  // registered, in order
+
+// Whether a TCP connection to host:port succeeds within `timeout_ms`. llama.cpp's RPC client
+// aborts the process when it cannot connect, so every endpoint is probed first.
+bool tcp_reachable(const std::string &host, const std::string &port, int timeout_ms) {
+    addrinfo hints{};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    addrinfo *found = nullptr;
+    if (getaddrinfo(host.c_str(), port.c_str(), &hints, &found) != 0) return false;
+    std::unique_ptr<addrinfo, decltype(&freeaddrinfo)> addresses(found, &freeaddrinfo);
+    for (addrinfo *a = found; a != nullptr; a = a->ai_next) {
+        const int fd = ::socket(a->ai_family, a->ai_socktype, a->ai_protocol);
+        if (fd < 0) continue;
+        ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL, 0) | O_NONBLOCK);
+        bool ok = ::connect(fd, a->ai_addr, a->ai_addrlen) == 0;
+        if (!ok && errno == EINPROGRESS) {
+            pollfd p{fd, POLLOUT, 0};
+            int err = 0;
+            socklen_t len = sizeof(err);
+            ok = ::poll(&p, 1, timeout_ms) == 1 && ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err == 0;
+        }
+        ::close(fd);
+        if (ok) return true;
+    }
+    return false;
+}
+
+void rpc_register(const std::vector<std::string> &endpoints) {
+    std::lock_guard<std::mutex> lock(rpc_mutex);
+    for (const auto &endpoint : endpoints) {
+        const size_t colon = endpoint.rfind(':');
+        if (colon == std::string::npos || colon == 0 || colon + 1 == endpoint.size() ||
+            endpoint.find_first_not_of("0123456789", colon + 1) != std::string::npos) {
+            throw InvalidArgumentError("an RPC server is 'host:port', got '" + endpoint + "'");
+        }
+        if (std::find(rpc_endpoints.begin(), rpc_endpoints.end(), endpoint) != rpc_endpoints.end()) {
+            continue;
+        }
+        std::string host = endpoint.substr(0, colon);
+        if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+        if (!tcp_reachable(host, endpoint.substr(colon + 1), 5000)) {
+            throw LlamaError("cannot reach the RPC server at " + endpoint + " (is ggml-rpc-server running there?)");
+        }
+        ggml_backend_reg_t rpc = ggml_backend_reg_by_name("RPC");
+        if (rpc == nullptr) {
+            throw LlamaError("this build of llama.cpp has no RPC backend (GGML_RPC=OFF)");
+        }
+        using add_server_t = ggml_backend_reg_t (*)(const char *);
+        auto add_server = reinterpret_cast<add_server_t>(ggml_backend_reg_get_proc_address(rpc, "ggml_backend_rpc_add_server"));
+        if (add_server == nullptr) {
+            throw LlamaError("the RPC backend does not export ggml_backend_rpc_add_server");
+        }
+        ggml_backend_reg_t reg = add_server(endpoint.c_str());
+        if (reg == nullptr) {
+            throw LlamaError("cannot reach the RPC server at " + endpoint + " (is ggml-rpc-server running there?)");
+        }
+        ggml_backend_register(reg);
+        rpc_endpoints.push_back(endpoint);
+    }
+}
+
+bool is_rpc_device(ggml_backend_dev_t dev) {
+    const std::string reg = ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev));
+    return reg.rfind("RPC", 0) == 0;
+}
+
 void bind_backend(nb::module_ &m) {
     m.def("backend_init", &backend_init, "backend_dir"_a,
           "Load backend modules from ``backend_dir`` (portable builds) and initialise llama.cpp. "
@@ -346,14 +427,27 @@ void bind_backend(nb::module_ &m) {
                    d.description + "')";
         });
     m.def("devices", &list_devices, "The devices of every loaded backend.");
+    m.def("rpc_register", &rpc_register, "endpoints"_a, nb::call_guard<nb::gil_scoped_release>(),
+          "Connect to ggml-rpc-server processes ('host:port') and register their devices.");
 }
 
 // =====================================================================================
 // Model
 // =====================================================================================
 
+// Hands freed heap memory back to the OS at once (glibc keeps it in its arenas otherwise), so
+// that closing a model or context shows in the process's RSS.
+void release_free_memory() {
+#ifdef __GLIBC__
+    malloc_trim(0);
+#endif
+}
+
 struct ModelDeleter {
-    void operator()(llama_model *model) const { llama_model_free(model); }
+    void operator()(llama_model *model) const {
+        llama_model_free(model);
+        release_free_memory();
+    }
 };
 using ModelHandle = std::shared_ptr<llama_model>;
 
@@ -367,6 +461,7 @@ struct ModelOptions {
     bool use_mlock = false;
     bool check_tensors = false;
     bool verbose = true;  // false: llama.cpp logs only errors while loading
+    std::vector<std::string> rpc_servers;  // offload to these servers' devices (and no other server's)
     // GGUF metadata overrides (llama-cpp-python's kv_overrides); bool before int64 so that
     // Python's True stays a bool.
     std::vector<std::pair<std::string, std::variant<bool, int64_t, double, std::string>>> kv_overrides;
@@ -414,6 +509,11 @@ class Model {
             tensor_split_.resize(llama_max_devices(), 0.0f);
             params.tensor_split = tensor_split_.data();
         }
+        if (!options.rpc_servers.empty()) {
+            rpc_register(options.rpc_servers);
+        }
+        devices_ = offload_devices(options.rpc_servers);
+        params.devices = devices_.data();
         params.vocab_only = options.vocab_only;
         // llama-cpp-python's use_mmap/use_mlock map onto llama.cpp's load mode.
         if (options.use_mlock) {
@@ -648,8 +748,34 @@ class Model {
         return out;
     }
 
+    // The devices layers may go to: every local accelerator, and the RPC servers this model
+    // asked for (not those another model registered in this process). Null-terminated.
+    // Local devices are chosen as llama.cpp chooses them when given none: the GPUs, or the
+    // integrated GPUs if there is no discrete one (CPU and accelerator devices never hold layers).
+    static std::vector<ggml_backend_dev_t> offload_devices(const std::vector<std::string> &rpc_servers) {
+        std::vector<ggml_backend_dev_t> gpus, igpus, out;
+        for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+            ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+            if (is_rpc_device(dev)) {
+                const std::string endpoint = ggml_backend_dev_description(dev);
+                if (std::find(rpc_servers.begin(), rpc_servers.end(), endpoint) != rpc_servers.end()) {
+                    out.push_back(dev);
+                }
+            } else if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU) {
+                gpus.push_back(dev);
+            } else if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_IGPU) {
+                igpus.push_back(dev);
+            }
+        }
+        const auto &local = gpus.empty() ? igpus : gpus;
+        out.insert(out.end(), local.begin(), local.end());
+        out.push_back(nullptr);
+        return out;
+    }
+
     std::vector<float> tensor_split_;  // must outlive the load call
     std::vector<llama_model_kv_override> kv_overrides_;
+    std::vector<ggml_backend_dev_t> devices_;
 };
 
 template <typename F>
@@ -708,6 +834,7 @@ void bind_model(nb::module_ &m) {
         .def_rw("use_mlock", &ModelOptions::use_mlock)
         .def_rw("check_tensors", &ModelOptions::check_tensors)
         .def_rw("verbose", &ModelOptions::verbose)
+        .def_rw("rpc_servers", &ModelOptions::rpc_servers)
         .def_rw("kv_overrides", &ModelOptions::kv_overrides);
 
     nb::class_<LoraAdapter>(m, "LoraAdapter", "A LoRA adapter loaded for one model.")
@@ -1126,7 +1253,10 @@ TokenLogprob logprob_of(const float *logits, int32_t n_vocab, llama_token token,
 // =====================================================================================
 
 struct ContextDeleter {
-    void operator()(llama_context *ctx) const { llama_free(ctx); }
+    void operator()(llama_context *ctx) const {
+        llama_free(ctx);
+        release_free_memory();
+    }
 };
 struct BatchOwner {
     llama_batch batch{};

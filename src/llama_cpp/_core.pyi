@@ -100,6 +100,11 @@ class Device:
 def devices() -> list[Device]:
     """The devices of every loaded backend."""
 
+def rpc_register(endpoints: Sequence[str]) -> None:
+    """
+    Connect to ggml-rpc-server processes ('host:port') and register their devices.
+    """
+
 class ModelOptions:
     """Options for loading a model (llama_model_params)."""
 
@@ -158,6 +163,12 @@ class ModelOptions:
 
     @verbose.setter
     def verbose(self, arg: bool, /) -> None: ...
+
+    @property
+    def rpc_servers(self) -> list[str]: ...
+
+    @rpc_servers.setter
+    def rpc_servers(self, arg: Sequence[str], /) -> None: ...
 
     @property
     def kv_overrides(self) -> list[tuple[str, bool | int | float | str]]: ...

@@ -35,6 +35,7 @@ class LlamaConfig:
     use_mmap: bool = True
     use_mlock: bool = False
     kv_overrides: Mapping[str, bool | int | float | str] | None = None
+    rpc_servers: str | Sequence[str] | None = None
     seed: int = DEFAULT_SEED
     n_ctx: int = 512
     n_batch: int = 512
@@ -82,6 +83,10 @@ class LlamaConfig:
         options.use_mlock = self.use_mlock
         options.kv_overrides = list((self.kv_overrides or {}).items())
         options.verbose = self.verbose
+        if isinstance(self.rpc_servers, str):  # llama-cpp-python's "host:port,host:port"
+            options.rpc_servers = [s.strip() for s in self.rpc_servers.split(",") if s.strip()]
+        else:
+            options.rpc_servers = list(self.rpc_servers or [])
         return options
 
     def context_options(self) -> _core.ContextOptions:

@@ -92,6 +92,8 @@ class Llama:
         use_mmap: Map the file instead of reading it.
         use_mlock: Lock the weights in RAM.
         kv_overrides: GGUF metadata to override at load (bool, int, float or str values).
+        rpc_servers: ``ggml-rpc-server`` endpoints ("host:port", a list or llama-cpp-python's
+            comma-separated string) whose devices take offloaded layers (see ``n_gpu_layers``).
         seed: Default sampling seed (``DEFAULT_SEED`` or -1: random each generation).
         n_ctx: Context window in tokens (0: the model's training context).
         n_batch: Largest number of tokens decoded in one llama_decode call.
@@ -128,6 +130,7 @@ class Llama:
         use_mmap: bool = True,
         use_mlock: bool = False,
         kv_overrides: Mapping[str, bool | int | float | str] | None = None,
+        rpc_servers: str | Sequence[str] | None = None,
         seed: int = DEFAULT_SEED,
         n_ctx: int = 512,
         n_batch: int = 512,

@@ -1,0 +1,90 @@
+"""rpc_servers: layers on a real ggml-rpc-server subprocess over 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import llama_cpp
+from llama_cpp import InvalidArgumentError, Llama, LlamaError, SamplingParams
+
+GREEDY = SamplingParams.greedy()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("rpc") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def rpc_server(server_log: Path) -> Iterator[str]:
+    port = free_port()
+    with server_log.open("w") as log:
+        server = subprocess.Popen(
+            [str(llama_cpp.lib_dir() / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    else:
+        server.kill()
+        pytest.fail("ggml-rpc-server did not start")
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.mark.timeout(120)
+def test_layers_on_an_rpc_server_give_the_same_tokens(
+    tiny_model_path: Path, rpc_server: str, server_log: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Llama(tiny_model_path, n_ctx=256) as local:
+        expected = local.generate("a", max_tokens=12, sampling=GREEDY)
+    with (
+        caplog.at_level(logging.INFO, logger="llama_cpp"),
+        Llama(tiny_model_path, n_ctx=256, rpc_servers=rpc_server, n_gpu_layers=-1) as remote,
+    ):
+        log = "\n".join(r.getMessage() for r in caplog.records)
+        assert "offloaded 3/3 layers to GPU" in log
+        assert re.search(rf"RPC\d+\[{re.escape(rpc_server)}\] model buffer size", log)
+        assert remote.generate("a", max_tokens=12, sampling=GREEDY) == expected
+        assert remote.generate("A", max_tokens=20, sampling=GREEDY) == "é😀世界"
+    assert any(d.description == rpc_server for d in llama_cpp.devices())
+    assert "Accepted client connection" in server_log.read_text()
+
+
+@pytest.mark.timeout(120)
+def test_other_models_do_not_use_a_registered_server(tiny_model_path: Path, rpc_server: str) -> None:
+    Llama(tiny_model_path, n_ctx=256, rpc_servers=[rpc_server], n_gpu_layers=-1).close()
+    # The server stays registered in the process, but a model that did not ask for it runs on
+    # the CPU: it still works after the server is gone from its device list.
+    with Llama(tiny_model_path, n_ctx=256, n_gpu_layers=-1) as local:
+        assert local.generate("a", max_tokens=3, sampling=GREEDY) == "bcd"
+
+
+def test_bad_endpoints_raise(tiny_model_path: Path) -> None:
+    with pytest.raises(InvalidArgumentError, match="an RPC server is 'host:port'"):
+        Llama(tiny_model_path, rpc_servers="localhost")
+    with pytest.raises(LlamaError, match=r"cannot reach the RPC server at 127\.0\.0\.1:"):
+        Llama(tiny_model_path, rpc_servers=f"127.0.0.1:{free_port()}")

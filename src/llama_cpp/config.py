@@ -58,6 +58,8 @@ class LlamaConfig:
     type_v: int | None = None
     lora_path: str | os.PathLike[str] | None = None
     lora_scale: float = 1.0
+    chat_format: str | None = None
+    chat_template: str | None = None
     verbose: bool = field(default=True, compare=False)
 
     def __post_init__(self) -> None:

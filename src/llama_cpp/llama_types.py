@@ -59,3 +59,62 @@ class CreateEmbeddingResponse(TypedDict):
     data: list[EmbeddingData]
     model: str
     usage: EmbeddingUsage
+
+
+class ChatCompletionTopLogprob(TypedDict):
+    token: str
+    bytes: list[int] | None
+    logprob: float
+
+
+class ChatCompletionTokenLogprob(TypedDict):
+    token: str
+    bytes: list[int] | None
+    logprob: float | None
+    top_logprobs: list[ChatCompletionTopLogprob]
+
+
+class ChatCompletionLogprobs(TypedDict):
+    content: list[ChatCompletionTokenLogprob] | None
+    refusal: list[ChatCompletionTokenLogprob] | None
+
+
+class ChatCompletionMessage(TypedDict):
+    role: Literal["assistant"]
+    content: str | None
+
+
+class ChatCompletionChoice(TypedDict):
+    index: int
+    message: ChatCompletionMessage
+    logprobs: ChatCompletionLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class CreateChatCompletionResponse(TypedDict):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: CompletionUsage
+
+
+class ChatCompletionDelta(TypedDict, total=False):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatCompletionChunkChoice(TypedDict):
+    index: int
+    delta: ChatCompletionDelta
+    logprobs: ChatCompletionLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(TypedDict):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChunkChoice]

@@ -71,6 +71,21 @@ llm.load_state(state)
 out = llm.create_completion("The three primary colors are", max_tokens=16, temperature=0)
 results["after_state_load"] = out["choices"][0]["text"]
 
+# chat (the default model has no template: llama-cpp-python's "llama-2" fallback)
+messages = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Name a fruit that is yellow."},
+]
+out = llm.create_chat_completion(messages=messages, max_tokens=24, temperature=0)
+results["chat"] = out["choices"][0]["message"]
+results["chat_finish"] = out["choices"][0]["finish_reason"]
+results["chat_object"] = out["object"]
+deltas = [
+    c["choices"][0]["delta"]
+    for c in llm.create_chat_completion(messages=messages, max_tokens=24, temperature=0, stream=True)
+]
+results["chat_stream_deltas"] = deltas
+
 # embeddings
 embedder = Llama(model_path=MODEL, n_ctx=512, n_threads=2, embedding=True, pooling_type=1, verbose=False)
 vectors = embedder.embed(["The cat sat on the mat.", "Quantum physics"])

@@ -1,0 +1,216 @@
+"""Chat completion: messages rendered to a prompt, completed, returned as OpenAI chat dicts.
+
+A model's own chat template (``tokenizer.chat_template`` in the GGUF) is rendered with
+Jinja2 in a sandbox, as llama-cpp-python and Hugging Face do; a model without one falls back
+to llama-cpp-python's ``"llama-2"`` format. ``chat_format`` picks a built-in format by name
+instead, ``chat_template`` a Jinja template of your own.
+
+Not here yet (see the project's issues): tool calls, ``response_format`` and per-family
+reasoning parsing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from llama_cpp.errors import InvalidArgumentError
+from llama_cpp.llama_types import (
+    ChatCompletionChunk,
+    ChatCompletionLogprobs,
+    ChatCompletionTokenLogprob,
+    ChatCompletionTopLogprob,
+    CompletionLogprobs,
+    CreateChatCompletionResponse,
+    CreateCompletionResponse,
+)
+
+if TYPE_CHECKING:
+    from jinja2 import Template
+
+Message = Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatPrompt:
+    """A rendered conversation.
+
+    Attributes:
+        prompt: The text to complete.
+        stop: Stop strings the format adds (e.g. the template's EOS text).
+        added_special: The text already holds BOS: do not add another when tokenizing.
+    """
+
+    prompt: str
+    stop: list[str] = field(default_factory=list)
+    added_special: bool = False
+
+
+ChatFormatter = Callable[..., ChatPrompt]  # (messages, **template_kwargs) -> ChatPrompt
+
+
+class Jinja2ChatFormatter:
+    """Renders a Jinja chat template in a sandbox, with the variables chat templates expect
+    (``messages``, ``bos_token``, ``eos_token``, ``add_generation_prompt``,
+    ``raise_exception``, ``strftime_now``)."""
+
+    def __init__(
+        self, template: str, *, bos_token: str, eos_token: str, add_generation_prompt: bool = True
+    ) -> None:
+        try:
+            import jinja2
+            import jinja2.ext
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError as error:  # pragma: no cover - jinja2 is a dependency
+            raise ImportError("chat templates need jinja2: pip install jinja2") from error
+        environment = ImmutableSandboxedEnvironment(
+            loader=jinja2.BaseLoader(),
+            trim_blocks=True,
+            lstrip_blocks=True,
+            extensions=[jinja2.ext.loopcontrols],
+        )
+        environment.filters["tojson"] = _tojson
+        try:
+            self._template: Template = environment.from_string(template)
+        except jinja2.TemplateError as error:
+            raise InvalidArgumentError(f"invalid chat template: {error}") from error
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.add_generation_prompt = add_generation_prompt
+
+    def __call__(self, messages: Sequence[Message], **kwargs: Any) -> ChatPrompt:
+        def raise_exception(message: str) -> None:
+            raise InvalidArgumentError(f"the chat template rejected the messages: {message}")
+
+        prompt = self._template.render(
+            messages=list(messages),
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            add_generation_prompt=self.add_generation_prompt,
+            raise_exception=raise_exception,
+            strftime_now=lambda fmt: datetime.now().strftime(fmt),
+            **kwargs,
+        )
+        return ChatPrompt(prompt=prompt, stop=[self.eos_token] if self.eos_token else [], added_special=True)
+
+
+def _tojson(
+    value: object, ensure_ascii: bool = False, indent: int | None = None, sort_keys: bool = False
+) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, sort_keys=sort_keys)
+
+
+def _content(message: Message) -> str | None:
+    content = message.get("content")
+    return content if isinstance(content, str) else None
+
+
+def format_llama2(messages: Sequence[Message], **kwargs: Any) -> ChatPrompt:
+    """llama-cpp-python's ``"llama-2"`` format (its fallback for models without a template)."""
+    roles = {"user": "<s>[INST]", "assistant": "[/INST]"}
+    system = next((_content(m) or "" for m in messages if m.get("role") == "system"), "")
+    if system:
+        system = f"[INST] <<SYS>>\n{system}\n<</SYS>>"
+    mapped = [(roles[m["role"]], _content(m)) for m in messages if m.get("role") in roles]
+    separators = [" ", "</s>"]
+    prompt = system + " "
+    for i, (role, text) in enumerate(mapped):
+        if system and i == 0:
+            prompt += (text or "") + separators[i % 2]
+        elif text:
+            prompt += role + text + " " + separators[i % 2]
+        else:
+            prompt += role + " "
+    return ChatPrompt(prompt=prompt + "[/INST]")
+
+
+def format_chatml(messages: Sequence[Message], **kwargs: Any) -> ChatPrompt:
+    """ChatML (``<|im_start|>role ... <|im_end|>``), as llama-cpp-python's ``"chatml"``."""
+    system = next((_content(m) or "" for m in messages if m.get("role") == "system"), "")
+    prompt = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+    for message in messages:
+        if message.get("role") in ("user", "assistant"):
+            prompt += f"<|im_start|>{message['role']}\n{_content(message) or ''}<|im_end|>\n"
+    return ChatPrompt(prompt=prompt + "<|im_start|>assistant\n", stop=["<|im_end|>"])
+
+
+#: Built-in formats, by llama-cpp-python's names.
+CHAT_FORMATS: dict[str, ChatFormatter] = {"llama-2": format_llama2, "chatml": format_chatml}
+
+
+def check_messages(messages: Sequence[Message]) -> None:
+    """Raise InvalidArgumentError unless every message has a known role and text content."""
+    if not messages:
+        raise InvalidArgumentError("messages is empty")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message:
+            raise InvalidArgumentError(f"messages[{i}] must be a dict with a 'role'")
+        if message["role"] not in ("system", "developer", "user", "assistant", "tool"):
+            raise InvalidArgumentError(f"messages[{i}] has an unknown role {message['role']!r}")
+
+
+# -- responses ------------------------------------------------------------------------------
+
+
+def _chat_logprobs(logprobs: CompletionLogprobs | None) -> ChatCompletionLogprobs | None:
+    if logprobs is None:
+        return None
+    content: list[ChatCompletionTokenLogprob] = []
+    for token, logprob, top in zip(
+        logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True
+    ):
+        alternatives: list[ChatCompletionTopLogprob] = [
+            {"token": t, "bytes": None, "logprob": v} for t, v in (top or {}).items()
+        ]
+        content.append({"token": token, "bytes": None, "logprob": logprob, "top_logprobs": alternatives})
+    return {"content": content, "refusal": None}
+
+
+def chat_response(completion: CreateCompletionResponse) -> CreateChatCompletionResponse:
+    """A chat.completion dict from a text completion (llama-cpp-python's conversion)."""
+    choice = completion["choices"][0]
+    return {
+        "id": "chat" + completion["id"],
+        "object": "chat.completion",
+        "created": completion["created"],
+        "model": completion["model"],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": choice["text"]},
+                "logprobs": _chat_logprobs(choice["logprobs"]),
+                "finish_reason": choice["finish_reason"],
+            }
+        ],
+        "usage": completion["usage"],
+    }
+
+
+def chat_chunks(chunks: Iterator[CreateCompletionResponse]) -> Iterator[ChatCompletionChunk]:
+    """chat.completion.chunk dicts: the role first, then content deltas, the finish reason last."""
+    for i, chunk in enumerate(chunks):
+        choice = chunk["choices"][0]
+        base = {"id": "chat" + chunk["id"], "model": chunk["model"], "created": chunk["created"]}
+        if i == 0:
+            yield {
+                **base,  # type: ignore[typeddict-item]
+                "object": "chat.completion.chunk",
+                "choices": [
+                    {"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}
+                ],
+            }
+        yield {
+            **base,  # type: ignore[typeddict-item]
+            "object": "chat.completion.chunk",
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"content": choice["text"]} if choice["finish_reason"] is None else {},
+                    "logprobs": _chat_logprobs(choice["logprobs"]),
+                    "finish_reason": choice["finish_reason"],
+                }
+            ],
+        }

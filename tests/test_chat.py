@@ -1,0 +1,143 @@
+"""create_chat_completion: templates (Jinja, sandboxed), built-in formats, the chat dicts."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from llama_cpp import InvalidArgumentError, Llama
+from llama_cpp.chat import format_chatml, format_llama2
+
+# Renders only the contents after BOS: the tiny model then continues the last character.
+CONCAT = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+USER_XY = [{"role": "user", "content": "xy"}]
+
+
+@pytest.fixture
+def chat(tiny_model_path: Path) -> Llama:
+    return Llama(tiny_model_path, n_ctx=256, chat_template=CONCAT)
+
+
+def test_a_jinja_template_renders_the_prompt(chat: Llama) -> None:
+    response = chat.create_chat_completion(USER_XY, max_tokens=3, temperature=0)
+    assert response["object"] == "chat.completion"
+    assert response["id"].startswith("chatcmpl-")
+    assert response["choices"][0]["message"] == {"role": "assistant", "content": "zab"}
+    assert response["choices"][0]["finish_reason"] == "length"
+    assert response["usage"]["prompt_tokens"] == 3  # <s> parsed as the BOS token, no second BOS
+
+
+def test_generation_ends_at_the_end_of_turn(chat: Llama) -> None:
+    response = chat.create_chat_completion([{"role": "user", "content": "B"}], max_tokens=20, temperature=0)
+    assert response["choices"][0]["message"]["content"] == "!"
+    assert response["choices"][0]["finish_reason"] == "stop"
+
+
+def test_streamed_chunks(chat: Llama) -> None:
+    chunks = list(chat.create_chat_completion(USER_XY, max_tokens=3, temperature=0, stream=True))
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "zab"
+    assert chunks[-1]["choices"][0]["delta"] == {}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert len({c["id"] for c in chunks}) == 1
+
+
+def test_async_twin_agrees(chat: Llama) -> None:
+    sync = chat.create_chat_completion(USER_XY, max_tokens=3, temperature=0)
+    response = asyncio.run(chat.create_chat_completion_async(USER_XY, max_tokens=3, temperature=0))
+    assert isinstance(response, dict)
+    assert response["choices"] == sync["choices"]
+
+
+def test_chat_logprobs(chat: Llama) -> None:
+    response = chat.create_chat_completion(
+        USER_XY, max_tokens=2, temperature=0, logprobs=True, top_logprobs=2
+    )
+    logprobs = response["choices"][0]["logprobs"]
+    assert logprobs is not None
+    assert logprobs["content"] is not None
+    assert [entry["token"] for entry in logprobs["content"]] == ["z", "a"]
+    assert all(entry["logprob"] is not None and entry["logprob"] > -0.01 for entry in logprobs["content"])
+
+
+def test_template_errors_are_typed(tiny_model_path: Path) -> None:
+    rejecting = "{{ raise_exception('roles must alternate') }}"
+    with (
+        Llama(tiny_model_path, n_ctx=256, chat_template=rejecting) as llm,
+        pytest.raises(InvalidArgumentError, match="roles must alternate"),
+    ):
+        llm.create_chat_completion(USER_XY)
+    with (
+        Llama(tiny_model_path, n_ctx=256, chat_template="{% for %}") as llm,
+        pytest.raises(InvalidArgumentError, match="invalid chat template"),
+    ):
+        llm.create_chat_completion(USER_XY)
+
+
+def test_the_sandbox_blocks_unsafe_templates(tiny_model_path: Path) -> None:
+    escape = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    with (
+        Llama(tiny_model_path, n_ctx=256, chat_template=escape) as llm,
+        pytest.raises(Exception, match="unsafe"),
+    ):
+        llm.create_chat_completion(USER_XY)
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        ([], "messages is empty"),
+        ([{"content": "x"}], "must be a dict with a 'role'"),
+        ([{"role": "x"}], "unknown role"),
+    ],
+)
+def test_bad_messages(chat: Llama, messages: list[dict[str, str]], message: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        chat.create_chat_completion(messages)
+
+
+def test_unsupported_options_say_so(chat: Llama) -> None:
+    with pytest.raises(NotImplementedError, match="tool calls"):
+        chat.create_chat_completion(USER_XY, tools=[{"type": "function", "function": {"name": "f"}}])
+    with pytest.raises(NotImplementedError, match="response_format"):
+        chat.create_chat_completion(USER_XY, response_format={"type": "json_object"})
+
+
+def test_builtin_formats() -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+    ]
+    assert format_llama2(messages).prompt == (
+        "[INST] <<SYS>>\nBe brief.\n<</SYS>> Hi [/INST]Hello </s><s>[INST]Bye  [/INST]"
+    )
+    chatml = format_chatml(messages)
+    assert chatml.prompt == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert chatml.stop == ["<|im_end|>"]
+
+
+def test_chat_format_by_name(tiny_model_path: Path) -> None:
+    with Llama(tiny_model_path, n_ctx=256, chat_format="chatml") as llm:
+        assert llm.chat_formatter() is format_chatml
+    with (
+        Llama(tiny_model_path, n_ctx=256, chat_format="nope") as llm,
+        pytest.raises(InvalidArgumentError, match="unknown chat_format 'nope'"),
+    ):
+        llm.create_chat_completion(USER_XY)
+
+
+def test_extra_keywords_reach_the_template(tiny_model_path: Path) -> None:
+    template = "{{ bos_token }}{% if shout %}XY{% else %}xy{% endif %}"
+    with Llama(tiny_model_path, n_ctx=256, chat_template=template) as llm:
+        quiet = llm.create_chat_completion(USER_XY, max_tokens=2, temperature=0)
+        loud = llm.create_chat_completion(USER_XY, max_tokens=2, temperature=0, shout=True)
+    assert quiet["choices"][0]["message"]["content"] == "za"
+    assert loud["choices"][0]["message"]["content"] != "za"  # the prompt ended in 'Y'

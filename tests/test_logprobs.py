@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llama_cpp import InvalidArgumentError, Llama, SamplingParams
-from llama_cpp._completion import generate_options
+from llama_cpp._options import generate_options
 from llama_cpp.testing import TinyModelSpec
 
 

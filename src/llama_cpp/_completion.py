@@ -1,47 +1,20 @@
-"""llama-cpp-python's completion API on top of the native token loop: option building and the
-OpenAI-style dicts (with logprobs) returned by :meth:`Llama.create_completion`."""
+"""llama-cpp-python's completion API on top of the native token loop: ``create_completion``
+(and its async twin) and the OpenAI-style dicts, with logprobs, that it returns."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Literal, overload
 
-from llama_cpp import _core
-from llama_cpp.errors import InvalidArgumentError
+from llama_cpp import _async, _core, hooks
+from llama_cpp._options import finish_reason, generate_options
+from llama_cpp.grammar import LlamaGrammar
+from llama_cpp.hooks import LogitsProcessor, StoppingCriteria
+from llama_cpp.llama_base import LlamaBase
 from llama_cpp.llama_types import CompletionLogprobs, CompletionUsage, CreateCompletionResponse, FinishReason
-
-
-def generate_options(
-    max_tokens: int | None,
-    stop: str | Sequence[str] | None,
-    *,
-    logprobs: int | None = None,
-    prompt_logprobs: bool = False,
-    cancellation: _core.Cancellation | None = None,
-) -> _core.GenerateOptions:
-    """The native options of one generation.
-
-    Raises:
-        InvalidArgumentError: ``logprobs`` is negative.
-    """
-    options = _core.GenerateOptions()
-    options.max_tokens = 0 if max_tokens is None or max_tokens <= 0 else max_tokens
-    options.stop = [stop] if isinstance(stop, str) else [s for s in stop or () if s]
-    if logprobs is not None:
-        if logprobs < 0:
-            raise InvalidArgumentError(f"logprobs must be >= 0 (top alternatives per token), got {logprobs}")
-        options.n_probs = logprobs
-        options.prompt_logprobs = prompt_logprobs
-    if cancellation is not None:
-        options.cancellation = cancellation
-    return options
-
-
-def finish_reason(reason: str | None) -> FinishReason:
-    """The OpenAI finish reason of a native one ('stop' or 'length')."""
-    return "length" if reason == "length" else "stop"
 
 
 @dataclass
@@ -154,3 +127,207 @@ class CompletionBuilder:
             if piece.text or piece.tokens:
                 yield self.chunk(piece.text, None, logprobs)
         yield self.chunk("", finish_reason(token_stream.finish_reason))
+
+
+class CompletionMixin(LlamaBase):
+    """llama-cpp-python's ``create_completion`` / ``__call__`` and the async twin."""
+
+    # -- llama-cpp-python's completion API ------------------------------------------------
+
+    @overload
+    def create_completion(
+        self,
+        prompt: str | Sequence[int],
+        suffix: str | None = ...,
+        max_tokens: int | None = ...,
+        temperature: float = ...,
+        top_p: float = ...,
+        min_p: float = ...,
+        typical_p: float = ...,
+        logprobs: int | None = ...,
+        echo: bool = ...,
+        stop: str | Sequence[str] | None = ...,
+        frequency_penalty: float = ...,
+        presence_penalty: float = ...,
+        repeat_penalty: float = ...,
+        top_k: int = ...,
+        stream: Literal[False] = False,
+        seed: int | None = ...,
+        mirostat_mode: int = ...,
+        mirostat_tau: float = ...,
+        mirostat_eta: float = ...,
+        model: str | None = ...,
+        logit_bias: Mapping[int, float] | None = ...,
+        grammar: LlamaGrammar | None = ...,
+        logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = ...,
+        stopping_criteria: StoppingCriteria | Sequence[StoppingCriteria] | None = ...,
+    ) -> CreateCompletionResponse: ...
+
+    @overload
+    def create_completion(
+        self,
+        prompt: str | Sequence[int],
+        suffix: str | None = ...,
+        max_tokens: int | None = ...,
+        temperature: float = ...,
+        top_p: float = ...,
+        min_p: float = ...,
+        typical_p: float = ...,
+        logprobs: int | None = ...,
+        echo: bool = ...,
+        stop: str | Sequence[str] | None = ...,
+        frequency_penalty: float = ...,
+        presence_penalty: float = ...,
+        repeat_penalty: float = ...,
+        top_k: int = ...,
+        *,
+        stream: Literal[True],
+        seed: int | None = ...,
+        mirostat_mode: int = ...,
+        mirostat_tau: float = ...,
+        mirostat_eta: float = ...,
+        model: str | None = ...,
+        logit_bias: Mapping[int, float] | None = ...,
+        grammar: LlamaGrammar | None = ...,
+        logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = ...,
+        stopping_criteria: StoppingCriteria | Sequence[StoppingCriteria] | None = ...,
+    ) -> Iterator[CreateCompletionResponse]: ...
+
+    def create_completion(  # noqa: PLR0917 - llama-cpp-python passes these positionally too
+        self,
+        prompt: str | Sequence[int],
+        suffix: str | None = None,
+        max_tokens: int | None = 16,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        logprobs: int | None = None,
+        echo: bool = False,
+        stop: str | Sequence[str] | None = None,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        top_k: int = 40,
+        stream: bool = False,
+        seed: int | None = None,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        model: str | None = None,
+        logit_bias: Mapping[int, float] | None = None,
+        grammar: LlamaGrammar | None = None,
+        logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
+        stopping_criteria: StoppingCriteria | Sequence[StoppingCriteria] | None = None,
+    ) -> CreateCompletionResponse | Iterator[CreateCompletionResponse]:
+        """Complete ``prompt``, returning llama-cpp-python's (OpenAI's) completion dict.
+
+        Arguments and defaults are llama-cpp-python's. With ``stream=True`` an iterator of
+        chunk dicts is returned instead; the last chunk carries ``finish_reason``.
+        ``logprobs=k`` adds, per token, the log-softmax of the model's raw logits and the k most
+        likely alternatives; with ``echo=True`` the prompt's tokens are scored too.
+        ``logits_processor`` / ``stopping_criteria`` are per-token Python hooks (the slow path,
+        see :mod:`llama_cpp.hooks`).
+
+        Raises:
+            ContextOverflowError: The prompt does not fit in the context window.
+            InvalidArgumentError: A sampling value is out of range.
+            NotImplementedError: ``suffix`` (fill-in-the-middle is not supported yet).
+        """
+        return self._create_completion(
+            prompt,
+            stream=stream,
+            cancellation=_core.Cancellation(),
+            suffix=suffix,
+            max_tokens=max_tokens,
+            logprobs=logprobs,
+            echo=echo,
+            stop=stop,
+            model=model,
+            temperature=temperature,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            repeat_penalty=repeat_penalty,
+            top_k=top_k,
+            seed=seed,
+            mirostat_mode=mirostat_mode,
+            mirostat_tau=mirostat_tau,
+            mirostat_eta=mirostat_eta,
+            logit_bias=dict(logit_bias or {}),
+            grammar=grammar,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+        )
+
+    __call__ = create_completion
+
+    def _create_completion(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        stream: bool,
+        cancellation: _core.Cancellation,
+        suffix: str | None = None,
+        max_tokens: int | None = 16,
+        logprobs: int | None = None,
+        echo: bool = False,
+        stop: str | Sequence[str] | None = None,
+        model: str | None = None,
+        logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
+        stopping_criteria: StoppingCriteria | Sequence[StoppingCriteria] | None = None,
+        **sampling: Any,
+    ) -> CreateCompletionResponse | Iterator[CreateCompletionResponse]:
+        if suffix is not None:
+            raise NotImplementedError("suffix (fill-in-the-middle) is not supported yet")
+        prompt_tokens = self._prompt_tokens(prompt)
+        builder = CompletionBuilder(
+            model=model or self.model_path,
+            piece=self._piece,
+            echo=echo,
+            prompt_tokens=prompt_tokens,
+            prompt_text=self.detokenize(prompt_tokens).decode("utf-8", errors="replace") if echo else "",
+            logprobs=logprobs is not None,
+        )
+        options = generate_options(
+            max_tokens, stop, logprobs=logprobs, prompt_logprobs=echo, cancellation=cancellation
+        )
+        hooks.install(options, logits_processor, stopping_criteria)
+        config = self._sampling(None, sampling)
+        if stream:
+            return builder.stream(self._token_stream(prompt_tokens, config, options))
+        return builder.response(self.context.generate(prompt_tokens, config, options))
+
+    @overload
+    async def create_completion_async(
+        self, prompt: str | Sequence[int], *, stream: Literal[False] = False, **kwargs: Any
+    ) -> CreateCompletionResponse: ...
+
+    @overload
+    async def create_completion_async(
+        self, prompt: str | Sequence[int], *, stream: Literal[True], **kwargs: Any
+    ) -> AsyncIterator[CreateCompletionResponse]: ...
+
+    async def create_completion_async(
+        self, prompt: str | Sequence[int], *, stream: bool = False, **kwargs: Any
+    ) -> CreateCompletionResponse | AsyncIterator[CreateCompletionResponse]:
+        """:meth:`create_completion` off the event loop (same keyword arguments).
+
+        With ``stream=True`` it returns an async iterator of chunks (``async for chunk in
+        await llm.create_completion_async(..., stream=True)``). Cancelling the task, or
+        leaving the ``async for`` early, stops the generation in C++.
+        """
+        cancellation = _core.Cancellation()
+        if stream:
+            chunks = self._create_completion(prompt, stream=True, cancellation=cancellation, **kwargs)
+            assert not isinstance(chunks, dict)
+            return _async.iterate(chunks, cancellation)
+
+        def call() -> CreateCompletionResponse:
+            response = self._create_completion(prompt, stream=False, cancellation=cancellation, **kwargs)
+            assert isinstance(response, dict)
+            return response
+
+        return await _async.run(call, cancellation)

@@ -12,12 +12,16 @@ reasoning parsing.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
+from llama_cpp import _async, _core
+from llama_cpp._completion import CompletionMixin
 from llama_cpp.errors import InvalidArgumentError
+from llama_cpp.grammar import LlamaGrammar
+from llama_cpp.hooks import LogitsProcessor
 from llama_cpp.llama_types import (
     ChatCompletionChunk,
     ChatCompletionLogprobs,
@@ -214,3 +218,141 @@ def chat_chunks(chunks: Iterator[CreateCompletionResponse]) -> Iterator[ChatComp
                 }
             ],
         }
+
+
+class ChatMixin(CompletionMixin):
+    """llama-cpp-python's ``create_chat_completion`` and the async twin."""
+
+    _chat_formatter: ChatFormatter | None = None
+
+    def chat_formatter(self) -> ChatFormatter:
+        """How messages become a prompt: ``chat_template``, ``chat_format``, the GGUF template,
+        or llama-cpp-python's ``"llama-2"`` fallback, in that order."""
+        if self._chat_formatter is None:
+            template = self.config.chat_template or (
+                None if self.config.chat_format else self.model.chat_template()
+            )
+            if template:
+                special = [
+                    self.model.token_to_piece(t, True).decode("utf-8", "ignore") for t in self._bos_eos()
+                ]
+                self._chat_formatter = Jinja2ChatFormatter(
+                    template, bos_token=special[0], eos_token=special[1]
+                )
+            else:
+                name = self.config.chat_format or "llama-2"
+                if name not in CHAT_FORMATS:
+                    raise InvalidArgumentError(f"unknown chat_format {name!r}; known: {sorted(CHAT_FORMATS)}")
+                self._chat_formatter = CHAT_FORMATS[name]
+        return self._chat_formatter
+
+    def _bos_eos(self) -> tuple[int, int]:
+        return max(self.token_bos(), 0), max(self.token_eos(), 0)
+
+    @overload
+    def create_chat_completion(
+        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[False] = False, **kwargs: Any
+    ) -> CreateChatCompletionResponse: ...
+
+    @overload
+    def create_chat_completion(
+        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[True], **kwargs: Any
+    ) -> Iterator[ChatCompletionChunk]: ...
+
+    def create_chat_completion(  # noqa: PLR0917 - llama-cpp-python passes these positionally too
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        functions: Sequence[Mapping[str, Any]] | None = None,
+        function_call: str | Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        temperature: float = 0.2,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        typical_p: float = 1.0,
+        stream: bool = False,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        max_tokens: int | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repeat_penalty: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        model: str | None = None,
+        logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
+        grammar: LlamaGrammar | None = None,
+        logit_bias: Mapping[int, float] | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
+        **template_kwargs: Any,
+    ) -> CreateChatCompletionResponse | Iterator[ChatCompletionChunk]:
+        """Answer a conversation, returning llama-cpp-python's (OpenAI's) chat dicts.
+
+        The messages are rendered by :meth:`chat_formatter`, tokenized with special tokens
+        parsed, and completed; generation ends at the model's end of turn. With
+        ``stream=True``: ``chat.completion.chunk`` dicts, the role first, ``finish_reason`` last.
+        Other keyword arguments are passed to the chat template (e.g. ``enable_thinking``).
+
+        Raises:
+            InvalidArgumentError: Malformed messages, or the template rejected them.
+            NotImplementedError: ``tools``, ``functions`` or ``response_format`` (not yet).
+        """
+        if tools or functions or tool_choice or function_call:
+            raise NotImplementedError("tool calls are not supported yet")
+        if response_format is not None:
+            raise NotImplementedError("response_format is not supported yet; pass a grammar")
+        check_messages(messages)
+        rendered = self.chat_formatter()(messages, **template_kwargs)
+        prompt = self.tokenize(rendered.prompt, add_bos=not rendered.added_special, special=True)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        completion = self._create_completion(
+            prompt,
+            stream=stream,
+            cancellation=_core.Cancellation(),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            logprobs=top_logprobs if logprobs else None,
+            stop=stops + rendered.stop,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            repeat_penalty=repeat_penalty,
+            top_k=top_k,
+            seed=seed,
+            mirostat_mode=mirostat_mode,
+            mirostat_tau=mirostat_tau,
+            mirostat_eta=mirostat_eta,
+            model=model,
+            logit_bias=dict(logit_bias or {}),
+            grammar=grammar,
+            logits_processor=logits_processor,
+        )
+        if isinstance(completion, dict):
+            return chat_response(completion)
+        return chat_chunks(completion)
+
+    async def create_chat_completion_async(
+        self, messages: Sequence[Mapping[str, Any]], **kwargs: Any
+    ) -> CreateChatCompletionResponse | AsyncIterator[ChatCompletionChunk]:
+        """:meth:`create_chat_completion` off the event loop (same keyword arguments).
+
+        With ``stream=True`` it returns an async iterator of chunks; cancelling the task or
+        leaving the ``async for`` early stops the generation.
+        """
+        if kwargs.get("stream"):
+            chunks = self.create_chat_completion(messages, **kwargs)
+            assert not isinstance(chunks, dict)
+            return _async.iterate(chunks, _core.Cancellation())
+
+        def call() -> CreateChatCompletionResponse:
+            response = self.create_chat_completion(messages, **kwargs)
+            assert isinstance(response, dict)
+            return cast(CreateChatCompletionResponse, response)
+
+        return await _async.run(call, _core.Cancellation())

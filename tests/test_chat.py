@@ -141,3 +141,26 @@ def test_extra_keywords_reach_the_template(tiny_model_path: Path) -> None:
         loud = llm.create_chat_completion(USER_XY, max_tokens=2, temperature=0, shout=True)
     assert quiet["choices"][0]["message"]["content"] == "za"
     assert loud["choices"][0]["message"]["content"] != "za"  # the prompt ended in 'Y'
+
+
+@pytest.mark.timeout(60)
+def test_cancelling_an_async_chat_stops_the_generation(tiny_model_path: Path) -> None:
+    with Llama(tiny_model_path, n_ctx=32768, chat_template=CONCAT) as llm:
+
+        async def main() -> None:
+            task = asyncio.create_task(
+                llm.create_chat_completion_async(
+                    [{"role": "user", "content": "a"}], max_tokens=None, temperature=0
+                )
+            )
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        llm.perf(reset=True)
+        asyncio.run(main())
+        response = llm.create_chat_completion(USER_XY, max_tokens=2, temperature=0)
+        assert response["choices"][0]["message"]["content"] == "za"
+        # The C++ loop saw the flag and stopped: it did not run on to fill the 32k context.
+        assert llm.perf().eval_tokens < 20_000

@@ -288,6 +288,7 @@ class ChatMixin(CompletionMixin):
         logit_bias: Mapping[int, float] | None = None,
         logprobs: bool | None = None,
         top_logprobs: int | None = None,
+        cancellation: _core.Cancellation | None = None,
         **template_kwargs: Any,
     ) -> CreateChatCompletionResponse | Iterator[ChatCompletionChunk]:
         """Answer a conversation, returning llama-cpp-python's (OpenAI's) chat dicts.
@@ -295,7 +296,8 @@ class ChatMixin(CompletionMixin):
         The messages are rendered by :meth:`chat_formatter`, tokenized with special tokens
         parsed, and completed; generation ends at the model's end of turn. With
         ``stream=True``: ``chat.completion.chunk`` dicts, the role first, ``finish_reason`` last.
-        Other keyword arguments are passed to the chat template (e.g. ``enable_thinking``).
+        ``cancellation`` lets another thread stop the generation. Other keyword arguments are
+        passed to the chat template (e.g. ``enable_thinking``).
 
         Raises:
             InvalidArgumentError: Malformed messages, or the template rejected them.
@@ -312,7 +314,7 @@ class ChatMixin(CompletionMixin):
         completion = self._create_completion(
             prompt,
             stream=stream,
-            cancellation=_core.Cancellation(),
+            cancellation=cancellation or _core.Cancellation(),
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -345,14 +347,16 @@ class ChatMixin(CompletionMixin):
         With ``stream=True`` it returns an async iterator of chunks; cancelling the task or
         leaving the ``async for`` early stops the generation.
         """
+        # One flag for the generation and the await: cancelling the task reaches the C++ loop.
+        cancellation = _core.Cancellation()
         if kwargs.get("stream"):
-            chunks = self.create_chat_completion(messages, **kwargs)
+            chunks = self.create_chat_completion(messages, cancellation=cancellation, **kwargs)
             assert not isinstance(chunks, dict)
-            return _async.iterate(chunks, _core.Cancellation())
+            return _async.iterate(chunks, cancellation)
 
         def call() -> CreateChatCompletionResponse:
-            response = self.create_chat_completion(messages, **kwargs)
+            response = self.create_chat_completion(messages, cancellation=cancellation, **kwargs)
             assert isinstance(response, dict)
             return cast(CreateChatCompletionResponse, response)
 
-        return await _async.run(call, _core.Cancellation())
+        return await _async.run(call, cancellation)

@@ -334,3 +334,34 @@ def test_close_frees_the_memory_at_once(default_model_path: Path) -> None:
     assert loaded - before > 200_000  # the 253 MB model and its context are resident
     llm.close()
     assert _rss_kib() - before < 60_000  # gone without waiting for the garbage collector
+
+
+@pytest.fixture(scope="module")
+def noisy_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model with a spread-out next-token distribution."""
+    spec = TinyModelSpec(logit_scale=0.0, noise=1.0, seed=3)
+    return write_tiny_llama(tmp_path_factory.mktemp("noisy") / "noisy.gguf", spec)
+
+
+def test_presence_penalty_steers_away_from_seen_tokens(noisy_path: Path) -> None:
+    with Llama(noisy_path, n_ctx=256) as llm:
+        plain = llm.complete("a", max_tokens=40, sampling=GREEDY).tokens
+        # Greedy on a fixed table soon cycles; a large presence penalty forbids any repeat.
+        assert len(set(plain)) < len(plain)
+        penalized = SamplingParams(temperature=0.0, presence_penalty=100.0, penalty_last_n=-1)
+        tokens = llm.complete("a", max_tokens=40, sampling=penalized).tokens
+        assert len(set(tokens)) == len(tokens) == 40
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_mirostat_is_seeded_and_reproducible(noisy_path: Path, mode: int) -> None:
+    with Llama(noisy_path, n_ctx=256) as llm:
+        params = SamplingParams(temperature=1.0, mirostat_mode=mode, mirostat_tau=3.0, seed=9)
+        first = llm.complete("a", max_tokens=30, sampling=params).tokens
+        again = llm.complete("a", max_tokens=30, sampling=params).tokens
+        other = llm.complete(
+            "a", max_tokens=30, sampling=SamplingParams(**{**params.__dict__, "seed": 10})
+        ).tokens
+    assert first == again
+    assert first != other
+    assert len(first) == 30

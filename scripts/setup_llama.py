@@ -37,6 +37,8 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 LLAMA_CPP_COMMIT = "0c1e570"
+# Bumped when what goes into include/ and lib/ changes, so that existing checkouts refresh.
+LAYOUT_VERSION = 2
 
 ROOT = Path(__file__).resolve().parent.parent
 # Libraries the binding links, the RPC worker, and the native tools the tests and
@@ -199,6 +201,10 @@ def copy_headers(source: Path, include: Path) -> None:
         shutil.copy2(header, include / header.name)
     for header in (source / "ggml" / "include").glob("*.h"):
         shutil.copy2(header, include / header.name)
+    # llama.cpp's common library (JSON schema to grammar, chat templates): include/common/.
+    (include / "common").mkdir()
+    for header in (source / "common").glob("*.h"):
+        shutil.copy2(header, include / "common" / header.name)
 
 
 def copy_binaries(build_dir: Path, lib: Path) -> None:
@@ -264,6 +270,7 @@ def main() -> int:
         "llama_cpp_python_version": LLAMA_CPP_PYTHON_VERSION,
         "llama_cpp_commit": commit,
         "build_key": key,
+        "layout": LAYOUT_VERSION,
         "source_dir": str(source),
         "backend": options["backend"],
         "portable": options["portable"],
@@ -273,8 +280,10 @@ def main() -> int:
     lib = args.dest / "lib"
     include = args.dest / "include"
     current = lib / "llama-build.json"
-    if current.exists() and json.loads(current.read_text()).get("build_key") == key and not user_source:
-        return 0
+    if current.exists() and not user_source:
+        installed = json.loads(current.read_text())
+        if installed.get("build_key") == key and installed.get("layout") == LAYOUT_VERSION:
+            return 0
     copy_headers(source, include)
     copy_binaries(build_dir, lib)
     current.write_text(json.dumps(info, indent=2) + "\n")

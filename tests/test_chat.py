@@ -102,8 +102,6 @@ def test_bad_messages(chat: Llama, messages: list[dict[str, str]], message: str)
 def test_unsupported_options_say_so(chat: Llama) -> None:
     with pytest.raises(NotImplementedError, match="tool calls"):
         chat.create_chat_completion(USER_XY, tools=[{"type": "function", "function": {"name": "f"}}])
-    with pytest.raises(NotImplementedError, match="response_format"):
-        chat.create_chat_completion(USER_XY, response_format={"type": "json_object"})
 
 
 def test_builtin_formats() -> None:

@@ -18,6 +18,8 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include <json-schema-to-grammar.h>  // llama.cpp's common library
+
 #include <ggml-backend.h>
 #include <ggml.h>
 #include <gguf.h>
@@ -1080,6 +1082,18 @@ void bind_sampling(nb::module_ &m) {
         .def_rw("logit_bias", &SamplerConfig::logit_bias)
         .def_rw("grammar", &SamplerConfig::grammar)
         .def_rw("grammar_root", &SamplerConfig::grammar_root);
+    m.def(
+        "json_schema_to_grammar",
+        [](const std::string &schema) {
+            try {
+                return json_schema_to_grammar(common_json::parse(schema));
+            } catch (const std::exception &e) {
+                throw GrammarError(std::string("invalid JSON schema: ") + e.what());
+            }
+        },
+        "schema"_a, nb::call_guard<nb::gil_scoped_release>(),
+        "GBNF that accepts exactly the JSON documents valid under ``schema`` (JSON text), by "
+        "llama.cpp's own converter. Raises GrammarError for a schema it cannot convert.");
     m.def(
         "check_grammar",
         [](const Model &model, const std::string &grammar, const std::string &root) {

@@ -359,6 +359,11 @@ class SamplerConfig:
     @grammar_root.setter
     def grammar_root(self, arg: str, /) -> None: ...
 
+def json_schema_to_grammar(schema: str) -> str:
+    """
+    GBNF that accepts exactly the JSON documents valid under ``schema`` (JSON text), by llama.cpp's own converter. Raises GrammarError for a schema it cannot convert.
+    """
+
 def check_grammar(model: Model, grammar: str, root: str) -> None:
     """
     Raise GrammarError if llama.cpp rejects ``grammar`` for this model's vocabulary.

@@ -5,7 +5,8 @@ Jinja2 in a sandbox, as llama-cpp-python and Hugging Face do; a model without on
 to llama-cpp-python's ``"llama-2"`` format. ``chat_format`` picks a built-in format by name
 instead, ``chat_template`` a Jinja template of your own.
 
-Not here yet (see the project's issues): tool calls, ``response_format`` and per-family
+``response_format`` (JSON object or JSON schema) constrains the answer with a grammar built
+by llama.cpp's converter. Not here yet (see the project's issues): tool calls and per-family
 reasoning parsing.
 """
 
@@ -156,6 +157,32 @@ def check_messages(messages: Sequence[Message]) -> None:
             raise InvalidArgumentError(f"messages[{i}] has an unknown role {message['role']!r}")
 
 
+def grammar_for_response_format(response_format: Mapping[str, Any]) -> LlamaGrammar | None:
+    """The grammar that enforces an OpenAI / llama-cpp-python ``response_format``.
+
+    ``{"type": "text"}``: none. ``{"type": "json_object"}``: any JSON object, or the documents
+    valid under its ``"schema"`` (llama-cpp-python's form). ``{"type": "json_schema",
+    "json_schema": {"name": ..., "schema": ..., "strict": ...}}``: OpenAI's form.
+
+    Raises:
+        InvalidArgumentError: An unknown type or a missing schema.
+        GrammarError: A schema llama.cpp cannot convert.
+    """
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return LlamaGrammar.from_json_schema(response_format.get("schema") or {"type": "object"})
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, Mapping) or "schema" not in spec:
+            raise InvalidArgumentError(
+                "response_format json_schema needs {'json_schema': {'name', 'schema'}}"
+            )
+        return LlamaGrammar.from_json_schema(spec["schema"])
+    raise InvalidArgumentError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
+
+
 # -- responses ------------------------------------------------------------------------------
 
 
@@ -301,12 +328,16 @@ class ChatMixin(CompletionMixin):
 
         Raises:
             InvalidArgumentError: Malformed messages, or the template rejected them.
-            NotImplementedError: ``tools``, ``functions`` or ``response_format`` (not yet).
+            GrammarError: A ``response_format`` schema llama.cpp cannot convert.
+            NotImplementedError: ``tools`` or ``functions`` (not yet).
         """
         if tools or functions or tool_choice or function_call:
             raise NotImplementedError("tool calls are not supported yet")
         if response_format is not None:
-            raise NotImplementedError("response_format is not supported yet; pass a grammar")
+            schema_grammar = grammar_for_response_format(response_format)
+            if schema_grammar is not None and grammar is not None:
+                raise InvalidArgumentError("pass either grammar or a JSON response_format, not both")
+            grammar = schema_grammar or grammar
         check_messages(messages)
         rendered = self.chat_formatter()(messages, **template_kwargs)
         prompt = self.tokenize(rendered.prompt, add_bos=not rendered.added_special, special=True)

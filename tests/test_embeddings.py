@@ -9,7 +9,7 @@ from typing import cast
 
 import pytest
 
-from llama_cpp import ContextOverflowError, Llama, LlamaError
+from llama_cpp import Cancellation, ContextOverflowError, GenerationCancelled, Llama, LlamaError
 from llama_cpp.testing import BOS_ID, TinyModelSpec, byte_token
 
 # The tiny model's final hidden state is the normalised one-hot vector of the current token.
@@ -99,3 +99,12 @@ def test_default_model_mean_pooling_matches_the_mean_of_token_vectors(default_mo
         assert vector == pytest.approx(expected, rel=1e-3, abs=1e-3)
         assert vector == pytest.approx(single, rel=1e-4, abs=1e-4)
     assert pooled[0] != pooled[1]
+
+
+def test_a_cancelled_embedding_raises_and_leaves_the_model_usable(tiny_model_path: Path) -> None:
+    with Llama(tiny_model_path, n_ctx=256, embedding=True, pooling_type=3) as llm:
+        cancellation = Cancellation()
+        cancellation.cancel()
+        with pytest.raises(GenerationCancelled, match="cancelled"):
+            llm.create_embedding(["ab", "xyz"], cancellation=cancellation)
+        assert nonzero(llm.embed("ab", normalize=False)).keys() == {byte_token(ord("b"))}

@@ -1262,6 +1262,18 @@ TokenLogprob logprob_of(const float *logits, int32_t n_vocab, llama_token token,
     return out;
 }
 
+// A flag shared between Python and a running generation: cancel() stops it at the next
+// token, or inside llama_decode through the context's abort callback.
+class Cancellation {
+  public:
+    void cancel() { flag_->store(true); }
+    bool cancelled() const { return flag_->load(); }
+    const std::shared_ptr<std::atomic<bool>> &flag() const { return flag_; }
+
+  private:
+    std::shared_ptr<std::atomic<bool>> flag_ = std::make_shared<std::atomic<bool>>(false);
+};
+
 // =====================================================================================
 // Context
 // =====================================================================================
@@ -1681,8 +1693,15 @@ class Context {
     // n_seq_max sequences, one sequence each; a sequence never spans two batches, so the
     // result of an input does not depend on what it was batched with.
     std::vector<std::vector<std::vector<float>>> embed(std::vector<std::vector<llama_token>> inputs,
-                                                       bool normalize, bool truncate) {
+                                                       bool normalize, bool truncate,
+                                                       const Cancellation *cancellation) {
         ContextLock lock(*state_);
+        // The abort callback watches the flag while a batch decodes; it is checked between them.
+        struct Watch {
+            ContextState &state;
+            ~Watch() { state.cancel.reset(); }
+        } watch{*state_};
+        if (cancellation != nullptr) state_->cancel = cancellation->flag();
         llama_context *c = state_->get();
         if (!embeddings_) {
             throw LlamaError("embeddings are off: create the model with embedding=True");
@@ -1713,6 +1732,9 @@ class Context {
             while (next < inputs.size() && next - first < n_seq_max && n_tokens + inputs[next].size() <= n_batch) {
                 n_tokens += inputs[next].size();
                 ++next;
+            }
+            if (cancellation != nullptr && cancellation->cancelled()) {
+                throw CancelledError("the embedding was cancelled");
             }
             embed_batch(inputs, first, next, pooled, n_embd, out);
         }
@@ -1812,6 +1834,10 @@ class Context {
         state_->clear();  // each sequence starts from an empty cache
         const int32_t rc = llama_decode(c, b);
         state_->clear();
+        if (rc == 2) {
+            if (state_->closing.load()) throw ClosedError("embedding was aborted because the context is closing");
+            throw CancelledError("the embedding was cancelled");
+        }
         if (rc != 0) {
             throw DecodeError("llama_decode failed with code " + std::to_string(rc) + " while embedding");
         }
@@ -1869,18 +1895,6 @@ class Context {
 // =====================================================================================
 // Generation: the token loop
 // =====================================================================================
-
-// A flag shared between Python and a running generation: cancel() stops it at the next
-// token, or inside llama_decode through the context's abort callback.
-class Cancellation {
-  public:
-    void cancel() { flag_->store(true); }
-    bool cancelled() const { return flag_->load(); }
-    const std::shared_ptr<std::atomic<bool>> &flag() const { return flag_; }
-
-  private:
-    std::shared_ptr<std::atomic<bool>> flag_ = std::make_shared<std::atomic<bool>>(false);
-};
 
 // Per-token Python hooks (llama-cpp-python's logits_processor / stopping_criteria): the slow
 // path. Each is called with the GIL re-acquired, as hook(token_ids, logits), over memoryviews
@@ -2329,7 +2343,7 @@ void bind_context(nb::module_ &m) {
              "Keep the first ``n`` cached tokens.")
         .def("kv_shift", &Context::kv_shift, "p0"_a, "p1"_a, nb::call_guard<nb::gil_scoped_release>(),
              "Drop cached tokens [p0, p1) and move the later ones back.")
-        .def("embed", &Context::embed, "inputs"_a, "normalize"_a, "truncate"_a,
+        .def("embed", &Context::embed, "inputs"_a, "normalize"_a, "truncate"_a, "cancellation"_a.none() = nullptr,
              nb::call_guard<nb::gil_scoped_release>(),
              "Embeddings of each token list: [vector] when pooled, a vector per token otherwise.")
         .def("pooling_type", [](Context &self) { return static_cast<int>(llama_pooling_type(self.state()->get())); })

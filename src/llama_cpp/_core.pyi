@@ -711,7 +711,7 @@ class Context:
     def kv_shift(self, p0: int, p1: int) -> None:
         """Drop cached tokens [p0, p1) and move the later ones back."""
 
-    def embed(self, inputs: Sequence[Sequence[int]], normalize: bool, truncate: bool) -> list[list[list[float]]]:
+    def embed(self, inputs: Sequence[Sequence[int]], normalize: bool, truncate: bool, cancellation: Cancellation | None = None) -> list[list[list[float]]]:
         """
         Embeddings of each token list: [vector] when pooled, a vector per token otherwise.
         """

@@ -31,9 +31,10 @@ class EmbeddingMixin(LlamaBase):
         input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
         normalize: bool,
         truncate: bool,
+        cancellation: _core.Cancellation | None = None,
     ) -> tuple[bool, list[list[list[float]]], int]:
         single, tokens = self._embedding_inputs(input)
-        vectors = self.context.embed(tokens, normalize, truncate)
+        vectors = self.context.embed(tokens, normalize, truncate, cancellation)
         return single, vectors, sum(min(len(t), self.context.n_batch()) for t in tokens)
 
     def embed(
@@ -62,10 +63,18 @@ class EmbeddingMixin(LlamaBase):
         return pooled[0] if single else pooled  # type: ignore[return-value]
 
     def create_embedding(
-        self, input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]], model: str | None = None
+        self,
+        input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+        model: str | None = None,
+        *,
+        cancellation: _core.Cancellation | None = None,
     ) -> CreateEmbeddingResponse:
-        """OpenAI's embeddings response for ``input`` (vectors as :meth:`embed` gives them)."""
-        _, vectors, n_tokens = self._embed(input, False, True)
+        """OpenAI's embeddings response for ``input`` (vectors as :meth:`embed` gives them).
+
+        ``cancellation`` lets another thread stop it (between batches, or inside a decode); it
+        then raises :class:`GenerationCancelled`.
+        """
+        _, vectors, n_tokens = self._embed(input, False, True, cancellation)
         pooled = self.context.pooling_type() != 0
         return {
             "object": "list",
@@ -80,5 +89,8 @@ class EmbeddingMixin(LlamaBase):
     async def create_embedding_async(
         self, input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]], model: str | None = None
     ) -> CreateEmbeddingResponse:
-        """:meth:`create_embedding` off the event loop."""
-        return await _async.run(lambda: self.create_embedding(input, model), _core.Cancellation())
+        """:meth:`create_embedding` off the event loop; cancelling the task stops it."""
+        cancellation = _core.Cancellation()
+        return await _async.run(
+            lambda: self.create_embedding(input, model, cancellation=cancellation), cancellation
+        )

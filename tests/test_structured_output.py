@@ -9,7 +9,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from llama_cpp import GrammarError, InvalidArgumentError, Llama, LlamaGrammar
+from llama_cpp import GrammarError, InvalidArgumentError, Llama, LlamaGrammar, UnenforcedSchemaWarning
 
 PERSON: dict[str, Any] = {
     "$defs": {
@@ -130,3 +130,28 @@ def test_tiny_model_follows_a_schema(tiny: Llama) -> None:
         max_tokens=40,
     )
     jsonschema.validate(json.loads(response["choices"][0]["message"]["content"] or ""), schema)
+
+
+def test_keywords_the_converter_ignores_are_reported_not_silently_dropped() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "ratio": {"type": "number", "minimum": 0, "maximum": 1},
+            "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+            "code": {"type": "string", "pattern": "^[A-Z]+$", "maxLength": 3},
+            "choice": {"enum": [{"not": "a schema, just data"}]},
+            "count": {"type": "integer", "minimum": 0, "maximum": 9},
+        },
+    }
+    with pytest.warns(UnenforcedSchemaWarning) as caught:
+        LlamaGrammar.from_json_schema(schema)
+    message = str(caught[0].message)
+    for pointer in (
+        "#/properties/ratio/minimum",
+        "#/properties/ratio/maximum",
+        "#/properties/tags/uniqueItems",
+        "#/properties/code/maxLength",
+    ):
+        assert pointer in message
+    assert "choice" not in message  # enum values are data
+    assert "count" not in message  # integer bounds are enforced

@@ -29,7 +29,7 @@ from llama_cpp.errors import (
     LlamaError,
     ModelLoadError,
 )
-from llama_cpp.grammar import LlamaGrammar
+from llama_cpp.grammar import LlamaGrammar, UnenforcedSchemaWarning
 from llama_cpp.hooks import LogitsProcessorList, StoppingCriteriaList
 from llama_cpp.llama import Completion, Llama, Perf
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
@@ -57,6 +57,7 @@ __all__ = [
     "Perf",
     "SamplingParams",
     "StoppingCriteriaList",
+    "UnenforcedSchemaWarning",
     "__version__",
     "build_info",
     "devices",

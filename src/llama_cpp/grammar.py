@@ -4,13 +4,63 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llama_cpp import _core
 from llama_cpp.errors import GrammarError
+
+
+class UnenforcedSchemaWarning(UserWarning):
+    """A JSON schema keyword that the generated grammar does not enforce."""
+
+
+# Keywords llama.cpp's converter (json-schema-to-grammar.cpp at the pinned commit) ignores.
+_IGNORED_KEYWORDS = frozenset(
+    {
+        "multipleOf",
+        "uniqueItems",
+        "minProperties",
+        "maxProperties",
+        "not",
+        "if",
+        "then",
+        "else",
+        "contains",
+        "minContains",
+        "maxContains",
+        "patternProperties",
+        "dependentRequired",
+        "dependentSchemas",
+        "propertyNames",
+        "unevaluatedProperties",
+        "unevaluatedItems",
+    }
+)
+_NUMBER_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_VALUE_KEYWORDS = frozenset({"enum", "const", "default", "examples"})  # hold data, not schemas
+
+
+def _unenforced(schema: object, path: str) -> Iterator[str]:
+    """``path/keyword`` of every keyword in ``schema`` that the converter ignores."""
+    if isinstance(schema, list):
+        for i, item in enumerate(schema):
+            yield from _unenforced(item, f"{path}/{i}")
+        return
+    if not isinstance(schema, Mapping):
+        return
+    for keyword in sorted(_IGNORED_KEYWORDS & schema.keys()):
+        yield f"{path}/{keyword}"
+    if schema.get("type") == "number":
+        yield from (f"{path}/{keyword}" for keyword in _NUMBER_BOUNDS if keyword in schema)
+    if "pattern" in schema:  # a pattern replaces the length limits
+        yield from (f"{path}/{keyword}" for keyword in ("minLength", "maxLength") if keyword in schema)
+    for key, value in schema.items():
+        if key not in _VALUE_KEYWORDS:
+            yield from _unenforced(value, f"{path}/{key}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,15 +93,28 @@ class LlamaGrammar:
 
         Converted by llama.cpp's own converter (the one llama-server uses): required and
         optional properties, enum, const, arrays with min/maxItems, nested objects,
-        ``$ref``/``$defs``, anyOf/oneOf, string lengths and formats, integer vs number,
-        additionalProperties.
+        ``$ref``/``$defs``, anyOf/oneOf, string lengths, patterns and formats, integer bounds,
+        integer vs number, additionalProperties.
+
+        The converter ignores some keywords (bounds of non-integer numbers, multipleOf,
+        uniqueItems, min/maxProperties, not/if/then/else, ...): output can then parse but break
+        them. Rather than let that pass silently, a :class:`UnenforcedSchemaWarning` names each.
 
         Raises:
             GrammarError: The schema is not valid JSON or cannot be converted (with the reason).
         """
         del verbose
         text = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
-        return cls(grammar=_core.json_schema_to_grammar(text))
+        grammar = cls(grammar=_core.json_schema_to_grammar(text))
+        schema = json.loads(text) if isinstance(json_schema, str) else json_schema
+        unenforced = list(_unenforced(schema, "#"))
+        if unenforced:
+            warnings.warn(
+                "llama.cpp's JSON schema converter does not enforce: " + ", ".join(unenforced),
+                UnenforcedSchemaWarning,
+                stacklevel=2,
+            )
+        return grammar
 
     @classmethod
     def from_file(

@@ -193,16 +193,19 @@ def test_logit_bias_bans_a_token(tiny: Llama) -> None:
     assert text[1] != "d"
 
 
-def test_seeded_sampling_is_reproducible(tmp_path: Path) -> None:
-    path = write_tiny_llama(tmp_path / "noisy.gguf", TinyModelSpec(logit_scale=0.0, noise=1.0, seed=7))
-    with Llama(path, n_ctx=256) as llm:
+def seeded_runs(llm: Llama, params: SamplingParams, n: int) -> tuple[list[int], list[int], list[int]]:
+    """Tokens of two runs with ``params`` and one with another seed."""
+    first = llm.complete("a", max_tokens=n, sampling=params).tokens
+    again = llm.complete("a", max_tokens=n, sampling=params).tokens
+    other_seed = SamplingParams(**{**params.__dict__, "seed": (params.seed or 0) + 1})
+    return first, again, llm.complete("a", max_tokens=n, sampling=other_seed).tokens
+
+
+def test_seeded_sampling_is_reproducible(noisy_path: Path) -> None:
+    with Llama(noisy_path, n_ctx=256) as llm:
         params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=1234)
-        first = llm.complete("a", max_tokens=24, sampling=params).tokens
-        second = llm.complete("a", max_tokens=24, sampling=params).tokens
-        other = llm.complete(
-            "a", max_tokens=24, sampling=SamplingParams(**{**params.__dict__, "seed": 99})
-        ).tokens
-    assert first == second
+        first, again, other = seeded_runs(llm, params, 24)
+    assert first == again
     assert first != other
 
 
@@ -357,11 +360,7 @@ def test_presence_penalty_steers_away_from_seen_tokens(noisy_path: Path) -> None
 def test_mirostat_is_seeded_and_reproducible(noisy_path: Path, mode: int) -> None:
     with Llama(noisy_path, n_ctx=256) as llm:
         params = SamplingParams(temperature=1.0, mirostat_mode=mode, mirostat_tau=3.0, seed=9)
-        first = llm.complete("a", max_tokens=30, sampling=params).tokens
-        again = llm.complete("a", max_tokens=30, sampling=params).tokens
-        other = llm.complete(
-            "a", max_tokens=30, sampling=SamplingParams(**{**params.__dict__, "seed": 10})
-        ).tokens
+        first, again, other = seeded_runs(llm, params, 30)
     assert first == again
     assert first != other
     assert len(first) == 30

@@ -208,6 +208,11 @@ bool python_is_finalizing() {
 #endif
 }
 
+// The error lines llama.cpp logged on this thread since they were last cleared, or `fallback`.
+std::string last_errors_or(const char *fallback) {
+    return tl_last_errors.empty() ? std::string(fallback) : tl_last_errors;
+}
+
 void emit_log_line(int level, const std::string &line) {
     if (level == GGML_LOG_LEVEL_ERROR) {
         if (!tl_last_errors.empty()) {
@@ -533,7 +538,7 @@ class Model {
         tl_last_errors.clear();
         llama_model *model = llama_model_load_from_file(path.c_str(), params);
         if (model == nullptr) {
-            std::string reason = tl_last_errors.empty() ? "see the llama_cpp log" : tl_last_errors;
+            const std::string reason = last_errors_or("see the llama_cpp log");
             throw ModelLoadError("failed to load model from '" + path + "': " + reason);
         }
         handle_ = ModelHandle(model, ModelDeleter());
@@ -812,7 +817,7 @@ class LoraAdapter {
         tl_last_errors.clear();
         data_->adapter = llama_adapter_lora_init(data_->model.get(), path.c_str());
         if (data_->adapter == nullptr) {
-            std::string reason = tl_last_errors.empty() ? "see the llama_cpp log" : tl_last_errors;
+            const std::string reason = last_errors_or("see the llama_cpp log");
             throw ModelLoadError("failed to load LoRA adapter '" + path + "': " + reason);
         }
     }
@@ -953,7 +958,7 @@ llama_sampler *parse_grammar(const llama_vocab *vocab, const std::string &gramma
     llama_sampler *s = llama_sampler_init_grammar(vocab, grammar.c_str(), root.c_str());
     if (s == nullptr) {
         // llama.cpp's parser prints the position and cause to stderr, not to its log.
-        throw GrammarError("invalid grammar: " + (tl_last_errors.empty() ? std::string("parse error") : tl_last_errors) +
+        throw GrammarError("invalid grammar: " + last_errors_or("parse error") +
                            " (llama.cpp printed the details to stderr)");
     }
     return s;
@@ -1379,6 +1384,15 @@ struct ContextState {
         }
     }
 
+    // llama_decode returned 2: the abort callback fired, because the context is closing or
+    // because the running call was cancelled.
+    [[noreturn]] void throw_aborted(const std::string &what) const {
+        if (closing.load()) {
+            throw ClosedError(what + " was aborted because the context is closing");
+        }
+        throw CancelledError(what + " was cancelled");
+    }
+
     // Decodes `toks` at the end of sequence 0 in n_batch chunks, logits for the last token
     // only. On failure the cache is cleared so that it never holds a half-evaluated prompt.
     //
@@ -1408,10 +1422,7 @@ struct ContextState {
                                                std::to_string(n_ctx()) + ")");
                 }
                 if (rc == 2) {
-                    if (closing.load()) {
-                        throw ClosedError("decoding was aborted because the context is closing");
-                    }
-                    throw CancelledError("the generation was cancelled");
+                    throw_aborted("the generation");
                 }
                 throw DecodeError("llama_decode failed with code " + std::to_string(rc));
             }
@@ -1526,7 +1537,7 @@ class Context {
         tl_last_errors.clear();
         llama_context *ctx = llama_init_from_model(state_->model.get(), params);
         if (ctx == nullptr) {
-            std::string reason = tl_last_errors.empty() ? "see the llama_cpp log" : tl_last_errors;
+            const std::string reason = last_errors_or("see the llama_cpp log");
             throw LlamaError("failed to create a context: " + reason);
         }
         state_->ctx.reset(ctx);
@@ -1835,8 +1846,7 @@ class Context {
         const int32_t rc = llama_decode(c, b);
         state_->clear();
         if (rc == 2) {
-            if (state_->closing.load()) throw ClosedError("embedding was aborted because the context is closing");
-            throw CancelledError("the embedding was cancelled");
+            state_->throw_aborted("the embedding");
         }
         if (rc != 0) {
             throw DecodeError("llama_decode failed with code " + std::to_string(rc) + " while embedding");
@@ -1883,10 +1893,7 @@ class Context {
             return;
         }
         state_->clear();
-        const std::string reason = tl_last_errors.empty()
-                                       ? "it does not match the tokens it was saved with"
-                                       : tl_last_errors;
-        throw LlamaError(what + ": " + reason);
+        throw LlamaError(what + ": " + last_errors_or("it does not match the tokens it was saved with"));
     }
 
     std::shared_ptr<ContextState> state_;

@@ -108,25 +108,20 @@ class CompletionBuilder:
     def stream(self, token_stream: _core.TokenStream) -> Iterator[CreateCompletionResponse]:
         """Chunks as generated; the last one is empty and carries the finish reason."""
         try:
-            yield from self.stream_chunks(token_stream, token_stream.next)
+            first = True
+            while (piece := token_stream.next()) is not None:
+                if first and self.echo:
+                    prompt_logprobs = (
+                        self._prompt_logprobs(token_stream.prompt_logprobs) if self.logprobs else None
+                    )
+                    yield self.chunk(self.prompt_text, None, prompt_logprobs)
+                first = False
+                logprobs = self._logprobs.build(piece.logprobs, piece.tokens) if self.logprobs else None
+                if piece.text or piece.tokens:
+                    yield self.chunk(piece.text, None, logprobs)
+            yield self.chunk("", finish_reason(token_stream.finish_reason))
         finally:
             token_stream.close()
-
-    def stream_chunks(
-        self, token_stream: _core.TokenStream, next_chunk: Callable[[], _core.Chunk | None]
-    ) -> Iterator[CreateCompletionResponse]:
-        first = True
-        while (piece := next_chunk()) is not None:
-            if first and self.echo:
-                prompt_logprobs = (
-                    self._prompt_logprobs(token_stream.prompt_logprobs) if self.logprobs else None
-                )
-                yield self.chunk(self.prompt_text, None, prompt_logprobs)
-            first = False
-            logprobs = self._logprobs.build(piece.logprobs, piece.tokens) if self.logprobs else None
-            if piece.text or piece.tokens:
-                yield self.chunk(piece.text, None, logprobs)
-        yield self.chunk("", finish_reason(token_stream.finish_reason))
 
 
 class CompletionMixin(LlamaBase):

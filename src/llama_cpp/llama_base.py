@@ -350,11 +350,10 @@ class LlamaBase:
         self, sampling: SamplingParams | None, overrides: Mapping[str, Any] | None = None
     ) -> _core.SamplerConfig:
         params = sampling or SamplingParams()
-        if overrides:
-            params = SamplingParams(**{**_fields(params), **overrides})
-        if params.seed is None and self._seed != DEFAULT_SEED:
-            params = SamplingParams(**{**_fields(params), "seed": self._seed})
-        return params.to_native()
+        changes = dict(overrides or {})
+        if changes.get("seed", params.seed) is None and self._seed != DEFAULT_SEED:
+            changes["seed"] = self._seed  # the constructor's seed, when the call names none
+        return (replace(params, **changes) if changes else params).to_native()
 
     def _piece(self, token: int) -> str:
         return self.model.token_to_piece(token, False).decode("utf-8", errors="ignore")
@@ -518,7 +517,3 @@ def _iterate_text(token_stream: _core.TokenStream) -> Generator[str, None, None]
                 yield piece.text
     finally:
         token_stream.close()
-
-
-def _fields(params: SamplingParams) -> dict[str, Any]:
-    return {name: getattr(params, name) for name in SamplingParams.__dataclass_fields__}

@@ -38,7 +38,7 @@ SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 LLAMA_CPP_COMMIT = "0c1e570"
 # Bumped when what goes into include/ and lib/ changes, so that existing checkouts refresh.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3  # 3: include/common/jinja/ (chat templates)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Libraries the binding links, the RPC worker, and the native tools the tests and
@@ -202,9 +202,11 @@ def copy_headers(source: Path, include: Path) -> None:
     for header in (source / "ggml" / "include").glob("*.h"):
         shutil.copy2(header, include / header.name)
     # llama.cpp's common library (JSON schema to grammar, chat templates): include/common/.
-    (include / "common").mkdir()
-    for header in (source / "common").glob("*.h"):
-        shutil.copy2(header, include / "common" / header.name)
+    # The chat headers include jinja/*.h: keep the folder structure.
+    for header in (source / "common").rglob("*.h"):
+        target = include / "common" / header.relative_to(source / "common")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(header, target)
 
 
 def copy_binaries(build_dir: Path, lib: Path) -> None:

@@ -18,7 +18,8 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
-#include <json-schema-to-grammar.h>  // llama.cpp's common library
+#include <chat.h>                    // llama.cpp's common library: chat templates, parsers
+#include <json-schema-to-grammar.h>  // and JSON schema to GBNF
 
 #include <ggml-backend.h>
 #include <ggml.h>
@@ -38,7 +39,9 @@
 #include <cstring>
 #include <iterator>
 #include <memory>
+#include <map>
 #include <numeric>
+#include <random>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -964,6 +967,28 @@ llama_sampler *parse_grammar(const llama_vocab *vocab, const std::string &gramma
     return s;
 }
 
+llama_sampler *parse_lazy_grammar(const llama_vocab *vocab, const std::string &grammar, const std::string &root,
+                                  const std::vector<std::string> &patterns, const std::vector<llama_token> &tokens) {
+    tl_last_errors.clear();
+    std::vector<const char *> c_patterns;
+    c_patterns.reserve(patterns.size());
+    for (const std::string &p : patterns) {
+        c_patterns.push_back(p.c_str());
+    }
+    llama_sampler *s = nullptr;
+    try {
+        s = llama_sampler_init_grammar_lazy_patterns(vocab, grammar.c_str(), root.c_str(), c_patterns.data(),
+                                                     c_patterns.size(), tokens.data(), tokens.size());
+    } catch (const std::exception &e) {  // an invalid trigger regex
+        throw GrammarError(std::string("invalid grammar trigger: ") + e.what());
+    }
+    if (s == nullptr) {
+        throw GrammarError("invalid grammar: " + last_errors_or("parse error") +
+                           " (llama.cpp printed the details to stderr)");
+    }
+    return s;
+}
+
 struct SamplerConfig {
     float temperature = 0.8f;
     int32_t top_k = 40;
@@ -981,6 +1006,15 @@ struct SamplerConfig {
     std::vector<std::pair<llama_token, float>> logit_bias;
     std::string grammar;  // GBNF; empty: unconstrained
     std::string grammar_root = "root";
+    // A lazy grammar constrains nothing until the generated text matches one of the trigger
+    // patterns (regexes; the match and what follows are constrained) or a trigger token is
+    // sampled: how tool calls are enforced without forcing one (llama-server's tool grammars).
+    bool grammar_lazy = false;
+    std::vector<std::string> grammar_trigger_patterns;
+    std::vector<llama_token> grammar_trigger_tokens;
+    // Tokens the grammar accepts before the first generated one: a chat template's generation
+    // prompt when the grammar (from the template) starts with it.
+    std::vector<llama_token> grammar_prefill;
 
     void validate(int32_t n_vocab) const {
         auto fail = [](const std::string &what) { throw InvalidArgumentError(what); };
@@ -1042,8 +1076,18 @@ struct SamplerConfig {
         }
         if (!grammar.empty()) {
             // A fresh grammar state for every generation: the chain is built per generation.
-            llama_sampler *g = parse_grammar(vocab, grammar, grammar_root);
-            llama_sampler_chain_add(chain.get(), g);
+            SamplerPtr g(grammar_lazy ? parse_lazy_grammar(vocab, grammar, grammar_root, grammar_trigger_patterns,
+                                                           grammar_trigger_tokens)
+                                      : parse_grammar(vocab, grammar, grammar_root));
+            try {
+                for (llama_token t : grammar_prefill) {
+                    llama_sampler_accept(g.get(), t);
+                }
+            } catch (const std::exception &e) {
+                throw GrammarError(std::string("the grammar rejects the chat template's generation prompt: ") +
+                                   e.what());
+            }
+            llama_sampler_chain_add(chain.get(), g.release());
         }
         if (temperature == 0.0f) {
             add(llama_sampler_init_greedy());
@@ -1086,7 +1130,11 @@ void bind_sampling(nb::module_ &m) {
         .def_rw("seed", &SamplerConfig::seed)
         .def_rw("logit_bias", &SamplerConfig::logit_bias)
         .def_rw("grammar", &SamplerConfig::grammar)
-        .def_rw("grammar_root", &SamplerConfig::grammar_root);
+        .def_rw("grammar_root", &SamplerConfig::grammar_root)
+        .def_rw("grammar_lazy", &SamplerConfig::grammar_lazy)
+        .def_rw("grammar_trigger_patterns", &SamplerConfig::grammar_trigger_patterns)
+        .def_rw("grammar_trigger_tokens", &SamplerConfig::grammar_trigger_tokens)
+        .def_rw("grammar_prefill", &SamplerConfig::grammar_prefill);
     m.def(
         "json_schema_to_grammar",
         [](const std::string &schema) {
@@ -1107,6 +1155,333 @@ void bind_sampling(nb::module_ &m) {
         "model"_a, "grammar"_a, "root"_a, nb::call_guard<nb::gil_scoped_release>(),
         "Raise GrammarError if llama.cpp rejects ``grammar`` for this model's vocabulary.");
     m.attr("DEFAULT_SEED") = static_cast<uint32_t>(LLAMA_DEFAULT_SEED);
+}
+
+// =====================================================================================
+// Chat: llama.cpp's chat templates and output parsers
+// =====================================================================================
+//
+// The code llama-server uses (common/chat.h): the model's Jinja template rendered by
+// llama.cpp's own engine, with a format per model family. Rendering gives the prompt and
+// what its generation needs (a grammar with lazy triggers for tool calls or a schema, special
+// tokens to keep as text, extra stops); the format's parser turns the generated text back
+// into content, reasoning_content and tool_calls. Messages, tools and parsed messages cross
+// the boundary as JSON text, in OpenAI's shapes.
+
+// One rendering request (what llama-server reads from a chat completion body).
+struct ChatRequest {
+    std::string messages = "[]";       // OpenAI messages (JSON array)
+    std::string tools;                 // OpenAI tools (JSON array); empty: none
+    std::string tool_choice = "auto";  // auto | none | required
+    std::string json_schema;           // constrain the answer to this schema; empty: free text
+    bool parallel_tool_calls = false;
+    bool add_generation_prompt = true;
+    bool enable_thinking = true;
+    std::string reasoning_format = "auto";  // none | auto | deepseek | deepseek-legacy
+    std::vector<std::pair<std::string, std::string>> template_kwargs;  // name -> JSON value
+};
+
+// A rendered conversation: the prompt and what its generation and parsing need.
+struct ChatParams {
+    std::string prompt;
+    std::string format;  // the format's name, e.g. "peg-native"
+    std::string grammar;
+    bool grammar_lazy = false;
+    std::vector<std::string> grammar_trigger_patterns;
+    std::vector<llama_token> grammar_trigger_tokens;
+    std::vector<llama_token> grammar_prefill;
+    std::vector<llama_token> preserved_tokens;
+    std::vector<std::string> additional_stops;
+    std::string generation_prompt;
+    bool supports_thinking = false;
+    std::string thinking_start_tag;
+    std::vector<std::string> thinking_end_tags;
+    std::shared_ptr<const common_chat_parser_params> parser;  // immutable once built
+};
+
+// One entry of a streamed message's changes (common_chat_msg_diff).
+struct ChatDelta {
+    std::string content;
+    std::string reasoning_content;
+    int32_t tool_call_index = -1;  // -1: no tool call changed
+    std::string tool_call_id;
+    std::string tool_call_name;
+    std::string tool_call_arguments;
+};
+
+std::vector<llama_token> tokenize_special(const llama_vocab *vocab, const std::string &text) {
+    const auto len = static_cast<int32_t>(text.size());
+    std::vector<llama_token> tokens(text.size() + 2);
+    int32_t n = llama_tokenize(vocab, text.data(), len, tokens.data(), static_cast<int32_t>(tokens.size()), false, true);
+    if (n < 0) {
+        tokens.resize(static_cast<size_t>(-n));
+        n = llama_tokenize(vocab, text.data(), len, tokens.data(), static_cast<int32_t>(tokens.size()), false, true);
+    }
+    tokens.resize(static_cast<size_t>(std::max(n, 0)));
+    return tokens;
+}
+
+class ChatTemplates {
+  public:
+    // `override_template`: Jinja source to use instead of the model's; empty: the model's
+    // (llama.cpp falls back to ChatML when the model has none).
+    ChatTemplates(const Model &model, const std::string &override_template) : model_(model.handle()) {
+        tl_last_errors.clear();
+        try {
+            templates_ = common_chat_templates_init(model_.get(), override_template);
+        } catch (const std::exception &e) {
+            throw InvalidArgumentError(std::string("invalid chat template: ") + e.what());
+        }
+    }
+
+    std::string source() const { return common_chat_templates_source(templates_.get()); }
+    bool has_explicit_template() const { return common_chat_templates_was_explicit(templates_.get()); }
+    bool supports_thinking() const { return common_chat_templates_support_enable_thinking(templates_.get()); }
+    std::vector<std::pair<std::string, bool>> caps() const {
+        auto caps = common_chat_templates_get_caps(templates_.get());
+        return {caps.begin(), caps.end()};
+    }
+
+    ChatParams apply(const ChatRequest &request) const {
+        common_chat_templates_inputs inputs;
+        try {
+            inputs.messages = common_chat_msgs_parse_oaicompat(common_json::parse(request.messages));
+            if (!request.tools.empty()) {
+                inputs.tools = common_chat_tools_parse_oaicompat(common_json::parse(request.tools));
+            }
+            inputs.tool_choice = common_chat_tool_choice_parse_oaicompat(request.tool_choice);
+        } catch (const std::exception &e) {
+            throw InvalidArgumentError(std::string("invalid chat request: ") + e.what());
+        }
+        inputs.json_schema = request.json_schema;
+        inputs.parallel_tool_calls = request.parallel_tool_calls;
+        inputs.add_generation_prompt = request.add_generation_prompt;
+        inputs.enable_thinking = request.enable_thinking;
+        inputs.reasoning_format = reasoning_format(request.reasoning_format);
+        for (const auto &[name, value] : request.template_kwargs) {
+            inputs.chat_template_kwargs[name] = value;
+        }
+        common_chat_params params;
+        try {
+            params = common_chat_templates_apply(templates_.get(), inputs);
+        } catch (const std::exception &e) {
+            throw InvalidArgumentError(std::string("the chat template failed: ") + e.what());
+        }
+        const llama_vocab *vocab = llama_model_get_vocab(model_.get());
+        ChatParams out;
+        out.prompt = std::move(params.prompt);
+        out.format = common_chat_format_name(params.format);
+        out.grammar = params.grammar;
+        out.grammar_lazy = params.grammar_lazy;
+        out.additional_stops = params.additional_stops;
+        out.generation_prompt = params.generation_prompt;
+        out.supports_thinking = params.supports_thinking;
+        out.thinking_start_tag = params.thinking_start_tag;
+        out.thinking_end_tags = params.thinking_end_tags;
+        for (const std::string &text : params.preserved_tokens) {
+            const auto ids = tokenize_special(vocab, text);
+            if (ids.size() == 1) out.preserved_tokens.push_back(ids[0]);
+        }
+        // Triggers as common_sampler_init turns them into a lazy grammar's arguments.
+        for (const common_grammar_trigger &trigger : params.grammar_triggers) {
+            switch (trigger.type) {
+                case COMMON_GRAMMAR_TRIGGER_TYPE_TOKEN:
+                case COMMON_GRAMMAR_TRIGGER_TYPE_WORD: {
+                    const auto ids = tokenize_special(vocab, trigger.value);
+                    if (trigger.token != LLAMA_TOKEN_NULL) {
+                        out.grammar_trigger_tokens.push_back(trigger.token);
+                    } else if (ids.size() == 1 && is_preserved(out, ids[0])) {
+                        out.grammar_trigger_tokens.push_back(ids[0]);
+                    } else {
+                        out.grammar_trigger_patterns.push_back(regex_escape(trigger.value));
+                    }
+                    break;
+                }
+                case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN:
+                    out.grammar_trigger_patterns.push_back(trigger.value);
+                    break;
+                case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN_FULL: {
+                    const std::string &p = trigger.value;
+                    out.grammar_trigger_patterns.push_back(
+                        p.empty() ? "^$" : (p.front() != '^' ? "^" : "") + p + (p.back() != '$' ? "$" : ""));
+                    break;
+                }
+            }
+        }
+        // A template-made grammar (tools, schema) starts where the generation prompt ends:
+        // feed it that prompt first, as common_sampler_init does.
+        if (!out.grammar.empty() && !out.grammar_lazy && !out.generation_prompt.empty()) {
+            const auto ids = tokenize_special(vocab, out.generation_prompt);
+            for (size_t i = 0; i < ids.size(); ++i) {
+                const std::string piece = Model::piece_with(vocab, ids[i], true);
+                // Some tokenizers put a space before the first special token.
+                if (i == 0 && !piece.empty() && std::isspace(static_cast<unsigned char>(piece[0])) &&
+                    !std::isspace(static_cast<unsigned char>(out.generation_prompt[0]))) {
+                    continue;
+                }
+                out.grammar_prefill.push_back(ids[i]);
+            }
+        }
+        auto parser = std::make_shared<common_chat_parser_params>(params);
+        parser->reasoning_format = inputs.reasoning_format;
+        parser->parse_tool_calls = !inputs.tools.empty() && inputs.tool_choice != COMMON_CHAT_TOOL_CHOICE_NONE;
+        if (!params.parser.empty()) {
+            parser->parser.load(params.parser);
+        }
+        out.parser = std::move(parser);
+        return out;
+    }
+
+  private:
+    static common_reasoning_format reasoning_format(const std::string &name) {
+        if (name == "none") return COMMON_REASONING_FORMAT_NONE;
+        if (name == "auto") return COMMON_REASONING_FORMAT_AUTO;
+        if (name == "deepseek") return COMMON_REASONING_FORMAT_DEEPSEEK;
+        if (name == "deepseek-legacy") return COMMON_REASONING_FORMAT_DEEPSEEK_LEGACY;
+        throw InvalidArgumentError("reasoning_format must be none, auto, deepseek or deepseek-legacy, got '" + name +
+                                   "'");
+    }
+
+    static bool is_preserved(const ChatParams &params, llama_token token) {
+        return std::find(params.preserved_tokens.begin(), params.preserved_tokens.end(), token) !=
+               params.preserved_tokens.end();
+    }
+
+    ModelHandle model_;  // the templates hold the model's BOS/EOS text; the vocab is used by apply
+    common_chat_templates_ptr templates_;
+};
+
+// Parses a chat format's generated text into an OpenAI message, whole or as it streams.
+class ChatParser {
+  public:
+    explicit ChatParser(const ChatParams &params) : params_(params.parser) {
+        if (!params_) throw InvalidArgumentError("these ChatParams were not made by ChatTemplates.apply");
+    }
+
+    // The message in `text` as OpenAI JSON ({"role", "content", "reasoning_content",
+    // "tool_calls"}). `is_partial`: more text may follow. Text that does not follow the format
+    // is returned whole as content (with a warning in the log) when it is final.
+    std::string parse(const std::string &text, bool is_partial) {
+        return to_json(parse_message(text, is_partial));
+    }
+
+    // Streaming: appends `delta` and returns how the message changed since the last call.
+    std::vector<ChatDelta> update(const std::string &delta, bool is_partial) {
+        text_ += delta;
+        common_chat_msg next = parse_message(text_, is_partial);
+        std::vector<ChatDelta> out;
+        if (next.empty()) return out;
+        for (const common_chat_msg_diff &d : common_chat_msg_diff::compute_diffs(message_, next)) {
+            ChatDelta entry;
+            entry.content = d.content_delta;
+            entry.reasoning_content = d.reasoning_content_delta;
+            if (d.tool_call_index != std::string::npos) {
+                entry.tool_call_index = static_cast<int32_t>(d.tool_call_index);
+                entry.tool_call_id = d.tool_call_delta.id;
+                if (entry.tool_call_id.empty() && !d.tool_call_delta.name.empty() &&
+                    d.tool_call_index < next.tool_calls.size()) {
+                    entry.tool_call_id = next.tool_calls[d.tool_call_index].id;
+                }
+                entry.tool_call_name = d.tool_call_delta.name;
+                entry.tool_call_arguments = d.tool_call_delta.arguments;
+            }
+            out.push_back(std::move(entry));
+        }
+        message_ = std::move(next);
+        return out;
+    }
+
+    // The message parsed by the last update(), as parse() returns it.
+    std::string message() const { return to_json(message_); }
+
+    // The final text did not follow the format and was returned whole as content.
+    bool fell_back() const { return fell_back_; }
+
+  private:
+    common_chat_msg parse_message(const std::string &text, bool is_partial) {
+        common_chat_msg msg;
+        try {
+            msg = common_chat_parse(text, is_partial, *params_);
+        } catch (const std::exception &e) {
+            if (is_partial) return message_;  // wait for more text
+            fell_back_ = true;
+            msg.role = "assistant";
+            msg.content = text;
+        }
+        msg.set_tool_call_ids(tool_call_ids_, [this] { return new_tool_call_id(); });
+        return msg;
+    }
+
+    static std::string to_json(const common_chat_msg &msg) {
+        common_json out = msg.to_json_oaicompat();
+        out["role"] = "assistant";
+        return out.dump();
+    }
+
+    std::string new_tool_call_id() {
+        static const char alphabet[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+        std::uniform_int_distribution<size_t> pick(0, sizeof(alphabet) - 2);
+        std::string id = "call_";
+        for (int i = 0; i < 24; ++i) id += alphabet[pick(rng_)];
+        return id;
+    }
+
+    std::shared_ptr<const common_chat_parser_params> params_;
+    std::string text_;
+    common_chat_msg message_;
+    std::vector<std::string> tool_call_ids_;
+    bool fell_back_ = false;
+    std::mt19937_64 rng_{std::random_device{}()};
+};
+
+void bind_chat(nb::module_ &m) {
+    nb::class_<ChatRequest>(m, "ChatRequest", "What to render: messages, tools and options (JSON text).")
+        .def(nb::init<>())
+        .def_rw("messages", &ChatRequest::messages)
+        .def_rw("tools", &ChatRequest::tools)
+        .def_rw("tool_choice", &ChatRequest::tool_choice)
+        .def_rw("json_schema", &ChatRequest::json_schema)
+        .def_rw("parallel_tool_calls", &ChatRequest::parallel_tool_calls)
+        .def_rw("add_generation_prompt", &ChatRequest::add_generation_prompt)
+        .def_rw("enable_thinking", &ChatRequest::enable_thinking)
+        .def_rw("reasoning_format", &ChatRequest::reasoning_format)
+        .def_rw("template_kwargs", &ChatRequest::template_kwargs);
+    nb::class_<ChatParams>(m, "ChatParams", "A rendered conversation and what its generation needs.")
+        .def_ro("prompt", &ChatParams::prompt)
+        .def_ro("format", &ChatParams::format)
+        .def_ro("grammar", &ChatParams::grammar)
+        .def_ro("grammar_lazy", &ChatParams::grammar_lazy)
+        .def_ro("grammar_trigger_patterns", &ChatParams::grammar_trigger_patterns)
+        .def_ro("grammar_trigger_tokens", &ChatParams::grammar_trigger_tokens)
+        .def_ro("grammar_prefill", &ChatParams::grammar_prefill)
+        .def_ro("preserved_tokens", &ChatParams::preserved_tokens)
+        .def_ro("additional_stops", &ChatParams::additional_stops)
+        .def_ro("generation_prompt", &ChatParams::generation_prompt)
+        .def_ro("supports_thinking", &ChatParams::supports_thinking)
+        .def_ro("thinking_start_tag", &ChatParams::thinking_start_tag)
+        .def_ro("thinking_end_tags", &ChatParams::thinking_end_tags);
+    nb::class_<ChatDelta>(m, "ChatDelta", "One change of a streamed chat message.")
+        .def_ro("content", &ChatDelta::content)
+        .def_ro("reasoning_content", &ChatDelta::reasoning_content)
+        .def_ro("tool_call_index", &ChatDelta::tool_call_index)
+        .def_ro("tool_call_id", &ChatDelta::tool_call_id)
+        .def_ro("tool_call_name", &ChatDelta::tool_call_name)
+        .def_ro("tool_call_arguments", &ChatDelta::tool_call_arguments);
+    nb::class_<ChatTemplates>(m, "ChatTemplates", "A model's chat templates, rendered by llama.cpp's Jinja engine.")
+        .def(nb::init<const Model &, const std::string &>(), "model"_a, "override_template"_a = "",
+             nb::call_guard<nb::gil_scoped_release>())
+        .def("apply", &ChatTemplates::apply, "request"_a, nb::call_guard<nb::gil_scoped_release>())
+        .def("source", &ChatTemplates::source)
+        .def("has_explicit_template", &ChatTemplates::has_explicit_template)
+        .def("supports_thinking", &ChatTemplates::supports_thinking)
+        .def("caps", &ChatTemplates::caps);
+    nb::class_<ChatParser>(m, "ChatParser", "Parses generated text in a chat format into an OpenAI message.")
+        .def(nb::init<const ChatParams &>(), "params"_a)
+        .def("parse", &ChatParser::parse, "text"_a, "is_partial"_a = false, nb::call_guard<nb::gil_scoped_release>())
+        .def("update", &ChatParser::update, "delta"_a, "is_partial"_a = true,
+             nb::call_guard<nb::gil_scoped_release>())
+        .def("message", &ChatParser::message)
+        .def_prop_ro("fell_back", &ChatParser::fell_back);
 }
 
 // =====================================================================================
@@ -1961,6 +2336,9 @@ struct GenerateOptions {
     bool prompt_logprobs = false;  // also the logprobs of prompt tokens (evaluates it whole)
     Cancellation cancellation;
     std::shared_ptr<PyHooks> hooks;
+    // Special tokens whose text is part of the output (a chat format's tool-call markers,
+    // such as <tool_call>); other special tokens render as nothing.
+    std::vector<llama_token> preserved_tokens;
 };
 
 struct GenerationResult {
@@ -2122,7 +2500,9 @@ class Generation {
             chunk.logprobs.push_back(logprob_of(logits, n_vocab, token, options_.n_probs));
         }
         bool stopped = false;
-        chunk.text += stop_.push(decoder_.push(Model::piece_with(state_->vocab, token, false)), stopped);
+        const bool special = std::find(options_.preserved_tokens.begin(), options_.preserved_tokens.end(), token) !=
+                             options_.preserved_tokens.end();
+        chunk.text += stop_.push(decoder_.push(Model::piece_with(state_->vocab, token, special)), stopped);
         if (stopped) {
             finish_reason_ = "stop";
             return;
@@ -2267,6 +2647,8 @@ void bind_context(nb::module_ &m) {
         .def_rw("prompt_logprobs", &GenerateOptions::prompt_logprobs,
                 "Also score the prompt's tokens (evaluates the whole prompt).")
         .def_rw("cancellation", &GenerateOptions::cancellation)
+        .def_rw("preserved_tokens", &GenerateOptions::preserved_tokens,
+                "Special tokens whose text is part of the output (a chat format's markers).")
         .def(
             "set_hooks",
             [](GenerateOptions &self, nb::object logits_hook, nb::object stop_hook) {
@@ -2384,5 +2766,6 @@ NB_MODULE(_core, m) {
     bind_backend(m);
     bind_model(m);
     bind_sampling(m);
+    bind_chat(m);
     bind_context(m);
 }

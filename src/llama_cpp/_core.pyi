@@ -359,6 +359,30 @@ class SamplerConfig:
     @grammar_root.setter
     def grammar_root(self, arg: str, /) -> None: ...
 
+    @property
+    def grammar_lazy(self) -> bool: ...
+
+    @grammar_lazy.setter
+    def grammar_lazy(self, arg: bool, /) -> None: ...
+
+    @property
+    def grammar_trigger_patterns(self) -> list[str]: ...
+
+    @grammar_trigger_patterns.setter
+    def grammar_trigger_patterns(self, arg: Sequence[str], /) -> None: ...
+
+    @property
+    def grammar_trigger_tokens(self) -> list[int]: ...
+
+    @grammar_trigger_tokens.setter
+    def grammar_trigger_tokens(self, arg: Sequence[int], /) -> None: ...
+
+    @property
+    def grammar_prefill(self) -> list[int]: ...
+
+    @grammar_prefill.setter
+    def grammar_prefill(self, arg: Sequence[int], /) -> None: ...
+
 def json_schema_to_grammar(schema: str) -> str:
     """
     GBNF that accepts exactly the JSON documents valid under ``schema`` (JSON text), by llama.cpp's own converter. Raises GrammarError for a schema it cannot convert.
@@ -370,6 +394,157 @@ def check_grammar(model: Model, grammar: str, root: str) -> None:
     """
 
 DEFAULT_SEED: int = 4294967295
+
+class ChatRequest:
+    """What to render: messages, tools and options (JSON text)."""
+
+    def __init__(self) -> None: ...
+
+    @property
+    def messages(self) -> str: ...
+
+    @messages.setter
+    def messages(self, arg: str, /) -> None: ...
+
+    @property
+    def tools(self) -> str: ...
+
+    @tools.setter
+    def tools(self, arg: str, /) -> None: ...
+
+    @property
+    def tool_choice(self) -> str: ...
+
+    @tool_choice.setter
+    def tool_choice(self, arg: str, /) -> None: ...
+
+    @property
+    def json_schema(self) -> str: ...
+
+    @json_schema.setter
+    def json_schema(self, arg: str, /) -> None: ...
+
+    @property
+    def parallel_tool_calls(self) -> bool: ...
+
+    @parallel_tool_calls.setter
+    def parallel_tool_calls(self, arg: bool, /) -> None: ...
+
+    @property
+    def add_generation_prompt(self) -> bool: ...
+
+    @add_generation_prompt.setter
+    def add_generation_prompt(self, arg: bool, /) -> None: ...
+
+    @property
+    def enable_thinking(self) -> bool: ...
+
+    @enable_thinking.setter
+    def enable_thinking(self, arg: bool, /) -> None: ...
+
+    @property
+    def reasoning_format(self) -> str: ...
+
+    @reasoning_format.setter
+    def reasoning_format(self, arg: str, /) -> None: ...
+
+    @property
+    def template_kwargs(self) -> list[tuple[str, str]]: ...
+
+    @template_kwargs.setter
+    def template_kwargs(self, arg: Sequence[tuple[str, str]], /) -> None: ...
+
+class ChatParams:
+    """A rendered conversation and what its generation needs."""
+
+    @property
+    def prompt(self) -> str: ...
+
+    @property
+    def format(self) -> str: ...
+
+    @property
+    def grammar(self) -> str: ...
+
+    @property
+    def grammar_lazy(self) -> bool: ...
+
+    @property
+    def grammar_trigger_patterns(self) -> list[str]: ...
+
+    @property
+    def grammar_trigger_tokens(self) -> list[int]: ...
+
+    @property
+    def grammar_prefill(self) -> list[int]: ...
+
+    @property
+    def preserved_tokens(self) -> list[int]: ...
+
+    @property
+    def additional_stops(self) -> list[str]: ...
+
+    @property
+    def generation_prompt(self) -> str: ...
+
+    @property
+    def supports_thinking(self) -> bool: ...
+
+    @property
+    def thinking_start_tag(self) -> str: ...
+
+    @property
+    def thinking_end_tags(self) -> list[str]: ...
+
+class ChatDelta:
+    """One change of a streamed chat message."""
+
+    @property
+    def content(self) -> str: ...
+
+    @property
+    def reasoning_content(self) -> str: ...
+
+    @property
+    def tool_call_index(self) -> int: ...
+
+    @property
+    def tool_call_id(self) -> str: ...
+
+    @property
+    def tool_call_name(self) -> str: ...
+
+    @property
+    def tool_call_arguments(self) -> str: ...
+
+class ChatTemplates:
+    """A model's chat templates, rendered by llama.cpp's Jinja engine."""
+
+    def __init__(self, model: Model, override_template: str = '') -> None: ...
+
+    def apply(self, request: ChatRequest) -> ChatParams: ...
+
+    def source(self) -> str: ...
+
+    def has_explicit_template(self) -> bool: ...
+
+    def supports_thinking(self) -> bool: ...
+
+    def caps(self) -> list[tuple[str, bool]]: ...
+
+class ChatParser:
+    """Parses generated text in a chat format into an OpenAI message."""
+
+    def __init__(self, params: ChatParams) -> None: ...
+
+    def parse(self, text: str, is_partial: bool = False) -> str: ...
+
+    def update(self, delta: str, is_partial: bool = True) -> list[ChatDelta]: ...
+
+    def message(self) -> str: ...
+
+    @property
+    def fell_back(self) -> bool: ...
 
 class ContextOptions:
     """Options for a context (llama_context_params)."""
@@ -578,6 +753,15 @@ class GenerateOptions:
 
     @cancellation.setter
     def cancellation(self, arg: Cancellation, /) -> None: ...
+
+    @property
+    def preserved_tokens(self) -> list[int]:
+        """
+        Special tokens whose text is part of the output (a chat format's markers).
+        """
+
+    @preserved_tokens.setter
+    def preserved_tokens(self, arg: Sequence[int], /) -> None: ...
 
     def set_hooks(self, logits_hook: object | None, stop_hook: object | None) -> None:
         """

@@ -273,6 +273,7 @@ class CompletionMixin(LlamaBase):
         model: str | None = None,
         logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
         stopping_criteria: StoppingCriteria | Sequence[StoppingCriteria] | None = None,
+        preserved_tokens: Sequence[int] = (),
         **sampling: Any,
     ) -> CreateCompletionResponse | Iterator[CreateCompletionResponse]:
         if suffix is not None:
@@ -289,6 +290,7 @@ class CompletionMixin(LlamaBase):
         options = generate_options(
             max_tokens, stop, logprobs=logprobs, prompt_logprobs=echo, cancellation=cancellation
         )
+        options.preserved_tokens = list(preserved_tokens)
         hooks.install(options, logits_processor, stopping_criteria)
         config = self._sampling(None, sampling)
         if stream:

@@ -1,164 +1,56 @@
-"""Chat completion: messages rendered to a prompt, completed, returned as OpenAI chat dicts.
+"""Chat completion: messages rendered to a prompt, completed, parsed back into OpenAI dicts.
 
-A model's own chat template (``tokenizer.chat_template`` in the GGUF) is rendered with
-Jinja2 in a sandbox, as llama-cpp-python and Hugging Face do; a model without one falls back
-to llama-cpp-python's ``"llama-2"`` format. ``chat_format`` picks a built-in format by name
-instead, ``chat_template`` a Jinja template of your own.
-
-``response_format`` (JSON object or JSON schema) constrains the answer with a grammar built
-by llama.cpp's converter. Not here yet (see the project's issues): tool calls and per-family
-reasoning parsing.
+A model's chat template (``tokenizer.chat_template`` in the GGUF, or ``chat_template=``) is
+rendered by llama.cpp's own Jinja engine with the code llama-server uses
+(``common/chat.h``): it knows each model family's format for tools and reasoning, gives the
+grammar that constrains a tool call or a JSON answer, and parses the generated text into
+``content``, ``reasoning_content`` and ``tool_calls``. ``chat_format`` picks one of
+llama-cpp-python's built-in Python formats instead (plain text out); a model without any
+template gets llama-cpp-python's ``"llama-2"`` format, or llama.cpp's ChatML when tools or a
+JSON answer are asked for.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, cast, overload
+import logging
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any, Literal, cast, overload
 
 from llama_cpp import _async, _core
 from llama_cpp._completion import CompletionMixin
+from llama_cpp.chat_formats import CHAT_FORMATS, ChatFormatter
+from llama_cpp.chat_output import OutputParser, PlainText, chat_chunks, chat_response
+from llama_cpp.chat_tools import GenericToolParser, tool_call_schema, with_tools_described
 from llama_cpp.errors import InvalidArgumentError
 from llama_cpp.grammar import LlamaGrammar
 from llama_cpp.hooks import LogitsProcessor
-from llama_cpp.llama_types import (
-    ChatCompletionChunk,
-    ChatCompletionLogprobs,
-    ChatCompletionTokenLogprob,
-    ChatCompletionTopLogprob,
-    CompletionLogprobs,
-    CreateChatCompletionResponse,
-    CreateCompletionResponse,
-)
-
-if TYPE_CHECKING:
-    from jinja2 import Template
+from llama_cpp.llama_types import ChatCompletionChunk, CreateChatCompletionResponse
 
 Message = Mapping[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class ChatPrompt:
-    """A rendered conversation.
-
-    Attributes:
-        prompt: The text to complete.
-        stop: Stop strings the format adds (e.g. the template's EOS text).
-        added_special: The text already holds BOS: do not add another when tokenizing.
-    """
-
-    prompt: str
-    stop: list[str] = field(default_factory=list)
-    added_special: bool = False
-
-
-ChatFormatter = Callable[..., ChatPrompt]  # (messages, **template_kwargs) -> ChatPrompt
-
-
-class Jinja2ChatFormatter:
-    """Renders a Jinja chat template in a sandbox, with the variables chat templates expect
-    (``messages``, ``bos_token``, ``eos_token``, ``add_generation_prompt``,
-    ``raise_exception``, ``strftime_now``)."""
-
-    def __init__(
-        self, template: str, *, bos_token: str, eos_token: str, add_generation_prompt: bool = True
-    ) -> None:
-        try:
-            import jinja2
-            import jinja2.ext
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-        except ImportError as error:  # pragma: no cover - jinja2 is a dependency
-            raise ImportError("chat templates need jinja2: pip install jinja2") from error
-        environment = ImmutableSandboxedEnvironment(
-            loader=jinja2.BaseLoader(),
-            trim_blocks=True,
-            lstrip_blocks=True,
-            extensions=[jinja2.ext.loopcontrols],
-        )
-        environment.filters["tojson"] = _tojson
-        try:
-            self._template: Template = environment.from_string(template)
-        except jinja2.TemplateError as error:
-            raise InvalidArgumentError(f"invalid chat template: {error}") from error
-        self.bos_token = bos_token
-        self.eos_token = eos_token
-        self.add_generation_prompt = add_generation_prompt
-
-    def __call__(self, messages: Sequence[Message], **kwargs: Any) -> ChatPrompt:
-        def raise_exception(message: str) -> None:
-            raise InvalidArgumentError(f"the chat template rejected the messages: {message}")
-
-        prompt = self._template.render(
-            messages=list(messages),
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
-            add_generation_prompt=self.add_generation_prompt,
-            raise_exception=raise_exception,
-            strftime_now=lambda fmt: datetime.now().strftime(fmt),
-            **kwargs,
-        )
-        return ChatPrompt(prompt=prompt, stop=[self.eos_token] if self.eos_token else [], added_special=True)
-
-
-def _tojson(
-    value: object, ensure_ascii: bool = False, indent: int | None = None, sort_keys: bool = False
-) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, sort_keys=sort_keys)
-
-
-def _content(message: Message) -> str | None:
-    content = message.get("content")
-    return content if isinstance(content, str) else None
-
-
-def format_llama2(messages: Sequence[Message], **kwargs: Any) -> ChatPrompt:
-    """llama-cpp-python's ``"llama-2"`` format (its fallback for models without a template)."""
-    roles = {"user": "<s>[INST]", "assistant": "[/INST]"}
-    system = next((_content(m) or "" for m in messages if m.get("role") == "system"), "")
-    if system:
-        system = f"[INST] <<SYS>>\n{system}\n<</SYS>>"
-    mapped = [(roles[m["role"]], _content(m)) for m in messages if m.get("role") in roles]
-    separators = [" ", "</s>"]
-    prompt = system + " "
-    for i, (role, text) in enumerate(mapped):
-        if system and i == 0:
-            prompt += (text or "") + separators[i % 2]
-        elif text:
-            prompt += role + text + " " + separators[i % 2]
-        else:
-            prompt += role + " "
-    return ChatPrompt(prompt=prompt + "[/INST]")
-
-
-def format_chatml(messages: Sequence[Message], **kwargs: Any) -> ChatPrompt:
-    """ChatML (``<|im_start|>role ... <|im_end|>``), as llama-cpp-python's ``"chatml"``."""
-    system = next((_content(m) or "" for m in messages if m.get("role") == "system"), "")
-    prompt = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-    for message in messages:
-        if message.get("role") in ("user", "assistant"):
-            prompt += f"<|im_start|>{message['role']}\n{_content(message) or ''}<|im_end|>\n"
-    return ChatPrompt(prompt=prompt + "<|im_start|>assistant\n", stop=["<|im_end|>"])
-
-
-#: Built-in formats, by llama-cpp-python's names.
-CHAT_FORMATS: dict[str, ChatFormatter] = {"llama-2": format_llama2, "chatml": format_chatml}
+ReasoningFormat = Literal["none", "auto", "deepseek", "deepseek-legacy"]
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+_log = logging.getLogger("llama_cpp")
 
 
 def check_messages(messages: Sequence[Message]) -> None:
-    """Raise InvalidArgumentError unless every message has a known role and text content."""
+    """Raise InvalidArgumentError unless every message has a known role, and content where
+    OpenAI requires it (an assistant message may carry only ``tool_calls``)."""
     if not messages:
         raise InvalidArgumentError("messages is empty")
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or "role" not in message:
             raise InvalidArgumentError(f"messages[{i}] must be a dict with a 'role'")
-        if message["role"] not in ("system", "developer", "user", "assistant", "tool"):
+        if message["role"] not in _ROLES:
             raise InvalidArgumentError(f"messages[{i}] has an unknown role {message['role']!r}")
+        if message["role"] == "assistant" and "content" not in message and "tool_calls" not in message:
+            raise InvalidArgumentError(f"messages[{i}]: an assistant message needs content or tool_calls")
+        if message["role"] != "assistant" and "content" not in message:
+            raise InvalidArgumentError(f"messages[{i}] ({message['role']}) has no content")
 
 
-def grammar_for_response_format(response_format: Mapping[str, Any]) -> LlamaGrammar | None:
-    """The grammar that enforces an OpenAI / llama-cpp-python ``response_format``.
+def schema_for_response_format(response_format: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The JSON schema an OpenAI / llama-cpp-python ``response_format`` asks for.
 
     ``{"type": "text"}``: none. ``{"type": "json_object"}``: any JSON object, or the documents
     valid under its ``"schema"`` (llama-cpp-python's form). ``{"type": "json_schema",
@@ -166,115 +58,148 @@ def grammar_for_response_format(response_format: Mapping[str, Any]) -> LlamaGram
 
     Raises:
         InvalidArgumentError: An unknown type or a missing schema.
-        GrammarError: A schema llama.cpp cannot convert.
     """
     kind = response_format.get("type")
     if kind == "text":
         return None
     if kind == "json_object":
-        return LlamaGrammar.from_json_schema(response_format.get("schema") or {"type": "object"})
+        schema = response_format.get("schema")
+        return schema if schema else {"type": "object"}
     if kind == "json_schema":
         spec = response_format.get("json_schema")
-        if not isinstance(spec, Mapping) or "schema" not in spec:
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("schema"), Mapping):
             raise InvalidArgumentError(
                 "response_format json_schema needs {'json_schema': {'name', 'schema'}}"
             )
-        return LlamaGrammar.from_json_schema(spec["schema"])
+        schema = spec["schema"]
+        return schema if schema else {"type": "object"}
     raise InvalidArgumentError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
 
 
-# -- responses ------------------------------------------------------------------------------
+def _tool_choice(
+    tools: list[Mapping[str, Any]], tool_choice: str | Mapping[str, Any] | None
+) -> tuple[list[Mapping[str, Any]], str]:
+    """The tools to offer and llama.cpp's choice (auto/none/required): a named function offers
+    that tool alone and requires a call, as OpenAI's forced function."""
+    if tool_choice is None:
+        return tools, "auto"
+    if isinstance(tool_choice, str):
+        if tool_choice not in ("auto", "none", "required"):
+            raise InvalidArgumentError(
+                f"tool_choice must be 'auto', 'none', 'required' or a function, got {tool_choice!r}"
+            )
+        if tool_choice == "required" and not tools:
+            raise InvalidArgumentError("tool_choice='required' needs tools")
+        return tools, tool_choice
+    name = (tool_choice.get("function") or {}).get("name") if tool_choice.get("type") == "function" else None
+    if not isinstance(name, str):
+        raise InvalidArgumentError(
+            "tool_choice must be {'type': 'function', 'function': {'name': ...}}, got " + repr(tool_choice)
+        )
+    chosen = [t for t in tools if (t.get("function") or {}).get("name") == name]
+    if not chosen:
+        raise InvalidArgumentError(f"tool_choice names {name!r}, which is not among the tools")
+    return chosen, "required"
 
 
-def _chat_logprobs(logprobs: CompletionLogprobs | None) -> ChatCompletionLogprobs | None:
-    if logprobs is None:
-        return None
-    content: list[ChatCompletionTokenLogprob] = []
-    for token, logprob, top in zip(
-        logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True
-    ):
-        alternatives: list[ChatCompletionTopLogprob] = [
-            {"token": t, "bytes": None, "logprob": v} for t, v in (top or {}).items()
-        ]
-        content.append({"token": token, "bytes": None, "logprob": logprob, "top_logprobs": alternatives})
-    return {"content": content, "refusal": None}
+def _legacy_functions(
+    functions: Sequence[Mapping[str, Any]] | None, function_call: str | Mapping[str, Any] | None
+) -> tuple[list[Mapping[str, Any]], str | Mapping[str, Any] | None]:
+    """OpenAI's deprecated ``functions``/``function_call`` as tools and a tool choice."""
+    tools: list[Mapping[str, Any]] = [{"type": "function", "function": f} for f in functions or ()]
+    if isinstance(function_call, Mapping):
+        return tools, {"type": "function", "function": {"name": function_call.get("name")}}
+    return tools, function_call
 
 
-def chat_response(completion: CreateCompletionResponse) -> CreateChatCompletionResponse:
-    """A chat.completion dict from a text completion (llama-cpp-python's conversion)."""
-    choice = completion["choices"][0]
-    return {
-        "id": "chat" + completion["id"],
-        "object": "chat.completion",
-        "created": completion["created"],
-        "model": completion["model"],
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": choice["text"]},
-                "logprobs": _chat_logprobs(choice["logprobs"]),
-                "finish_reason": choice["finish_reason"],
-            }
-        ],
-        "usage": completion["usage"],
-    }
-
-
-def chat_chunks(chunks: Iterator[CreateCompletionResponse]) -> Iterator[ChatCompletionChunk]:
-    """chat.completion.chunk dicts: the role first, then content deltas, the finish reason last."""
-    for i, chunk in enumerate(chunks):
-        choice = chunk["choices"][0]
-        base = {"id": "chat" + chunk["id"], "model": chunk["model"], "created": chunk["created"]}
-        if i == 0:
-            yield {
-                **base,  # type: ignore[typeddict-item]
-                "object": "chat.completion.chunk",
-                "choices": [
-                    {"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}
-                ],
-            }
-        yield {
-            **base,  # type: ignore[typeddict-item]
-            "object": "chat.completion.chunk",
-            "choices": [
-                {
-                    "index": 0,
-                    "delta": {"content": choice["text"]} if choice["finish_reason"] is None else {},
-                    "logprobs": _chat_logprobs(choice["logprobs"]),
-                    "finish_reason": choice["finish_reason"],
-                }
-            ],
-        }
+def _check_tools(tools: Sequence[Mapping[str, Any]]) -> None:
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        if tool.get("type", "function") != "function" or not isinstance(function, Mapping):
+            raise InvalidArgumentError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}")
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise InvalidArgumentError(f"tools[{i}].function needs a name")
 
 
 class ChatMixin(CompletionMixin):
     """llama-cpp-python's ``create_chat_completion`` and the async twin."""
 
-    _chat_formatter: ChatFormatter | None = None
+    _chat_templates: _core.ChatTemplates | None = None
 
-    def chat_formatter(self) -> ChatFormatter:
-        """How messages become a prompt: ``chat_template``, ``chat_format``, the GGUF template,
-        or llama-cpp-python's ``"llama-2"`` fallback, in that order."""
-        if self._chat_formatter is None:
-            template = self.config.chat_template or (
-                None if self.config.chat_format else self.model.chat_template()
-            )
-            if template:
-                special = [
-                    self.model.token_to_piece(t, True).decode("utf-8", "ignore") for t in self._bos_eos()
-                ]
-                self._chat_formatter = Jinja2ChatFormatter(
-                    template, bos_token=special[0], eos_token=special[1]
-                )
-            else:
-                name = self.config.chat_format or "llama-2"
-                if name not in CHAT_FORMATS:
-                    raise InvalidArgumentError(f"unknown chat_format {name!r}; known: {sorted(CHAT_FORMATS)}")
-                self._chat_formatter = CHAT_FORMATS[name]
-        return self._chat_formatter
+    def chat_templates(self) -> _core.ChatTemplates:
+        """llama.cpp's templates for this model: ``chat_template`` if given, else the GGUF's
+        (llama.cpp falls back to ChatML for a model without one).
 
-    def _bos_eos(self) -> tuple[int, int]:
-        return max(self.token_bos(), 0), max(self.token_eos(), 0)
+        Raises:
+            InvalidArgumentError: The template does not parse.
+        """
+        if self._chat_templates is None:
+            self._chat_templates = _core.ChatTemplates(self.model, self.config.chat_template or "")
+        return self._chat_templates
+
+    def chat_formatter(self) -> ChatFormatter | None:
+        """The Python format used instead of a Jinja template: ``chat_format`` by name, or
+        llama-cpp-python's ``"llama-2"`` for a model without a template; None when the model's
+        (or the given) template is rendered by llama.cpp.
+
+        Raises:
+            InvalidArgumentError: An unknown ``chat_format``.
+        """
+        if self.config.chat_template:
+            return None
+        name = self.config.chat_format
+        if name is None:
+            if self.model.chat_template():
+                return None
+            name = "llama-2"
+        if name not in CHAT_FORMATS:
+            raise InvalidArgumentError(f"unknown chat_format {name!r}; known: {sorted(CHAT_FORMATS)}")
+        return CHAT_FORMATS[name]
+
+    def render_chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        json_schema: Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool = False,
+        enable_thinking: bool | None = None,
+        reasoning_format: ReasoningFormat = "auto",
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> _core.ChatParams:
+        """Render ``messages`` with llama.cpp's chat templates (see :meth:`chat_templates`).
+
+        Returns the prompt with what generating and parsing its answer needs: the grammar
+        (tool calls, a JSON schema) and its lazy triggers, special tokens kept as text, extra
+        stops, the format's name. ``enable_thinking=False`` turns a hybrid model's thinking
+        off (also accepted in ``template_kwargs``, as llama-server does); other keyword
+        arguments are variables of the template (e.g. ``reasoning_effort`` for GPT-OSS).
+
+        Raises:
+            InvalidArgumentError: Malformed messages or tools, or the template rejected them.
+        """
+        check_messages(messages)
+        all_tools, choice = _tool_choice(list(tools or ()), tool_choice)
+        _check_tools(all_tools)
+        thinking = template_kwargs.pop("enable_thinking", enable_thinking)
+        if thinking is not None and not isinstance(thinking, bool):
+            raise InvalidArgumentError(f"enable_thinking must be a bool, got {thinking!r}")
+        request = _core.ChatRequest()
+        try:
+            request.messages = json.dumps(list(messages))
+            request.tools = json.dumps(all_tools) if all_tools else ""
+            request.json_schema = json.dumps(json_schema) if json_schema is not None else ""
+            request.template_kwargs = [(k, json.dumps(v)) for k, v in template_kwargs.items()]
+        except TypeError as error:
+            raise InvalidArgumentError(f"chat request is not JSON-serializable: {error}") from error
+        request.tool_choice = choice
+        request.parallel_tool_calls = parallel_tool_calls
+        request.add_generation_prompt = add_generation_prompt
+        request.enable_thinking = True if thinking is None else thinking
+        request.reasoning_format = reasoning_format
+        return self.chat_templates().apply(request)
 
     @overload
     def create_chat_completion(
@@ -316,31 +241,86 @@ class ChatMixin(CompletionMixin):
         logprobs: bool | None = None,
         top_logprobs: int | None = None,
         cancellation: _core.Cancellation | None = None,
+        parallel_tool_calls: bool = False,
+        reasoning_format: ReasoningFormat = "auto",
+        chat_template_kwargs: Mapping[str, Any] | None = None,
         **template_kwargs: Any,
     ) -> CreateChatCompletionResponse | Iterator[ChatCompletionChunk]:
         """Answer a conversation, returning llama-cpp-python's (OpenAI's) chat dicts.
 
-        The messages are rendered by :meth:`chat_formatter`, tokenized with special tokens
-        parsed, and completed; generation ends at the model's end of turn. With
-        ``stream=True``: ``chat.completion.chunk`` dicts, the role first, ``finish_reason`` last.
-        ``cancellation`` lets another thread stop the generation. Other keyword arguments are
-        passed to the chat template (e.g. ``enable_thinking``).
+        The messages are rendered (see :meth:`render_chat`), tokenized with special tokens
+        parsed, and completed; generation ends at the model's end of turn. The answer is
+        parsed by the model's format: ``message["content"]``, ``message["reasoning_content"]``
+        (a thinking model's reasoning, unless ``reasoning_format="none"`` leaves it in the
+        content) and ``message["tool_calls"]`` (``finish_reason="tool_calls"``).
+
+        ``tools`` + ``tool_choice`` (``"auto"``, ``"none"``, ``"required"`` or
+        ``{"type": "function", "function": {"name": ...}}``): a forced call is constrained by
+        a grammar so that it always parses; under ``"auto"`` the grammar takes over once the
+        model starts a call. ``response_format`` (``json_object``, with or without
+        ``schema``, or OpenAI's ``json_schema``) constrains the answer to the schema. With
+        ``stream=True``: ``chat.completion.chunk`` dicts, the role first, then content,
+        reasoning and tool-call deltas, ``finish_reason`` last. ``cancellation`` lets another
+        thread stop the generation. ``chat_template_kwargs`` and other keyword arguments are
+        template variables (``enable_thinking=False``, ``reasoning_effort="low"``, ...).
 
         Raises:
-            InvalidArgumentError: Malformed messages, or the template rejected them.
+            InvalidArgumentError: Malformed messages or tools, or the template rejected them.
             GrammarError: A ``response_format`` schema llama.cpp cannot convert.
-            NotImplementedError: ``tools`` or ``functions`` (not yet).
         """
-        if tools or functions or tool_choice or function_call:
-            raise NotImplementedError("tool calls are not supported yet")
-        if response_format is not None:
-            schema_grammar = grammar_for_response_format(response_format)
-            if schema_grammar is not None and grammar is not None:
-                raise InvalidArgumentError("pass either grammar or a JSON response_format, not both")
-            grammar = schema_grammar or grammar
-        check_messages(messages)
-        rendered = self.chat_formatter()(messages, **template_kwargs)
-        prompt = self.tokenize(rendered.prompt, add_bos=not rendered.added_special, special=True)
+        template_kwargs = {**(chat_template_kwargs or {}), **template_kwargs}
+        if functions or function_call:
+            if tools or tool_choice:
+                raise InvalidArgumentError("pass tools/tool_choice or functions/function_call, not both")
+            tools, tool_choice = _legacy_functions(functions, function_call)
+        offered, choice = _tool_choice(list(tools or ()), tool_choice)
+        _check_tools(offered)
+        schema = schema_for_response_format(response_format) if response_format is not None else None
+        schema_grammar = LlamaGrammar.from_json_schema(schema) if schema is not None else None  # checks it
+        if grammar is not None and (schema is not None or offered):
+            raise InvalidArgumentError("grammar cannot be combined with a JSON response_format or tools")
+        formatter = self.chat_formatter()
+        calls_tools = bool(offered) and choice != "none"
+        parser: OutputParser
+        if calls_tools and (
+            formatter is not None or not dict(self.chat_templates().caps())["supports_tool_calls"]
+        ):
+            # The format has no tool calls of its own: the generic JSON answer (chat_tools).
+            if schema is not None:
+                raise InvalidArgumentError(
+                    "this chat format has no tool calls of its own: pass tools or a JSON response_format"
+                )
+            messages = with_tools_described(messages, offered, choice, parallel_tool_calls)
+            check_messages(messages)
+            tool_schema = json.dumps(tool_call_schema(offered, choice, parallel_tool_calls))
+            schema_grammar = LlamaGrammar(_core.json_schema_to_grammar(tool_schema))
+            offered, parser = [], GenericToolParser()
+        else:
+            parser = PlainText()
+        if formatter is not None:
+            check_messages(messages)
+            rendered = formatter(messages, **template_kwargs)
+            prompt = self.tokenize(rendered.prompt, add_bos=True, special=True)
+            extra_stops, preserved = rendered.stop, []
+            grammar = grammar or schema_grammar
+        else:
+            params = self.render_chat(
+                messages,
+                tools=offered,
+                tool_choice=choice if offered else None,
+                json_schema=schema,
+                parallel_tool_calls=parallel_tool_calls,
+                reasoning_format=reasoning_format,
+                **template_kwargs,
+            )
+            prompt = self.tokenize(params.prompt, add_bos=True, special=True)
+            extra_stops, preserved = list(params.additional_stops), list(params.preserved_tokens)
+            if not isinstance(parser, GenericToolParser):
+                parser = _core.ChatParser(params)
+            if params.grammar and not isinstance(parser, GenericToolParser):
+                grammar = LlamaGrammar.from_chat_params(params)
+            elif schema_grammar is not None:  # the format left the schema (or the tools) to us
+                grammar = schema_grammar
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         completion = self._create_completion(
             prompt,
@@ -352,7 +332,7 @@ class ChatMixin(CompletionMixin):
             min_p=min_p,
             typical_p=typical_p,
             logprobs=top_logprobs if logprobs else None,
-            stop=stops + rendered.stop,
+            stop=stops + extra_stops,
             frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty,
             repeat_penalty=repeat_penalty,
@@ -365,10 +345,13 @@ class ChatMixin(CompletionMixin):
             logit_bias=dict(logit_bias or {}),
             grammar=grammar,
             logits_processor=logits_processor,
+            preserved_tokens=preserved,
         )
         if isinstance(completion, dict):
-            return chat_response(completion)
-        return chat_chunks(completion)
+            response = chat_response(completion, parser)
+            _warn_if_unparsed(parser)
+            return response
+        return chat_chunks(completion, parser)
 
     async def create_chat_completion_async(
         self, messages: Sequence[Mapping[str, Any]], **kwargs: Any
@@ -391,3 +374,8 @@ class ChatMixin(CompletionMixin):
             return cast(CreateChatCompletionResponse, response)
 
         return await _async.run(call, cancellation)
+
+
+def _warn_if_unparsed(parser: OutputParser) -> None:
+    if getattr(parser, "fell_back", False):
+        _log.warning("the model's answer did not follow its chat format; it is returned as plain content")

@@ -74,6 +74,25 @@ class LlamaGrammar:
 
     grammar: str
     root: str = "root"
+    #: Lazy: unconstrained until the text matches a trigger pattern (a regex) or a trigger
+    #: token is sampled, as llama-server enforces tool calls under tool_choice="auto".
+    lazy: bool = False
+    trigger_patterns: tuple[str, ...] = ()
+    trigger_tokens: tuple[int, ...] = ()
+    #: Tokens the grammar accepts before generation starts (a template's generation prompt).
+    prefill_tokens: tuple[int, ...] = ()
+
+    @classmethod
+    def from_chat_params(cls, params: _core.ChatParams) -> LlamaGrammar:
+        """The grammar a rendered chat asks for (tool calls, a JSON answer), with its
+        triggers and prefill, as llama.cpp's chat templates made it."""
+        return cls(
+            grammar=params.grammar,
+            lazy=params.grammar_lazy,
+            trigger_patterns=tuple(params.grammar_trigger_patterns),
+            trigger_tokens=tuple(params.grammar_trigger_tokens),
+            prefill_tokens=tuple(params.grammar_prefill),
+        )
 
     @classmethod
     def from_string(cls, grammar: str, verbose: bool = True, root: str = "root") -> LlamaGrammar:

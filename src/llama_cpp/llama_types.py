@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal, NotRequired, TypedDict
 
 FinishReason = Literal["stop", "length"]
+ChatFinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class CompletionUsage(TypedDict):
@@ -79,16 +80,33 @@ class ChatCompletionLogprobs(TypedDict):
     refusal: list[ChatCompletionTokenLogprob] | None
 
 
+class ChatCompletionFunctionCall(TypedDict):
+    name: str
+    arguments: str  # JSON text
+
+
+class ChatCompletionMessageToolCall(TypedDict):
+    id: str
+    type: Literal["function"]
+    function: ChatCompletionFunctionCall
+
+
 class ChatCompletionMessage(TypedDict):
+    """The answer. ``reasoning_content`` (the model's thinking, when its format separates it)
+    and ``tool_calls`` are present only when not empty; ``content`` is None when the answer
+    is only tool calls."""
+
     role: Literal["assistant"]
     content: str | None
+    reasoning_content: NotRequired[str]
+    tool_calls: NotRequired[list[ChatCompletionMessageToolCall]]
 
 
 class ChatCompletionChoice(TypedDict):
     index: int
     message: ChatCompletionMessage
     logprobs: ChatCompletionLogprobs | None
-    finish_reason: FinishReason | None
+    finish_reason: ChatFinishReason | None
 
 
 class CreateChatCompletionResponse(TypedDict):
@@ -100,16 +118,33 @@ class CreateChatCompletionResponse(TypedDict):
     usage: CompletionUsage
 
 
+class ChatCompletionFunctionCallDelta(TypedDict, total=False):
+    name: str
+    arguments: str
+
+
+class ChatCompletionToolCallDelta(TypedDict, total=False):
+    """A streamed piece of tool call ``index``: its first piece has the id, type and name,
+    later ones more ``arguments`` text."""
+
+    index: int
+    id: str
+    type: Literal["function"]
+    function: ChatCompletionFunctionCallDelta
+
+
 class ChatCompletionDelta(TypedDict, total=False):
     role: Literal["assistant"]
     content: str
+    reasoning_content: str
+    tool_calls: list[ChatCompletionToolCallDelta]
 
 
 class ChatCompletionChunkChoice(TypedDict):
     index: int
     delta: ChatCompletionDelta
     logprobs: ChatCompletionLogprobs | None
-    finish_reason: FinishReason | None
+    finish_reason: ChatFinishReason | None
 
 
 class ChatCompletionChunk(TypedDict):

@@ -84,4 +84,8 @@ class SamplingParams:
         if self.grammar is not None:
             config.grammar = self.grammar.grammar
             config.grammar_root = self.grammar.root
+            config.grammar_lazy = self.grammar.lazy
+            config.grammar_trigger_patterns = list(self.grammar.trigger_patterns)
+            config.grammar_trigger_tokens = list(self.grammar.trigger_tokens)
+            config.grammar_prefill = list(self.grammar.prefill_tokens)
         return config

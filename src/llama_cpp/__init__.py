@@ -29,14 +29,17 @@ from llama_cpp.errors import (
     LlamaError,
     ModelLoadError,
 )
+from llama_cpp.families import FAMILIES, ModelFamily, detect_family
 from llama_cpp.grammar import LlamaGrammar, UnenforcedSchemaWarning
 from llama_cpp.hooks import LogitsProcessorList, StoppingCriteriaList
 from llama_cpp.llama import Completion, Llama, Perf
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
 from llama_cpp.state import LlamaState
+from llama_cpp.unified import UnifiedLLM
 
 __all__ = [
     "DEFAULT_SEED",
+    "FAMILIES",
     "Cancellation",
     "ClosedError",
     "Completion",
@@ -53,13 +56,16 @@ __all__ = [
     "LlamaState",
     "LogitsProcessorList",
     "LoraAdapter",
+    "ModelFamily",
     "ModelLoadError",
     "Perf",
     "SamplingParams",
     "StoppingCriteriaList",
     "UnenforcedSchemaWarning",
+    "UnifiedLLM",
     "__version__",
     "build_info",
+    "detect_family",
     "devices",
     "lib_dir",
     "set_native_log_level",

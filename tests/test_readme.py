@@ -28,3 +28,22 @@ def test_the_api_tour_runs(default_model_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_chat_docs_run(default_model_path: Path) -> None:
+    """docs/chat.md's examples, one script in the order they appear."""
+    text = (ROOT / "docs" / "chat.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 4, "docs/chat.md lost its examples"
+    result = subprocess.run(
+        [sys.executable, "-c", "\n".join(blocks)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "gemma" in result.stdout

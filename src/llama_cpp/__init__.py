@@ -28,11 +28,13 @@ from llama_cpp.errors import (
     InvalidArgumentError,
     LlamaError,
     ModelLoadError,
+    PoolBusyError,
 )
 from llama_cpp.grammar import LlamaGrammar, UnenforcedSchemaWarning
 from llama_cpp.hooks import LogitsProcessorList, StoppingCriteriaList
 from llama_cpp.llama import Completion, Llama, Perf
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
+from llama_cpp.pool import LlamaPool
 from llama_cpp.state import LlamaState
 
 __all__ = [
@@ -50,11 +52,13 @@ __all__ = [
     "LlamaConfig",
     "LlamaError",
     "LlamaGrammar",
+    "LlamaPool",
     "LlamaState",
     "LogitsProcessorList",
     "LoraAdapter",
     "ModelLoadError",
     "Perf",
+    "PoolBusyError",
     "SamplingParams",
     "StoppingCriteriaList",
     "UnenforcedSchemaWarning",

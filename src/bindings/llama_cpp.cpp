@@ -2488,7 +2488,12 @@ class EngineStream {
     EngineStream(const EngineStream &) = delete;
     EngineStream &operator=(const EngineStream &) = delete;
     ~EngineStream() {
-        if (!finished()) cancel();
+        // With the GIL held: only the flag (the queue lock may wait on a thread that needs the
+        // GIL). The scheduler drops the request from its slot or the queue.
+        if (!finished()) {
+            request_->options.cancellation.cancel();
+            queue_->wake();
+        }
     }
 
     // Everything produced since the last call, waiting for at least a token; None once the
@@ -2507,8 +2512,20 @@ class EngineStream {
         return std::nullopt;
     }
 
+    // A queued request leaves the queue at once (its place is free on return); a running one
+    // ends at the scheduler's next step. Called with the GIL released.
     void cancel() {
         request_->options.cancellation.cancel();
+        {
+            std::lock_guard<std::mutex> lock(queue_->mutex);
+            auto &waiting = queue_->waiting;
+            auto it = std::find(waiting.begin(), waiting.end(), request_);
+            if (it != waiting.end()) {
+                waiting.erase(it);
+                request_->finish("", std::make_exception_ptr(CancelledError("the generation was cancelled")));
+                queue_->room.notify_all();
+            }
+        }
         queue_->wake();
     }
 
@@ -2587,6 +2604,12 @@ class Engine {
     // thread, so that a bad request raises at once.
     std::unique_ptr<EngineStream> submit(std::vector<llama_token> prompt, const SamplerConfig &sampling,
                                          GenerateOptions options, bool wait) {
+        ModelHandle model;  // kept for this call, even if close() runs meanwhile
+        {
+            std::lock_guard<std::mutex> lock(queue_->mutex);
+            model = model_;
+        }
+        if (!model) throw ClosedError("the pool is closed");
         if (prompt.empty()) throw InvalidArgumentError("the prompt is empty (no tokens)");
         const int32_t n_vocab = llama_vocab_n_tokens(vocab_);
         for (llama_token t : prompt) {
@@ -2606,7 +2629,7 @@ class Engine {
         if (sampling.plain_greedy()) {
             sampling.validate(n_vocab);
         } else {
-            request->chain = sampling.build(model_.get(), n_ctx_seq_);
+            request->chain = sampling.build(model.get(), n_ctx_seq_);
             // Penalties see the prompt, as in Generation::start; the grammar does not.
             for (int32_t i = 0; i < llama_sampler_chain_n(request->chain.get()); ++i) {
                 llama_sampler *s = llama_sampler_chain_get(request->chain.get(), i);
@@ -2625,9 +2648,8 @@ class Engine {
             }
             if (queue_->closing) throw ClosedError("the pool is closed");
             if (full()) {
-                throw PoolBusyError("the pool is busy: " + std::to_string(options_.n_slots) + " requests running and " +
-                                    std::to_string(queue_->waiting.size()) + " waiting (max_queue=" +
-                                    std::to_string(options_.max_queue) + ")");
+                throw PoolBusyError("the pool is busy: its " + std::to_string(options_.n_slots) + " slots and " +
+                                    std::to_string(options_.max_queue) + " queue places are taken");
             }
             queue_->waiting.push_back(request);
         }
@@ -2650,6 +2672,7 @@ class Engine {
         if (scheduler_.joinable()) scheduler_.join();
         batch_.reset();
         ctx_.reset();
+        std::lock_guard<std::mutex> queue_lock(queue_->mutex);  // guards model_ against submit()
         model_.reset();
     }
 
@@ -2840,10 +2863,10 @@ class Engine {
 
     // Ends the request of `slot`. A finished request leaves its tokens cached for the next
     // prompt that starts the same way; a failed or cancelled one frees its cells.
+    // The slot is free before the reader hears of the end, so that stats() agree with it.
     void release(Slot &slot, const std::string &reason, std::exception_ptr error = nullptr) {
         const bool failed = error != nullptr;
-        slot.request->finish(reason, std::move(error));
-        slot.request.reset();
+        std::shared_ptr<EngineRequest> request = std::move(slot.request);
         slot.phase = Phase::idle;
         slot.row = -1;
         if (failed) {
@@ -2855,6 +2878,7 @@ class Engine {
             --queue_->n_busy;
         }
         queue_->room.notify_all();
+        request->finish(reason, std::move(error));
     }
 
     void add_token(llama_token token, llama_pos pos, llama_seq_id seq, bool logits) {

@@ -14,7 +14,8 @@ prompts, 2 threads, flash attention off, n_ctx 512 per sequence), it measures:
 
 Native tools are built into the cached llama.cpp build on first use
 (``scripts/setup_llama.py --tools llama-server llama-batched-bench``).
-Usage: ``python benchmarks/bench_pool.py [--streams 1 2 4 8] [--tokens 64] [--json FILE]``.
+Usage: ``python benchmarks/bench_pool.py [--streams 1 2 4 8] [--tokens 64] [--rounds 3] [--json FILE]``;
+each figure is the median of ``--rounds`` rounds that alternate the engines.
 """
 
 from __future__ import annotations
@@ -257,10 +258,15 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return sorted(runs, key=lambda r: float(r["tps"]))[len(runs) // 2]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--child", choices=["pool", "llama"])
     parser.add_argument("--no-native", action="store_true", help="skip llama-server and llama-batched-bench")
     parser.add_argument("--json", type=Path)
@@ -274,9 +280,16 @@ def main() -> int:
     batched = batched_bench(bin_dir, args.streams, args.tokens) if bin_dir else {}
     rows = []
     for n in args.streams:
-        pool = run_child("pool", n, args.tokens)
-        llama = run_child("llama", n, args.tokens)
-        native = server(bin_dir, n, args.tokens) if bin_dir else None
+        # Rounds alternate the engines, so that a slow spell of the shared machine hits all;
+        # each figure is the round with the median rate.
+        runs: dict[str, list[dict[str, Any]]] = {"pool": [], "llama": [], "server": []}
+        for _ in range(args.rounds):
+            runs["pool"].append(run_child("pool", n, args.tokens))
+            runs["llama"].append(run_child("llama", n, args.tokens))
+            if bin_dir:
+                runs["server"].append(server(bin_dir, n, args.tokens))
+        pool, llama = median_run(runs["pool"]), median_run(runs["llama"])
+        native = median_run(runs["server"]) if bin_dir else None
         pairs = zip(llama["token_ids"], pool["token_ids"], strict=True)
         divergence = [first_divergence(a, b) for a, b in pairs]
         rows.append(

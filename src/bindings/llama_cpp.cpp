@@ -2961,7 +2961,14 @@ class Engine {
                 n_prompt_evaluated_ += static_cast<int64_t>(slot.n_in_batch);
                 if (slot.cached.size() == prompt.size()) slot.phase = Phase::decode;
             }
-            if (slot.row >= 0) sample(slot);
+            if (slot.row < 0) continue;
+            try {
+                sample(slot);
+            } catch (...) {
+                // One request's failure (e.g. llama.cpp's grammar sampler throwing) ends it
+                // alone; the others keep running.
+                if (slot.request) release(slot, "", std::current_exception());
+            }
         }
     }
 

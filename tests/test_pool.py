@@ -277,6 +277,8 @@ def test_bad_requests_raise_in_the_caller(pool: LlamaPool) -> None:
         pool.create_completion_sync("a", logprobs=2)
     with pytest.raises(InvalidArgumentError, match="pool_size must be >= 1"):
         LlamaPool(pool.model_path, pool_size=0)
+    with pytest.raises(InvalidArgumentError, match=r"does not apply LoRA adapters yet \(lora_path\)"):
+        LlamaPool(pool.model_path, lora_path="adapter.gguf")
     assert pool.stats().n_busy == 0
 
 

@@ -61,7 +61,8 @@ class LlamaPool:
             :class:`PoolBusyError` (batch methods wait for room instead).
         config: The model and context settings as a :class:`LlamaConfig`.
         **llama_kwargs: :class:`Llama`'s keyword arguments. ``n_ctx`` is the window of each
-            sequence; ``n_batch`` (>= ``pool_size``) caps the tokens decoded per step.
+            sequence (0: the model's window, shared by all); ``n_batch`` (>= ``pool_size``)
+            caps the tokens decoded per step. ``lora_path`` is not supported yet.
 
     Raises:
         ModelLoadError: The file is missing or not a loadable GGUF model.
@@ -83,6 +84,8 @@ class LlamaPool:
             config = replace(config, **{k: v for k, v in llama_kwargs.items() if v != DEFAULTS.get(k)})
         if config.embedding or config.vocab_only:
             raise InvalidArgumentError("a LlamaPool generates text: embedding/vocab_only are not accepted")
+        if config.lora_path is not None:
+            raise InvalidArgumentError("a LlamaPool does not apply LoRA adapters yet (lora_path)")
         self.model_path = os.fspath(model_path)
         self.pool_size = pool_size
         self._embedder: Llama | None = None

@@ -37,6 +37,8 @@ with Llama("models/gemma-3-270m-q4_k_m.gguf", n_ctx=2048) as llm:
     arguments = json.loads(call["function"]["arguments"])
     print("the model called", call["function"]["name"], arguments)
     messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-    messages.append({"role": "tool", "tool_call_id": call["id"], "content": json.dumps(get_weather(**arguments))})
+    messages.append(
+        {"role": "tool", "tool_call_id": call["id"], "content": json.dumps(get_weather(**arguments))}
+    )
     answer = llm.create_chat_completion(messages, tools=[WEATHER], tool_choice="none", max_tokens=48)
     print("answer:", answer["choices"][0]["message"]["content"])

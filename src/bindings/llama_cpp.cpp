@@ -1,7 +1,7 @@
 // llama_cpp._core: the native core of llama-cpp-nanobind.
 //
 // One file, in sections: errors, logging, backend, model, sampling, text, context,
-// generation. Each section ends in a bind_* function; NB_MODULE only calls them.
+// generation, engine. Each section ends in a bind_* function; NB_MODULE only calls them.
 //
 // Threading rules (see ../../README.md, "Threads and the GIL"):
 //   * every call that can take more than about a millisecond releases the GIL; arguments
@@ -15,6 +15,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
@@ -28,6 +29,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
+#include <deque>
 #include <optional>
 #include <atomic>
 #include <cstdint>
@@ -46,6 +49,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -1872,40 +1876,46 @@ class ContextLock {
     std::unique_lock<std::mutex> lock_;
 };
 
+// llama.cpp's parameters for a context with `options` (the abort callback is the caller's).
+llama_context_params context_params(const ContextOptions &options) {
+    if (options.n_batch == 0) throw InvalidArgumentError("n_batch must be >= 1");
+    llama_context_params params = llama_context_default_params();
+    params.n_ctx = options.n_ctx;
+    params.n_batch = options.n_batch;
+    params.n_ubatch = std::min(options.n_ubatch == 0 ? options.n_batch : options.n_ubatch, options.n_batch);
+    if (options.n_threads > 0) params.n_threads = options.n_threads;
+    if (options.n_threads_batch > 0) params.n_threads_batch = options.n_threads_batch;
+    params.flash_attn_type = options.flash_attn < 0   ? LLAMA_FLASH_ATTN_TYPE_AUTO
+                             : options.flash_attn == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED
+                                                       : LLAMA_FLASH_ATTN_TYPE_ENABLED;
+    params.offload_kqv = options.offload_kqv;
+    params.embeddings = options.embeddings;
+    params.rope_freq_base = options.rope_freq_base;
+    params.rope_freq_scale = options.rope_freq_scale;
+    params.rope_scaling_type = static_cast<llama_rope_scaling_type>(options.rope_scaling_type);
+    params.yarn_ext_factor = options.yarn_ext_factor;
+    if (options.yarn_attn_factor >= 0.0f) params.yarn_attn_factor = options.yarn_attn_factor;
+    if (options.yarn_beta_fast >= 0.0f) params.yarn_beta_fast = options.yarn_beta_fast;
+    if (options.yarn_beta_slow >= 0.0f) params.yarn_beta_slow = options.yarn_beta_slow;
+    params.yarn_orig_ctx = options.yarn_orig_ctx;
+    params.pooling_type = static_cast<enum llama_pooling_type>(options.pooling_type);
+    if (options.type_k >= 0) params.type_k = static_cast<ggml_type>(options.type_k);
+    if (options.type_v >= 0) params.type_v = static_cast<ggml_type>(options.type_v);
+    // llama.cpp reserves max(outputs, n_seq_max) output rows and asserts that they fit in
+    // n_batch: more sequences than n_batch would abort the process.
+    params.n_seq_max = std::clamp<uint32_t>(options.n_seq_max, 1, options.n_batch);
+    params.kv_unified = options.kv_unified;
+    params.no_perf = false;
+    return params;
+}
+
 class Context {
   public:
     Context(const Model &model, const ContextOptions &options) : state_(std::make_shared<ContextState>()) {
         QuietScope quiet(!options.verbose);
         state_->model = model.handle();
         state_->vocab = llama_model_get_vocab(state_->model.get());
-        if (options.n_batch == 0) throw InvalidArgumentError("n_batch must be >= 1");
-        llama_context_params params = llama_context_default_params();
-        params.n_ctx = options.n_ctx;
-        params.n_batch = options.n_batch;
-        params.n_ubatch = std::min(options.n_ubatch == 0 ? options.n_batch : options.n_ubatch, options.n_batch);
-        if (options.n_threads > 0) params.n_threads = options.n_threads;
-        if (options.n_threads_batch > 0) params.n_threads_batch = options.n_threads_batch;
-        params.flash_attn_type = options.flash_attn < 0   ? LLAMA_FLASH_ATTN_TYPE_AUTO
-                                 : options.flash_attn == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED
-                                                           : LLAMA_FLASH_ATTN_TYPE_ENABLED;
-        params.offload_kqv = options.offload_kqv;
-        params.embeddings = options.embeddings;
-        params.rope_freq_base = options.rope_freq_base;
-        params.rope_freq_scale = options.rope_freq_scale;
-        params.rope_scaling_type = static_cast<llama_rope_scaling_type>(options.rope_scaling_type);
-        params.yarn_ext_factor = options.yarn_ext_factor;
-        if (options.yarn_attn_factor >= 0.0f) params.yarn_attn_factor = options.yarn_attn_factor;
-        if (options.yarn_beta_fast >= 0.0f) params.yarn_beta_fast = options.yarn_beta_fast;
-        if (options.yarn_beta_slow >= 0.0f) params.yarn_beta_slow = options.yarn_beta_slow;
-        params.yarn_orig_ctx = options.yarn_orig_ctx;
-        params.pooling_type = static_cast<enum llama_pooling_type>(options.pooling_type);
-        if (options.type_k >= 0) params.type_k = static_cast<ggml_type>(options.type_k);
-        if (options.type_v >= 0) params.type_v = static_cast<ggml_type>(options.type_v);
-        // llama.cpp reserves max(outputs, n_seq_max) output rows and asserts that they fit in
-        // n_batch: more sequences than n_batch would abort the process.
-        params.n_seq_max = std::clamp<uint32_t>(options.n_seq_max, 1, options.n_batch);
-        params.kv_unified = options.kv_unified;
-        params.no_perf = false;
+        llama_context_params params = context_params(options);
         params.abort_callback = abort_callback;
         params.abort_callback_data = state_.get();
 
@@ -2357,6 +2367,29 @@ struct Chunk {
     std::vector<TokenLogprob> logprobs;
 };
 
+// First index of the largest logit, as llama.cpp's greedy sampler picks it. The maximum is
+// found with independent lanes the compiler vectorizes; std::max_element's dependent
+// compare-and-branch costs ~0.1 ms per token on a 262k vocabulary.
+llama_token argmax(const float *logits, int32_t n) {
+    constexpr int32_t lanes = 16;
+    float lane_max[lanes];
+    std::fill(lane_max, lane_max + lanes, -INFINITY);
+    const int32_t body = n - n % lanes;
+    for (int32_t i = 0; i < body; i += lanes) {
+        for (int32_t j = 0; j < lanes; ++j) {
+            lane_max[j] = logits[i + j] > lane_max[j] ? logits[i + j] : lane_max[j];
+        }
+    }
+    float best = *std::max_element(lane_max, lane_max + lanes);
+    for (int32_t i = body; i < n; ++i) {
+        best = logits[i] > best ? logits[i] : best;
+    }
+    for (int32_t i = 0; i < n; ++i) {
+        if (logits[i] == best) return i;
+    }
+    return 0;  // every logit is NaN
+}
+
 // One generation: prompt evaluation, then sample -> detokenize -> stop check -> decode, one
 // token at a time, entirely in C++. Used whole by Context.generate and step by step by
 // TokenStream; both run it with the context lock held and the GIL released.
@@ -2443,29 +2476,6 @@ class Generation {
             throw LlamaError("no logits for the last token");
         }
         return logits;
-    }
-
-    // First index of the largest logit, as llama.cpp's greedy sampler picks it. The maximum is
-    // found with independent lanes the compiler vectorizes; std::max_element's dependent
-    // compare-and-branch costs ~0.1 ms per token on a 262k vocabulary.
-    static llama_token argmax(const float *logits, int32_t n) {
-        constexpr int32_t lanes = 16;
-        float lane_max[lanes];
-        std::fill(lane_max, lane_max + lanes, -INFINITY);
-        const int32_t body = n - n % lanes;
-        for (int32_t i = 0; i < body; i += lanes) {
-            for (int32_t j = 0; j < lanes; ++j) {
-                lane_max[j] = logits[i + j] > lane_max[j] ? logits[i + j] : lane_max[j];
-            }
-        }
-        float best = *std::max_element(lane_max, lane_max + lanes);
-        for (int32_t i = body; i < n; ++i) {
-            best = logits[i] > best ? logits[i] : best;
-        }
-        for (int32_t i = 0; i < n; ++i) {
-            if (logits[i] == best) return i;
-        }
-        return 0;  // every logit is NaN
     }
 
     void finish(const std::string &reason, Chunk &chunk) {
@@ -2757,6 +2767,704 @@ void bind_context(nb::module_ &m) {
             "Like generate, but returns a TokenStream that runs one step per next().");
 }
 
+// =====================================================================================
+// Engine: continuous batching
+// =====================================================================================
+//
+// One model, one context holding n_slots sequences, and a scheduler thread that runs, in a
+// single llama_decode per step, the next token of every running request together with
+// prompt chunks of newly admitted ones (llama-server's design). Requests wait in a bounded
+// queue for a free sequence slot; each has its own sampler chain (grammar, seed, penalties),
+// stop strings and token limit, and hands its text to the thread reading it.
+//
+// Threads: the slots, the context and the batch belong to the scheduler thread alone.
+// EngineQueue::mutex guards the waiting queue and the busy count; each request's output is
+// guarded by its own mutex. Lock order: queue, then request. No lock is held while decoding,
+// and no Python object is touched (the Python side reads streams with the GIL released).
+
+struct PoolBusyError : LlamaError {
+    using LlamaError::LlamaError;
+};
+PyObject *py_pool_busy_error = nullptr;
+
+struct EngineOptions {
+    int32_t n_slots = 4;     // concurrent sequences
+    int32_t max_queue = 64;  // requests that may wait for a slot; beyond them submit raises
+    // A new request waits for a running prefill that shares at least this many more prompt
+    // tokens than any cached sequence, then copies them instead of evaluating them again.
+    int32_t min_shared_prefix = 16;
+};
+
+struct EngineStats {
+    int32_t n_slots = 0;
+    int32_t n_busy = 0;           // admitted, not finished
+    int32_t n_waiting = 0;        // queued for a slot
+    int64_t n_decode_calls = 0;   // llama_decode calls
+    int64_t n_prompt_evaluated = 0;  // prompt tokens decoded
+    int64_t n_prompt_reused = 0;     // prompt tokens served from a cached or copied prefix
+    int64_t n_generated = 0;         // tokens sampled
+};
+
+// One request: what the scheduler needs to run it, and the output its reader waits for.
+struct EngineRequest {
+    // Set at submission, then owned by the scheduler.
+    std::vector<llama_token> prompt;
+    GenerateOptions options;
+    SamplerPtr chain;  // null: greedy argmax
+    StopMatcher stop;
+    Utf8Decoder decoder;
+    int32_t n_generated = 0;
+
+    // Output, guarded by `mutex`; `changed` is signalled on every change.
+    std::mutex mutex;
+    std::condition_variable changed;
+    Chunk unread;  // text and tokens produced and not read yet
+    bool done = false;
+    std::string finish_reason;
+    std::exception_ptr error;
+    int32_t n_reused = 0;
+
+    EngineRequest(std::vector<llama_token> p, GenerateOptions o)
+        : prompt(std::move(p)), options(std::move(o)), stop(options.stop) {}
+
+    void publish(Chunk &chunk) {
+        if (chunk.text.empty() && chunk.tokens.empty()) return;
+        std::lock_guard<std::mutex> lock(mutex);
+        unread.text += chunk.text;
+        unread.tokens.insert(unread.tokens.end(), chunk.tokens.begin(), chunk.tokens.end());
+        changed.notify_all();
+    }
+
+    void finish(const std::string &reason, std::exception_ptr failure = nullptr) {
+        std::lock_guard<std::mutex> lock(mutex);
+        if (done) return;
+        done = true;
+        finish_reason = reason;
+        error = std::move(failure);
+        changed.notify_all();
+    }
+};
+
+// The queue shared by the engine and the streams (a stream's cancel() wakes the scheduler,
+// even after the Engine object itself is gone).
+struct EngineQueue {
+    std::mutex mutex;
+    std::condition_variable work;  // the scheduler: new request, cancellation, closing
+    std::condition_variable room;  // blocked submitters: a slot or queue place came free
+    std::deque<std::shared_ptr<EngineRequest>> waiting;
+    int32_t n_busy = 0;  // requests holding a slot
+    bool closing = false;
+
+    // Never takes the mutex: called with the GIL held (a stream's destructor), while the
+    // scheduler may hold the mutex and wait for the GIL to log a line. A lost wake-up is
+    // harmless: the scheduler only sleeps when no request is running or waiting.
+    void wake() { work.notify_all(); }
+};
+
+// A request as Python sees it: next() blocks (GIL released) for the next text; dropping the
+// stream or calling cancel() ends the request and frees its slot.
+class EngineStream {
+  public:
+    EngineStream(std::shared_ptr<EngineRequest> request, std::shared_ptr<EngineQueue> queue)
+        : request_(std::move(request)), queue_(std::move(queue)) {}
+    EngineStream(const EngineStream &) = delete;
+    EngineStream &operator=(const EngineStream &) = delete;
+    ~EngineStream() {
+        // With the GIL held: only the flag (the queue lock may wait on a thread that needs the
+        // GIL). The scheduler drops the request from its slot or the queue.
+        if (!finished()) {
+            request_->options.cancellation.cancel();
+            queue_->wake();
+        }
+    }
+
+    // Everything produced since the last call, waiting for at least a token; None once the
+    // request has ended and all was read. Raises the request's error (cancelled, closed, ...)
+    // after its last text.
+    std::optional<Chunk> next() {
+        std::unique_lock<std::mutex> lock(request_->mutex);
+        request_->changed.wait(lock, [&] { return request_->done || !request_->unread.tokens.empty(); });
+        if (!request_->unread.tokens.empty() || !request_->unread.text.empty()) {
+            Chunk out;
+            std::swap(out, request_->unread);
+            tokens_.insert(tokens_.end(), out.tokens.begin(), out.tokens.end());
+            return out;
+        }
+        if (request_->error) std::rethrow_exception(request_->error);
+        return std::nullopt;
+    }
+
+    // A queued request leaves the queue at once (its place is free on return); a running one
+    // ends at the scheduler's next step. Called with the GIL released.
+    void cancel() {
+        request_->options.cancellation.cancel();
+        {
+            std::lock_guard<std::mutex> lock(queue_->mutex);
+            auto &waiting = queue_->waiting;
+            auto it = std::find(waiting.begin(), waiting.end(), request_);
+            if (it != waiting.end()) {
+                waiting.erase(it);
+                request_->finish("", std::make_exception_ptr(CancelledError("the generation was cancelled")));
+                queue_->room.notify_all();
+            }
+        }
+        queue_->wake();
+    }
+
+    bool finished() const {
+        std::lock_guard<std::mutex> lock(request_->mutex);
+        return request_->done;
+    }
+    std::optional<std::string> finish_reason() const {
+        std::lock_guard<std::mutex> lock(request_->mutex);
+        if (!request_->done || request_->error) return std::nullopt;
+        return request_->finish_reason;
+    }
+    int32_t n_reused() const {
+        std::lock_guard<std::mutex> lock(request_->mutex);
+        return request_->n_reused;
+    }
+    int32_t n_prompt() const { return static_cast<int32_t>(request_->prompt.size()); }
+    const std::vector<llama_token> &tokens() const { return tokens_; }
+    const Cancellation &cancellation() const { return request_->options.cancellation; }
+
+  private:
+    std::shared_ptr<EngineRequest> request_;
+    std::shared_ptr<EngineQueue> queue_;
+    std::vector<llama_token> tokens_;  // read so far
+};
+
+class Engine {
+  public:
+    Engine(const Model &model, const ContextOptions &context_options, const EngineOptions &options)
+        : model_(model.handle()), vocab_(llama_model_get_vocab(model_.get())), options_(options),
+          queue_(std::make_shared<EngineQueue>()) {
+        QuietScope quiet(!context_options.verbose);
+        if (options.n_slots < 1) throw InvalidArgumentError("pool_size must be >= 1");
+        if (static_cast<uint32_t>(options.n_slots) > context_options.n_batch) {
+            throw InvalidArgumentError("pool_size (" + std::to_string(options.n_slots) +
+                                       ") must not exceed n_batch (" + std::to_string(context_options.n_batch) + ")");
+        }
+        if (options.max_queue < 0) throw InvalidArgumentError("max_queue must be >= 0");
+        if (context_options.embeddings) throw InvalidArgumentError("an engine context cannot compute embeddings");
+        ContextOptions copts = context_options;
+        copts.n_seq_max = static_cast<uint32_t>(options.n_slots);
+        copts.kv_unified = true;  // one cell pool: sequences share prefix cells (seq_cp)
+        llama_context_params params = context_params(copts);
+        params.abort_callback = [](void *data) { return static_cast<Engine *>(data)->aborting_.load(); };
+        params.abort_callback_data = this;
+        tl_last_errors.clear();
+        llama_context *ctx = llama_init_from_model(model_.get(), params);
+        if (ctx == nullptr) {
+            throw LlamaError("failed to create a context: " + last_errors_or("see the llama_cpp log"));
+        }
+        ctx_.reset(ctx);
+        // Each sequence gets an equal share of the cells, so that the running ones always fit.
+        n_ctx_seq_ = static_cast<int32_t>(llama_n_ctx(ctx)) / options.n_slots;
+        batch_ = std::make_unique<BatchOwner>(static_cast<int32_t>(llama_n_batch(ctx)));
+        slots_.resize(static_cast<size_t>(options.n_slots));
+        for (size_t i = 0; i < slots_.size(); ++i) slots_[i].seq = static_cast<llama_seq_id>(i);
+        scheduler_ = std::thread([this] { run(); });
+    }
+
+    Engine(const Engine &) = delete;
+    Engine &operator=(const Engine &) = delete;
+
+    ~Engine() {
+        // Joining with the GIL held could deadlock with a log line the scheduler is handing
+        // to Python; the package calls close() first, this is the fallback.
+        if (Py_IsInitialized() && !python_is_finalizing() && PyGILState_Check()) {
+            nb::gil_scoped_release release;
+            close();
+        } else {
+            close();
+        }
+    }
+
+    // Queues a generation. With `wait`, blocks while the queue is full; otherwise a full queue
+    // raises PoolBusyError. Sampling, prompt and options are checked here, in the caller's
+    // thread, so that a bad request raises at once.
+    std::unique_ptr<EngineStream> submit(std::vector<llama_token> prompt, const SamplerConfig &sampling,
+                                         GenerateOptions options, bool wait) {
+        ModelHandle model;  // kept for this call, even if close() runs meanwhile
+        {
+            std::lock_guard<std::mutex> lock(queue_->mutex);
+            model = model_;
+        }
+        if (!model) throw ClosedError("the pool is closed");
+        if (prompt.empty()) throw InvalidArgumentError("the prompt is empty (no tokens)");
+        const int32_t n_vocab = llama_vocab_n_tokens(vocab_);
+        for (llama_token t : prompt) {
+            if (t < 0 || t >= n_vocab) {
+                throw InvalidArgumentError("token id " + std::to_string(t) + " is out of range [0, " +
+                                           std::to_string(n_vocab) + ")");
+            }
+        }
+        if (prompt.size() > static_cast<size_t>(n_ctx_seq_)) {
+            throw ContextOverflowError("the prompt has " + std::to_string(prompt.size()) +
+                                       " tokens, more than the context window of " + std::to_string(n_ctx_seq_));
+        }
+        if (options.hooks || options.n_probs >= 0 || options.prompt_logprobs) {
+            throw InvalidArgumentError("the pool does not support logprobs or Python hooks");
+        }
+        auto request = std::make_shared<EngineRequest>(std::move(prompt), std::move(options));
+        if (sampling.plain_greedy()) {
+            sampling.validate(n_vocab);
+        } else {
+            request->chain = sampling.build(model.get(), n_ctx_seq_);
+            // Penalties see the prompt, as in Generation::start; the grammar does not.
+            for (int32_t i = 0; i < llama_sampler_chain_n(request->chain.get()); ++i) {
+                llama_sampler *s = llama_sampler_chain_get(request->chain.get(), i);
+                if (std::string_view(llama_sampler_name(s)) == "grammar") continue;
+                for (llama_token t : request->prompt) llama_sampler_accept(s, t);
+            }
+        }
+        {
+            std::unique_lock<std::mutex> lock(queue_->mutex);
+            const auto full = [&] {
+                return queue_->n_busy + static_cast<int32_t>(queue_->waiting.size()) >=
+                       options_.n_slots + options_.max_queue;
+            };
+            if (wait) {
+                queue_->room.wait(lock, [&] { return queue_->closing || !full(); });
+            }
+            if (queue_->closing) throw ClosedError("the pool is closed");
+            if (full()) {
+                throw PoolBusyError("the pool is busy: its " + std::to_string(options_.n_slots) + " slots and " +
+                                    std::to_string(options_.max_queue) + " queue places are taken");
+            }
+            queue_->waiting.push_back(request);
+        }
+        queue_->work.notify_all();
+        return std::make_unique<EngineStream>(std::move(request), queue_);
+    }
+
+    // Stops the scheduler (a running decode is aborted), fails every unfinished request with
+    // ClosedError, frees the context. Idempotent; call with the GIL released.
+    void close() {
+        {
+            std::lock_guard<std::mutex> lock(queue_->mutex);
+            queue_->closing = true;
+        }
+        closed_.store(true);
+        aborting_.store(true);
+        queue_->work.notify_all();
+        queue_->room.notify_all();
+        std::lock_guard<std::mutex> lock(close_mutex_);
+        if (scheduler_.joinable()) scheduler_.join();
+        batch_.reset();
+        ctx_.reset();
+        std::lock_guard<std::mutex> queue_lock(queue_->mutex);  // guards model_ against submit()
+        model_.reset();
+    }
+
+    bool closed() const { return closed_.load(); }
+
+    EngineStats stats() const {
+        EngineStats s;
+        {
+            std::lock_guard<std::mutex> lock(queue_->mutex);
+            s.n_busy = queue_->n_busy;
+            s.n_waiting = static_cast<int32_t>(queue_->waiting.size());
+        }
+        s.n_slots = options_.n_slots;
+        s.n_decode_calls = n_decode_calls_.load();
+        s.n_prompt_evaluated = n_prompt_evaluated_.load();
+        s.n_prompt_reused = n_prompt_reused_.load();
+        s.n_generated = n_generated_.load();
+        return s;
+    }
+
+    int32_t n_ctx_seq() const { return n_ctx_seq_; }
+
+  private:
+    enum class Phase { idle, wait_prefix, prefill, decode };
+
+    // A sequence of the context and the request running in it. Scheduler thread only.
+    struct Slot {
+        llama_seq_id seq = 0;
+        Phase phase = Phase::idle;
+        std::shared_ptr<EngineRequest> request;
+        std::vector<llama_token> cached;  // the tokens sequence `seq` holds, in position order
+        size_t source = 0;                // wait_prefix: the slot whose prefill it waits for
+        uint64_t source_admitted = 0;     // ... while it runs the request admitted then
+        size_t goal = 0;                  // wait_prefix: tokens it will copy from there
+        llama_token next = 0;             // decode: the sampled token to feed
+        int32_t row = -1;                 // this step's logits row, or -1
+        size_t n_in_batch = 0;            // tokens this step added to the batch
+        uint64_t admitted = 0;            // admission order (prefill priority), LRU for reuse
+    };
+
+    static size_t common_prefix(const std::vector<llama_token> &a, const std::vector<llama_token> &b) {
+        const size_t n = std::min(a.size(), b.size());
+        size_t i = 0;
+        while (i < n && a[i] == b[i]) ++i;
+        return i;
+    }
+
+    llama_memory_t memory() const { return llama_get_memory(ctx_.get()); }
+
+    // Tokens of `prompt` that slot `from` can lend: its cached prefix, if llama.cpp still holds
+    // all of it (a sliding-window cache drops old positions: pos_min > 0).
+    size_t reusable(const Slot &from, const std::vector<llama_token> &prompt) const {
+        if (from.cached.empty() || llama_memory_seq_pos_min(memory(), from.seq) > 0) return 0;
+        return std::min(common_prefix(from.cached, prompt), prompt.size() - 1);  // one token left to decode
+    }
+
+    void run() {
+        try {
+            for (;;) {
+                {
+                    std::unique_lock<std::mutex> lock(queue_->mutex);
+                    queue_->work.wait(lock, [&] {
+                        return queue_->closing || has_running() ||
+                               (!queue_->waiting.empty() && queue_->n_busy < options_.n_slots);
+                    });
+                    if (queue_->closing) break;
+                    admit();
+                }
+                step();
+            }
+        } catch (...) {
+            std::lock_guard<std::mutex> lock(queue_->mutex);
+            queue_->closing = true;
+            fail_all(std::current_exception());
+            return;
+        }
+        std::lock_guard<std::mutex> lock(queue_->mutex);
+        fail_all(std::make_exception_ptr(ClosedError("the pool was closed before the request finished")));
+    }
+
+    bool has_running() const {
+        return std::any_of(slots_.begin(), slots_.end(), [](const Slot &s) { return s.phase != Phase::idle; });
+    }
+
+    // Caller holds the queue lock.
+    void fail_all(const std::exception_ptr &error) {
+        for (auto &slot : slots_) {
+            if (slot.request) slot.request->finish("", error);
+            slot.request.reset();
+            slot.phase = Phase::idle;
+        }
+        for (auto &request : queue_->waiting) request->finish("", error);
+        queue_->waiting.clear();
+        queue_->n_busy = 0;
+        queue_->room.notify_all();
+    }
+
+    // Moves waiting requests into free slots (FIFO). Caller holds the queue lock.
+    void admit() {
+        auto &waiting = queue_->waiting;
+        const auto before = waiting.size();
+        waiting.erase(std::remove_if(waiting.begin(), waiting.end(),
+                                     [](const std::shared_ptr<EngineRequest> &r) {
+                                         if (!r->options.cancellation.cancelled()) return false;
+                                         r->finish("", std::make_exception_ptr(CancelledError("the generation was cancelled")));
+                                         return true;
+                                     }),
+                      waiting.end());
+        while (!waiting.empty() && queue_->n_busy < options_.n_slots) {
+            std::shared_ptr<EngineRequest> request = std::move(waiting.front());
+            waiting.pop_front();
+            ++queue_->n_busy;
+            start(std::move(request));
+        }
+        if (waiting.size() != before) queue_->room.notify_all();
+    }
+
+    // Puts `request` in the free slot whose cache shares the longest prefix with its prompt
+    // (the least recently used one on a tie), then either reuses a cached prefix at once or
+    // waits for a running prefill of the same prefix (a shared system prompt is evaluated once).
+    void start(std::shared_ptr<EngineRequest> request) {
+        const auto &prompt = request->prompt;
+        Slot *slot = nullptr;
+        size_t own = 0;
+        for (auto &s : slots_) {
+            if (s.phase != Phase::idle) continue;
+            const size_t n = reusable(s, prompt);
+            if (slot == nullptr || n > own || (n == own && s.admitted < slot->admitted)) {
+                slot = &s;
+                own = n;
+            }
+        }
+        slot->request = std::move(request);
+        slot->admitted = ++clock_;
+        const size_t cached = best_prefix(*slot).second;
+        for (size_t i = 0; i < slots_.size(); ++i) {
+            const Slot &other = slots_[i];
+            if (other.phase != Phase::prefill) continue;
+            const size_t shared = std::min(common_prefix(other.request->prompt, prompt), prompt.size() - 1);
+            if (shared >= cached + static_cast<size_t>(options_.min_shared_prefix) && shared > other.cached.size()) {
+                slot->phase = Phase::wait_prefix;
+                slot->source = i;
+                slot->source_admitted = other.admitted;
+                slot->goal = shared;
+                return;
+            }
+        }
+        attach_prefix(*slot);
+    }
+
+    // The slot (or none: -1) whose cached tokens give `slot`'s prompt its longest prefix, and
+    // that prefix's length; `slot` itself counts.
+    std::pair<ptrdiff_t, size_t> best_prefix(const Slot &slot) const {
+        const auto &prompt = slot.request->prompt;
+        std::pair<ptrdiff_t, size_t> best{&slot - slots_.data(), reusable(slot, prompt)};
+        for (size_t i = 0; i < slots_.size(); ++i) {
+            const size_t n = reusable(slots_[i], prompt);
+            if (n > best.second) best = {static_cast<ptrdiff_t>(i), n};
+        }
+        return best;
+    }
+
+    // Makes `slot`'s sequence hold the longest available prefix of its prompt: its own cache,
+    // trimmed, or a copy of another sequence's cells (shared, not duplicated, in the unified
+    // cache). Then the rest of the prompt is prefilled.
+    void attach_prefix(Slot &slot) {
+        const auto &prompt = slot.request->prompt;
+        auto [from, keep] = best_prefix(slot);
+        llama_memory_t mem = memory();
+        if (&slots_[static_cast<size_t>(from)] != &slot && keep > 0) {
+            llama_memory_seq_rm(mem, slot.seq, -1, -1);
+            llama_memory_seq_cp(mem, slots_[static_cast<size_t>(from)].seq, slot.seq, 0, static_cast<llama_pos>(keep));
+        } else {
+            keep = reusable(slot, prompt);
+            if (keep == 0 || !llama_memory_seq_rm(mem, slot.seq, static_cast<llama_pos>(keep), -1)) {
+                llama_memory_seq_rm(mem, slot.seq, -1, -1);
+                keep = 0;
+            }
+        }
+        slot.cached.assign(prompt.begin(), prompt.begin() + static_cast<ptrdiff_t>(keep));
+        n_prompt_reused_ += static_cast<int64_t>(keep);
+        {
+            std::lock_guard<std::mutex> lock(slot.request->mutex);
+            slot.request->n_reused = static_cast<int32_t>(keep);
+        }
+        slot.phase = Phase::prefill;
+    }
+
+    // Ends the request of `slot`. A finished request leaves its tokens cached for the next
+    // prompt that starts the same way; a failed or cancelled one frees its cells.
+    // The slot is free before the reader hears of the end, so that stats() agree with it.
+    void release(Slot &slot, const std::string &reason, std::exception_ptr error = nullptr) {
+        const bool failed = error != nullptr;
+        std::shared_ptr<EngineRequest> request = std::move(slot.request);
+        slot.phase = Phase::idle;
+        slot.row = -1;
+        if (failed) {
+            llama_memory_seq_rm(memory(), slot.seq, -1, -1);
+            slot.cached.clear();
+        }
+        {
+            std::lock_guard<std::mutex> lock(queue_->mutex);
+            --queue_->n_busy;
+        }
+        queue_->room.notify_all();
+        request->finish(reason, std::move(error));
+    }
+
+    void add_token(llama_token token, llama_pos pos, llama_seq_id seq, bool logits) {
+        llama_batch &b = batch_->batch;
+        const int32_t i = b.n_tokens++;
+        b.token[i] = token;
+        b.pos[i] = pos;
+        b.n_seq_id[i] = 1;
+        b.seq_id[i][0] = seq;
+        b.logits[i] = logits ? 1 : 0;
+    }
+
+    // One scheduler step: drop cancelled requests, start waiting ones whose prefix is ready,
+    // decode one batch (every running sequence's next token, then prompt chunks in admission
+    // order), sample every sequence that got logits.
+    void step() {
+        for (auto &slot : slots_) {
+            if (slot.request && slot.request->options.cancellation.cancelled()) {
+                release(slot, "", std::make_exception_ptr(CancelledError("the generation was cancelled")));
+            }
+        }
+        for (auto &slot : slots_) {
+            if (slot.phase != Phase::wait_prefix) continue;
+            const Slot &source = slots_[slot.source];
+            if (source.phase != Phase::prefill || source.admitted != slot.source_admitted ||
+                source.cached.size() >= slot.goal) {
+                attach_prefix(slot);
+            }
+        }
+
+        llama_batch &b = batch_->batch;
+        b.n_tokens = 0;
+        for (auto &slot : slots_) {
+            slot.row = -1;
+            slot.n_in_batch = 0;
+            if (slot.phase == Phase::decode) {
+                slot.row = b.n_tokens;
+                slot.n_in_batch = 1;
+                add_token(slot.next, static_cast<llama_pos>(slot.cached.size()), slot.seq, true);
+            }
+        }
+        std::vector<Slot *> prefilling;
+        for (auto &slot : slots_) {
+            if (slot.phase == Phase::prefill) prefilling.push_back(&slot);
+        }
+        std::sort(prefilling.begin(), prefilling.end(), [](const Slot *a, const Slot *c) { return a->admitted < c->admitted; });
+        for (Slot *slot : prefilling) {
+            const auto &prompt = slot->request->prompt;
+            const size_t done = slot->cached.size();
+            const size_t n = std::min(prompt.size() - done, static_cast<size_t>(batch_->capacity - b.n_tokens));
+            if (n == 0) break;
+            for (size_t i = 0; i < n; ++i) {
+                const bool last = done + i + 1 == prompt.size();
+                if (last) slot->row = b.n_tokens;
+                add_token(prompt[done + i], static_cast<llama_pos>(done + i), slot->seq, last);
+            }
+            slot->n_in_batch = n;
+        }
+        if (b.n_tokens == 0) return;
+
+        const int32_t rc = llama_decode(ctx_.get(), b);
+        ++n_decode_calls_;
+        if (rc == 2 && aborting_.load()) return;  // closing: run() fails what is left
+        if (rc != 0) {
+            std::exception_ptr error = rc == 1 ? std::make_exception_ptr(ContextOverflowError("no room left in the KV cache"))
+                                               : std::make_exception_ptr(DecodeError("llama_decode failed with code " + std::to_string(rc)));
+            for (auto &slot : slots_) {
+                if (slot.n_in_batch > 0) release(slot, "", error);
+            }
+            return;
+        }
+        for (auto &slot : slots_) {
+            if (slot.n_in_batch == 0) continue;
+            if (slot.phase == Phase::decode) {
+                slot.cached.push_back(slot.next);
+            } else {
+                const auto &prompt = slot.request->prompt;
+                const auto first = prompt.begin() + static_cast<ptrdiff_t>(slot.cached.size());
+                slot.cached.insert(slot.cached.end(), first, first + static_cast<ptrdiff_t>(slot.n_in_batch));
+                n_prompt_evaluated_ += static_cast<int64_t>(slot.n_in_batch);
+                if (slot.cached.size() == prompt.size()) slot.phase = Phase::decode;
+            }
+            if (slot.row < 0) continue;
+            try {
+                sample(slot);
+            } catch (...) {
+                // One request's failure (e.g. llama.cpp's grammar sampler throwing) ends it
+                // alone; the others keep running.
+                if (slot.request) release(slot, "", std::current_exception());
+            }
+        }
+    }
+
+    // Samples `slot`'s next token from its logits row and hands out the text it completes:
+    // Generation::step's rules (end of generation, stop strings, max_tokens, a full window).
+    void sample(Slot &slot) {
+        EngineRequest &request = *slot.request;
+        const llama_token token =
+            request.chain ? llama_sampler_sample(request.chain.get(), ctx_.get(), slot.row)
+                          : argmax(llama_get_logits_ith(ctx_.get(), slot.row), llama_vocab_n_tokens(vocab_));
+        ++n_generated_;
+        Chunk chunk;
+        const auto finish = [&](const std::string &reason) {
+            bool stopped = false;
+            std::string rest = request.stop.push(request.decoder.flush(), stopped);
+            chunk.text += stopped ? rest : rest + request.stop.flush();
+            request.publish(chunk);
+            release(slot, reason);
+        };
+        if (llama_vocab_is_eog(vocab_, token)) {
+            finish("stop");
+            return;
+        }
+        ++request.n_generated;
+        chunk.tokens.push_back(token);
+        bool stopped = false;
+        const auto &preserved = request.options.preserved_tokens;
+        const bool special = std::find(preserved.begin(), preserved.end(), token) != preserved.end();
+        chunk.text = request.stop.push(request.decoder.push(Model::piece_with(vocab_, token, special)), stopped);
+        if (stopped) {
+            request.publish(chunk);
+            release(slot, "stop");
+            return;
+        }
+        const int32_t max_tokens = request.options.max_tokens;
+        if ((max_tokens > 0 && request.n_generated >= max_tokens) ||
+            slot.cached.size() >= static_cast<size_t>(n_ctx_seq_)) {
+            finish("length");  // the limit, or the sequence's share of the cache is full
+            return;
+        }
+        request.publish(chunk);
+        slot.next = token;
+    }
+
+    ModelHandle model_;
+    const llama_vocab *vocab_;
+    EngineOptions options_;
+    std::shared_ptr<EngineQueue> queue_;
+    std::unique_ptr<llama_context, ContextDeleter> ctx_;
+    std::unique_ptr<BatchOwner> batch_;
+    std::vector<Slot> slots_;
+    int32_t n_ctx_seq_ = 0;
+    uint64_t clock_ = 0;
+    std::atomic<bool> aborting_{false};  // read by llama.cpp's abort callback
+    std::atomic<bool> closed_{false};
+    std::atomic<int64_t> n_decode_calls_{0}, n_prompt_evaluated_{0}, n_prompt_reused_{0}, n_generated_{0};
+    std::mutex close_mutex_;  // one closer joins the scheduler
+    std::thread scheduler_;   // last: started once everything above exists
+};
+
+void bind_engine(nb::module_ &m) {
+    py_pool_busy_error = new_exception(m, "PoolBusyError", py_llama_error,
+                                       "Every slot of the pool is busy and its queue is full.");
+    // Registered after bind_errors' translator, so tried before it (nanobind tries the newest
+    // first): PoolBusyError is a LlamaError.
+    nb::register_exception_translator([](const std::exception_ptr &p, void *) {
+        try {
+            std::rethrow_exception(p);
+        } catch (const PoolBusyError &e) {
+            PyErr_SetString(py_pool_busy_error, e.what());
+        }
+    });
+
+    nb::class_<EngineOptions>(m, "EngineOptions", "Slots and queue of an Engine.")
+        .def(nb::init<>())
+        .def_rw("n_slots", &EngineOptions::n_slots, "Concurrent sequences (the pool size).")
+        .def_rw("max_queue", &EngineOptions::max_queue, "Requests that may wait for a slot.")
+        .def_rw("min_shared_prefix", &EngineOptions::min_shared_prefix,
+                "Prompt tokens shared with a running prefill worth waiting for and copying.");
+
+    nb::class_<EngineStats>(m, "EngineStats", "Counters of an Engine since it started.")
+        .def_ro("n_slots", &EngineStats::n_slots)
+        .def_ro("n_busy", &EngineStats::n_busy, "Requests holding a slot.")
+        .def_ro("n_waiting", &EngineStats::n_waiting, "Requests queued for a slot.")
+        .def_ro("n_decode_calls", &EngineStats::n_decode_calls)
+        .def_ro("n_prompt_evaluated", &EngineStats::n_prompt_evaluated, "Prompt tokens decoded.")
+        .def_ro("n_prompt_reused", &EngineStats::n_prompt_reused, "Prompt tokens served from cached prefixes.")
+        .def_ro("n_generated", &EngineStats::n_generated, "Tokens sampled.");
+
+    nb::class_<EngineStream>(m, "EngineStream", "One request of an Engine, read chunk by chunk.")
+        .def("next", &EngineStream::next, nb::call_guard<nb::gil_scoped_release>(),
+             "Text and tokens produced since the last call (blocks for at least one token); None at the end.")
+        .def("cancel", &EngineStream::cancel, nb::call_guard<nb::gil_scoped_release>(),
+             "End the request and free its slot; next() then raises GenerationCancelled.")
+        .def_prop_ro("finished", &EngineStream::finished)
+        .def_prop_ro("finish_reason", &EngineStream::finish_reason)
+        .def_prop_ro("n_prompt", &EngineStream::n_prompt)
+        .def_prop_ro("n_reused", &EngineStream::n_reused, "Prompt tokens served from a cached prefix.")
+        .def_prop_ro("tokens", &EngineStream::tokens, "The tokens read so far.")
+        .def_prop_ro("cancellation", &EngineStream::cancellation);
+
+    nb::class_<Engine>(m, "Engine", "Continuous batching: n_slots sequences of one context, one scheduler thread.")
+        .def(nb::init<const Model &, const ContextOptions &, const EngineOptions &>(), "model"_a, "context"_a,
+             "options"_a, nb::call_guard<nb::gil_scoped_release>())
+        .def("submit", &Engine::submit, "prompt"_a, "sampling"_a, "options"_a, "wait"_a = false,
+             nb::call_guard<nb::gil_scoped_release>(),
+             "Queue a generation. Raises PoolBusyError when the queue is full (with wait=False).")
+        .def("close", &Engine::close, nb::call_guard<nb::gil_scoped_release>(),
+             "Stop the scheduler, fail unfinished requests with ClosedError, free the context. Idempotent.")
+        .def_prop_ro("closed", &Engine::closed)
+        .def_prop_ro("n_ctx_seq", &Engine::n_ctx_seq, "Tokens each sequence may hold.")
+        .def("stats", &Engine::stats, nb::call_guard<nb::gil_scoped_release>());
+}
+
 }  // namespace
 
 NB_MODULE(_core, m) {
@@ -2768,4 +3476,5 @@ NB_MODULE(_core, m) {
     bind_sampling(m);
     bind_chat(m);
     bind_context(m);
+    bind_engine(m);
 }

@@ -28,12 +28,14 @@ from llama_cpp.errors import (
     InvalidArgumentError,
     LlamaError,
     ModelLoadError,
+    PoolBusyError,
 )
 from llama_cpp.families import FAMILIES, ModelFamily, detect_family
 from llama_cpp.grammar import LlamaGrammar, UnenforcedSchemaWarning
 from llama_cpp.hooks import LogitsProcessorList, StoppingCriteriaList
 from llama_cpp.llama import Completion, Llama, Perf
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
+from llama_cpp.pool import LlamaPool
 from llama_cpp.state import LlamaState
 from llama_cpp.unified import UnifiedLLM
 
@@ -53,12 +55,14 @@ __all__ = [
     "LlamaConfig",
     "LlamaError",
     "LlamaGrammar",
+    "LlamaPool",
     "LlamaState",
     "LogitsProcessorList",
     "LoraAdapter",
     "ModelFamily",
     "ModelLoadError",
     "Perf",
+    "PoolBusyError",
     "SamplingParams",
     "StoppingCriteriaList",
     "UnenforcedSchemaWarning",

@@ -928,3 +928,122 @@ class Context:
         """
         Like generate, but returns a TokenStream that runs one step per next().
         """
+
+class PoolBusyError(LlamaError):
+    """Every slot of the pool is busy and its queue is full."""
+
+class EngineOptions:
+    """Slots and queue of an Engine."""
+
+    def __init__(self) -> None: ...
+
+    @property
+    def n_slots(self) -> int:
+        """Concurrent sequences (the pool size)."""
+
+    @n_slots.setter
+    def n_slots(self, arg: int, /) -> None: ...
+
+    @property
+    def max_queue(self) -> int:
+        """Requests that may wait for a slot."""
+
+    @max_queue.setter
+    def max_queue(self, arg: int, /) -> None: ...
+
+    @property
+    def min_shared_prefix(self) -> int:
+        """
+        Prompt tokens shared with a running prefill worth waiting for and copying.
+        """
+
+    @min_shared_prefix.setter
+    def min_shared_prefix(self, arg: int, /) -> None: ...
+
+class EngineStats:
+    """Counters of an Engine since it started."""
+
+    @property
+    def n_slots(self) -> int: ...
+
+    @property
+    def n_busy(self) -> int:
+        """Requests holding a slot."""
+
+    @property
+    def n_waiting(self) -> int:
+        """Requests queued for a slot."""
+
+    @property
+    def n_decode_calls(self) -> int: ...
+
+    @property
+    def n_prompt_evaluated(self) -> int:
+        """Prompt tokens decoded."""
+
+    @property
+    def n_prompt_reused(self) -> int:
+        """Prompt tokens served from cached prefixes."""
+
+    @property
+    def n_generated(self) -> int:
+        """Tokens sampled."""
+
+class EngineStream:
+    """One request of an Engine, read chunk by chunk."""
+
+    def next(self) -> Chunk | None:
+        """
+        Text and tokens produced since the last call (blocks for at least one token); None at the end.
+        """
+
+    def cancel(self) -> None:
+        """
+        End the request and free its slot; next() then raises GenerationCancelled.
+        """
+
+    @property
+    def finished(self) -> bool: ...
+
+    @property
+    def finish_reason(self) -> str | None: ...
+
+    @property
+    def n_prompt(self) -> int: ...
+
+    @property
+    def n_reused(self) -> int:
+        """Prompt tokens served from a cached prefix."""
+
+    @property
+    def tokens(self) -> list[int]:
+        """The tokens read so far."""
+
+    @property
+    def cancellation(self) -> Cancellation: ...
+
+class Engine:
+    """
+    Continuous batching: n_slots sequences of one context, one scheduler thread.
+    """
+
+    def __init__(self, model: Model, context: ContextOptions, options: EngineOptions) -> None: ...
+
+    def submit(self, prompt: Sequence[int], sampling: SamplerConfig, options: GenerateOptions, wait: bool = False) -> EngineStream:
+        """
+        Queue a generation. Raises PoolBusyError when the queue is full (with wait=False).
+        """
+
+    def close(self) -> None:
+        """
+        Stop the scheduler, fail unfinished requests with ClosedError, free the context. Idempotent.
+        """
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def n_ctx_seq(self) -> int:
+        """Tokens each sequence may hold."""
+
+    def stats(self) -> EngineStats: ...

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, cast, overload
 
 from llama_cpp import _async, _core
@@ -121,6 +122,17 @@ def _check_tools(tools: Sequence[Mapping[str, Any]]) -> None:
             raise InvalidArgumentError(f"tools[{i}].function needs a name")
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedChat:
+    """A conversation ready to generate from (see :meth:`ChatMixin.prepare_chat`)."""
+
+    prompt: list[int]
+    grammar: LlamaGrammar | None
+    stop: list[str]  # the format's stops, besides the caller's
+    preserved_tokens: list[int]  # special tokens whose text is part of the answer
+    parser: OutputParser
+
+
 class ChatMixin(CompletionMixin):
     """llama-cpp-python's ``create_chat_completion`` and the async twin."""
 
@@ -201,6 +213,91 @@ class ChatMixin(CompletionMixin):
         request.reasoning_format = reasoning_format
         return self.chat_templates().apply(request)
 
+    def prepare_chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        functions: Sequence[Mapping[str, Any]] | None = None,
+        function_call: str | Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        grammar: LlamaGrammar | None = None,
+        parallel_tool_calls: bool = False,
+        reasoning_format: ReasoningFormat = "auto",
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        **template_kwargs: Any,
+    ) -> PreparedChat:
+        """Everything a chat generation needs but the sampling values: the prompt's tokens,
+        the grammar (a JSON schema, tool calls or ``grammar``), stops, and the parser of the
+        answer. :meth:`create_chat_completion` (and :class:`~llama_cpp.LlamaPool`) run it.
+
+        Raises:
+            InvalidArgumentError: Malformed messages or tools, or the template rejected them.
+            GrammarError: A ``response_format`` schema llama.cpp cannot convert.
+        """
+        template_kwargs = {**(chat_template_kwargs or {}), **template_kwargs}
+        if functions or function_call:
+            if tools or tool_choice:
+                raise InvalidArgumentError("pass tools/tool_choice or functions/function_call, not both")
+            tools, tool_choice = _legacy_functions(functions, function_call)
+        offered, choice = _tool_choice(list(tools or ()), tool_choice)
+        _check_tools(offered)
+        schema = schema_for_response_format(response_format) if response_format is not None else None
+        schema_grammar = LlamaGrammar.from_json_schema(schema) if schema is not None else None  # checks it
+        if grammar is not None and (schema is not None or offered):
+            raise InvalidArgumentError("grammar cannot be combined with a JSON response_format or tools")
+        formatter = self.chat_formatter()
+        calls_tools = bool(offered) and choice != "none"
+        parser: OutputParser
+        if calls_tools and (
+            formatter is not None or not dict(self.chat_templates().caps())["supports_tool_calls"]
+        ):
+            # The format has no tool calls of its own: the generic JSON answer (chat_tools).
+            if schema is not None:
+                raise InvalidArgumentError(
+                    "this chat format has no tool calls of its own: pass tools or a JSON response_format"
+                )
+            messages = with_tools_described(messages, offered, choice, parallel_tool_calls)
+            check_messages(messages)
+            tool_schema = json.dumps(tool_call_schema(offered, choice, parallel_tool_calls))
+            schema_grammar = LlamaGrammar(_core.json_schema_to_grammar(tool_schema))
+            offered, parser = [], GenericToolParser()
+        else:
+            parser = PlainText()
+        if formatter is not None:
+            check_messages(messages)
+            rendered = formatter(messages, **template_kwargs)
+            return PreparedChat(
+                prompt=self.tokenize(rendered.prompt, add_bos=True, special=True),
+                grammar=grammar or schema_grammar,
+                stop=rendered.stop,
+                preserved_tokens=[],
+                parser=parser,
+            )
+        params = self.render_chat(
+            messages,
+            tools=offered,
+            tool_choice=choice if offered else None,
+            json_schema=schema,
+            parallel_tool_calls=parallel_tool_calls,
+            reasoning_format=reasoning_format,
+            **template_kwargs,
+        )
+        if not isinstance(parser, GenericToolParser):
+            parser = _core.ChatParser(params)
+            if params.grammar:
+                grammar = LlamaGrammar.from_chat_params(params)
+        if grammar is None:  # the format left the schema (or the generic tools) to us
+            grammar = schema_grammar
+        return PreparedChat(
+            prompt=self.tokenize(params.prompt, add_bos=True, special=True),
+            grammar=grammar,
+            stop=list(params.additional_stops),
+            preserved_tokens=list(params.preserved_tokens),
+            parser=parser,
+        )
+
     @overload
     def create_chat_completion(
         self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[False] = False, **kwargs: Any
@@ -268,62 +365,22 @@ class ChatMixin(CompletionMixin):
             InvalidArgumentError: Malformed messages or tools, or the template rejected them.
             GrammarError: A ``response_format`` schema llama.cpp cannot convert.
         """
-        template_kwargs = {**(chat_template_kwargs or {}), **template_kwargs}
-        if functions or function_call:
-            if tools or tool_choice:
-                raise InvalidArgumentError("pass tools/tool_choice or functions/function_call, not both")
-            tools, tool_choice = _legacy_functions(functions, function_call)
-        offered, choice = _tool_choice(list(tools or ()), tool_choice)
-        _check_tools(offered)
-        schema = schema_for_response_format(response_format) if response_format is not None else None
-        schema_grammar = LlamaGrammar.from_json_schema(schema) if schema is not None else None  # checks it
-        if grammar is not None and (schema is not None or offered):
-            raise InvalidArgumentError("grammar cannot be combined with a JSON response_format or tools")
-        formatter = self.chat_formatter()
-        calls_tools = bool(offered) and choice != "none"
-        parser: OutputParser
-        if calls_tools and (
-            formatter is not None or not dict(self.chat_templates().caps())["supports_tool_calls"]
-        ):
-            # The format has no tool calls of its own: the generic JSON answer (chat_tools).
-            if schema is not None:
-                raise InvalidArgumentError(
-                    "this chat format has no tool calls of its own: pass tools or a JSON response_format"
-                )
-            messages = with_tools_described(messages, offered, choice, parallel_tool_calls)
-            check_messages(messages)
-            tool_schema = json.dumps(tool_call_schema(offered, choice, parallel_tool_calls))
-            schema_grammar = LlamaGrammar(_core.json_schema_to_grammar(tool_schema))
-            offered, parser = [], GenericToolParser()
-        else:
-            parser = PlainText()
-        if formatter is not None:
-            check_messages(messages)
-            rendered = formatter(messages, **template_kwargs)
-            prompt = self.tokenize(rendered.prompt, add_bos=True, special=True)
-            extra_stops, preserved = rendered.stop, []
-            grammar = grammar or schema_grammar
-        else:
-            params = self.render_chat(
-                messages,
-                tools=offered,
-                tool_choice=choice if offered else None,
-                json_schema=schema,
-                parallel_tool_calls=parallel_tool_calls,
-                reasoning_format=reasoning_format,
-                **template_kwargs,
-            )
-            prompt = self.tokenize(params.prompt, add_bos=True, special=True)
-            extra_stops, preserved = list(params.additional_stops), list(params.preserved_tokens)
-            if not isinstance(parser, GenericToolParser):
-                parser = _core.ChatParser(params)
-            if params.grammar and not isinstance(parser, GenericToolParser):
-                grammar = LlamaGrammar.from_chat_params(params)
-            elif schema_grammar is not None:  # the format left the schema (or the tools) to us
-                grammar = schema_grammar
+        chat = self.prepare_chat(
+            messages,
+            functions=functions,
+            function_call=function_call,
+            tools=tools,
+            tool_choice=tool_choice,
+            response_format=response_format,
+            grammar=grammar,
+            parallel_tool_calls=parallel_tool_calls,
+            reasoning_format=reasoning_format,
+            chat_template_kwargs=chat_template_kwargs,
+            **template_kwargs,
+        )
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         completion = self._create_completion(
-            prompt,
+            chat.prompt,
             stream=stream,
             cancellation=cancellation or _core.Cancellation(),
             max_tokens=max_tokens,
@@ -332,7 +389,7 @@ class ChatMixin(CompletionMixin):
             min_p=min_p,
             typical_p=typical_p,
             logprobs=top_logprobs if logprobs else None,
-            stop=stops + extra_stops,
+            stop=stops + chat.stop,
             frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty,
             repeat_penalty=repeat_penalty,
@@ -343,15 +400,15 @@ class ChatMixin(CompletionMixin):
             mirostat_eta=mirostat_eta,
             model=model,
             logit_bias=dict(logit_bias or {}),
-            grammar=grammar,
+            grammar=chat.grammar,
             logits_processor=logits_processor,
-            preserved_tokens=preserved,
+            preserved_tokens=chat.preserved_tokens,
         )
         if isinstance(completion, dict):
-            response = chat_response(completion, parser)
-            _warn_if_unparsed(parser)
+            response = chat_response(completion, chat.parser)
+            _warn_if_unparsed(chat.parser)
             return response
-        return chat_chunks(completion, parser)
+        return chat_chunks(completion, chat.parser)
 
     async def create_chat_completion_async(
         self, messages: Sequence[Mapping[str, Any]], **kwargs: Any

@@ -16,6 +16,7 @@ from llama_cpp._core import (
     InvalidArgumentError,
     LlamaError,
     ModelLoadError,
+    PoolBusyError,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "InvalidArgumentError",
     "LlamaError",
     "ModelLoadError",
+    "PoolBusyError",
 ]

@@ -128,14 +128,28 @@ class LlamaBase:
         else:
             # Keywords passed besides a config win over it.
             config = replace(config, **{k: v for k, v in given.items() if v != DEFAULTS[k]})
+        path = os.fspath(model_path)
+        self._attach(_core.Model(path, config.model_options()), path, config, owns_model=True)
+
+    @classmethod
+    def sharing(cls, model: _core.Model, model_path: str, config: LlamaConfig) -> Self:
+        """An instance over ``model``, loaded already: the weights are shared, not copied.
+
+        It gets a context of its own (none with ``config.vocab_only``); its :meth:`close`
+        frees that context and leaves the model to its owner (e.g. :class:`LlamaPool`).
+        """
+        instance = cls.__new__(cls)
+        instance._attach(model, model_path, config, owns_model=False)
+        return instance
+
+    def _attach(self, model: _core.Model, model_path: str, config: LlamaConfig, *, owns_model: bool) -> None:
         self.config = config
-        self.model_path = os.fspath(model_path)
+        self.model_path = model_path
         self.verbose = config.verbose
         self._seed = config.seed
-        self._model: _core.Model | None = None
+        self._model: _core.Model | None = model
+        self._owns_model = owns_model
         self._ctx: _core.Context | None = None
-
-        self._model = _core.Model(self.model_path, config.model_options())
         if config.vocab_only:
             return
         try:
@@ -156,7 +170,7 @@ class LlamaBase:
         """
         if self._ctx is not None:
             self._ctx.close()
-        if self._model is not None:
+        if self._model is not None and self._owns_model:
             self._model.close()
 
     def __enter__(self) -> Self:

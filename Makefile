@@ -42,6 +42,7 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/bench_decode.py
 	$(PY) benchmarks/bench_api.py
+	$(PY) benchmarks/bench_pool.py
 
 clean:
 	rm -rf build .venv lib include models

@@ -333,6 +333,7 @@ def test_close_frees_the_memory_at_once(default_model_path: Path) -> None:
     before = _rss_kib()
     llm = Llama(default_model_path, n_ctx=2048, use_mmap=False)  # weights read into RAM
     llm.generate("Hello", max_tokens=4, sampling=GREEDY)
+    llm.render_chat([{"role": "user", "content": "Hi"}])  # the chat templates hold the model too
     loaded = _rss_kib()
     assert loaded - before > 200_000  # the 253 MB model and its context are resident
     llm.close()

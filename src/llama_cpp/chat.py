@@ -149,6 +149,11 @@ class ChatMixin(CompletionMixin):
             self._chat_templates = _core.ChatTemplates(self.model, self.config.chat_template or "")
         return self._chat_templates
 
+    def close(self) -> None:
+        """Free the context and the weights (the templates hold a reference to the model)."""
+        self._chat_templates = None
+        super().close()
+
     def chat_formatter(self) -> ChatFormatter | None:
         """The Python format used instead of a Jinja template: ``chat_format`` by name, or
         llama-cpp-python's ``"llama-2"`` for a model without a template; None when the model's
@@ -246,7 +251,7 @@ class ChatMixin(CompletionMixin):
         schema = schema_for_response_format(response_format) if response_format is not None else None
         schema_grammar = LlamaGrammar.from_json_schema(schema) if schema is not None else None  # checks it
         if grammar is not None and (schema is not None or offered):
-            raise InvalidArgumentError("grammar cannot be combined with a JSON response_format or tools")
+            raise InvalidArgumentError("pass either grammar or a JSON response_format / tools, not both")
         formatter = self.chat_formatter()
         calls_tools = bool(offered) and choice != "none"
         parser: OutputParser

@@ -1375,7 +1375,16 @@ class ChatParser {
         common_chat_msg next = parse_message(text_, is_partial);
         std::vector<ChatDelta> out;
         if (next.empty()) return out;
-        for (const common_chat_msg_diff &d : common_chat_msg_diff::compute_diffs(message_, next)) {
+        std::vector<common_chat_msg_diff> diffs;
+        try {
+            diffs = common_chat_msg_diff::compute_diffs(message_, next);
+        } catch (const std::exception &) {
+            // The final text fell back to plain content, which does not extend what was
+            // parsed so far: nothing more can be streamed as a delta.
+            message_ = std::move(next);
+            return out;
+        }
+        for (const common_chat_msg_diff &d : diffs) {
             ChatDelta entry;
             entry.content = d.content_delta;
             entry.reasoning_content = d.reasoning_content_delta;

@@ -28,6 +28,7 @@ def test_a_jinja_template_renders_the_prompt(chat: Llama) -> None:
     assert response["choices"][0]["message"] == {"role": "assistant", "content": "zab"}
     assert response["choices"][0]["finish_reason"] == "length"
     assert response["usage"]["prompt_tokens"] == 3  # <s> parsed as the BOS token, no second BOS
+    assert chat.chat_templates().source() == CONCAT
 
 
 def test_generation_ends_at_the_end_of_turn(chat: Llama) -> None:

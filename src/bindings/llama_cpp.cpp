@@ -1115,6 +1115,20 @@ struct SamplerConfig {
     }
 };
 
+// Feeds the prompt to a chain's samplers: penalties see the prompt, as in llama-server; the
+// grammar does not (it constrains the generated text only).
+void accept_prompt(llama_sampler *chain, const std::vector<llama_token> &prompt) {
+    for (int32_t i = 0; i < llama_sampler_chain_n(chain); ++i) {
+        llama_sampler *sampler = llama_sampler_chain_get(chain, i);
+        if (std::string_view(llama_sampler_name(sampler)) == "grammar") {
+            continue;
+        }
+        for (llama_token t : prompt) {
+            llama_sampler_accept(sampler, t);
+        }
+    }
+}
+
 void bind_sampling(nb::module_ &m) {
     nb::class_<SamplerConfig>(m, "SamplerConfig",
                               "Sampling settings of one generation (see llama_cpp.SamplingParams).")
@@ -1213,24 +1227,11 @@ struct ChatDelta {
     std::string tool_call_arguments;
 };
 
-std::vector<llama_token> tokenize_special(const llama_vocab *vocab, const std::string &text) {
-    const auto len = static_cast<int32_t>(text.size());
-    std::vector<llama_token> tokens(text.size() + 2);
-    int32_t n = llama_tokenize(vocab, text.data(), len, tokens.data(), static_cast<int32_t>(tokens.size()), false, true);
-    if (n < 0) {
-        tokens.resize(static_cast<size_t>(-n));
-        n = llama_tokenize(vocab, text.data(), len, tokens.data(), static_cast<int32_t>(tokens.size()), false, true);
-    }
-    tokens.resize(static_cast<size_t>(std::max(n, 0)));
-    return tokens;
-}
-
 class ChatTemplates {
   public:
     // `override_template`: Jinja source to use instead of the model's; empty: the model's
     // (llama.cpp falls back to ChatML when the model has none).
     ChatTemplates(const Model &model, const std::string &override_template) : model_(model.handle()) {
-        tl_last_errors.clear();
         try {
             templates_ = common_chat_templates_init(model_.get(), override_template);
         } catch (const std::exception &e) {
@@ -1239,7 +1240,6 @@ class ChatTemplates {
     }
 
     std::string source() const { return common_chat_templates_source(templates_.get()); }
-    bool has_explicit_template() const { return common_chat_templates_was_explicit(templates_.get()); }
     bool supports_thinking() const { return common_chat_templates_support_enable_thinking(templates_.get()); }
     std::vector<std::pair<std::string, bool>> caps() const {
         auto caps = common_chat_templates_get_caps(templates_.get());
@@ -1283,7 +1283,7 @@ class ChatTemplates {
         out.thinking_start_tag = params.thinking_start_tag;
         out.thinking_end_tags = params.thinking_end_tags;
         for (const std::string &text : params.preserved_tokens) {
-            const auto ids = tokenize_special(vocab, text);
+            const auto ids = Model::tokenize_with(vocab, text, false, true);
             if (ids.size() == 1) out.preserved_tokens.push_back(ids[0]);
         }
         // Triggers as common_sampler_init turns them into a lazy grammar's arguments.
@@ -1291,10 +1291,12 @@ class ChatTemplates {
             switch (trigger.type) {
                 case COMMON_GRAMMAR_TRIGGER_TYPE_TOKEN:
                 case COMMON_GRAMMAR_TRIGGER_TYPE_WORD: {
-                    const auto ids = tokenize_special(vocab, trigger.value);
                     if (trigger.token != LLAMA_TOKEN_NULL) {
                         out.grammar_trigger_tokens.push_back(trigger.token);
-                    } else if (ids.size() == 1 && is_preserved(out, ids[0])) {
+                        break;
+                    }
+                    const auto ids = Model::tokenize_with(vocab, trigger.value, false, true);
+                    if (ids.size() == 1 && is_preserved(out, ids[0])) {
                         out.grammar_trigger_tokens.push_back(ids[0]);
                     } else {
                         out.grammar_trigger_patterns.push_back(regex_escape(trigger.value));
@@ -1315,7 +1317,7 @@ class ChatTemplates {
         // A template-made grammar (tools, schema) starts where the generation prompt ends:
         // feed it that prompt first, as common_sampler_init does.
         if (!out.grammar.empty() && !out.grammar_lazy && !out.generation_prompt.empty()) {
-            const auto ids = tokenize_special(vocab, out.generation_prompt);
+            const auto ids = Model::tokenize_with(vocab, out.generation_prompt, false, true);
             for (size_t i = 0; i < ids.size(); ++i) {
                 const std::string piece = Model::piece_with(vocab, ids[i], true);
                 // Some tokenizers put a space before the first special token.
@@ -1404,9 +1406,6 @@ class ChatParser {
         return out;
     }
 
-    // The message parsed by the last update(), as parse() returns it.
-    std::string message() const { return to_json(message_); }
-
     // The final text did not follow the format and was returned whole as content.
     bool fell_back() const { return fell_back_; }
 
@@ -1415,7 +1414,7 @@ class ChatParser {
         common_chat_msg msg;
         try {
             msg = common_chat_parse(text, is_partial, *params_);
-        } catch (const std::exception &e) {
+        } catch (const std::exception &) {
             if (is_partial) return message_;  // wait for more text
             fell_back_ = true;
             msg.role = "assistant";
@@ -1485,7 +1484,6 @@ void bind_chat(nb::module_ &m) {
              nb::call_guard<nb::gil_scoped_release>())
         .def("apply", &ChatTemplates::apply, "request"_a, nb::call_guard<nb::gil_scoped_release>())
         .def("source", &ChatTemplates::source)
-        .def("has_explicit_template", &ChatTemplates::has_explicit_template)
         .def("supports_thinking", &ChatTemplates::supports_thinking)
         .def("caps", &ChatTemplates::caps);
     nb::class_<ChatParser>(m, "ChatParser", "Parses generated text in a chat format into an OpenAI message.")
@@ -1493,7 +1491,6 @@ void bind_chat(nb::module_ &m) {
         .def("parse", &ChatParser::parse, "text"_a, "is_partial"_a = false, nb::call_guard<nb::gil_scoped_release>())
         .def("update", &ChatParser::update, "delta"_a, "is_partial"_a = true,
              nb::call_guard<nb::gil_scoped_release>())
-        .def("message", &ChatParser::message)
         .def_prop_ro("fell_back", &ChatParser::fell_back);
 }
 
@@ -1623,6 +1620,14 @@ class StopMatcher {
     std::string held_;
 };
 
+// The end of a generation: the decoder's last bytes, through the stop strings, then whatever
+// the matcher still holds (unless a stop string completed).
+std::string flush_text(StopMatcher &stop, Utf8Decoder &decoder) {
+    bool stopped = false;
+    std::string out = stop.push(decoder.flush(), stopped);
+    return stopped ? out : out + stop.flush();
+}
+
 struct TokenLogprob {
     llama_token token = 0;
     float logprob = 0.0f;
@@ -1670,6 +1675,17 @@ class Cancellation {
 // =====================================================================================
 // Context
 // =====================================================================================
+
+// Raises InvalidArgumentError for a token id outside the vocabulary.
+void check_token_ids(const llama_vocab *vocab, const std::vector<llama_token> &tokens) {
+    const int32_t n_vocab = llama_vocab_n_tokens(vocab);
+    for (llama_token t : tokens) {
+        if (t < 0 || t >= n_vocab) {
+            throw InvalidArgumentError("token id " + std::to_string(t) + " is out of range [0, " +
+                                       std::to_string(n_vocab) + ")");
+        }
+    }
+}
 
 struct ContextDeleter {
     void operator()(llama_context *ctx) const {
@@ -1762,15 +1778,7 @@ struct ContextState {
         ++epoch;
     }
 
-    void check_tokens(const std::vector<llama_token> &toks) const {
-        const int32_t n_vocab = llama_vocab_n_tokens(vocab);
-        for (llama_token t : toks) {
-            if (t < 0 || t >= n_vocab) {
-                throw InvalidArgumentError("token id " + std::to_string(t) + " is out of range [0, " +
-                                           std::to_string(n_vocab) + ")");
-            }
-        }
-    }
+    void check_tokens(const std::vector<llama_token> &toks) const { check_token_ids(vocab, toks); }
 
     // llama_decode returned 2: the abort callback fired, because the context is closing or
     // because the running call was cancelled.
@@ -2358,6 +2366,13 @@ struct GenerateOptions {
     // Special tokens whose text is part of the output (a chat format's tool-call markers,
     // such as <tool_call>); other special tokens render as nothing.
     std::vector<llama_token> preserved_tokens;
+
+    // The text `token` adds to the output.
+    std::string piece(const llama_vocab *vocab, llama_token token) const {
+        const bool special =
+            std::find(preserved_tokens.begin(), preserved_tokens.end(), token) != preserved_tokens.end();
+        return Model::piece_with(vocab, token, special);
+    }
 };
 
 struct GenerationResult {
@@ -2457,18 +2472,8 @@ class Generation {
         if (options_.hooks) {
             history_ = prompt_;
         }
-        // Penalties see the prompt, as in llama-server; the grammar does not (it constrains
-        // the generated text only).
         if (chain_) {
-            for (int32_t i = 0; i < llama_sampler_chain_n(chain_.get()); ++i) {
-                llama_sampler *sampler = llama_sampler_chain_get(chain_.get(), i);
-                if (std::string_view(llama_sampler_name(sampler)) == "grammar") {
-                    continue;
-                }
-                for (llama_token t : prompt_) {
-                    llama_sampler_accept(sampler, t);
-                }
-            }
+            accept_prompt(chain_.get(), prompt_);
         }
     }
 
@@ -2488,7 +2493,7 @@ class Generation {
     }
 
     void finish(const std::string &reason, Chunk &chunk) {
-        chunk.text += stop_.flush_all(decoder_);
+        chunk.text += flush_text(stop_, decoder_);
         finish_reason_ = reason;
     }
 
@@ -2519,9 +2524,7 @@ class Generation {
             chunk.logprobs.push_back(logprob_of(logits, n_vocab, token, options_.n_probs));
         }
         bool stopped = false;
-        const bool special = std::find(options_.preserved_tokens.begin(), options_.preserved_tokens.end(), token) !=
-                             options_.preserved_tokens.end();
-        chunk.text += stop_.push(decoder_.push(Model::piece_with(state_->vocab, token, special)), stopped);
+        chunk.text += stop_.push(decoder_.push(options_.piece(state_->vocab, token)), stopped);
         if (stopped) {
             finish_reason_ = "stop";
             return;
@@ -2546,23 +2549,11 @@ class Generation {
         state_->decode(&token, 1);
     }
 
-    // Stop matching composed with the decoder's final flush.
-    struct Stops {
-        StopMatcher matcher;
-        explicit Stops(std::vector<std::string> s) : matcher(std::move(s)) {}
-        std::string push(const std::string &text, bool &stopped) { return matcher.push(text, stopped); }
-        std::string flush_all(Utf8Decoder &decoder) {
-            bool stopped = false;
-            std::string out = matcher.push(decoder.flush(), stopped);
-            return stopped ? out : out + matcher.flush();
-        }
-    };
-
     std::shared_ptr<ContextState> state_;
     std::vector<llama_token> prompt_;
     SamplerConfig sampling_;
     GenerateOptions options_;
-    Stops stop_;
+    StopMatcher stop_;
     SamplerPtr chain_;
     Utf8Decoder decoder_;
     std::vector<llama_token> generated_;
@@ -3002,13 +2993,7 @@ class Engine {
         }
         if (!model) throw ClosedError("the pool is closed");
         if (prompt.empty()) throw InvalidArgumentError("the prompt is empty (no tokens)");
-        const int32_t n_vocab = llama_vocab_n_tokens(vocab_);
-        for (llama_token t : prompt) {
-            if (t < 0 || t >= n_vocab) {
-                throw InvalidArgumentError("token id " + std::to_string(t) + " is out of range [0, " +
-                                           std::to_string(n_vocab) + ")");
-            }
-        }
+        check_token_ids(vocab_, prompt);
         if (prompt.size() > static_cast<size_t>(n_ctx_seq_)) {
             throw ContextOverflowError("the prompt has " + std::to_string(prompt.size()) +
                                        " tokens, more than the context window of " + std::to_string(n_ctx_seq_));
@@ -3018,15 +3003,10 @@ class Engine {
         }
         auto request = std::make_shared<EngineRequest>(std::move(prompt), std::move(options));
         if (sampling.plain_greedy()) {
-            sampling.validate(n_vocab);
+            sampling.validate(llama_vocab_n_tokens(vocab_));
         } else {
             request->chain = sampling.build(model.get(), n_ctx_seq_);
-            // Penalties see the prompt, as in Generation::start; the grammar does not.
-            for (int32_t i = 0; i < llama_sampler_chain_n(request->chain.get()); ++i) {
-                llama_sampler *s = llama_sampler_chain_get(request->chain.get(), i);
-                if (std::string_view(llama_sampler_name(s)) == "grammar") continue;
-                for (llama_token t : request->prompt) llama_sampler_accept(s, t);
-            }
+            accept_prompt(request->chain.get(), request->prompt);
         }
         {
             std::unique_lock<std::mutex> lock(queue_->mutex);
@@ -3373,9 +3353,7 @@ class Engine {
         ++n_generated_;
         Chunk chunk;
         const auto finish = [&](const std::string &reason) {
-            bool stopped = false;
-            std::string rest = request.stop.push(request.decoder.flush(), stopped);
-            chunk.text += stopped ? rest : rest + request.stop.flush();
+            chunk.text += flush_text(request.stop, request.decoder);
             request.publish(chunk);
             release(slot, reason);
         };
@@ -3386,9 +3364,7 @@ class Engine {
         ++request.n_generated;
         chunk.tokens.push_back(token);
         bool stopped = false;
-        const auto &preserved = request.options.preserved_tokens;
-        const bool special = std::find(preserved.begin(), preserved.end(), token) != preserved.end();
-        chunk.text = request.stop.push(request.decoder.push(Model::piece_with(vocab_, token, special)), stopped);
+        chunk.text = request.stop.push(request.decoder.push(request.options.piece(vocab_, token)), stopped);
         if (stopped) {
             request.publish(chunk);
             release(slot, "stop");

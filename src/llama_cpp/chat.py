@@ -241,6 +241,7 @@ class ChatMixin(CompletionMixin):
             InvalidArgumentError: Malformed messages or tools, or the template rejected them.
             GrammarError: A ``response_format`` schema llama.cpp cannot convert.
         """
+        check_messages(messages)
         template_kwargs = {**(chat_template_kwargs or {}), **template_kwargs}
         if functions or function_call:
             if tools or tool_choice:
@@ -264,14 +265,12 @@ class ChatMixin(CompletionMixin):
                     "this chat format has no tool calls of its own: pass tools or a JSON response_format"
                 )
             messages = with_tools_described(messages, offered, choice, parallel_tool_calls)
-            check_messages(messages)
             tool_schema = json.dumps(tool_call_schema(offered, choice, parallel_tool_calls))
             schema_grammar = LlamaGrammar(_core.json_schema_to_grammar(tool_schema))
             offered, parser = [], GenericToolParser()
         else:
             parser = PlainText()
         if formatter is not None:
-            check_messages(messages)
             rendered = formatter(messages, **template_kwargs)
             return PreparedChat(
                 prompt=self.tokenize(rendered.prompt, add_bos=True, special=True),

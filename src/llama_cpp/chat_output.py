@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
+from llama_cpp import _core
 from llama_cpp.llama_types import (
     ChatCompletionChunk,
     ChatCompletionDelta,
@@ -25,21 +26,20 @@ from llama_cpp.llama_types import (
 )
 
 
-class Delta(Protocol):
-    """One change of a streamed message (the shape of :class:`_core.ChatDelta`)."""
+@dataclass(frozen=True, slots=True)
+class ContentDelta:
+    """A change of a streamed message made in Python: the fields of :class:`_core.ChatDelta`."""
 
-    @property
-    def content(self) -> str: ...
-    @property
-    def reasoning_content(self) -> str: ...
-    @property
-    def tool_call_index(self) -> int: ...
-    @property
-    def tool_call_id(self) -> str: ...
-    @property
-    def tool_call_name(self) -> str: ...
-    @property
-    def tool_call_arguments(self) -> str: ...
+    content: str
+    reasoning_content: str = ""
+    tool_call_index: int = -1  # -1: no tool call changed
+    tool_call_id: str = ""
+    tool_call_name: str = ""
+    tool_call_arguments: str = ""
+
+
+#: One change of a streamed message: llama.cpp's parser's, or one made in Python.
+Delta = _core.ChatDelta | ContentDelta
 
 
 class OutputParser(Protocol):
@@ -47,18 +47,6 @@ class OutputParser(Protocol):
 
     def parse(self, text: str, is_partial: bool = False) -> str: ...
     def update(self, delta: str, is_partial: bool = True) -> Sequence[Delta]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class ContentDelta:
-    """New content text, nothing else."""
-
-    content: str
-    reasoning_content: str = ""
-    tool_call_index: int = -1
-    tool_call_id: str = ""
-    tool_call_name: str = ""
-    tool_call_arguments: str = ""
 
 
 class PlainText:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,19 @@ def llama_build() -> dict[str, object]:
     """The record scripts/setup_llama.py left in lib/ (where the pinned source lives, etc.)."""
     info: dict[str, object] = json.loads((ROOT / "lib" / "llama-build.json").read_text())
     return info
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.fixture(scope="session")
+def rss_kib() -> Callable[[], int]:
+    """The resident memory of this process, in KiB (what a closed model must give back)."""
+    return _rss_kib
 
 
 @pytest.fixture(scope="session")

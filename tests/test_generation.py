@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -321,23 +322,16 @@ def test_invalid_constructor_values_raise(tiny_model_path: Path, name: str, valu
         Llama(tiny_model_path, **kwargs)
 
 
-def _rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS in /proc/self/status")
-
-
 @pytest.mark.slow
-def test_close_frees_the_memory_at_once(default_model_path: Path) -> None:
-    before = _rss_kib()
+def test_close_frees_the_memory_at_once(default_model_path: Path, rss_kib: Callable[[], int]) -> None:
+    before = rss_kib()
     llm = Llama(default_model_path, n_ctx=2048, use_mmap=False)  # weights read into RAM
     llm.generate("Hello", max_tokens=4, sampling=GREEDY)
     llm.render_chat([{"role": "user", "content": "Hi"}])  # the chat templates hold the model too
-    loaded = _rss_kib()
+    loaded = rss_kib()
     assert loaded - before > 200_000  # the 253 MB model and its context are resident
     llm.close()
-    assert _rss_kib() - before < 60_000  # gone without waiting for the garbage collector
+    assert rss_kib() - before < 60_000  # gone without waiting for the garbage collector
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -342,3 +342,14 @@ def test_tool_calls_and_plain_chat_share_a_batch(tiny_model_path: Path) -> None:
     expected = alone_call["choices"][0]["message"]["tool_calls"]
     assert [c["function"] for c in calls] == [c["function"] for c in expected]
     assert text["choices"][0]["message"] == alone_text["choices"][0]["message"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_close_frees_the_memory_after_a_chat(default_model_path: Path, rss_kib: Callable[[], int]) -> None:
+    before = rss_kib()
+    pool = LlamaPool(default_model_path, pool_size=2, n_ctx=256, use_mmap=False, verbose=False)
+    pool.create_chat_completion_sync([{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert rss_kib() - before > 200_000  # the 253 MB model is resident
+    pool.close()
+    assert rss_kib() - before < 60_000  # the chat templates no longer hold the model

@@ -114,6 +114,7 @@ class LlamaPool:
         with self._embedder_lock:
             if self._embedder is not None:
                 self._embedder.close()
+        self._llm.close()  # drops its chat templates' reference to the model
         self._model.close()
 
     def __enter__(self) -> Self:

@@ -11,6 +11,7 @@ import pytest
 
 from llama_cpp import (
     ClosedError,
+    ContextBusyError,
     ContextOverflowError,
     InvalidArgumentError,
     Llama,
@@ -119,12 +120,15 @@ def test_breaking_out_of_a_stream_loop(tiny: Llama) -> None:
     assert tiny.generate("a", max_tokens=2, sampling=GREEDY) == "bc"
 
 
-def test_a_stream_interrupted_by_another_call_raises(tiny: Llama) -> None:
+def test_a_call_beside_an_open_stream_of_the_same_thread_raises_instead_of_deadlocking(tiny: Llama) -> None:
     stream = tiny.generate_stream("a", max_tokens=None, sampling=GREEDY)
     assert next(stream) == "b"
-    tiny.generate("A", max_tokens=3, sampling=GREEDY)
-    with pytest.raises(LlamaError, match="interrupted"):
-        next(stream)
+    with pytest.raises(ContextBusyError, match="this thread holds an open stream on this context"):
+        tiny.generate("A", max_tokens=3, sampling=GREEDY)
+    assert tiny.n_tokens == 3  # BOS a b; reads go ahead: the stream is paused in this very thread
+    assert next(stream) == "c"  # the stream was not disturbed
+    stream.close()
+    assert tiny.generate("A", max_tokens=100, sampling=GREEDY) == "é😀世界"
 
 
 def test_prompt_longer_than_n_batch_is_decoded_in_chunks(tiny_model_path: Path) -> None:

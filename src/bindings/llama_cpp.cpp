@@ -1,7 +1,7 @@
 // llama_cpp._core: the native core of llama-cpp-nanobind.
 //
-// One file, in sections: errors, logging, backend, model, sampling, text, context,
-// generation, engine. Each section ends in a bind_* function; NB_MODULE only calls them.
+// One file, in sections: errors, logging, backend, model, sampling, chat, text, decoding,
+// context, generation, engine. Each section ends in a bind_* function; NB_MODULE only calls them.
 //
 // Threading rules (see ../../README.md, "Threads and the GIL"):
 //   * every call that can take more than about a millisecond releases the GIL; arguments
@@ -12,6 +12,7 @@
 //   * llama.cpp's log callback takes the GIL only to hand a finished line to Python.
 
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
@@ -28,6 +29,7 @@
 #include <llama.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <deque>
@@ -1664,7 +1666,7 @@ TokenLogprob logprob_of(const float *logits, int32_t n_vocab, llama_token token,
 // token, or inside llama_decode through the context's abort callback.
 class Cancellation {
   public:
-    void cancel() { flag_->store(true); }
+    void cancel() const { flag_->store(true); }
     bool cancelled() const { return flag_->load(); }
     const std::shared_ptr<std::atomic<bool>> &flag() const { return flag_; }
 
@@ -1672,9 +1674,315 @@ class Cancellation {
     std::shared_ptr<std::atomic<bool>> flag_ = std::make_shared<std::atomic<bool>>(false);
 };
 
+void bind_text(nb::module_ &m) {
+    // The text rules on their own, for tests that split text at every possible point.
+    nb::class_<Utf8Decoder>(m, "Utf8Decoder", "Incremental UTF-8: bytes in, whole characters out.")
+        .def(nb::init<>())
+        .def(
+            "push", [](Utf8Decoder &self, nb::bytes data) { return self.push(std::string(data.c_str(), data.size())); },
+            "data"_a, "Add bytes; returns the text they complete (invalid bytes become U+FFFD).")
+        .def("flush", &Utf8Decoder::flush, "The end: whatever is held back, incomplete sequences as U+FFFD.");
+    nb::class_<StopMatcher>(m, "StopMatcher", "Stop strings matched across pieces of text.")
+        .def(nb::init<std::vector<std::string>>(), "stops"_a)
+        .def(
+            "push",
+            [](StopMatcher &self, const std::string &text) {
+                bool stopped = false;
+                std::string out = self.push(text, stopped);
+                return std::make_pair(out, stopped);
+            },
+            "text"_a, "Add text; returns (text that can be released, whether a stop string completed).")
+        .def("flush", &StopMatcher::flush, "The end: the text held back as a possible stop-string start.");
+
+    nb::class_<TokenLogprob>(m, "TokenLogprob", "log_softmax of the raw logits at a token.")
+        .def_ro("token", &TokenLogprob::token)
+        .def_ro("logprob", &TokenLogprob::logprob)
+        .def_ro("top", &TokenLogprob::top, "The most likely tokens and their logprobs, best first.");
+
+    nb::class_<Cancellation>(m, "Cancellation", "A flag that stops a generation it is given to.")
+        .def(nb::init<>())
+        .def("cancel", &Cancellation::cancel, "Stop the generation at its next token or decode step.")
+        .def_prop_ro("cancelled", &Cancellation::cancelled);
+}
+
+// =====================================================================================
+// Decoding: the rules of one sequence
+// =====================================================================================
+//
+// What turns one sequence's logits into output lives here, once, for both front ends: the
+// single-context loop (Generation) runs one SequenceDecoder, the engine one per slot. It
+// samples (a llama.cpp chain, or an argmax for plain greedy decoding), runs the Python hooks,
+// scores logprobs, decodes UTF-8 incrementally, matches stop strings and applies the limits.
+// The caller owns the KV cache: it decodes the prompt and every token the decoder accepts,
+// and tells the decoder which logits row is its sequence's and how many tokens it holds.
+
+// A new numpy array holding a copy of `n` values; Python owns it (a hook may keep it).
+template <typename T>
+nb::ndarray<nb::numpy, T, nb::ndim<1>> owned_array(const T *data, size_t n) {
+    auto *copy = new T[n];
+    std::copy(data, data + n, copy);
+    nb::capsule owner(copy, [](void *p) noexcept { delete[] static_cast<T *>(p); });
+    return nb::ndarray<nb::numpy, T, nb::ndim<1>>(copy, {n}, owner);
+}
+
+// Per-token Python hooks (llama-cpp-python's logits_processor / stopping_criteria): the slow
+// path. Each is called with the GIL re-acquired, as hook(token_ids, logits), with numpy
+// copies that Python owns, so a hook may keep them. The logits hook returns the logits to
+// sample from (float32, n_vocab of them), copied back into llama.cpp's buffer; the stop hook
+// returns True to end the generation. Held by shared_ptr so that copies of the options never
+// touch Python reference counts without the GIL.
+class PyHooks {
+  public:
+    PyHooks(nb::object logits_hook, nb::object stop_hook)
+        : logits_(logits_hook.is_none() ? nullptr : logits_hook.release().ptr()),
+          stop_(stop_hook.is_none() ? nullptr : stop_hook.release().ptr()) {}
+    PyHooks(const PyHooks &) = delete;
+    PyHooks &operator=(const PyHooks &) = delete;
+    ~PyHooks() {
+        if (!Py_IsInitialized() || python_is_finalizing()) return;
+        nb::gil_scoped_acquire gil;
+        Py_XDECREF(logits_);
+        Py_XDECREF(stop_);
+    }
+
+    bool has_logits_hook() const { return logits_ != nullptr; }
+
+    void process_logits(const std::vector<llama_token> &tokens, float *logits, int32_t n_vocab) const {
+        if (logits_ == nullptr) return;
+        nb::gil_scoped_acquire gil;
+        nb::object result = call(logits_, tokens, logits, n_vocab);
+        nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> scores;
+        if (!nb::try_cast(result, scores, false) || scores.shape(0) != static_cast<size_t>(n_vocab)) {
+            throw InvalidArgumentError("a logits processor must return " + std::to_string(n_vocab) +
+                                       " float32 scores (one per vocabulary entry)");
+        }
+        std::copy(scores.data(), scores.data() + n_vocab, logits);
+    }
+
+    bool should_stop(const std::vector<llama_token> &tokens, const float *logits, int32_t n_vocab) const {
+        if (stop_ == nullptr) return false;
+        nb::gil_scoped_acquire gil;
+        nb::object result = call(stop_, tokens, logits, n_vocab);
+        const int truthy = PyObject_IsTrue(result.ptr());
+        if (truthy < 0) throw nb::python_error();
+        return truthy == 1;
+    }
+
+  private:
+    static nb::object call(PyObject *hook, const std::vector<llama_token> &tokens, const float *logits,
+                           int32_t n_vocab) {
+        nb::object ids = nb::cast(owned_array(tokens.data(), tokens.size()));
+        nb::object scores = nb::cast(owned_array(logits, static_cast<size_t>(n_vocab)));
+        nb::object result = nb::steal(PyObject_CallFunctionObjArgs(hook, ids.ptr(), scores.ptr(), nullptr));
+        if (!result.is_valid()) throw nb::python_error();
+        return result;
+    }
+
+    PyObject *logits_;
+    PyObject *stop_;
+};
+
+struct GenerateOptions {
+    int32_t max_tokens = 0;  // <= 0: until the context is full
+    std::vector<std::string> stop;
+    int32_t n_probs = -1;          // -1: no logprobs; k >= 0: the token's and the top k
+    bool prompt_logprobs = false;  // also the logprobs of prompt tokens (evaluates it whole)
+    Cancellation cancellation;
+    std::shared_ptr<PyHooks> hooks;
+    // Special tokens whose text is part of the output (a chat format's tool-call markers,
+    // such as <tool_call>); other special tokens render as nothing.
+    std::vector<llama_token> preserved_tokens;
+
+    // The text `token` adds to the output.
+    std::string piece(const llama_vocab *vocab, llama_token token) const {
+        const bool special =
+            std::find(preserved_tokens.begin(), preserved_tokens.end(), token) != preserved_tokens.end();
+        return Model::piece_with(vocab, token, special);
+    }
+};
+
+// Text released by one or more steps, with its tokens (and their logprobs, if asked for).
+struct Chunk {
+    std::string text;
+    std::vector<llama_token> tokens;
+    std::vector<TokenLogprob> logprobs;
+
+    bool empty() const { return text.empty() && tokens.empty(); }
+    void append(Chunk &&other) {
+        text += other.text;
+        tokens.insert(tokens.end(), other.tokens.begin(), other.tokens.end());
+        std::move(other.logprobs.begin(), other.logprobs.end(), std::back_inserter(logprobs));
+    }
+};
+
+// First index of the largest logit, as llama.cpp's greedy sampler picks it. The maximum is
+// found with independent lanes the compiler vectorizes; std::max_element's dependent
+// compare-and-branch costs ~0.1 ms per token on a 262k vocabulary.
+llama_token argmax(const float *logits, int32_t n) {
+    constexpr int32_t lanes = 16;
+    float lane_max[lanes];
+    std::fill(lane_max, lane_max + lanes, -INFINITY);
+    const int32_t body = n - n % lanes;
+    for (int32_t i = 0; i < body; i += lanes) {
+        for (int32_t j = 0; j < lanes; ++j) {
+            lane_max[j] = logits[i + j] > lane_max[j] ? logits[i + j] : lane_max[j];
+        }
+    }
+    float best = *std::max_element(lane_max, lane_max + lanes);
+    for (int32_t i = body; i < n; ++i) {
+        best = logits[i] > best ? logits[i] : best;
+    }
+    for (int32_t i = 0; i < n; ++i) {
+        if (logits[i] == best) return i;
+    }
+    return 0;  // every logit is NaN
+}
+
+// A token chosen from one logits row: the row (valid until the next decode) and, when asked
+// for, the token's logprob under the model's raw logits.
+struct Sample {
+    llama_token token = 0;
+    const float *logits = nullptr;
+    std::optional<TokenLogprob> logprob;
+};
+
+// One sequence's token rules. A step is two calls, so that speculative decoding can later
+// verify several drafted tokens with one decode: sample() picks a token from a logits row,
+// accept() applies the end rules to it and releases its text. A rejected draft is one that
+// is never accepted.
+class SequenceDecoder {
+  public:
+    SequenceDecoder(const SamplerConfig &sampling, GenerateOptions options)
+        : sampling_(sampling), options_(std::move(options)), stop_(options_.stop) {}
+
+    // Builds the sampler chain for `model` (or checks the settings of plain greedy decoding)
+    // and shows it the prompt, so that bad settings raise before anything is decoded. A
+    // sequence holds at most `n_ctx` tokens.
+    void start(const llama_model *model, const std::vector<llama_token> &prompt, int32_t n_ctx) {
+        vocab_ = llama_model_get_vocab(model);
+        n_vocab_ = llama_vocab_n_tokens(vocab_);
+        n_ctx_ = n_ctx;
+        if (sampling_.plain_greedy()) {
+            sampling_.validate(n_vocab_);
+        } else {
+            chain_ = sampling_.build(model, n_ctx);
+            accept_prompt(chain_.get(), prompt);
+        }
+        if (options_.hooks) history_ = prompt;
+    }
+
+    // Picks the next token from row `row` of `ctx`'s logits (-1: the last one), after the
+    // Python logits hook, if any, rewrote them.
+    Sample sample(llama_context *ctx, int32_t row) {
+        float *logits = llama_get_logits_ith(ctx, row);
+        if (logits == nullptr) throw LlamaError("no logits for this sequence");
+        std::vector<float> raw;  // logprobs are of the model's logits, before any hook
+        const bool hooked = options_.hooks && options_.hooks->has_logits_hook();
+        if (hooked) {
+            if (options_.n_probs >= 0) raw.assign(logits, logits + n_vocab_);
+            options_.hooks->process_logits(history_, logits, n_vocab_);
+        }
+        Sample out;
+        out.logits = logits;
+        out.token = chain_ ? llama_sampler_sample(chain_.get(), ctx, row) : argmax(logits, n_vocab_);
+        if (options_.n_probs >= 0) {
+            out.logprob = logprob_of(hooked ? raw.data() : logits, n_vocab_, out.token, options_.n_probs);
+        }
+        return out;
+    }
+
+    // Takes `sample` as the sequence's next token and adds the text it completes to `chunk`.
+    // The end of generation, a stop string, the stop hook, max_tokens or a full window (the
+    // sequence holds `n_cached` tokens) ends the sequence. True: decode the token next.
+    bool accept(const Sample &sample, size_t n_cached, Chunk &chunk) {
+        const llama_token token = sample.token;
+        if (llama_vocab_is_eog(vocab_, token)) return finish("stop", chunk);
+        generated_.push_back(token);
+        chunk.tokens.push_back(token);
+        if (sample.logprob) chunk.logprobs.push_back(*sample.logprob);
+        bool stopped = false;
+        chunk.text += stop_.push(utf8_.push(options_.piece(vocab_, token)), stopped);
+        if (stopped) {
+            finish_reason_ = "stop";  // the text ends right before the stop string
+            return false;
+        }
+        if (options_.hooks) {
+            history_.push_back(token);
+            // As llama-cpp-python: the token that triggered the stop is part of the text.
+            if (options_.hooks->should_stop(history_, sample.logits, n_vocab_)) return finish("stop", chunk);
+        }
+        if (options_.max_tokens > 0 && generated_.size() >= static_cast<size_t>(options_.max_tokens)) {
+            return finish("length", chunk);
+        }
+        if (n_cached >= static_cast<size_t>(n_ctx_)) {
+            return finish("length", chunk);  // no room to decode it: stop, not sample stale logits
+        }
+        return true;
+    }
+
+    bool finished() const { return !finish_reason_.empty(); }
+    const std::string &finish_reason() const { return finish_reason_; }
+    const std::vector<llama_token> &generated() const { return generated_; }
+    const GenerateOptions &options() const { return options_; }
+
+  private:
+    bool finish(const std::string &reason, Chunk &chunk) {
+        chunk.text += flush_text(stop_, utf8_);
+        finish_reason_ = reason;
+        return false;
+    }
+
+    SamplerConfig sampling_;
+    GenerateOptions options_;
+    StopMatcher stop_;
+    Utf8Decoder utf8_;
+    SamplerPtr chain_;  // null: plain greedy, an argmax
+    const llama_vocab *vocab_ = nullptr;
+    int32_t n_vocab_ = 0;
+    int32_t n_ctx_ = 0;
+    std::vector<llama_token> generated_;
+    std::vector<llama_token> history_;  // prompt + generated, for the Python hooks
+    std::string finish_reason_;
+};
+
+void bind_decoding(nb::module_ &m) {
+    nb::class_<GenerateOptions>(m, "GenerateOptions", "What a generation produces and when it stops.")
+        .def(nb::init<>())
+        .def_rw("max_tokens", &GenerateOptions::max_tokens, "<= 0: until the context is full.")
+        .def_rw("stop", &GenerateOptions::stop, "Stop strings, matched on text.")
+        .def_rw("n_probs", &GenerateOptions::n_probs, "-1: no logprobs; k >= 0: logprob and top k.")
+        .def_rw("prompt_logprobs", &GenerateOptions::prompt_logprobs,
+                "Also score the prompt's tokens (evaluates the whole prompt).")
+        .def_rw("cancellation", &GenerateOptions::cancellation)
+        .def_rw("preserved_tokens", &GenerateOptions::preserved_tokens,
+                "Special tokens whose text is part of the output (a chat format's markers).")
+        .def(
+            "set_hooks",
+            [](GenerateOptions &self, nb::object logits_hook, nb::object stop_hook) {
+                self.hooks = (logits_hook.is_none() && stop_hook.is_none())
+                                 ? nullptr
+                                 : std::make_shared<PyHooks>(std::move(logits_hook), std::move(stop_hook));
+            },
+            "logits_hook"_a.none(), "stop_hook"_a.none(),
+            "Per-token Python hooks, called as hook(token_ids, logits) over memoryviews (slow path).");
+
+    nb::class_<Chunk>(m, "Chunk", "Text released by one or more steps, with its tokens and their logprobs.")
+        .def_ro("text", &Chunk::text)
+        .def_ro("tokens", &Chunk::tokens)
+        .def_ro("logprobs", &Chunk::logprobs);
+}
+
 // =====================================================================================
 // Context
 // =====================================================================================
+
+// A call would wait for an owner that cannot let go before it returns: a stream open in the
+// calling thread, or the generation whose hook made the call. Also raised by a stream that
+// lost the context after it was left unread past stream_timeout.
+struct ContextBusyError : LlamaError {
+    using LlamaError::LlamaError;
+};
+PyObject *py_context_busy_error = nullptr;
 
 // Raises InvalidArgumentError for a token id outside the vocabulary.
 void check_token_ids(const llama_vocab *vocab, const std::vector<llama_token> &tokens) {
@@ -1728,6 +2036,7 @@ struct ContextOptions {
     uint32_t n_seq_max = 1;
     bool kv_unified = false;
     bool verbose = true;  // false: llama.cpp logs only errors while creating the context
+    double stream_timeout = 60.0;  // seconds a paused stream may keep other calls waiting
 };
 
 struct PerfData {
@@ -1738,14 +2047,24 @@ struct PerfData {
 // Everything one llama_context owns. Shared by the Context object and any TokenStream made
 // from it, so a stream can never outlive the memory it decodes into.
 struct ContextState {
-    std::mutex mutex;  // one thread at a time; locked only with the GIL released
+    // Who uses the context: one call, or one stream from its first step to its end (see
+    // ContextLock and TokenStream). `mutex` guards these fields and is held only briefly:
+    // never while decoding or freeing, never while waiting for the GIL.
+    std::mutex mutex;
+    std::condition_variable released;  // the owner let go or paused
+    const void *owner = nullptr;       // the ContextLock or TokenStream using the context
+    std::thread::id owner_thread;      // the thread running it, or that ran a stream's last step
+    bool owner_running = false;        // inside a call or a stream's step
+    bool owner_is_stream = false;
+    std::chrono::steady_clock::time_point idle_since;  // a paused stream's last step ended then
+    std::chrono::milliseconds stream_timeout{60000};   // a paused stream may keep others waiting
+
     ModelHandle model;
     const llama_vocab *vocab = nullptr;
     std::unique_ptr<llama_context, ContextDeleter> ctx;
     std::unique_ptr<BatchOwner> batch;  // reused for every decode
     std::vector<llama_token> tokens;    // the tokens of sequence 0 now in the KV cache
     bool logits_ready = false;          // the last decode's logits belong to tokens.back()
-    uint64_t epoch = 0;                 // bumped whenever the KV contents change hands
     std::atomic<bool> abort{false};     // read by llama.cpp's abort callback
     std::shared_ptr<std::atomic<bool>> cancel;  // the running generation's flag, if any
     std::vector<std::pair<std::shared_ptr<LoraData>, float>> loras;  // applied, with their scales
@@ -1763,6 +2082,71 @@ struct ContextState {
         return ctx.get();
     }
 
+    // Makes `who` the owner, waiting for the current one to let go (call with the GIL
+    // released). A stream paused longer than stream_timeout is revoked: its next step raises.
+    // Waiting for this very thread could never end: that raises ContextBusyError.
+    void acquire(std::unique_lock<std::mutex> &lock, const void *who, bool stream) {
+        const auto me = std::this_thread::get_id();
+        while (owner != nullptr) {
+            if (owner_thread == me) {
+                throw ContextBusyError(
+                    owner_running ? "this context is running a generation on this thread: a hook may only read "
+                                    "from it (n_ctx(), n_tokens, ...), not start another call"
+                                  : "this thread holds an open stream on this context: read it to the end or "
+                                    "close it first");
+            }
+            if (owner_is_stream && !owner_running) {
+                const auto deadline = idle_since + stream_timeout;
+                if (std::chrono::steady_clock::now() >= deadline) {
+                    owner = nullptr;  // revoked
+                    break;
+                }
+                released.wait_until(lock, deadline);
+            } else {
+                released.wait(lock);
+            }
+        }
+        if (closing.load() || !ctx) throw ClosedError("the context is closed");
+        owner = who;
+        owner_thread = me;
+        owner_running = true;
+        owner_is_stream = stream;
+    }
+
+    // A stream's step starts (maybe on another thread than the last one) or ends.
+    void resume() {
+        owner_thread = std::this_thread::get_id();
+        owner_running = true;
+    }
+    void pause() {
+        owner_running = false;
+        idle_since = std::chrono::steady_clock::now();
+        released.notify_all();  // waiters start counting the stream's idle time
+    }
+
+    // `who` lets go. If the context was closed meanwhile (close() from inside a hook), it is
+    // freed first, by this owner, with the mutex unlocked (llama_free may log).
+    void release(std::unique_lock<std::mutex> &lock, const void *who) {
+        if (owner != who) return;
+        if (closing.load() && ctx) {
+            owner_running = true;
+            lock.unlock();
+            free_all();
+            lock.lock();
+        }
+        owner = nullptr;
+        owner_running = false;
+        released.notify_all();
+    }
+
+    void free_all() {
+        ctx.reset();
+        batch.reset();
+        tokens.clear();
+        loras.clear();
+        model.reset();
+    }
+
     int32_t n_ctx() const { return static_cast<int32_t>(llama_n_ctx(get())); }
 
     // The KV position, read back from llama.cpp rather than mirrored.
@@ -1775,7 +2159,6 @@ struct ContextState {
         llama_memory_clear(llama_get_memory(get()), true);
         tokens.clear();
         logits_ready = false;
-        ++epoch;
     }
 
     void check_tokens(const std::vector<llama_token> &toks) const { check_token_ids(vocab, toks); }
@@ -1857,7 +2240,6 @@ struct ContextState {
             ++keep;
         }
         keep = prompt_logprobs != nullptr ? 0 : std::min(keep, prompt.size() - 1);
-        ++epoch;
         if (keep < tokens.size()) {
             // Partial removal can fail (e.g. recurrent or sliding-window caches); start over.
             if (keep == 0 || !llama_memory_seq_rm(llama_get_memory(get()), 0,
@@ -1880,17 +2262,33 @@ bool abort_callback(void *data) {
            (state->cancel && state->cancel->load(std::memory_order_relaxed));
 }
 
-// Holds the context lock, taken with the GIL released.
+enum class Access { read, write };
+
+// Makes the calling thread the context's owner for its scope; taken with the GIL released.
+// A read beside this thread's own paused stream, or from inside a hook of its running
+// generation, goes ahead without waiting: that owner is stopped in this very thread.
 class ContextLock {
   public:
-    explicit ContextLock(ContextState &state) : lock_(state.mutex) {
-        if (state.closing.load() || !state.ctx) {
-            throw ClosedError("the context is closed");
+    explicit ContextLock(ContextState &state, Access access = Access::write) : state_(state) {
+        std::unique_lock<std::mutex> lock(state.mutex);
+        if (access == Access::read && state.owner != nullptr && state.owner_thread == std::this_thread::get_id()) {
+            if (state.closing.load() || !state.ctx) throw ClosedError("the context is closed");
+            return;
         }
+        state.acquire(lock, this, false);
+        owner_ = true;
+    }
+    ContextLock(const ContextLock &) = delete;
+    ContextLock &operator=(const ContextLock &) = delete;
+    ~ContextLock() {
+        if (!owner_) return;
+        std::unique_lock<std::mutex> lock(state_.mutex);
+        state_.release(lock, this);
     }
 
   private:
-    std::unique_lock<std::mutex> lock_;
+    ContextState &state_;
+    bool owner_ = false;
 };
 
 // llama.cpp's parameters for a context with `options` (the abort callback is the caller's).
@@ -1944,28 +2342,34 @@ class Context {
         }
         state_->ctx.reset(ctx);
         state_->batch = std::make_unique<BatchOwner>(static_cast<int32_t>(llama_n_batch(ctx)));
+        state_->stream_timeout = std::chrono::milliseconds(static_cast<int64_t>(options.stream_timeout * 1000.0));
         embeddings_ = options.embeddings;
     }
 
     const std::shared_ptr<ContextState> &state() const { return state_; }
 
     // Waits for the call in flight (asking it to stop at the next token or decode step),
-    // then frees the context. Safe to call twice and from any thread.
+    // revokes a paused stream, then frees the context. Safe to call twice and from any
+    // thread; from inside a hook of the running generation, that generation raises
+    // ClosedError and frees the context as it ends.
     void close() {
         state_->closing.store(true);
         state_->abort.store(true);
-        std::lock_guard<std::mutex> lock(state_->mutex);
-        state_->ctx.reset();
-        state_->batch.reset();
-        state_->tokens.clear();
-        state_->loras.clear();
-        state_->model.reset();
+        std::unique_lock<std::mutex> lock(state_->mutex);
+        if (state_->owner != nullptr && state_->owner_running &&
+            state_->owner_thread == std::this_thread::get_id()) {
+            return;
+        }
+        state_->released.wait(lock, [&] { return state_->owner == nullptr || !state_->owner_running; });
+        state_->owner = this;
+        state_->resume();
+        state_->release(lock, this);
     }
 
     bool closed() const { return state_->closing.load(); }
 
     int32_t n_ctx() {
-        ContextLock lock(*state_);
+        ContextLock lock(*state_, Access::read);
         return state_->n_ctx();
     }
 
@@ -2008,7 +2412,7 @@ class Context {
     }
 
     std::vector<std::pair<LoraAdapter, float>> loras() {
-        ContextLock lock(*state_);
+        ContextLock lock(*state_, Access::read);
         std::vector<std::pair<LoraAdapter, float>> out;
         for (const auto &[data, scale] : state_->loras) {
             out.emplace_back(LoraAdapter(data), scale);
@@ -2017,15 +2421,15 @@ class Context {
     }
 
     int32_t n_batch() {
-        ContextLock lock(*state_);
+        ContextLock lock(*state_, Access::read);
         return static_cast<int32_t>(llama_n_batch(state_->get()));
     }
     int32_t n_past() {
-        ContextLock lock(*state_);
+        ContextLock lock(*state_, Access::read);
         return state_->n_past();
     }
     std::vector<llama_token> tokens() {
-        ContextLock lock(*state_);
+        ContextLock lock(*state_, Access::read);
         return state_->tokens;
     }
     void reset() {
@@ -2041,7 +2445,6 @@ class Context {
                                        " would exceed the context window of " +
                                        std::to_string(state_->n_ctx()));
         }
-        ++state_->epoch;
         state_->decode(toks.data(), toks.size());
     }
     std::vector<float> logits() {
@@ -2062,7 +2465,6 @@ class Context {
                                        std::to_string(state_->tokens.size()) + " cached tokens");
         }
         if (static_cast<size_t>(n) == state_->tokens.size()) return;
-        ++state_->epoch;
         if (n == 0 || !llama_memory_seq_rm(llama_get_memory(state_->get()), 0, n, -1)) {
             if (n != 0) {
                 state_->clear();
@@ -2089,7 +2491,6 @@ class Context {
         if (!llama_memory_can_shift(mem)) {
             throw LlamaError("this model's cache does not support shifting positions");
         }
-        ++state_->epoch;
         if (!llama_memory_seq_rm(mem, 0, p0, p1)) {
             state_->clear();
             throw LlamaError("this model's cache cannot drop a middle range; it was emptied");
@@ -2138,7 +2539,6 @@ class Context {
         const int32_t n_embd = llama_model_n_embd_out(state_->model.get());
         const auto n_seq_max = static_cast<size_t>(llama_n_seq_max(c));
         std::vector<std::vector<std::vector<float>>> out(inputs.size());
-        ++state_->epoch;
         size_t next = 0;
         while (next < inputs.size()) {
             size_t first = next, n_tokens = 0;
@@ -2213,7 +2613,7 @@ class Context {
     }
 
     PerfData perf() {
-        ContextLock lock(*state_);
+        ContextLock lock(*state_, Access::read);
         llama_perf_context_data d = llama_perf_context(state_->get());
         // llama.cpp reports at least 1 token of each kind (it divides by them); no time means none.
         const int32_t n_prompt = d.t_p_eval_ms > 0.0 ? d.n_p_eval : 0;
@@ -2287,7 +2687,6 @@ class Context {
 
     // After llama.cpp restored a state: adopt its tokens, or leave an empty cache and raise.
     void adopt_loaded_state(bool ok, const std::vector<llama_token> &toks, const std::string &what) {
-        ++state_->epoch;
         // llama.cpp's state holds the KV cache only: the logits of the last token are gone.
         state_->logits_ready = false;
         if (ok && state_->n_past() == static_cast<int32_t>(toks.size())) {
@@ -2301,316 +2700,18 @@ class Context {
     std::shared_ptr<ContextState> state_;
 };
 
-// =====================================================================================
-// Generation: the token loop
-// =====================================================================================
-
-// Per-token Python hooks (llama-cpp-python's logits_processor / stopping_criteria): the slow
-// path. Each is called with the GIL re-acquired, as hook(token_ids, logits), over memoryviews
-// of the C++ buffers ('i' and 'f'); the logits hook edits the logits in place before
-// sampling, the stop hook returns True to end the generation. Held by shared_ptr so that
-// copies of the options never touch Python reference counts without the GIL.
-class PyHooks {
-  public:
-    PyHooks(nb::object logits_hook, nb::object stop_hook)
-        : logits_(logits_hook.is_none() ? nullptr : logits_hook.release().ptr()),
-          stop_(stop_hook.is_none() ? nullptr : stop_hook.release().ptr()) {}
-    PyHooks(const PyHooks &) = delete;
-    PyHooks &operator=(const PyHooks &) = delete;
-    ~PyHooks() {
-        if (!Py_IsInitialized() || python_is_finalizing()) return;
-        nb::gil_scoped_acquire gil;
-        Py_XDECREF(logits_);
-        Py_XDECREF(stop_);
-    }
-
-    bool has_logits_hook() const { return logits_ != nullptr; }
-
-    void process_logits(std::vector<llama_token> &tokens, float *logits, int32_t n_vocab) const {
-        if (logits_ != nullptr) call(logits_, tokens, logits, n_vocab);
-    }
-
-    bool should_stop(std::vector<llama_token> &tokens, float *logits, int32_t n_vocab) const {
-        return stop_ != nullptr && call(stop_, tokens, logits, n_vocab);
-    }
-
-  private:
-    static bool call(PyObject *hook, std::vector<llama_token> &tokens, float *logits, int32_t n_vocab) {
-        nb::gil_scoped_acquire gil;
-        nb::object ids = view(tokens.data(), tokens.size() * sizeof(llama_token), "i");
-        nb::object scores = view(logits, static_cast<size_t>(n_vocab) * sizeof(float), "f");
-        nb::object result = nb::steal(PyObject_CallFunctionObjArgs(hook, ids.ptr(), scores.ptr(), nullptr));
-        if (!result.is_valid()) throw nb::python_error();
-        const int truthy = PyObject_IsTrue(result.ptr());
-        if (truthy < 0) throw nb::python_error();
-        return truthy == 1;
-    }
-
-    static nb::object view(void *data, size_t bytes, const char *format) {
-        nb::object raw = nb::steal(PyMemoryView_FromMemory(static_cast<char *>(data), static_cast<Py_ssize_t>(bytes), PyBUF_WRITE));
-        if (!raw.is_valid()) throw nb::python_error();
-        return raw.attr("cast")(format);
-    }
-
-    PyObject *logits_;
-    PyObject *stop_;
-};
-
-struct GenerateOptions {
-    int32_t max_tokens = 0;  // <= 0: until the context is full
-    std::vector<std::string> stop;
-    int32_t n_probs = -1;          // -1: no logprobs; k >= 0: the token's and the top k
-    bool prompt_logprobs = false;  // also the logprobs of prompt tokens (evaluates it whole)
-    Cancellation cancellation;
-    std::shared_ptr<PyHooks> hooks;
-    // Special tokens whose text is part of the output (a chat format's tool-call markers,
-    // such as <tool_call>); other special tokens render as nothing.
-    std::vector<llama_token> preserved_tokens;
-
-    // The text `token` adds to the output.
-    std::string piece(const llama_vocab *vocab, llama_token token) const {
-        const bool special =
-            std::find(preserved_tokens.begin(), preserved_tokens.end(), token) != preserved_tokens.end();
-        return Model::piece_with(vocab, token, special);
-    }
-};
-
-struct GenerationResult {
-    std::string text;
-    std::vector<llama_token> tokens;
-    std::string finish_reason;
-    int32_t n_prompt = 0;
-    int32_t n_reused = 0;
-    std::vector<TokenLogprob> logprobs;         // one per generated token, if asked for
-    std::vector<TokenLogprob> prompt_logprobs;  // one per prompt token after the first
-};
-
-struct Chunk {
-    std::string text;
-    std::vector<llama_token> tokens;
-    std::vector<TokenLogprob> logprobs;
-};
-
-// First index of the largest logit, as llama.cpp's greedy sampler picks it. The maximum is
-// found with independent lanes the compiler vectorizes; std::max_element's dependent
-// compare-and-branch costs ~0.1 ms per token on a 262k vocabulary.
-llama_token argmax(const float *logits, int32_t n) {
-    constexpr int32_t lanes = 16;
-    float lane_max[lanes];
-    std::fill(lane_max, lane_max + lanes, -INFINITY);
-    const int32_t body = n - n % lanes;
-    for (int32_t i = 0; i < body; i += lanes) {
-        for (int32_t j = 0; j < lanes; ++j) {
-            lane_max[j] = logits[i + j] > lane_max[j] ? logits[i + j] : lane_max[j];
-        }
-    }
-    float best = *std::max_element(lane_max, lane_max + lanes);
-    for (int32_t i = body; i < n; ++i) {
-        best = logits[i] > best ? logits[i] : best;
-    }
-    for (int32_t i = 0; i < n; ++i) {
-        if (logits[i] == best) return i;
-    }
-    return 0;  // every logit is NaN
-}
-
-// One generation: prompt evaluation, then sample -> detokenize -> stop check -> decode, one
-// token at a time, entirely in C++. Used whole by Context.generate and step by step by
-// TokenStream; both run it with the context lock held and the GIL released.
-class Generation {
-  public:
-    Generation(std::shared_ptr<ContextState> state, std::vector<llama_token> prompt,
-               const SamplerConfig &sampling, GenerateOptions options)
-        : state_(std::move(state)), prompt_(std::move(prompt)), sampling_(sampling),
-          options_(std::move(options)), stop_(options_.stop) {}
-
-    bool finished() const { return !finish_reason_.empty(); }
-    const std::string &finish_reason() const { return finish_reason_; }
-    int32_t n_prompt() const { return static_cast<int32_t>(prompt_.size()); }
-    int32_t n_reused() const { return static_cast<int32_t>(n_reused_); }
-    const std::vector<llama_token> &generated() const { return generated_; }
-    const std::vector<TokenLogprob> &prompt_logprobs() const { return prompt_logprobs_; }
-    const Cancellation &cancellation() const { return options_.cancellation; }
-
-    // Runs until some text is ready or the generation ends. Caller holds the context lock.
-    Chunk next() {
-        Chunk chunk;
-        if (finished()) return chunk;
-        ActiveCancellation active(*state_, options_.cancellation);
-        if (!started_) {
-            start();
-        } else if (state_->epoch != epoch_) {
-            throw LlamaError("this generation was interrupted: the context was used by another call");
-        }
-        while (!finished() && chunk.text.empty()) {
-            step(chunk);
-        }
-        return chunk;
-    }
-
-  private:
-    // Points the context's abort callback at this generation's flag while it runs.
-    struct ActiveCancellation {
-        ContextState &state;
-        ActiveCancellation(ContextState &s, const Cancellation &c) : state(s) { state.cancel = c.flag(); }
-        ~ActiveCancellation() { state.cancel.reset(); }
-    };
-
-    void start() {
-        started_ = true;
-        if (!sampling_.plain_greedy()) {
-            chain_ = sampling_.build(state_->model.get(), state_->n_ctx());
-        } else {
-            sampling_.validate(llama_vocab_n_tokens(state_->vocab));
-        }
-        if (options_.prompt_logprobs) {
-            n_reused_ = state_->load_prompt(prompt_, &prompt_logprobs_, std::max(options_.n_probs, 0));
-        } else {
-            n_reused_ = state_->load_prompt(prompt_);
-        }
-        epoch_ = state_->epoch;
-        if (options_.hooks) {
-            history_ = prompt_;
-        }
-        if (chain_) {
-            accept_prompt(chain_.get(), prompt_);
-        }
-    }
-
-    llama_token sample(llama_context *ctx) {
-        if (chain_) {
-            return llama_sampler_sample(chain_.get(), ctx, -1);
-        }
-        return argmax(last_logits(ctx), llama_vocab_n_tokens(state_->vocab));
-    }
-
-    static const float *last_logits(llama_context *ctx) {
-        const float *logits = llama_get_logits_ith(ctx, -1);
-        if (logits == nullptr) {
-            throw LlamaError("no logits for the last token");
-        }
-        return logits;
-    }
-
-    void finish(const std::string &reason, Chunk &chunk) {
-        chunk.text += flush_text(stop_, decoder_);
-        finish_reason_ = reason;
-    }
-
-    void step(Chunk &chunk) {
-        if (state_->closing.load()) {
-            throw ClosedError("the context was closed during generation");
-        }
-        if (options_.cancellation.cancelled()) {
-            throw CancelledError("the generation was cancelled");
-        }
-        llama_context *ctx = state_->get();
-        const int32_t n_vocab = llama_vocab_n_tokens(state_->vocab);
-        std::vector<float> raw_logits;  // logprobs are of the model's logits, before any hook
-        if (options_.hooks && options_.hooks->has_logits_hook()) {
-            float *logits = const_cast<float *>(last_logits(ctx));
-            if (options_.n_probs >= 0) raw_logits.assign(logits, logits + n_vocab);
-            options_.hooks->process_logits(history_, logits, n_vocab);
-        }
-        const llama_token token = sample(ctx);
-        if (llama_vocab_is_eog(state_->vocab, token)) {
-            finish("stop", chunk);
-            return;
-        }
-        generated_.push_back(token);
-        chunk.tokens.push_back(token);
-        if (options_.n_probs >= 0) {
-            const float *logits = raw_logits.empty() ? last_logits(ctx) : raw_logits.data();
-            chunk.logprobs.push_back(logprob_of(logits, n_vocab, token, options_.n_probs));
-        }
-        bool stopped = false;
-        chunk.text += stop_.push(decoder_.push(options_.piece(state_->vocab, token)), stopped);
-        if (stopped) {
-            finish_reason_ = "stop";
-            return;
-        }
-        if (options_.hooks) {
-            history_.push_back(token);
-            // As llama-cpp-python: the token that triggered the stop is part of the text.
-            if (options_.hooks->should_stop(history_, const_cast<float *>(last_logits(ctx)), n_vocab)) {
-                finish("stop", chunk);
-                return;
-            }
-        }
-        if (options_.max_tokens > 0 && static_cast<int32_t>(generated_.size()) >= options_.max_tokens) {
-            finish("length", chunk);
-            return;
-        }
-        if (state_->tokens.size() >= static_cast<size_t>(state_->n_ctx())) {
-            // The context is full: stop instead of sampling from stale logits.
-            finish("length", chunk);
-            return;
-        }
-        state_->decode(&token, 1);
-    }
-
-    std::shared_ptr<ContextState> state_;
-    std::vector<llama_token> prompt_;
-    SamplerConfig sampling_;
-    GenerateOptions options_;
-    StopMatcher stop_;
-    SamplerPtr chain_;
-    Utf8Decoder decoder_;
-    std::vector<llama_token> generated_;
-    std::vector<TokenLogprob> prompt_logprobs_;
-    std::vector<llama_token> history_;  // prompt + generated, for the Python hooks
-    std::string finish_reason_;
-    size_t n_reused_ = 0;
-    uint64_t epoch_ = 0;
-    bool started_ = false;
-};
-
-GenerationResult generate(Context &self, const std::vector<llama_token> &prompt,
-                          const SamplerConfig &sampling, const GenerateOptions &options) {
-    ContextLock lock(*self.state());
-    Generation gen(self.state(), prompt, sampling, options);
-    GenerationResult result;
-    while (!gen.finished()) {
-        Chunk chunk = gen.next();
-        result.text += chunk.text;
-        std::move(chunk.logprobs.begin(), chunk.logprobs.end(), std::back_inserter(result.logprobs));
-    }
-    result.tokens = gen.generated();
-    result.finish_reason = gen.finish_reason();
-    result.n_prompt = gen.n_prompt();
-    result.n_reused = gen.n_reused();
-    result.prompt_logprobs = gen.prompt_logprobs();
-    return result;
-}
-
-// A generation driven from Python, one chunk per __next__. The context lock is held only
-// inside each step, so an abandoned stream never blocks the context; a stream whose context
-// was used by another call in between raises instead of continuing on foreign state.
-class TokenStream {
-  public:
-    TokenStream(std::shared_ptr<ContextState> state, std::vector<llama_token> prompt,
-                const SamplerConfig &sampling, GenerateOptions options)
-        : state_(state), gen_(std::move(state), std::move(prompt), sampling, std::move(options)) {}
-
-    std::optional<Chunk> next() {
-        if (gen_.finished() || closed_) return std::nullopt;
-        ContextLock lock(*state_);
-        return gen_.next();
-    }
-    void close() { closed_ = true; }
-    std::optional<std::string> finish_reason() const {
-        if (!gen_.finished()) return std::nullopt;
-        return gen_.finish_reason();
-    }
-    const Generation &generation() const { return gen_; }
-
-  private:
-    std::shared_ptr<ContextState> state_;
-    Generation gen_;
-    std::atomic<bool> closed_{false};
-};
-
 void bind_context(nb::module_ &m) {
+    py_context_busy_error = new_exception(
+        m, "ContextBusyError", py_llama_error,
+        "The context is held by a stream open in the calling thread or by the generation whose hook made the "
+        "call; or a stream left unread past stream_timeout lost the context to a waiting call.");
+    nb::register_exception_translator([](const std::exception_ptr &p, void *) {
+        try {
+            std::rethrow_exception(p);
+        } catch (const ContextBusyError &e) {
+            PyErr_SetString(py_context_busy_error, e.what());
+        }
+    });
     nb::class_<ContextOptions>(m, "ContextOptions", "Options for a context (llama_context_params).")
         .def(nb::init<>())
         .def_rw("n_ctx", &ContextOptions::n_ctx)
@@ -2634,7 +2735,9 @@ void bind_context(nb::module_ &m) {
         .def_rw("type_v", &ContextOptions::type_v)
         .def_rw("n_seq_max", &ContextOptions::n_seq_max)
         .def_rw("kv_unified", &ContextOptions::kv_unified)
-        .def_rw("verbose", &ContextOptions::verbose);
+        .def_rw("verbose", &ContextOptions::verbose)
+        .def_rw("stream_timeout", &ContextOptions::stream_timeout,
+                "Seconds a paused TokenStream may keep other calls waiting before it loses the context.");
 
     nb::class_<PerfData>(m, "PerfData", "llama.cpp's context timings since the last reset.")
         .def_ro("t_load_ms", &PerfData::t_load_ms)
@@ -2643,61 +2746,6 @@ void bind_context(nb::module_ &m) {
         .def_ro("n_prompt", &PerfData::n_prompt)
         .def_ro("n_eval", &PerfData::n_eval)
         .def_ro("n_reused", &PerfData::n_reused);
-
-    nb::class_<Cancellation>(m, "Cancellation", "A flag that stops a generation it is given to.")
-        .def(nb::init<>())
-        .def("cancel", &Cancellation::cancel, "Stop the generation at its next token or decode step.")
-        .def_prop_ro("cancelled", &Cancellation::cancelled);
-
-    nb::class_<GenerateOptions>(m, "GenerateOptions", "What a generation produces and when it stops.")
-        .def(nb::init<>())
-        .def_rw("max_tokens", &GenerateOptions::max_tokens, "<= 0: until the context is full.")
-        .def_rw("stop", &GenerateOptions::stop, "Stop strings, matched on text.")
-        .def_rw("n_probs", &GenerateOptions::n_probs, "-1: no logprobs; k >= 0: logprob and top k.")
-        .def_rw("prompt_logprobs", &GenerateOptions::prompt_logprobs,
-                "Also score the prompt's tokens (evaluates the whole prompt).")
-        .def_rw("cancellation", &GenerateOptions::cancellation)
-        .def_rw("preserved_tokens", &GenerateOptions::preserved_tokens,
-                "Special tokens whose text is part of the output (a chat format's markers).")
-        .def(
-            "set_hooks",
-            [](GenerateOptions &self, nb::object logits_hook, nb::object stop_hook) {
-                self.hooks = (logits_hook.is_none() && stop_hook.is_none())
-                                 ? nullptr
-                                 : std::make_shared<PyHooks>(std::move(logits_hook), std::move(stop_hook));
-            },
-            "logits_hook"_a.none(), "stop_hook"_a.none(),
-            "Per-token Python hooks, called as hook(token_ids, logits) over memoryviews (slow path).");
-
-    nb::class_<TokenLogprob>(m, "TokenLogprob", "log_softmax of the raw logits at a token.")
-        .def_ro("token", &TokenLogprob::token)
-        .def_ro("logprob", &TokenLogprob::logprob)
-        .def_ro("top", &TokenLogprob::top, "The most likely tokens and their logprobs, best first.");
-
-    nb::class_<GenerationResult>(m, "GenerationResult", "The outcome of Context.generate.")
-        .def_ro("text", &GenerationResult::text)
-        .def_ro("tokens", &GenerationResult::tokens)
-        .def_ro("finish_reason", &GenerationResult::finish_reason, "'stop' or 'length'.")
-        .def_ro("n_prompt", &GenerationResult::n_prompt)
-        .def_ro("n_reused", &GenerationResult::n_reused, "Prompt tokens served from the cache.")
-        .def_ro("logprobs", &GenerationResult::logprobs)
-        .def_ro("prompt_logprobs", &GenerationResult::prompt_logprobs);
-
-    nb::class_<Chunk>(m, "Chunk", "Text released by one TokenStream step, and its tokens.")
-        .def_ro("text", &Chunk::text)
-        .def_ro("tokens", &Chunk::tokens)
-        .def_ro("logprobs", &Chunk::logprobs);
-
-    nb::class_<TokenStream>(m, "TokenStream", "A generation advanced one chunk at a time.")
-        .def("next", &TokenStream::next, nb::call_guard<nb::gil_scoped_release>(),
-             "The next chunk, or None once the generation has ended.")
-        .def("close", &TokenStream::close, "Stop early; later next() calls return None.")
-        .def_prop_ro("finish_reason", &TokenStream::finish_reason)
-        .def_prop_ro("tokens", [](const TokenStream &s) { return s.generation().generated(); })
-        .def_prop_ro("n_prompt", [](const TokenStream &s) { return s.generation().n_prompt(); })
-        .def_prop_ro("n_reused", [](const TokenStream &s) { return s.generation().n_reused(); })
-        .def_prop_ro("prompt_logprobs", [](const TokenStream &s) { return s.generation().prompt_logprobs(); })
-        .def_prop_ro("cancellation", [](const TokenStream &s) { return s.generation().cancellation(); });
 
     nb::class_<Context>(m, "Context", "A llama_context: KV cache, batch buffer and token loop.")
         .def(nb::init<const Model &, const ContextOptions &>(), "model"_a, "options"_a,
@@ -2754,17 +2802,255 @@ void bind_context(nb::module_ &m) {
         .def("loras", &Context::loras, nb::call_guard<nb::gil_scoped_release>(),
              "The applied adapters and their scales, as llama.cpp was given them.")
         .def("perf", &Context::perf, nb::call_guard<nb::gil_scoped_release>())
-        .def("perf_reset", &Context::perf_reset, nb::call_guard<nb::gil_scoped_release>())
-        .def("generate", &generate, "prompt"_a, "sampling"_a, "options"_a,
-             nb::call_guard<nb::gil_scoped_release>(), "Run the whole token loop in C++.")
-        .def(
-            "stream",
-            [](Context &self, std::vector<llama_token> prompt, const SamplerConfig &sampling,
-               const GenerateOptions &options) {
-                return new TokenStream(self.state(), std::move(prompt), sampling, options);
-            },
-            "prompt"_a, "sampling"_a, "options"_a,
-            "Like generate, but returns a TokenStream that runs one step per next().");
+        .def("perf_reset", &Context::perf_reset, nb::call_guard<nb::gil_scoped_release>());
+}
+
+// =====================================================================================
+// Generation: the token loop
+// =====================================================================================
+
+struct GenerationResult {
+    std::string text;
+    std::vector<llama_token> tokens;
+    std::string finish_reason;
+    int32_t n_prompt = 0;
+    int32_t n_reused = 0;
+    std::vector<TokenLogprob> logprobs;         // one per generated token, if asked for
+    std::vector<TokenLogprob> prompt_logprobs;  // one per prompt token after the first
+};
+
+// One generation on a context's sequence 0: the prompt (reusing the cached prefix), then
+// sample -> accept -> decode one token at a time, entirely in C++, by a SequenceDecoder.
+// Used whole by Context.generate and step by step by TokenStream; both run it as the
+// context's owner with the GIL released.
+class Generation {
+  public:
+    Generation(std::shared_ptr<ContextState> state, std::vector<llama_token> prompt,
+               const SamplerConfig &sampling, GenerateOptions options)
+        : state_(std::move(state)), prompt_(std::move(prompt)), decoder_(sampling, std::move(options)) {}
+
+    bool finished() const { return decoder_.finished(); }
+    const std::string &finish_reason() const { return decoder_.finish_reason(); }
+    int32_t n_prompt() const { return static_cast<int32_t>(prompt_.size()); }
+    int32_t n_reused() const { return static_cast<int32_t>(n_reused_); }
+    const std::vector<llama_token> &generated() const { return decoder_.generated(); }
+    const std::vector<TokenLogprob> &prompt_logprobs() const { return prompt_logprobs_; }
+    const Cancellation &cancellation() const { return decoder_.options().cancellation; }
+
+    // Runs until some text is ready or the generation ends. The caller owns the context.
+    Chunk next() {
+        Chunk chunk;
+        if (finished()) return chunk;
+        ActiveCancellation active(*state_, cancellation());
+        if (!started_) start();
+        while (!finished() && chunk.text.empty()) {
+            step(chunk);
+        }
+        return chunk;
+    }
+
+  private:
+    // Points the context's abort callback at this generation's flag while it runs.
+    struct ActiveCancellation {
+        ContextState &state;
+        ActiveCancellation(ContextState &s, const Cancellation &c) : state(s) { state.cancel = c.flag(); }
+        ~ActiveCancellation() { state.cancel.reset(); }
+    };
+
+    void start() {
+        started_ = true;
+        decoder_.start(state_->model.get(), prompt_, state_->n_ctx());
+        const GenerateOptions &options = decoder_.options();
+        n_reused_ = options.prompt_logprobs
+                        ? state_->load_prompt(prompt_, &prompt_logprobs_, std::max(options.n_probs, 0))
+                        : state_->load_prompt(prompt_);
+    }
+
+    void step(Chunk &chunk) {
+        if (state_->closing.load()) {
+            throw ClosedError("the context was closed during generation");
+        }
+        if (cancellation().cancelled()) {
+            throw CancelledError("the generation was cancelled");
+        }
+        const Sample sample = decoder_.sample(state_->get(), -1);
+        if (decoder_.accept(sample, state_->tokens.size(), chunk)) {
+            state_->decode(&sample.token, 1);
+        }
+    }
+
+    std::shared_ptr<ContextState> state_;
+    std::vector<llama_token> prompt_;
+    SequenceDecoder decoder_;
+    std::vector<TokenLogprob> prompt_logprobs_;
+    size_t n_reused_ = 0;
+    bool started_ = false;
+};
+
+GenerationResult generate(Context &self, const std::vector<llama_token> &prompt,
+                          const SamplerConfig &sampling, const GenerateOptions &options) {
+    ContextLock lock(*self.state());
+    Generation gen(self.state(), prompt, sampling, options);
+    Chunk all;
+    while (!gen.finished()) {
+        all.append(gen.next());
+    }
+    GenerationResult result;
+    result.text = std::move(all.text);
+    result.logprobs = std::move(all.logprobs);
+    result.tokens = gen.generated();
+    result.finish_reason = gen.finish_reason();
+    result.n_prompt = gen.n_prompt();
+    result.n_reused = gen.n_reused();
+    result.prompt_logprobs = gen.prompt_logprobs();
+    return result;
+}
+
+// A generation driven from Python, one chunk per next(). The stream owns the context from
+// its first step until it ends, is closed or is garbage collected: other threads' calls
+// wait for it (a call from the thread that holds it raises ContextBusyError instead of
+// deadlocking). A stream left unread longer than the context's stream_timeout while another
+// call waits loses the context: its next step raises ContextBusyError.
+//
+// Steps may run on any thread (async iteration hands them to workers); what Python reads
+// between steps (tokens, finish_reason, ...) is a copy guarded by `record_mutex_`.
+class TokenStream {
+  public:
+    TokenStream(std::shared_ptr<ContextState> state, std::vector<llama_token> prompt,
+                const SamplerConfig &sampling, GenerateOptions options)
+        : state_(state), gen_(std::move(state), std::move(prompt), sampling, std::move(options)),
+          n_prompt_(gen_.n_prompt()), cancellation_(gen_.cancellation()) {}
+    TokenStream(const TokenStream &) = delete;
+    TokenStream &operator=(const TokenStream &) = delete;
+    ~TokenStream() { close(); }
+
+    // Called with the GIL released.
+    std::optional<Chunk> next() {
+        {
+            std::unique_lock<std::mutex> lock(state_->mutex);
+            if (done_) return std::nullopt;
+            if (!held_) {
+                state_->acquire(lock, this, true);
+                held_ = true;
+            } else if (state_->owner != this) {
+                done_ = true;  // revoked: the context was closed or given to a waiting call
+                if (state_->closing.load()) throw ClosedError("the context was closed during generation");
+                throw ContextBusyError("this stream was left unread for longer than the context's stream_timeout "
+                                       "while another call waited for the context; it was interrupted");
+            } else {
+                state_->resume();
+            }
+        }
+        std::optional<Chunk> chunk;
+        try {
+            chunk = gen_.next();
+        } catch (...) {
+            end_step(true);
+            throw;
+        }
+        {
+            std::lock_guard<std::mutex> lock(record_mutex_);
+            tokens_.insert(tokens_.end(), chunk->tokens.begin(), chunk->tokens.end());
+            n_reused_ = gen_.n_reused();
+            if (prompt_logprobs_.empty()) prompt_logprobs_ = gen_.prompt_logprobs();
+            if (gen_.finished()) finish_reason_ = gen_.finish_reason();
+        }
+        end_step(gen_.finished());
+        return chunk;
+    }
+
+    // Ends the stream early and gives the context back; later next() calls return None. A
+    // step running in another thread gives it back when it returns. Safe with the GIL held.
+    void close() {
+        std::unique_lock<std::mutex> lock(state_->mutex);
+        done_ = true;
+        if (!held_ || state_->owner != this || state_->owner_running) return;
+        held_ = false;
+        state_->release(lock, this);
+    }
+
+    std::optional<std::string> finish_reason() const {
+        std::lock_guard<std::mutex> lock(record_mutex_);
+        return finish_reason_;
+    }
+    std::vector<llama_token> tokens() const {
+        std::lock_guard<std::mutex> lock(record_mutex_);
+        return tokens_;
+    }
+    int32_t n_reused() const {
+        std::lock_guard<std::mutex> lock(record_mutex_);
+        return n_reused_;
+    }
+    std::vector<TokenLogprob> prompt_logprobs() const {
+        std::lock_guard<std::mutex> lock(record_mutex_);
+        return prompt_logprobs_;
+    }
+    int32_t n_prompt() const { return n_prompt_; }
+    const Cancellation &cancellation() const { return cancellation_; }
+
+  private:
+    // After a step: the stream stays the owner (idle) or, once it has ended, lets go.
+    void end_step(bool ended) {
+        std::unique_lock<std::mutex> lock(state_->mutex);
+        if (ended) done_ = true;
+        if (state_->owner != this) return;
+        if (done_) {
+            held_ = false;
+            state_->release(lock, this);
+        } else {
+            state_->pause();
+        }
+    }
+
+    std::shared_ptr<ContextState> state_;
+    Generation gen_;
+    const int32_t n_prompt_;
+    const Cancellation cancellation_;
+    bool done_ = false;  // guarded by state_->mutex, as is held_
+    bool held_ = false;  // this stream took the context (it may since have been revoked)
+
+    mutable std::mutex record_mutex_;
+    std::vector<llama_token> tokens_;
+    int32_t n_reused_ = 0;
+    std::vector<TokenLogprob> prompt_logprobs_;
+    std::optional<std::string> finish_reason_;
+};
+
+
+void bind_generation(nb::module_ &m) {
+    nb::class_<GenerationResult>(m, "GenerationResult", "The outcome of Context.generate.")
+        .def_ro("text", &GenerationResult::text)
+        .def_ro("tokens", &GenerationResult::tokens)
+        .def_ro("finish_reason", &GenerationResult::finish_reason, "'stop' or 'length'.")
+        .def_ro("n_prompt", &GenerationResult::n_prompt)
+        .def_ro("n_reused", &GenerationResult::n_reused, "Prompt tokens served from the cache.")
+        .def_ro("logprobs", &GenerationResult::logprobs)
+        .def_ro("prompt_logprobs", &GenerationResult::prompt_logprobs);
+
+    nb::class_<TokenStream>(m, "TokenStream", "A generation advanced one chunk at a time.")
+        .def("next", &TokenStream::next, nb::call_guard<nb::gil_scoped_release>(),
+             "The next chunk, or None once the generation has ended.")
+        .def("close", &TokenStream::close, "Stop early and give the context back; later next() calls return None.")
+        .def_prop_ro("finish_reason", &TokenStream::finish_reason)
+        .def_prop_ro("tokens", &TokenStream::tokens, "The tokens generated so far.")
+        .def_prop_ro("n_prompt", &TokenStream::n_prompt)
+        .def_prop_ro("n_reused", &TokenStream::n_reused, "Prompt tokens served from the cache.")
+        .def_prop_ro("prompt_logprobs", &TokenStream::prompt_logprobs)
+        .def_prop_ro("cancellation", &TokenStream::cancellation);
+
+    // Context's generation methods, added to the class bind_context made.
+    nb::handle context = nb::type<Context>();
+    context.attr("generate") = nb::cpp_function(&generate, nb::scope(context), nb::name("generate"), nb::is_method(),
+                                                "prompt"_a, "sampling"_a, "options"_a,
+                                                nb::call_guard<nb::gil_scoped_release>(),
+                                                "Run the whole token loop in C++.");
+    context.attr("stream") = nb::cpp_function(
+        [](Context &self, std::vector<llama_token> prompt, const SamplerConfig &sampling, const GenerateOptions &options) {
+            return new TokenStream(self.state(), std::move(prompt), sampling, options);
+        },
+        nb::scope(context), nb::name("stream"), nb::is_method(), "prompt"_a, "sampling"_a, "options"_a,
+        nb::rv_policy::take_ownership,
+        "Like generate, but returns a TokenStream that runs one step per next() and owns the context until it ends.");
 }
 
 // =====================================================================================
@@ -2805,33 +3091,40 @@ struct EngineStats {
     int64_t n_generated = 0;         // tokens sampled
 };
 
+// The LoRA adapters a request runs with, and their scales, in a canonical order (by adapter),
+// so that two requests asking for the same set compare equal.
+using LoraSet = std::vector<std::pair<std::shared_ptr<LoraData>, float>>;
+
 // One request: what the scheduler needs to run it, and the output its reader waits for.
 struct EngineRequest {
     // Set at submission, then owned by the scheduler.
     std::vector<llama_token> prompt;
-    GenerateOptions options;
-    SamplerPtr chain;  // null: greedy argmax
-    StopMatcher stop;
-    Utf8Decoder decoder;
-    int32_t n_generated = 0;
+    const Cancellation cancellation;
+    SequenceDecoder decoder;
+    LoraSet loras;
 
     // Output, guarded by `mutex`; `changed` is signalled on every change.
     std::mutex mutex;
     std::condition_variable changed;
-    Chunk unread;  // text and tokens produced and not read yet
+    Chunk unread;  // text, tokens and logprobs produced and not read yet
+    std::vector<TokenLogprob> prompt_logprobs;  // set once the prompt is evaluated, if asked for
     bool done = false;
     std::string finish_reason;
     std::exception_ptr error;
     int32_t n_reused = 0;
 
-    EngineRequest(std::vector<llama_token> p, GenerateOptions o)
-        : prompt(std::move(p)), options(std::move(o)), stop(options.stop) {}
+    EngineRequest(std::vector<llama_token> p, const SamplerConfig &sampling, GenerateOptions options, LoraSet l)
+        : prompt(std::move(p)), cancellation(options.cancellation), decoder(sampling, std::move(options)),
+          loras(std::move(l)) {}
+
+    // Scoring the prompt needs the logits of every prompt token: no cached prefix is reused.
+    bool scores_prompt() const { return decoder.options().prompt_logprobs; }
+    int32_t n_probs() const { return std::max(decoder.options().n_probs, 0); }
 
     void publish(Chunk &chunk) {
-        if (chunk.text.empty() && chunk.tokens.empty()) return;
+        if (chunk.empty()) return;
         std::lock_guard<std::mutex> lock(mutex);
-        unread.text += chunk.text;
-        unread.tokens.insert(unread.tokens.end(), chunk.tokens.begin(), chunk.tokens.end());
+        unread.append(std::move(chunk));
         changed.notify_all();
     }
 
@@ -2862,7 +3155,9 @@ struct EngineQueue {
 };
 
 // A request as Python sees it: next() blocks (GIL released) for the next text; dropping the
-// stream or calling cancel() ends the request and frees its slot.
+// stream or calling cancel() ends the request and frees its slot. What Python reads between
+// calls (tokens, finish_reason, ...) is guarded by the request's mutex, since next() may run
+// on another thread.
 class EngineStream {
   public:
     EngineStream(std::shared_ptr<EngineRequest> request, std::shared_ptr<EngineQueue> queue)
@@ -2873,7 +3168,7 @@ class EngineStream {
         // With the GIL held: only the flag (the queue lock may wait on a thread that needs the
         // GIL). The scheduler drops the request from its slot or the queue.
         if (!finished()) {
-            request_->options.cancellation.cancel();
+            request_->cancellation.cancel();
             queue_->wake();
         }
     }
@@ -2884,7 +3179,7 @@ class EngineStream {
     std::optional<Chunk> next() {
         std::unique_lock<std::mutex> lock(request_->mutex);
         request_->changed.wait(lock, [&] { return request_->done || !request_->unread.tokens.empty(); });
-        if (!request_->unread.tokens.empty() || !request_->unread.text.empty()) {
+        if (!request_->unread.empty()) {
             Chunk out;
             std::swap(out, request_->unread);
             tokens_.insert(tokens_.end(), out.tokens.begin(), out.tokens.end());
@@ -2897,7 +3192,7 @@ class EngineStream {
     // A queued request leaves the queue at once (its place is free on return); a running one
     // ends at the scheduler's next step. Called with the GIL released.
     void cancel() {
-        request_->options.cancellation.cancel();
+        request_->cancellation.cancel();
         {
             std::lock_guard<std::mutex> lock(queue_->mutex);
             auto &waiting = queue_->waiting;
@@ -2924,14 +3219,21 @@ class EngineStream {
         std::lock_guard<std::mutex> lock(request_->mutex);
         return request_->n_reused;
     }
+    std::vector<TokenLogprob> prompt_logprobs() const {
+        std::lock_guard<std::mutex> lock(request_->mutex);
+        return request_->prompt_logprobs;
+    }
+    std::vector<llama_token> tokens() const {
+        std::lock_guard<std::mutex> lock(request_->mutex);
+        return tokens_;
+    }
     int32_t n_prompt() const { return static_cast<int32_t>(request_->prompt.size()); }
-    const std::vector<llama_token> &tokens() const { return tokens_; }
-    const Cancellation &cancellation() const { return request_->options.cancellation; }
+    const Cancellation &cancellation() const { return request_->cancellation; }
 
   private:
     std::shared_ptr<EngineRequest> request_;
     std::shared_ptr<EngineQueue> queue_;
-    std::vector<llama_token> tokens_;  // read so far
+    std::vector<llama_token> tokens_;  // read so far; guarded by the request's mutex
 };
 
 class Engine {
@@ -2984,8 +3286,10 @@ class Engine {
     // Queues a generation. With `wait`, blocks while the queue is full; otherwise a full queue
     // raises PoolBusyError. Sampling, prompt and options are checked here, in the caller's
     // thread, so that a bad request raises at once.
+    // `loras`: the adapters (of this model) and scales the request runs with.
     std::unique_ptr<EngineStream> submit(std::vector<llama_token> prompt, const SamplerConfig &sampling,
-                                         GenerateOptions options, bool wait) {
+                                         GenerateOptions options, bool wait,
+                                         const std::vector<std::pair<LoraAdapter, float>> &loras) {
         ModelHandle model;  // kept for this call, even if close() runs meanwhile
         {
             std::lock_guard<std::mutex> lock(queue_->mutex);
@@ -2998,16 +3302,21 @@ class Engine {
             throw ContextOverflowError("the prompt has " + std::to_string(prompt.size()) +
                                        " tokens, more than the context window of " + std::to_string(n_ctx_seq_));
         }
-        if (options.hooks || options.n_probs >= 0 || options.prompt_logprobs) {
-            throw InvalidArgumentError("the pool does not support logprobs or Python hooks");
+        LoraSet set;
+        for (const auto &[lora, scale] : loras) {
+            if (lora.data()->model != model) {
+                throw InvalidArgumentError("the LoRA adapter '" + lora.path() + "' was loaded for another model");
+            }
+            if (!std::isfinite(scale)) {
+                throw InvalidArgumentError("the LoRA scale must be finite, got " + std::to_string(scale));
+            }
+            set.emplace_back(lora.data(), scale);
         }
-        auto request = std::make_shared<EngineRequest>(std::move(prompt), std::move(options));
-        if (sampling.plain_greedy()) {
-            sampling.validate(llama_vocab_n_tokens(vocab_));
-        } else {
-            request->chain = sampling.build(model.get(), n_ctx_seq_);
-            accept_prompt(request->chain.get(), request->prompt);
-        }
+        std::sort(set.begin(), set.end());
+        set.erase(std::unique(set.begin(), set.end(), [](const auto &a, const auto &b) { return a.first == b.first; }),
+                  set.end());
+        auto request = std::make_shared<EngineRequest>(std::move(prompt), sampling, std::move(options), std::move(set));
+        request->decoder.start(model.get(), request->prompt, n_ctx_seq_);
         {
             std::unique_lock<std::mutex> lock(queue_->mutex);
             const auto full = [&] {
@@ -3039,10 +3348,14 @@ class Engine {
         aborting_.store(true);
         queue_->work.notify_all();
         queue_->room.notify_all();
+        if (std::this_thread::get_id() == scheduler_.get_id()) {
+            return;  // from a hook: the scheduler stops after this step; a later close() frees
+        }
         std::lock_guard<std::mutex> lock(close_mutex_);
         if (scheduler_.joinable()) scheduler_.join();
         batch_.reset();
         ctx_.reset();
+        applied_.clear();
         std::lock_guard<std::mutex> queue_lock(queue_->mutex);  // guards model_ against submit()
         model_.reset();
     }
@@ -3075,6 +3388,9 @@ class Engine {
         Phase phase = Phase::idle;
         std::shared_ptr<EngineRequest> request;
         std::vector<llama_token> cached;  // the tokens sequence `seq` holds, in position order
+        LoraSet cached_loras;             // ... computed with these adapters
+        int32_t first_row = -1;           // prefill: the batch row of this step's first prompt token
+        std::vector<TokenLogprob> prompt_logprobs;  // prefill scoring the prompt: so far
         size_t source = 0;                // wait_prefix: the slot whose prefill it waits for
         uint64_t source_admitted = 0;     // ... while it runs the request admitted then
         size_t goal = 0;                  // wait_prefix: tokens it will copy from there
@@ -3095,14 +3411,21 @@ class Engine {
 
     // Tokens of `prompt` that slot `from` can lend: its cached prefix, if llama.cpp still holds
     // all of it (a sliding-window cache drops old positions: pos_min > 0).
-    size_t reusable(const Slot &from, const std::vector<llama_token> &prompt) const {
-        if (from.cached.empty() || llama_memory_seq_pos_min(memory(), from.seq) > 0) return 0;
+    // None if the request scores its prompt (every token's logits are needed) or runs with
+    // other adapters than those the cache was computed with.
+    size_t reusable(const Slot &from, const EngineRequest &request) const {
+        const auto &prompt = request.prompt;
+        if (from.cached.empty() || request.scores_prompt() || from.cached_loras != request.loras ||
+            llama_memory_seq_pos_min(memory(), from.seq) > 0) {
+            return 0;
+        }
         return std::min(common_prefix(from.cached, prompt), prompt.size() - 1);  // one token left to decode
     }
 
     void run() {
         try {
             for (;;) {
+                std::vector<std::shared_ptr<EngineRequest>> admitted;
                 {
                     std::unique_lock<std::mutex> lock(queue_->mutex);
                     queue_->work.wait(lock, [&] {
@@ -3110,8 +3433,9 @@ class Engine {
                                (!queue_->waiting.empty() && queue_->n_busy < options_.n_slots);
                     });
                     if (queue_->closing) break;
-                    admit();
+                    admitted = admit();
                 }
+                for (auto &request : admitted) start(std::move(request));  // KV work: no lock held
                 step();
             }
         } catch (...) {
@@ -3141,24 +3465,26 @@ class Engine {
         queue_->room.notify_all();
     }
 
-    // Moves waiting requests into free slots (FIFO). Caller holds the queue lock.
-    void admit() {
+    // Takes waiting requests for the free slots (FIFO); the caller starts them once it has
+    // let go of the queue lock, which it holds here.
+    std::vector<std::shared_ptr<EngineRequest>> admit() {
         auto &waiting = queue_->waiting;
         const auto before = waiting.size();
         waiting.erase(std::remove_if(waiting.begin(), waiting.end(),
                                      [](const std::shared_ptr<EngineRequest> &r) {
-                                         if (!r->options.cancellation.cancelled()) return false;
+                                         if (!r->cancellation.cancelled()) return false;
                                          r->finish("", std::make_exception_ptr(CancelledError("the generation was cancelled")));
                                          return true;
                                      }),
                       waiting.end());
+        std::vector<std::shared_ptr<EngineRequest>> admitted;
         while (!waiting.empty() && queue_->n_busy < options_.n_slots) {
-            std::shared_ptr<EngineRequest> request = std::move(waiting.front());
+            admitted.push_back(std::move(waiting.front()));
             waiting.pop_front();
             ++queue_->n_busy;
-            start(std::move(request));
         }
         if (waiting.size() != before) queue_->room.notify_all();
+        return admitted;
     }
 
     // Puts `request` in the free slot whose cache shares the longest prefix with its prompt
@@ -3170,7 +3496,7 @@ class Engine {
         size_t own = 0;
         for (auto &s : slots_) {
             if (s.phase != Phase::idle) continue;
-            const size_t n = reusable(s, prompt);
+            const size_t n = reusable(s, *request);
             if (slot == nullptr || n > own || (n == own && s.admitted < slot->admitted)) {
                 slot = &s;
                 own = n;
@@ -3181,7 +3507,10 @@ class Engine {
         const size_t cached = best_prefix(*slot).second;
         for (size_t i = 0; i < slots_.size(); ++i) {
             const Slot &other = slots_[i];
-            if (other.phase != Phase::prefill) continue;
+            if (other.phase != Phase::prefill || slot->request->scores_prompt() ||
+                other.request->loras != slot->request->loras) {
+                continue;
+            }
             const size_t shared = std::min(common_prefix(other.request->prompt, prompt), prompt.size() - 1);
             if (shared >= cached + static_cast<size_t>(options_.min_shared_prefix) && shared > other.cached.size()) {
                 slot->phase = Phase::wait_prefix;
@@ -3197,10 +3526,10 @@ class Engine {
     // The slot (or none: -1) whose cached tokens give `slot`'s prompt its longest prefix, and
     // that prefix's length; `slot` itself counts.
     std::pair<ptrdiff_t, size_t> best_prefix(const Slot &slot) const {
-        const auto &prompt = slot.request->prompt;
-        std::pair<ptrdiff_t, size_t> best{&slot - slots_.data(), reusable(slot, prompt)};
+        const EngineRequest &request = *slot.request;
+        std::pair<ptrdiff_t, size_t> best{&slot - slots_.data(), reusable(slot, request)};
         for (size_t i = 0; i < slots_.size(); ++i) {
-            const size_t n = reusable(slots_[i], prompt);
+            const size_t n = reusable(slots_[i], request);
             if (n > best.second) best = {static_cast<ptrdiff_t>(i), n};
         }
         return best;
@@ -3217,13 +3546,14 @@ class Engine {
             llama_memory_seq_rm(mem, slot.seq, -1, -1);
             llama_memory_seq_cp(mem, slots_[static_cast<size_t>(from)].seq, slot.seq, 0, static_cast<llama_pos>(keep));
         } else {
-            keep = reusable(slot, prompt);
+            keep = reusable(slot, *slot.request);
             if (keep == 0 || !llama_memory_seq_rm(mem, slot.seq, static_cast<llama_pos>(keep), -1)) {
                 llama_memory_seq_rm(mem, slot.seq, -1, -1);
                 keep = 0;
             }
         }
         slot.cached.assign(prompt.begin(), prompt.begin() + static_cast<ptrdiff_t>(keep));
+        slot.cached_loras = slot.request->loras;
         n_prompt_reused_ += static_cast<int64_t>(keep);
         {
             std::lock_guard<std::mutex> lock(slot.request->mutex);
@@ -3240,9 +3570,11 @@ class Engine {
         std::shared_ptr<EngineRequest> request = std::move(slot.request);
         slot.phase = Phase::idle;
         slot.row = -1;
+        slot.prompt_logprobs.clear();
         if (failed) {
             llama_memory_seq_rm(memory(), slot.seq, -1, -1);
             slot.cached.clear();
+            slot.cached_loras.clear();
         }
         {
             std::lock_guard<std::mutex> lock(queue_->mutex);
@@ -3264,10 +3596,12 @@ class Engine {
 
     // One scheduler step: drop cancelled requests, start waiting ones whose prefix is ready,
     // decode one batch (every running sequence's next token, then prompt chunks in admission
-    // order), sample every sequence that got logits.
+    // order), sample every sequence that got logits. A batch runs with one set of LoRA
+    // adapters, the earliest admitted request's; sequences with other adapters wait for a
+    // later step (llama-server's rule).
     void step() {
         for (auto &slot : slots_) {
-            if (slot.request && slot.request->options.cancellation.cancelled()) {
+            if (slot.request && slot.request->cancellation.cancelled()) {
                 release(slot, "", std::make_exception_ptr(CancelledError("the generation was cancelled")));
             }
         }
@@ -3279,36 +3613,48 @@ class Engine {
                 attach_prefix(slot);
             }
         }
+        const Slot *first = nullptr;
+        for (const auto &slot : slots_) {
+            if ((slot.phase == Phase::decode || slot.phase == Phase::prefill) &&
+                (first == nullptr || slot.admitted < first->admitted)) {
+                first = &slot;
+            }
+        }
+        if (first == nullptr) return;
+        const LoraSet loras = first->request->loras;
+        apply_loras(loras);
 
         llama_batch &b = batch_->batch;
         b.n_tokens = 0;
+        std::vector<Slot *> prefilling;
         for (auto &slot : slots_) {
             slot.row = -1;
+            slot.first_row = -1;
             slot.n_in_batch = 0;
+            if (!slot.request || slot.request->loras != loras) continue;
             if (slot.phase == Phase::decode) {
                 slot.row = b.n_tokens;
                 slot.n_in_batch = 1;
                 add_token(slot.next, static_cast<llama_pos>(slot.cached.size()), slot.seq, true);
+            } else if (slot.phase == Phase::prefill) {
+                prefilling.push_back(&slot);
             }
-        }
-        std::vector<Slot *> prefilling;
-        for (auto &slot : slots_) {
-            if (slot.phase == Phase::prefill) prefilling.push_back(&slot);
         }
         std::sort(prefilling.begin(), prefilling.end(), [](const Slot *a, const Slot *c) { return a->admitted < c->admitted; });
         for (Slot *slot : prefilling) {
             const auto &prompt = slot->request->prompt;
+            const bool scoring = slot->request->scores_prompt();
             const size_t done = slot->cached.size();
             const size_t n = std::min(prompt.size() - done, static_cast<size_t>(batch_->capacity - b.n_tokens));
             if (n == 0) break;
+            slot->first_row = b.n_tokens;
             for (size_t i = 0; i < n; ++i) {
                 const bool last = done + i + 1 == prompt.size();
                 if (last) slot->row = b.n_tokens;
-                add_token(prompt[done + i], static_cast<llama_pos>(done + i), slot->seq, last);
+                add_token(prompt[done + i], static_cast<llama_pos>(done + i), slot->seq, last || scoring);
             }
             slot->n_in_batch = n;
         }
-        if (b.n_tokens == 0) return;
 
         const int32_t rc = llama_decode(ctx_.get(), b);
         ++n_decode_calls_;
@@ -3323,61 +3669,77 @@ class Engine {
         }
         for (auto &slot : slots_) {
             if (slot.n_in_batch == 0) continue;
-            if (slot.phase == Phase::decode) {
-                slot.cached.push_back(slot.next);
-            } else {
-                const auto &prompt = slot.request->prompt;
-                const auto first = prompt.begin() + static_cast<ptrdiff_t>(slot.cached.size());
-                slot.cached.insert(slot.cached.end(), first, first + static_cast<ptrdiff_t>(slot.n_in_batch));
-                n_prompt_evaluated_ += static_cast<int64_t>(slot.n_in_batch);
-                if (slot.cached.size() == prompt.size()) slot.phase = Phase::decode;
-            }
-            if (slot.row < 0) continue;
             try {
-                sample(slot);
+                if (slot.phase == Phase::decode) {
+                    slot.cached.push_back(slot.next);
+                } else {
+                    prefilled(slot);
+                }
+                if (slot.row >= 0) sample(slot);
             } catch (...) {
-                // One request's failure (e.g. llama.cpp's grammar sampler throwing) ends it
-                // alone; the others keep running.
+                // One request's failure (a Python hook raising, llama.cpp's grammar sampler
+                // throwing) ends it alone; the others keep running.
                 if (slot.request) release(slot, "", std::current_exception());
             }
         }
     }
 
-    // Samples `slot`'s next token from its logits row and hands out the text it completes:
-    // Generation::step's rules (end of generation, stop strings, max_tokens, a full window).
+    // The prompt tokens of this step are in the cache: score them if asked for, and once the
+    // whole prompt is in, hand its logprobs to the reader and start generating.
+    void prefilled(Slot &slot) {
+        EngineRequest &request = *slot.request;
+        const auto &prompt = request.prompt;
+        const size_t done = slot.cached.size();
+        const auto first = prompt.begin() + static_cast<ptrdiff_t>(done);
+        slot.cached.insert(slot.cached.end(), first, first + static_cast<ptrdiff_t>(slot.n_in_batch));
+        n_prompt_evaluated_ += static_cast<int64_t>(slot.n_in_batch);
+        if (request.scores_prompt()) {
+            const int32_t n_vocab = llama_vocab_n_tokens(vocab_);
+            for (size_t i = 0; i < slot.n_in_batch && done + i + 1 < prompt.size(); ++i) {
+                const float *logits = llama_get_logits_ith(ctx_.get(), slot.first_row + static_cast<int32_t>(i));
+                slot.prompt_logprobs.push_back(logprob_of(logits, n_vocab, prompt[done + i + 1], request.n_probs()));
+            }
+        }
+        if (slot.cached.size() < prompt.size()) return;
+        slot.phase = Phase::decode;
+        if (request.scores_prompt()) {
+            std::lock_guard<std::mutex> lock(request.mutex);
+            request.prompt_logprobs = std::move(slot.prompt_logprobs);
+        }
+        slot.prompt_logprobs.clear();
+    }
+
+    // Samples `slot`'s next token from its logits row and hands out the text it completes,
+    // by the request's SequenceDecoder (the same rules as Context.generate).
     void sample(Slot &slot) {
         EngineRequest &request = *slot.request;
-        const llama_token token =
-            request.chain ? llama_sampler_sample(request.chain.get(), ctx_.get(), slot.row)
-                          : argmax(llama_get_logits_ith(ctx_.get(), slot.row), llama_vocab_n_tokens(vocab_));
+        const Sample sample = request.decoder.sample(ctx_.get(), slot.row);
         ++n_generated_;
         Chunk chunk;
-        const auto finish = [&](const std::string &reason) {
-            chunk.text += flush_text(request.stop, request.decoder);
-            request.publish(chunk);
-            release(slot, reason);
-        };
-        if (llama_vocab_is_eog(vocab_, token)) {
-            finish("stop");
-            return;
-        }
-        ++request.n_generated;
-        chunk.tokens.push_back(token);
-        bool stopped = false;
-        chunk.text = request.stop.push(request.decoder.push(request.options.piece(vocab_, token)), stopped);
-        if (stopped) {
-            request.publish(chunk);
-            release(slot, "stop");
-            return;
-        }
-        const int32_t max_tokens = request.options.max_tokens;
-        if ((max_tokens > 0 && request.n_generated >= max_tokens) ||
-            slot.cached.size() >= static_cast<size_t>(n_ctx_seq_)) {
-            finish("length");  // the limit, or the sequence's share of the cache is full
-            return;
-        }
+        const bool more = request.decoder.accept(sample, slot.cached.size(), chunk);
         request.publish(chunk);
-        slot.next = token;
+        if (more) {
+            slot.next = sample.token;
+        } else {
+            const std::string reason = request.decoder.finish_reason();
+            release(slot, reason);
+        }
+    }
+
+    // Makes the context apply `loras` (llama.cpp applies adapters per context, to every
+    // sequence of the next decode).
+    void apply_loras(const LoraSet &loras) {
+        if (loras == applied_) return;
+        std::vector<llama_adapter_lora *> adapters;
+        std::vector<float> scales;
+        for (const auto &[data, scale] : loras) {
+            adapters.push_back(data->adapter);
+            scales.push_back(scale);
+        }
+        if (llama_set_adapters_lora(ctx_.get(), adapters.data(), adapters.size(), scales.data()) != 0) {
+            throw LlamaError("llama_set_adapters_lora failed");
+        }
+        applied_ = loras;
     }
 
     ModelHandle model_;
@@ -3386,6 +3748,7 @@ class Engine {
     std::shared_ptr<EngineQueue> queue_;
     std::unique_ptr<llama_context, ContextDeleter> ctx_;
     std::unique_ptr<BatchOwner> batch_;
+    LoraSet applied_;  // the adapters the context applies now (scheduler thread; it refers to them)
     std::vector<Slot> slots_;
     int32_t n_ctx_seq_ = 0;
     uint64_t clock_ = 0;
@@ -3435,14 +3798,18 @@ void bind_engine(nb::module_ &m) {
         .def_prop_ro("n_prompt", &EngineStream::n_prompt)
         .def_prop_ro("n_reused", &EngineStream::n_reused, "Prompt tokens served from a cached prefix.")
         .def_prop_ro("tokens", &EngineStream::tokens, "The tokens read so far.")
+        .def_prop_ro("prompt_logprobs", &EngineStream::prompt_logprobs,
+                     "Logprobs of the prompt's tokens after the first (once it is evaluated), if asked for.")
         .def_prop_ro("cancellation", &EngineStream::cancellation);
 
     nb::class_<Engine>(m, "Engine", "Continuous batching: n_slots sequences of one context, one scheduler thread.")
         .def(nb::init<const Model &, const ContextOptions &, const EngineOptions &>(), "model"_a, "context"_a,
              "options"_a, nb::call_guard<nb::gil_scoped_release>())
         .def("submit", &Engine::submit, "prompt"_a, "sampling"_a, "options"_a, "wait"_a = false,
+             "loras"_a = std::vector<std::pair<LoraAdapter, float>>(),
              nb::call_guard<nb::gil_scoped_release>(),
-             "Queue a generation. Raises PoolBusyError when the queue is full (with wait=False).")
+             "Queue a generation (run with the LoRA adapters ``loras`` at their scales). Raises PoolBusyError "
+             "when the queue is full (with wait=False).")
         .def("close", &Engine::close, nb::call_guard<nb::gil_scoped_release>(),
              "Stop the scheduler, fail unfinished requests with ClosedError, free the context. Idempotent.")
         .def_prop_ro("closed", &Engine::closed)
@@ -3460,6 +3827,9 @@ NB_MODULE(_core, m) {
     bind_model(m);
     bind_sampling(m);
     bind_chat(m);
+    bind_text(m);
+    bind_decoding(m);
     bind_context(m);
+    bind_generation(m);
     bind_engine(m);
 }

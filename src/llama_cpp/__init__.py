@@ -21,6 +21,7 @@ from llama_cpp._core import Cancellation, Device, LoraAdapter
 from llama_cpp.config import LlamaConfig
 from llama_cpp.errors import (
     ClosedError,
+    ContextBusyError,
     ContextOverflowError,
     DecodeError,
     GenerationCancelled,
@@ -44,6 +45,7 @@ __all__ = [
     "FAMILIES",
     "Cancellation",
     "ClosedError",
+    "ContextBusyError",
     "Completion",
     "ContextOverflowError",
     "DecodeError",

@@ -542,6 +542,128 @@ class ChatParser:
     @property
     def fell_back(self) -> bool: ...
 
+class Utf8Decoder:
+    """Incremental UTF-8: bytes in, whole characters out."""
+
+    def __init__(self) -> None: ...
+
+    def push(self, data: bytes) -> str:
+        """
+        Add bytes; returns the text they complete (invalid bytes become U+FFFD).
+        """
+
+    def flush(self) -> str:
+        """The end: whatever is held back, incomplete sequences as U+FFFD."""
+
+class StopMatcher:
+    """Stop strings matched across pieces of text."""
+
+    def __init__(self, stops: Sequence[str]) -> None: ...
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """
+        Add text; returns (text that can be released, whether a stop string completed).
+        """
+
+    def flush(self) -> str:
+        """The end: the text held back as a possible stop-string start."""
+
+class TokenLogprob:
+    """log_softmax of the raw logits at a token."""
+
+    @property
+    def token(self) -> int: ...
+
+    @property
+    def logprob(self) -> float: ...
+
+    @property
+    def top(self) -> list[tuple[int, float]]:
+        """The most likely tokens and their logprobs, best first."""
+
+class Cancellation:
+    """A flag that stops a generation it is given to."""
+
+    def __init__(self) -> None: ...
+
+    def cancel(self) -> None:
+        """Stop the generation at its next token or decode step."""
+
+    @property
+    def cancelled(self) -> bool: ...
+
+class GenerateOptions:
+    """What a generation produces and when it stops."""
+
+    def __init__(self) -> None: ...
+
+    @property
+    def max_tokens(self) -> int:
+        """<= 0: until the context is full."""
+
+    @max_tokens.setter
+    def max_tokens(self, arg: int, /) -> None: ...
+
+    @property
+    def stop(self) -> list[str]:
+        """Stop strings, matched on text."""
+
+    @stop.setter
+    def stop(self, arg: Sequence[str], /) -> None: ...
+
+    @property
+    def n_probs(self) -> int:
+        """-1: no logprobs; k >= 0: logprob and top k."""
+
+    @n_probs.setter
+    def n_probs(self, arg: int, /) -> None: ...
+
+    @property
+    def prompt_logprobs(self) -> bool:
+        """Also score the prompt's tokens (evaluates the whole prompt)."""
+
+    @prompt_logprobs.setter
+    def prompt_logprobs(self, arg: bool, /) -> None: ...
+
+    @property
+    def cancellation(self) -> Cancellation: ...
+
+    @cancellation.setter
+    def cancellation(self, arg: Cancellation, /) -> None: ...
+
+    @property
+    def preserved_tokens(self) -> list[int]:
+        """
+        Special tokens whose text is part of the output (a chat format's markers).
+        """
+
+    @preserved_tokens.setter
+    def preserved_tokens(self, arg: Sequence[int], /) -> None: ...
+
+    def set_hooks(self, logits_hook: object | None, stop_hook: object | None) -> None:
+        """
+        Per-token Python hooks, called as hook(token_ids, logits) over memoryviews (slow path).
+        """
+
+class Chunk:
+    """
+    Text released by one or more steps, with its tokens and their logprobs.
+    """
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def tokens(self) -> list[int]: ...
+
+    @property
+    def logprobs(self) -> list[TokenLogprob]: ...
+
+class ContextBusyError(LlamaError):
+    """
+    The context is held by a stream open in the calling thread or by the generation whose hook made the call; or a stream left unread past stream_timeout lost the context to a waiting call.
+    """
+
 class ContextOptions:
     """Options for a context (llama_context_params)."""
 
@@ -679,6 +801,15 @@ class ContextOptions:
     @verbose.setter
     def verbose(self, arg: bool, /) -> None: ...
 
+    @property
+    def stream_timeout(self) -> float:
+        """
+        Seconds a paused TokenStream may keep other calls waiting before it loses the context.
+        """
+
+    @stream_timeout.setter
+    def stream_timeout(self, arg: float, /) -> None: ...
+
 class PerfData:
     """llama.cpp's context timings since the last reset."""
 
@@ -699,148 +830,6 @@ class PerfData:
 
     @property
     def n_reused(self) -> int: ...
-
-class Cancellation:
-    """A flag that stops a generation it is given to."""
-
-    def __init__(self) -> None: ...
-
-    def cancel(self) -> None:
-        """Stop the generation at its next token or decode step."""
-
-    @property
-    def cancelled(self) -> bool: ...
-
-class GenerateOptions:
-    """What a generation produces and when it stops."""
-
-    def __init__(self) -> None: ...
-
-    @property
-    def max_tokens(self) -> int:
-        """<= 0: until the context is full."""
-
-    @max_tokens.setter
-    def max_tokens(self, arg: int, /) -> None: ...
-
-    @property
-    def stop(self) -> list[str]:
-        """Stop strings, matched on text."""
-
-    @stop.setter
-    def stop(self, arg: Sequence[str], /) -> None: ...
-
-    @property
-    def n_probs(self) -> int:
-        """-1: no logprobs; k >= 0: logprob and top k."""
-
-    @n_probs.setter
-    def n_probs(self, arg: int, /) -> None: ...
-
-    @property
-    def prompt_logprobs(self) -> bool:
-        """Also score the prompt's tokens (evaluates the whole prompt)."""
-
-    @prompt_logprobs.setter
-    def prompt_logprobs(self, arg: bool, /) -> None: ...
-
-    @property
-    def cancellation(self) -> Cancellation: ...
-
-    @cancellation.setter
-    def cancellation(self, arg: Cancellation, /) -> None: ...
-
-    @property
-    def preserved_tokens(self) -> list[int]:
-        """
-        Special tokens whose text is part of the output (a chat format's markers).
-        """
-
-    @preserved_tokens.setter
-    def preserved_tokens(self, arg: Sequence[int], /) -> None: ...
-
-    def set_hooks(self, logits_hook: object | None, stop_hook: object | None) -> None:
-        """
-        Per-token Python hooks, called as hook(token_ids, logits) over memoryviews (slow path).
-        """
-
-class TokenLogprob:
-    """log_softmax of the raw logits at a token."""
-
-    @property
-    def token(self) -> int: ...
-
-    @property
-    def logprob(self) -> float: ...
-
-    @property
-    def top(self) -> list[tuple[int, float]]:
-        """The most likely tokens and their logprobs, best first."""
-
-class GenerationResult:
-    """The outcome of Context.generate."""
-
-    @property
-    def text(self) -> str: ...
-
-    @property
-    def tokens(self) -> list[int]: ...
-
-    @property
-    def finish_reason(self) -> str:
-        """'stop' or 'length'."""
-
-    @property
-    def n_prompt(self) -> int: ...
-
-    @property
-    def n_reused(self) -> int:
-        """Prompt tokens served from the cache."""
-
-    @property
-    def logprobs(self) -> list[TokenLogprob]: ...
-
-    @property
-    def prompt_logprobs(self) -> list[TokenLogprob]: ...
-
-class Chunk:
-    """Text released by one TokenStream step, and its tokens."""
-
-    @property
-    def text(self) -> str: ...
-
-    @property
-    def tokens(self) -> list[int]: ...
-
-    @property
-    def logprobs(self) -> list[TokenLogprob]: ...
-
-class TokenStream:
-    """A generation advanced one chunk at a time."""
-
-    def next(self) -> Chunk | None:
-        """The next chunk, or None once the generation has ended."""
-
-    def close(self) -> None:
-        """Stop early; later next() calls return None."""
-
-    @property
-    def finish_reason(self) -> str | None: ...
-
-    @property
-    def tokens(self) -> list[int]: ...
-
-    @property
-    def n_prompt(self) -> int: ...
-
-    @property
-    def n_reused(self) -> int: ...
-
-    @property
-    def prompt_logprobs(self) -> list[TokenLogprob]: ...
-
-    @property
-    def cancellation(self) -> Cancellation: ...
 
 class Context:
     """A llama_context: KV cache, batch buffer and token loop."""
@@ -922,8 +911,63 @@ class Context:
 
     def stream(self, prompt: Sequence[int], sampling: SamplerConfig, options: GenerateOptions) -> TokenStream:
         """
-        Like generate, but returns a TokenStream that runs one step per next().
+        Like generate, but returns a TokenStream that runs one step per next() and owns the context until it ends.
         """
+
+class GenerationResult:
+    """The outcome of Context.generate."""
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def tokens(self) -> list[int]: ...
+
+    @property
+    def finish_reason(self) -> str:
+        """'stop' or 'length'."""
+
+    @property
+    def n_prompt(self) -> int: ...
+
+    @property
+    def n_reused(self) -> int:
+        """Prompt tokens served from the cache."""
+
+    @property
+    def logprobs(self) -> list[TokenLogprob]: ...
+
+    @property
+    def prompt_logprobs(self) -> list[TokenLogprob]: ...
+
+class TokenStream:
+    """A generation advanced one chunk at a time."""
+
+    def next(self) -> Chunk | None:
+        """The next chunk, or None once the generation has ended."""
+
+    def close(self) -> None:
+        """Stop early and give the context back; later next() calls return None."""
+
+    @property
+    def finish_reason(self) -> str | None: ...
+
+    @property
+    def tokens(self) -> list[int]:
+        """The tokens generated so far."""
+
+    @property
+    def n_prompt(self) -> int: ...
+
+    @property
+    def n_reused(self) -> int:
+        """Prompt tokens served from the cache."""
+
+    @property
+    def prompt_logprobs(self) -> list[TokenLogprob]: ...
+
+    @property
+    def cancellation(self) -> Cancellation: ...
 
 class PoolBusyError(LlamaError):
     """Every slot of the pool is busy and its queue is full."""
@@ -1016,6 +1060,12 @@ class EngineStream:
         """The tokens read so far."""
 
     @property
+    def prompt_logprobs(self) -> list[TokenLogprob]:
+        """
+        Logprobs of the prompt's tokens after the first (once it is evaluated), if asked for.
+        """
+
+    @property
     def cancellation(self) -> Cancellation: ...
 
 class Engine:
@@ -1025,9 +1075,9 @@ class Engine:
 
     def __init__(self, model: Model, context: ContextOptions, options: EngineOptions) -> None: ...
 
-    def submit(self, prompt: Sequence[int], sampling: SamplerConfig, options: GenerateOptions, wait: bool = False) -> EngineStream:
+    def submit(self, prompt: Sequence[int], sampling: SamplerConfig, options: GenerateOptions, wait: bool = False, loras: Sequence[tuple[LoraAdapter, float]] = []) -> EngineStream:
         """
-        Queue a generation. Raises PoolBusyError when the queue is full (with wait=False).
+        Queue a generation (run with the LoRA adapters ``loras`` at their scales). Raises PoolBusyError when the queue is full (with wait=False).
         """
 
     def close(self) -> None:

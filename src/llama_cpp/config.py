@@ -60,6 +60,9 @@ class LlamaConfig:
     lora_scale: float = 1.0
     chat_format: str | None = None
     chat_template: str | None = None
+    #: Seconds a paused stream may keep other calls on the model waiting before it loses the
+    #: context (its next step then raises ContextBusyError).
+    stream_timeout: float = 60.0
     verbose: bool = field(default=True, compare=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +74,8 @@ class LlamaConfig:
                 _at_least(name, value, 1)
         if not -1 <= self.pooling_type <= 4:
             raise InvalidArgumentError(f"pooling_type must be in [-1, 4], got {self.pooling_type}")
+        if not (isinstance(self.stream_timeout, int | float) and self.stream_timeout > 0):
+            raise InvalidArgumentError(f"stream_timeout must be a number of seconds > 0, got {self.stream_timeout!r}")
         if self.split_mode not in (0, 1, 2):
             raise InvalidArgumentError(f"split_mode must be 0, 1 or 2, got {self.split_mode}")
 
@@ -122,6 +127,7 @@ class LlamaConfig:
         options.yarn_orig_ctx = self.yarn_orig_ctx
         options.type_k = -1 if self.type_k is None else self.type_k
         options.type_v = -1 if self.type_v is None else self.type_v
+        options.stream_timeout = float(self.stream_timeout)
         options.verbose = self.verbose
         return options
 

@@ -9,6 +9,7 @@ The classes are created by the native module, so that C++ can raise them directl
 
 from llama_cpp._core import (
     ClosedError,
+    ContextBusyError,
     ContextOverflowError,
     DecodeError,
     GenerationCancelled,
@@ -21,6 +22,7 @@ from llama_cpp._core import (
 
 __all__ = [
     "ClosedError",
+    "ContextBusyError",
     "ContextOverflowError",
     "DecodeError",
     "GenerationCancelled",

@@ -55,6 +55,9 @@ class Llama(ChatMixin, EmbeddingMixin):
         chat_format: A built-in chat format by name ("llama-2", "chatml") instead of the
             model's template.
         chat_template: A Jinja chat template of your own (wins over both).
+        stream_timeout: A stream owns the context from its first step until it ends or is
+            closed; other threads' calls wait for it. One left unread this many seconds while
+            another call waits loses the context (its next step raises ContextBusyError).
         verbose: False keeps llama.cpp quiet while this model and context are created (errors
             still reach ``logging``); llama.cpp's log otherwise goes to the ``llama_cpp`` logger.
 

@@ -116,6 +116,7 @@ class LlamaBase:
         lora_scale: float = 1.0,
         chat_format: str | None = None,
         chat_template: str | None = None,
+        stream_timeout: float = 60.0,
         verbose: bool = True,
         **kwargs: object,
     ) -> None:

@@ -19,6 +19,7 @@ from llama_cpp import (
     Llama,
     LlamaGrammar,
     LlamaPool,
+    ModelLoadError,
     PoolBusyError,
     SamplingParams,
     _core,
@@ -274,11 +275,13 @@ def test_bad_requests_raise_in_the_caller(pool: LlamaPool) -> None:
         pool.submit("a" * 300)
     with pytest.raises(InvalidArgumentError, match="top_p must be in"):
         pool.submit("a", sampling=SamplingParams(top_p=2.0))
-    with pytest.raises(InvalidArgumentError, match=r"LlamaPool does not support \['logprobs'\]"):
-        pool.create_completion_sync("a", logprobs=2)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['logprob'\]"):
+        pool.create_completion_sync("a", logprob=2)
+    with pytest.raises(InvalidArgumentError, match="logprobs must be >= 0"):
+        pool.create_completion_sync("a", logprobs=-1)
     with pytest.raises(InvalidArgumentError, match="pool_size must be >= 1"):
         LlamaPool(pool.model_path, pool_size=0)
-    with pytest.raises(InvalidArgumentError, match=r"does not apply LoRA adapters yet \(lora_path\)"):
+    with pytest.raises(ModelLoadError, match="LoRA adapter not found"):
         LlamaPool(pool.model_path, lora_path="adapter.gguf")
     assert pool.stats().n_busy == 0
 

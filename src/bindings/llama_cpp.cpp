@@ -3206,6 +3206,11 @@ class EngineStream {
         queue_->wake();
     }
 
+    // Cancels the request unless it has finished (what leaving a stream early means).
+    void close() {
+        if (!finished()) cancel();
+    }
+
     bool finished() const {
         std::lock_guard<std::mutex> lock(request_->mutex);
         return request_->done;
@@ -3793,6 +3798,8 @@ void bind_engine(nb::module_ &m) {
              "Text and tokens produced since the last call (blocks for at least one token); None at the end.")
         .def("cancel", &EngineStream::cancel, nb::call_guard<nb::gil_scoped_release>(),
              "End the request and free its slot; next() then raises GenerationCancelled.")
+        .def("close", &EngineStream::close, nb::call_guard<nb::gil_scoped_release>(),
+             "Cancel the request unless it has finished (leaving a stream early).")
         .def_prop_ro("finished", &EngineStream::finished)
         .def_prop_ro("finish_reason", &EngineStream::finish_reason)
         .def_prop_ro("n_prompt", &EngineStream::n_prompt)

@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from typing import Any, Literal, Protocol, overload
 
 from llama_cpp import _async, _core, hooks
 from llama_cpp._options import finish_reason, generate_options
@@ -54,6 +54,71 @@ def _merge(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
     }
 
 
+class NativeStream(Protocol):
+    """What both native streams offer: :class:`_core.TokenStream` (one context) and
+    :class:`_core.EngineStream` (a pool's request)."""
+
+    def next(self) -> _core.Chunk | None: ...
+    def close(self) -> None: ...
+    @property
+    def finish_reason(self) -> str | None: ...
+    @property
+    def tokens(self) -> list[int]: ...
+    @property
+    def n_prompt(self) -> int: ...
+    @property
+    def prompt_logprobs(self) -> list[_core.TokenLogprob]: ...
+
+
+class Outcome(Protocol):
+    """A finished generation: :class:`_core.GenerationResult`, or a stream read to its end."""
+
+    @property
+    def text(self) -> str: ...
+    @property
+    def tokens(self) -> list[int]: ...
+    @property
+    def finish_reason(self) -> str: ...
+    @property
+    def n_prompt(self) -> int: ...
+    @property
+    def logprobs(self) -> list[_core.TokenLogprob]: ...
+    @property
+    def prompt_logprobs(self) -> list[_core.TokenLogprob]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Collected:
+    """A native stream read to its end (see :func:`collect`)."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    n_prompt: int
+    logprobs: list[_core.TokenLogprob]
+    prompt_logprobs: list[_core.TokenLogprob]
+
+
+def collect(stream: NativeStream) -> Collected:
+    """Read ``stream`` to its end (closing it, also on error) into one outcome."""
+    text: list[str] = []
+    logprobs: list[_core.TokenLogprob] = []
+    try:
+        while (chunk := stream.next()) is not None:
+            text.append(chunk.text)
+            logprobs += chunk.logprobs
+    finally:
+        stream.close()
+    return Collected(
+        text="".join(text),
+        tokens=list(stream.tokens),
+        finish_reason=stream.finish_reason or "stop",
+        n_prompt=stream.n_prompt,
+        logprobs=logprobs,
+        prompt_logprobs=list(stream.prompt_logprobs),
+    )
+
+
 @dataclass
 class CompletionBuilder:
     """The dicts of one completion: id, time and model are shared by all chunks of a stream.
@@ -90,7 +155,7 @@ class CompletionBuilder:
         entries: list[_core.TokenLogprob | None] = [None, *scored]
         return self._logprobs.build(entries, self.prompt_tokens)
 
-    def response(self, result: _core.GenerationResult) -> CreateCompletionResponse:
+    def response(self, result: Outcome) -> CreateCompletionResponse:
         logprobs = None
         if self.logprobs:
             # Offsets count characters of the returned text: the echoed prompt comes first.
@@ -105,7 +170,7 @@ class CompletionBuilder:
         text = (self.prompt_text if self.echo else "") + result.text
         return {**self.chunk(text, finish_reason(result.finish_reason), logprobs), "usage": usage}
 
-    def stream(self, token_stream: _core.TokenStream) -> Iterator[CreateCompletionResponse]:
+    def stream(self, token_stream: NativeStream) -> Iterator[CreateCompletionResponse]:
         """Chunks as generated; the last one is empty and carries the finish reason."""
         try:
             first = True
@@ -122,6 +187,47 @@ class CompletionBuilder:
             yield self.chunk("", finish_reason(token_stream.finish_reason))
         finally:
             token_stream.close()
+
+
+def completion_request(
+    llm: LlamaBase,
+    prompt: str | bytes | Sequence[int],
+    *,
+    cancellation: _core.Cancellation,
+    suffix: str | None = None,
+    max_tokens: int | None = 16,
+    logprobs: int | None = None,
+    echo: bool = False,
+    stop: str | Sequence[str] | None = None,
+    model: str | None = None,
+    logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
+    stopping_criteria: StoppingCriteria | Sequence[StoppingCriteria] | None = None,
+    preserved_tokens: Sequence[int] = (),
+) -> tuple[list[int], _core.GenerateOptions, CompletionBuilder]:
+    """The prompt tokens, native options and response builder of one ``create_completion``
+    call, for :class:`Llama` and :class:`LlamaPool` alike (``llm`` tokenizes).
+
+    Raises:
+        NotImplementedError: ``suffix`` (fill-in-the-middle is not supported yet).
+        InvalidArgumentError: ``logprobs`` is negative.
+    """
+    if suffix is not None:
+        raise NotImplementedError("suffix (fill-in-the-middle) is not supported yet")
+    prompt_tokens = llm._prompt_tokens(prompt)
+    builder = CompletionBuilder(
+        model=model or llm.model_path,
+        piece=llm._piece,
+        echo=echo,
+        prompt_tokens=prompt_tokens,
+        prompt_text=llm.detokenize(prompt_tokens).decode("utf-8", errors="replace") if echo else "",
+        logprobs=logprobs is not None,
+    )
+    options = generate_options(
+        max_tokens, stop, logprobs=logprobs, prompt_logprobs=echo, cancellation=cancellation
+    )
+    options.preserved_tokens = list(preserved_tokens)
+    hooks.install(options, logits_processor, stopping_criteria)
+    return prompt_tokens, options, builder
 
 
 class CompletionMixin(LlamaBase):
@@ -276,22 +382,20 @@ class CompletionMixin(LlamaBase):
         preserved_tokens: Sequence[int] = (),
         **sampling: Any,
     ) -> CreateCompletionResponse | Iterator[CreateCompletionResponse]:
-        if suffix is not None:
-            raise NotImplementedError("suffix (fill-in-the-middle) is not supported yet")
-        prompt_tokens = self._prompt_tokens(prompt)
-        builder = CompletionBuilder(
-            model=model or self.model_path,
-            piece=self._piece,
+        prompt_tokens, options, builder = completion_request(
+            self,
+            prompt,
+            cancellation=cancellation,
+            suffix=suffix,
+            max_tokens=max_tokens,
+            logprobs=logprobs,
             echo=echo,
-            prompt_tokens=prompt_tokens,
-            prompt_text=self.detokenize(prompt_tokens).decode("utf-8", errors="replace") if echo else "",
-            logprobs=logprobs is not None,
+            stop=stop,
+            model=model,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            preserved_tokens=preserved_tokens,
         )
-        options = generate_options(
-            max_tokens, stop, logprobs=logprobs, prompt_logprobs=echo, cancellation=cancellation
-        )
-        options.preserved_tokens = list(preserved_tokens)
-        hooks.install(options, logits_processor, stopping_criteria)
         config = self._sampling(None, sampling)
         if stream:
             return builder.stream(self._token_stream(prompt_tokens, config, options))

@@ -1042,6 +1042,9 @@ class EngineStream:
         End the request and free its slot; next() then raises GenerationCancelled.
         """
 
+    def close(self) -> None:
+        """Cancel the request unless it has finished (leaving a stream early)."""
+
     @property
     def finished(self) -> bool: ...
 

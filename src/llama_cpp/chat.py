@@ -392,7 +392,7 @@ class ChatMixin(CompletionMixin):
             top_p=top_p,
             min_p=min_p,
             typical_p=typical_p,
-            logprobs=top_logprobs if logprobs else None,
+            logprobs=(top_logprobs or 0) if logprobs else None,
             stop=stops + chat.stop,
             frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty,

@@ -75,7 +75,9 @@ class LlamaConfig:
         if not -1 <= self.pooling_type <= 4:
             raise InvalidArgumentError(f"pooling_type must be in [-1, 4], got {self.pooling_type}")
         if not (isinstance(self.stream_timeout, int | float) and self.stream_timeout > 0):
-            raise InvalidArgumentError(f"stream_timeout must be a number of seconds > 0, got {self.stream_timeout!r}")
+            raise InvalidArgumentError(
+                f"stream_timeout must be a number of seconds > 0, got {self.stream_timeout!r}"
+            )
         if self.split_mode not in (0, 1, 2):
             raise InvalidArgumentError(f"split_mode must be 0, 1 or 2, got {self.split_mode}")
 

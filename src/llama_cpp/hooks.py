@@ -31,7 +31,9 @@ StoppingCriteria: TypeAlias = Callable[[npt.NDArray[np.intc], npt.NDArray[np.sin
 class LogitsProcessorList(list[LogitsProcessor]):
     """Logits processors applied in order (llama-cpp-python's class of the same name)."""
 
-    def __call__(self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]) -> npt.NDArray[np.single]:
+    def __call__(
+        self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]
+    ) -> npt.NDArray[np.single]:
         for processor in self:
             scores = processor(input_ids, scores)
         return scores
@@ -61,7 +63,9 @@ def install(
         else stopping_criteria
     )
 
-    def logits_hook(input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]) -> npt.NDArray[np.single]:
+    def logits_hook(
+        input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]
+    ) -> npt.NDArray[np.single]:
         assert processor is not None
         result = processor(input_ids, scores)
         return np.ascontiguousarray(scores if result is None else result, dtype=np.single)

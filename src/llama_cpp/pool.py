@@ -3,10 +3,12 @@
 One model, one llama.cpp context holding ``pool_size`` sequences, and a scheduler thread in
 C++ (:class:`llama_cpp._core.Engine`) that decodes the next token of every running request
 in one batch, together with prompt chunks of newly admitted ones, as llama-server does.
-Each request has its own sampler chain (seed, grammar, penalties), stop strings and token
-limit. Requests beyond the slots wait in a bounded queue; a full queue raises
-:class:`PoolBusyError`. A prompt that starts like a cached or running sequence copies that
-prefix instead of evaluating it again, so a shared system prompt is evaluated once.
+Each request has its own sequence decoder, the one :class:`Llama` runs (sampler chain with
+seed, grammar and penalties, stop strings, token limit, logprobs, Python hooks), and its own
+LoRA adapters: requests with different adapter sets are decoded in different batches.
+Requests beyond the slots wait in a bounded queue; a full queue raises :class:`PoolBusyError`.
+A prompt that starts like a cached or running sequence copies that prefix instead of
+evaluating it again, so a shared system prompt is evaluated once.
 
 Memory: the weights once, plus ``pool_size`` sequences of ``n_ctx`` tokens of KV cache
 (``n_ctx`` is per sequence), plus one batch's compute buffers.
@@ -18,6 +20,7 @@ The API is async (``await pool.generate(...)``); every method has a synchronous 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -25,8 +28,9 @@ from dataclasses import replace
 from typing import Any, Self, TypeVar
 
 from llama_cpp import _async, _core
-from llama_cpp._completion import CompletionBuilder
-from llama_cpp._options import finish_reason, generate_options
+from llama_cpp._completion import CompletionBuilder, collect, completion_request
+from llama_cpp._core import LoraAdapter
+from llama_cpp._options import generate_options
 from llama_cpp.chat_output import OutputParser, chat_chunks, chat_response
 from llama_cpp.config import DEFAULTS, LlamaConfig
 from llama_cpp.errors import InvalidArgumentError, PoolBusyError
@@ -46,7 +50,18 @@ Prompt = str | bytes | Sequence[int]
 Messages = Sequence[Mapping[str, Any]]
 
 # create_completion's keywords that are not sampling settings, and their defaults.
-_COMPLETION_DEFAULTS: dict[str, Any] = {"max_tokens": 16, "stop": None, "model": None}
+_COMPLETION_DEFAULTS: dict[str, Any] = {
+    "max_tokens": 16,
+    "stop": None,
+    "model": None,
+    "suffix": None,
+    "logprobs": None,
+    "echo": False,
+    "logits_processor": None,
+    "stopping_criteria": None,
+    "lora": None,
+}
+Lora = Mapping[LoraAdapter, float]
 # llama-cpp-python's create_completion names its SamplingParams fields the same way.
 _SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__)
 
@@ -62,7 +77,8 @@ class LlamaPool:
         config: The model and context settings as a :class:`LlamaConfig`.
         **llama_kwargs: :class:`Llama`'s keyword arguments. ``n_ctx`` is the window of each
             sequence (0: the model's window, shared by all); ``n_batch`` (>= ``pool_size``)
-            caps the tokens decoded per step. ``lora_path`` is not supported yet.
+            caps the tokens decoded per step; ``lora_path`` loads an adapter that every
+            request runs with unless it names its own (see :meth:`load_lora`).
 
     Raises:
         ModelLoadError: The file is missing or not a loadable GGUF model.
@@ -84,8 +100,6 @@ class LlamaPool:
             config = replace(config, **{k: v for k, v in llama_kwargs.items() if v != DEFAULTS.get(k)})
         if config.embedding or config.vocab_only:
             raise InvalidArgumentError("a LlamaPool generates text: embedding/vocab_only are not accepted")
-        if config.lora_path is not None:
-            raise InvalidArgumentError("a LlamaPool does not apply LoRA adapters yet (lora_path)")
         self.model_path = os.fspath(model_path)
         self.pool_size = pool_size
         self._embedder: Llama | None = None
@@ -100,8 +114,12 @@ class LlamaPool:
             options.n_slots = pool_size
             options.max_queue = max_queue
             self._engine = _core.Engine(self._model, context, options)
+            self._loras: dict[LoraAdapter, float] = {}
+            self._loras_lock = threading.Lock()
+            if config.lora_path is not None:
+                self.load_lora(config.lora_path, config.lora_scale)
         except BaseException:
-            self._model.close()
+            self.close()
             raise
         self._config = config
 
@@ -110,11 +128,13 @@ class LlamaPool:
     def close(self) -> None:
         """Stop the scheduler, fail unfinished requests with :class:`ClosedError`, free the
         context and the weights. Idempotent."""
-        self._engine.close()
+        if hasattr(self, "_engine"):
+            self._engine.close()
         with self._embedder_lock:
             if self._embedder is not None:
                 self._embedder.close()
-        self._llm.close()  # drops its chat templates' reference to the model
+        if hasattr(self, "_llm"):
+            self._llm.close()  # drops its chat templates' reference to the model
         self._model.close()
 
     def __enter__(self) -> Self:
@@ -147,6 +167,54 @@ class LlamaPool:
         no context: it cannot generate)."""
         return self._llm
 
+    # -- LoRA -----------------------------------------------------------------------------
+
+    def load_lora(self, path: str | os.PathLike[str], scale: float = 1.0) -> LoraAdapter:
+        """Load the LoRA adapter at ``path`` and run every request with it at ``scale`` (unless
+        the request names its own adapters with ``lora={adapter: scale, ...}``).
+
+        Requests already running keep the adapters they started with. A cached prefix is
+        only reused by a request with the same adapters and scales.
+
+        Raises:
+            ModelLoadError: The file is missing or is not a LoRA adapter of this model.
+            InvalidArgumentError: ``scale`` is not finite.
+        """
+        _check_lora_scale(scale)
+        adapter = _core.LoraAdapter(self._model, os.fspath(path))
+        with self._loras_lock:
+            self._loras[adapter] = scale
+        return adapter
+
+    def set_lora_scale(self, adapter: LoraAdapter, scale: float) -> None:
+        """Change the scale of a default adapter (InvalidArgumentError if it is not one, or
+        if ``scale`` is not finite)."""
+        _check_lora_scale(scale)
+        with self._loras_lock:
+            if adapter not in self._loras:
+                raise InvalidArgumentError(f"{adapter!r} is not applied to this pool")
+            self._loras[adapter] = scale
+
+    def remove_lora(self, adapter: LoraAdapter) -> None:
+        """Stop running new requests with ``adapter`` (InvalidArgumentError if not applied)."""
+        with self._loras_lock:
+            if self._loras.pop(adapter, None) is None:
+                raise InvalidArgumentError(f"{adapter!r} is not applied to this pool")
+
+    def clear_lora(self) -> None:
+        """Run new requests with the base model alone."""
+        with self._loras_lock:
+            self._loras.clear()
+
+    @property
+    def loras(self) -> dict[LoraAdapter, float]:
+        """The adapters new requests run with by default, and their scales."""
+        with self._loras_lock:
+            return dict(self._loras)
+
+    def _lora_list(self, lora: Lora | None) -> list[tuple[LoraAdapter, float]]:
+        return list((self.loras if lora is None else lora).items())
+
     # -- the native core ------------------------------------------------------------------
 
     def submit(
@@ -158,11 +226,14 @@ class LlamaPool:
         stop: str | Sequence[str] | None = None,
         cancellation: _core.Cancellation | None = None,
         wait: bool = False,
+        lora: Lora | None = None,
     ) -> _core.EngineStream:
         """Queue a generation and return its native stream (see :meth:`generate_stream_sync`).
 
         Args:
             wait: Block while the queue is full instead of raising :class:`PoolBusyError`.
+            lora: The LoRA adapters (of this pool's model) and scales to run with; None: the
+                pool's defaults (:attr:`loras`), ``{}``: none.
 
         Raises:
             PoolBusyError: Every slot is busy and the queue is full.
@@ -171,12 +242,19 @@ class LlamaPool:
             ClosedError: The pool is closed.
         """
         options = generate_options(max_tokens, stop, cancellation=cancellation)
-        return self._submit(self._llm._prompt_tokens(prompt), self._llm._sampling(sampling), options, wait)
+        return self._submit(
+            self._llm._prompt_tokens(prompt), self._llm._sampling(sampling), options, wait, lora
+        )
 
     def _submit(
-        self, tokens: list[int], sampling: _core.SamplerConfig, options: _core.GenerateOptions, wait: bool
+        self,
+        tokens: list[int],
+        sampling: _core.SamplerConfig,
+        options: _core.GenerateOptions,
+        wait: bool,
+        lora: Lora | None = None,
     ) -> _core.EngineStream:
-        return self._engine.submit(tokens, sampling, options, wait)
+        return self._engine.submit(tokens, sampling, options, wait, self._lora_list(lora))
 
     def generate_sync(
         self,
@@ -239,16 +317,16 @@ class LlamaPool:
     ) -> tuple[CompletionBuilder, _core.EngineStream]:
         unknown = set(kwargs) - _SAMPLING_FIELDS - set(_COMPLETION_DEFAULTS)
         if unknown:
-            raise InvalidArgumentError(f"LlamaPool does not support {sorted(unknown)}")
-        settings = {**_COMPLETION_DEFAULTS, **kwargs}
+            raise TypeError(f"LlamaPool.create_completion got unexpected keyword arguments {sorted(unknown)}")
+        settings = {key: kwargs.get(key, default) for key, default in _COMPLETION_DEFAULTS.items()}
         overrides = {k: v for k, v in kwargs.items() if k in _SAMPLING_FIELDS}
         if overrides.get("logit_bias") is None:
             overrides.pop("logit_bias", None)
-        tokens = self._llm._prompt_tokens(prompt)
-        options = generate_options(settings["max_tokens"], settings["stop"], cancellation=cancellation)
-        options.preserved_tokens = list(preserved_tokens)
-        builder = CompletionBuilder(model=settings["model"] or self.model_path, piece=self._llm._piece)
-        stream = self._submit(tokens, self._llm._sampling(None, overrides), options, wait)
+        lora = settings.pop("lora")
+        tokens, options, builder = completion_request(
+            self._llm, prompt, cancellation=cancellation, preserved_tokens=preserved_tokens, **settings
+        )
+        stream = self._submit(tokens, self._llm._sampling(None, overrides), options, wait, lora)
         return builder, stream
 
     def create_completion_sync(
@@ -259,12 +337,13 @@ class LlamaPool:
         cancellation: _core.Cancellation | None = None,
         **kwargs: Any,
     ) -> CreateCompletionResponse | Iterator[CreateCompletionResponse]:
-        """llama-cpp-python's ``create_completion`` (its defaults) on the pool.
+        """llama-cpp-python's ``create_completion`` (its keywords and defaults) on the pool.
 
-        Keywords: ``max_tokens``, ``stop``, ``model`` and the sampling settings
-        (``temperature``, ``top_p``, ``top_k``, ``min_p``, ``typical_p``, penalties,
-        ``seed``, ``mirostat_*``, ``logit_bias``, ``grammar``). Not supported: ``logprobs``,
-        ``echo``, ``suffix`` and Python hooks (InvalidArgumentError).
+        Keywords: ``max_tokens``, ``stop``, ``model``, ``logprobs``, ``echo``,
+        ``logits_processor`` / ``stopping_criteria`` (Python hooks: the slow path, run on the
+        scheduler thread), the sampling settings (``temperature``, ``top_p``, ``top_k``,
+        ``min_p``, ``typical_p``, penalties, ``seed``, ``mirostat_*``, ``logit_bias``,
+        ``grammar``) and ``lora`` (see :meth:`submit`). An unknown keyword raises TypeError.
         """
         return self._create_completion(prompt, stream, cancellation or _core.Cancellation(), kwargs, False)
 
@@ -280,8 +359,8 @@ class LlamaPool:
     ) -> CreateCompletionResponse | Iterator[CreateCompletionResponse]:
         builder, native = self._completion(prompt, kwargs, cancellation, wait, preserved_tokens)
         if stream:
-            return _completion_chunks(builder, native)
-        return self._finish(builder, native)
+            return builder.stream(native)
+        return builder.response(collect(native))
 
     def _chat_prompt(
         self, messages: Messages, kwargs: dict[str, Any]
@@ -291,6 +370,11 @@ class LlamaPool:
         :meth:`Llama.create_chat_completion` prepares them (tools and JSON included)."""
         chat_keys = ("tools", "tool_choice", "functions", "function_call", "response_format", "grammar")
         chat_args = {k: kwargs.pop(k) for k in chat_keys if k in kwargs}
+        if kwargs.pop("logprobs", None):  # OpenAI's chat shape: a flag and a count
+            kwargs["logprobs"] = kwargs.pop("top_logprobs", None) or 0
+        kwargs.pop("top_logprobs", None)
+        if kwargs.get("echo"):
+            raise InvalidArgumentError("echo is a completion option, not a chat one")
         for key in ("parallel_tool_calls", "reasoning_format", "chat_template_kwargs"):
             if key in kwargs:
                 chat_args[key] = kwargs.pop(key)
@@ -313,8 +397,9 @@ class LlamaPool:
         cancellation: _core.Cancellation | None = None,
         **kwargs: Any,
     ) -> CreateChatCompletionResponse | Iterator[ChatCompletionChunk]:
-        """llama-cpp-python's ``create_chat_completion`` on the pool (``response_format``
-        and tool calls included, not logprobs). Other keywords go to the chat template."""
+        """llama-cpp-python's ``create_chat_completion`` on the pool: ``response_format``,
+        tool calls, ``logprobs`` + ``top_logprobs``, ``logits_processor`` and ``lora`` included.
+        Other keywords go to the chat template."""
         return self._create_chat(messages, stream, cancellation or _core.Cancellation(), dict(kwargs), False)
 
     def _create_chat(
@@ -342,19 +427,9 @@ class LlamaPool:
             (self._completion(tokens, settings, _core.Cancellation(), True, preserved), parser)
             for tokens, settings, preserved, parser in prepared
         ]
-        return [chat_response(self._finish(*completion), parser) for completion, parser in streams]
-
-    def _finish(self, builder: CompletionBuilder, native: _core.EngineStream) -> CreateCompletionResponse:
-        text = "".join(_texts(native))
-        n_prompt, n_completion = native.n_prompt, len(native.tokens)
-        return {
-            **builder.chunk(text, finish_reason(native.finish_reason)),
-            "usage": {
-                "prompt_tokens": n_prompt,
-                "completion_tokens": n_completion,
-                "total_tokens": n_prompt + n_completion,
-            },
-        }
+        return [
+            chat_response(builder.response(collect(native)), parser) for (builder, native), parser in streams
+        ]
 
     def create_embedding_sync(
         self,
@@ -484,17 +559,9 @@ def _texts(stream: _core.EngineStream) -> Iterator[str]:
             if chunk.text:
                 yield chunk.text
     finally:
-        if not stream.finished:
-            stream.cancel()
+        stream.close()
 
 
-def _completion_chunks(
-    builder: CompletionBuilder, stream: _core.EngineStream
-) -> Iterator[CreateCompletionResponse]:
-    try:
-        while (chunk := stream.next()) is not None:
-            yield builder.chunk(chunk.text, None)
-        yield builder.chunk("", finish_reason(stream.finish_reason))
-    finally:
-        if not stream.finished:
-            stream.cancel()
+def _check_lora_scale(scale: float) -> None:
+    if not math.isfinite(scale):
+        raise InvalidArgumentError(f"the LoRA scale must be finite, got {scale}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from llama_cpp import InvalidArgumentError, Llama, SamplingParams
@@ -12,7 +13,7 @@ from llama_cpp._options import generate_options
 from llama_cpp.testing import TinyModelSpec
 
 
-def log_softmax(logits: list[float]) -> np.ndarray:
+def log_softmax(logits: npt.NDArray[np.float32]) -> np.ndarray:
     x = np.asarray(logits, dtype=np.float64)
     result: np.ndarray = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
     return result

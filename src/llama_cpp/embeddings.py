@@ -1,21 +1,32 @@
-"""Embeddings: :meth:`Llama.embed`, :meth:`Llama.create_embedding` and its async twin."""
+"""Embeddings: :meth:`Llama.embed`, :meth:`Llama.create_embedding` and its async twin.
+
+Vectors cross from C++ as float32 numpy arrays that own their memory (no Python lists of
+floats); only the OpenAI-style :meth:`Llama.create_embedding` turns them into lists, because
+its response is JSON.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
+from typing import TypeAlias, cast
+
+import numpy as np
+import numpy.typing as npt
 
 from llama_cpp import _async, _core
 from llama_cpp.llama_base import LlamaBase
 from llama_cpp.llama_types import CreateEmbeddingResponse
 
+__all__ = ["EmbeddingMixin"]
+
+EmbeddingInput: TypeAlias = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
+FloatArray: TypeAlias = npt.NDArray[np.float32]
+
 
 class EmbeddingMixin(LlamaBase):
     """Embedding vectors of texts or token lists (a context created with ``embedding=True``)."""
 
-    def _embedding_inputs(
-        self, input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
-    ) -> tuple[bool, list[list[int]]]:
+    def _embedding_inputs(self, input: EmbeddingInput) -> tuple[bool, list[list[int]]]:
         """Whether ``input`` is a single input, and the token lists of all inputs."""
         if isinstance(input, str):
             return True, [self.tokenize(input)]
@@ -28,27 +39,27 @@ class EmbeddingMixin(LlamaBase):
 
     def _embed(
         self,
-        input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+        input: EmbeddingInput,
         normalize: bool,
         truncate: bool,
         cancellation: _core.Cancellation | None = None,
-    ) -> tuple[bool, list[list[list[float]]], int]:
+    ) -> tuple[bool, FloatArray | list[FloatArray], int]:
         single, tokens = self._embedding_inputs(input)
         vectors = self.context.embed(tokens, normalize, truncate, cancellation)
         return single, vectors, sum(min(len(t), self.context.n_batch()) for t in tokens)
 
     def embed(
-        self,
-        input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
-        normalize: bool = False,
-        truncate: bool = True,
-    ) -> list[float] | list[list[float]] | list[list[list[float]]]:
-        """Embeddings of a text (or token list), or of each of several.
+        self, input: EmbeddingInput, normalize: bool = False, truncate: bool = True
+    ) -> FloatArray | list[FloatArray]:
+        """Embeddings of a text (or token list), or of each of several, as float32 arrays.
 
-        With a pooling type (mean, CLS, last, rank; the model's by default) each input gives
-        one vector; with ``pooling_type=0`` (none) each gives a vector per token. Inputs are
-        batched together; each is computed in its own sequence, so results do not depend on
-        the batching.
+        With a pooling type (mean, CLS, last; the model's by default) a single input gives
+        an ``(n_embd,)`` array and a list of inputs an ``(n_inputs, n_embd)`` array. With
+        ``pooling_type=0`` (none) an input gives an ``(n_tokens, n_embd)`` array, and a list
+        of inputs a list of them. With rank pooling (a reranker) the width is the number of
+        classifier outputs instead of ``n_embd``. Inputs are batched
+        together; each is computed in its own sequence, so results do not depend on the
+        batching. The arrays own their memory.
 
         Args:
             input: A string or token list, or a list of them.
@@ -57,37 +68,37 @@ class EmbeddingMixin(LlamaBase):
 
         Raises:
             LlamaError: The model was not created with ``embedding=True``.
+            ContextOverflowError: An input is longer than ``n_batch`` and ``truncate`` is False.
         """
         single, vectors, _ = self._embed(input, normalize, truncate)
-        pooled = [v[0] if self.context.pooling_type() != 0 else v for v in vectors]
-        return pooled[0] if single else pooled  # type: ignore[return-value]
+        if single:
+            return vectors[0]
+        return vectors
 
     def create_embedding(
         self,
-        input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+        input: EmbeddingInput,
         model: str | None = None,
         *,
         cancellation: _core.Cancellation | None = None,
     ) -> CreateEmbeddingResponse:
-        """OpenAI's embeddings response for ``input`` (vectors as :meth:`embed` gives them).
+        """OpenAI's embeddings response for ``input``: the vectors of :meth:`embed` as lists.
 
         ``cancellation`` lets another thread stop it (between batches, or inside a decode); it
         then raises :class:`GenerationCancelled`.
         """
         _, vectors, n_tokens = self._embed(input, False, True, cancellation)
-        pooled = self.context.pooling_type() != 0
         return {
             "object": "list",
             "data": [
-                {"object": "embedding", "embedding": v[0] if pooled else v, "index": i}
-                for i, v in enumerate(vectors)
+                {"object": "embedding", "embedding": v.tolist(), "index": i} for i, v in enumerate(vectors)
             ],
             "model": model or self.model_path,
             "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
         }
 
     async def create_embedding_async(
-        self, input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]], model: str | None = None
+        self, input: EmbeddingInput, model: str | None = None
     ) -> CreateEmbeddingResponse:
         """:meth:`create_embedding` off the event loop; cancelling the task stops it."""
         cancellation = _core.Cancellation()

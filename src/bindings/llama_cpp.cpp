@@ -1952,6 +1952,44 @@ struct Embeddings {
     std::vector<std::vector<float>> buffers;
 };
 
+// The tokens llama-server scores for a query/document pair (format_prompt_rerank at the
+// pinned llama.cpp): the model's "rerank" template with {query} and {document} filled in,
+// tokenized with special tokens parsed; otherwise BOS query EOS SEP document EOS, each
+// special token only where the vocabulary adds it (SEP stands in for a missing EOS).
+std::vector<llama_token> rerank_prompt(const llama_model *model, const llama_vocab *vocab, const std::string &query,
+                                       const std::string &document) {
+    if (const char *tmpl = llama_model_chat_template(model, "rerank")) {
+        // One pass, so that a query containing "{document}" is not filled in a second time.
+        std::string prompt;
+        const std::string_view text(tmpl);
+        size_t i = 0;
+        while (i < text.size()) {
+            if (text.compare(i, 7, "{query}") == 0) {
+                prompt += query;
+                i += 7;
+            } else if (text.compare(i, 10, "{document}") == 0) {
+                prompt += document;
+                i += 10;
+            } else {
+                prompt += text[i++];
+            }
+        }
+        return Model::tokenize_with(vocab, prompt, false, true);
+    }
+    llama_token eos = llama_vocab_eos(vocab);
+    if (eos == LLAMA_TOKEN_NULL) eos = llama_vocab_sep(vocab);
+    std::vector<llama_token> out;
+    if (llama_vocab_get_add_bos(vocab)) out.push_back(llama_vocab_bos(vocab));
+    const auto q = Model::tokenize_with(vocab, query, false, false);
+    out.insert(out.end(), q.begin(), q.end());
+    if (llama_vocab_get_add_eos(vocab)) out.push_back(eos);
+    if (llama_vocab_get_add_sep(vocab)) out.push_back(llama_vocab_sep(vocab));
+    const auto d = Model::tokenize_with(vocab, document, false, false);
+    out.insert(out.end(), d.begin(), d.end());
+    if (llama_vocab_get_add_eos(vocab)) out.push_back(eos);
+    return out;
+}
+
 class Context {
   public:
     Context(const Model &model, const ContextOptions &options) : state_(std::make_shared<ContextState>()) {
@@ -2194,6 +2232,18 @@ class Context {
                     }
                 }
             }
+        }
+        return out;
+    }
+
+    // The token lists that rerank_prompt makes of `query` paired with each document.
+    std::vector<std::vector<llama_token>> rerank_inputs(const std::string &query,
+                                                        const std::vector<std::string> &documents) {
+        ContextLock lock(*state_);
+        std::vector<std::vector<llama_token>> out;
+        out.reserve(documents.size());
+        for (const auto &document : documents) {
+            out.push_back(rerank_prompt(state_->model.get(), state_->vocab, query, document));
         }
         return out;
     }
@@ -2819,7 +2869,19 @@ void bind_context(nb::module_ &m) {
             "(width n_embd, or n_cls_out with rank pooling), a (n_tokens, n_embd) array per input otherwise.")
         .def("pooling_type", &Context::pooling_type, nb::call_guard<nb::gil_scoped_release>(),
              "llama.cpp's pooling type of this context (0 none, 1 mean, 2 CLS, 3 last, 4 rank).")
-
+        .def(
+            "rerank_inputs",
+            [](Context &self, nb::bytes query, std::vector<nb::bytes> documents) {
+                std::string q(query.c_str(), query.size());
+                std::vector<std::string> docs;
+                docs.reserve(documents.size());
+                for (const auto &d : documents) docs.emplace_back(d.c_str(), d.size());
+                nb::gil_scoped_release release;
+                return self.rerank_inputs(q, docs);
+            },
+            "query"_a, "documents"_a,
+            "The tokens llama-server scores for ``query`` (UTF-8) paired with each document: the model's "
+            "rerank template, or BOS query EOS SEP document EOS.")
         .def("set_lora", &Context::set_lora, "adapter"_a, "scale"_a, nb::call_guard<nb::gil_scoped_release>(),
              "Apply ``adapter`` at ``scale`` (or change its scale); empties the KV cache.")
         .def("remove_lora", &Context::remove_lora, "adapter"_a, nb::call_guard<nb::gil_scoped_release>(),

@@ -907,6 +907,11 @@ class Context:
         llama.cpp's pooling type of this context (0 none, 1 mean, 2 CLS, 3 last, 4 rank).
         """
 
+    def rerank_inputs(self, query: bytes, documents: Sequence[bytes]) -> list[list[int]]:
+        """
+        The tokens llama-server scores for ``query`` (UTF-8) paired with each document: the model's rerank template, or BOS query EOS SEP document EOS.
+        """
+
     def set_lora(self, adapter: LoraAdapter, scale: float) -> None:
         """
         Apply ``adapter`` at ``scale`` (or change its scale); empties the KV cache.

@@ -1928,12 +1928,12 @@ llama_context_params context_params(const ContextOptions &options) {
     return params;
 }
 
-// A float32 numpy array of `shape` that owns `data`: the vector moves into a capsule that
-// frees it when the array dies (no copy, nothing shared with llama.cpp's buffers). Call
-// with the GIL held.
 template <size_t N>
 using FloatArray = nb::ndarray<nb::numpy, float, nb::ndim<N>, nb::c_contig>;
 
+// A float32 numpy array of `shape` that owns `data`: the vector moves into a capsule that
+// frees it when the array dies (no copy, nothing shared with llama.cpp's buffers). Call
+// with the GIL held.
 template <size_t N>
 FloatArray<N> float_array(std::vector<float> &&data, const std::array<size_t, N> &shape) {
     auto owner = std::make_unique<std::vector<float>>(std::move(data));

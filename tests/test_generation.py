@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from llama_cpp import (
@@ -243,11 +244,49 @@ def test_eval_and_reset_track_the_kv_position(tiny: Llama) -> None:
     tiny.eval([BOS_ID, byte_token(ord("a"))])
     assert tiny.n_tokens == 2
     logits = tiny.context.logits()
-    assert max(range(len(logits)), key=logits.__getitem__) == byte_token(ord("b"))
+    assert int(np.argmax(logits)) == byte_token(ord("b"))
     tiny.reset()
     assert tiny.n_tokens == 0
     with pytest.raises(LlamaError, match="no logits"):
         tiny.context.logits()
+
+
+def test_logits_are_a_float32_array_that_owns_its_memory(tiny: Llama) -> None:
+    tiny.reset()
+    tiny.eval([BOS_ID, byte_token(ord("a"))])
+    logits = tiny.context.logits()
+    assert isinstance(logits, np.ndarray)
+    assert logits.dtype == np.float32
+    assert logits.shape == (tiny.n_vocab(),)
+    before = logits.copy()
+    tiny.eval([byte_token(ord("b"))])  # llama.cpp overwrites its own logits buffer
+    assert np.array_equal(logits, before)
+    assert int(np.argmax(tiny.context.logits())) == byte_token(ord("c"))
+    logits[:] = 0.0  # a copy: writing to it changes nothing in the context
+    assert int(np.argmax(tiny.context.logits())) == byte_token(ord("c"))
+
+
+def test_llama_cpp_python_views_of_the_context(tiny: Llama) -> None:
+    tiny.reset()
+    assert tiny.input_ids.dtype == np.intc
+    assert tiny.input_ids.shape == (0,)
+    assert tiny.scores.shape == (0, tiny.n_vocab())
+    assert len(tiny.eval_logits) == 0
+    tiny.eval([BOS_ID, byte_token(ord("a"))])
+    assert tiny.input_ids.tolist() == [BOS_ID, byte_token(ord("a"))]
+    assert list(tiny.eval_tokens) == [BOS_ID, byte_token(ord("a"))]
+    assert tiny.eval_tokens.maxlen == tiny.n_ctx()
+    scores = tiny.scores
+    assert scores.dtype == np.float32
+    assert scores.shape == (1, tiny.n_vocab())  # only the last row is kept
+    assert np.array_equal(scores[-1], tiny.context.logits())
+    assert int(np.argmax(scores[-1])) == byte_token(ord("b"))
+    (row,) = tiny.eval_logits
+    assert tiny.eval_logits.maxlen == 1
+    assert np.array_equal(row, scores[-1])
+    tiny.kv_cache_truncate(1)  # the cached tokens' logits are gone
+    with pytest.raises(LlamaError, match="no logits"):
+        _ = tiny.scores
 
 
 def test_vocab_only_model_tokenizes_but_cannot_generate(tiny_model_path: Path) -> None:

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from conftest import FrontEnd
@@ -14,7 +15,7 @@ from llama_cpp._options import generate_options
 from llama_cpp.testing import TinyModelSpec, write_tiny_llama
 
 
-def log_softmax(logits: list[float]) -> np.ndarray:
+def log_softmax(logits: npt.NDArray[np.float32]) -> np.ndarray:
     x = np.asarray(logits, dtype=np.float64)
     result: np.ndarray = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
     return result

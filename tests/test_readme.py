@@ -40,3 +40,15 @@ def test_the_chat_docs_run(default_model_path: Path) -> None:
     result = run_python("\n".join(blocks))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gemma" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_embedding_docs_run(default_model_path: Path) -> None:
+    """docs/embeddings.md's examples, one script in the order they appear."""
+    text = (ROOT / "docs" / "embeddings.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 2, "docs/embeddings.md lost its examples"
+    result = run_python("\n".join(blocks))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(640,) (3, 640) float32" in result.stdout

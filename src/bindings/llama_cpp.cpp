@@ -29,6 +29,7 @@
 #include <llama.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -1716,13 +1717,22 @@ void bind_text(nb::module_ &m) {
 // The caller owns the KV cache: it decodes the prompt and every token the decoder accepts,
 // and tells the decoder which logits row is its sequence's and how many tokens it holds.
 
-// A new numpy array holding a copy of `n` values; Python owns it (a hook may keep it).
-template <typename T>
-nb::ndarray<nb::numpy, T, nb::ndim<1>> owned_array(const T *data, size_t n) {
-    auto *copy = new T[n];
-    std::copy(data, data + n, copy);
-    nb::capsule owner(copy, [](void *p) noexcept { delete[] static_cast<T *>(p); });
-    return nb::ndarray<nb::numpy, T, nb::ndim<1>>(copy, {n}, owner);
+template <typename T, size_t N>
+using Array = nb::ndarray<nb::numpy, T, nb::ndim<N>, nb::c_contig>;
+template <size_t N>
+using FloatArray = Array<float, N>;
+
+// A numpy array of `shape` that owns `data`: the vector moves into a capsule that frees it
+// when the array dies (no copy, nothing shared with llama.cpp's buffers or with a vector C++
+// keeps using, so Python may keep it). Call with the GIL held.
+template <typename T, size_t N>
+Array<T, N> owned_array(std::vector<T> &&data, const std::array<size_t, N> &shape) {
+    auto owner = std::make_unique<std::vector<T>>(std::move(data));
+    owner->reserve(1);  // an empty array still gets a valid data pointer
+    T *values = owner->data();
+    nb::capsule capsule(owner.get(), [](void *p) noexcept { delete static_cast<std::vector<T> *>(p); });
+    owner.release();
+    return Array<T, N>(values, N, shape.data(), capsule);
 }
 
 // Per-token Python hooks (llama-cpp-python's logits_processor / stopping_criteria): the slow
@@ -1771,8 +1781,9 @@ class PyHooks {
   private:
     static nb::object call(PyObject *hook, const std::vector<llama_token> &tokens, const float *logits,
                            int32_t n_vocab) {
-        nb::object ids = nb::cast(owned_array(tokens.data(), tokens.size()));
-        nb::object scores = nb::cast(owned_array(logits, static_cast<size_t>(n_vocab)));
+        const auto n = static_cast<size_t>(n_vocab);
+        nb::object ids = nb::cast(owned_array<llama_token, 1>(std::vector<llama_token>(tokens), {tokens.size()}));
+        nb::object scores = nb::cast(owned_array<float, 1>(std::vector<float>(logits, logits + n), {n}));
         nb::object result = nb::steal(PyObject_CallFunctionObjArgs(hook, ids.ptr(), scores.ptr(), nullptr));
         if (!result.is_valid()) throw nb::python_error();
         return result;
@@ -2324,6 +2335,52 @@ llama_context_params context_params(const ContextOptions &options) {
     return params;
 }
 
+// What Context::embed computed, turned into numpy arrays by its binding once the GIL is back.
+struct Embeddings {
+    size_t width = 0;       // floats per vector: n_embd, or n_cls_out with rank pooling
+    bool per_token = false;  // pooling NONE
+    // Pooled: one buffer of n_inputs x width. Per token: one n_tokens_i x width buffer per input.
+    std::vector<std::vector<float>> buffers;
+};
+
+// The tokens llama-server scores for a query/document pair (format_prompt_rerank at the
+// pinned llama.cpp): the model's "rerank" template with {query} and {document} filled in,
+// tokenized with special tokens parsed; otherwise BOS query EOS SEP document EOS, each
+// special token only where the vocabulary adds it (SEP stands in for a missing EOS).
+std::vector<llama_token> rerank_prompt(const llama_model *model, const llama_vocab *vocab, const std::string &query,
+                                       const std::string &document) {
+    if (const char *tmpl = llama_model_chat_template(model, "rerank")) {
+        // One pass, so that a query containing "{document}" is not filled in a second time.
+        std::string prompt;
+        const std::string_view text(tmpl);
+        size_t i = 0;
+        while (i < text.size()) {
+            if (text.compare(i, 7, "{query}") == 0) {
+                prompt += query;
+                i += 7;
+            } else if (text.compare(i, 10, "{document}") == 0) {
+                prompt += document;
+                i += 10;
+            } else {
+                prompt += text[i++];
+            }
+        }
+        return Model::tokenize_with(vocab, prompt, false, true);
+    }
+    llama_token eos = llama_vocab_eos(vocab);
+    if (eos == LLAMA_TOKEN_NULL) eos = llama_vocab_sep(vocab);
+    std::vector<llama_token> out;
+    if (llama_vocab_get_add_bos(vocab)) out.push_back(llama_vocab_bos(vocab));
+    const auto q = Model::tokenize_with(vocab, query, false, false);
+    out.insert(out.end(), q.begin(), q.end());
+    if (llama_vocab_get_add_eos(vocab)) out.push_back(eos);
+    if (llama_vocab_get_add_sep(vocab)) out.push_back(llama_vocab_sep(vocab));
+    const auto d = Model::tokenize_with(vocab, document, false, false);
+    out.insert(out.end(), d.begin(), d.end());
+    if (llama_vocab_get_add_eos(vocab)) out.push_back(eos);
+    return out;
+}
+
 class Context {
   public:
     Context(const Model &model, const ContextOptions &options) : state_(std::make_shared<ContextState>()) {
@@ -2503,12 +2560,13 @@ class Context {
     // -- embeddings ---------------------------------------------------------------------
 
     // Embeddings of each input: one vector per input (pooled), or one per token when the
-    // pooling type is NONE. Inputs are packed into batches of up to n_batch tokens and
-    // n_seq_max sequences, one sequence each; a sequence never spans two batches, so the
-    // result of an input does not depend on what it was batched with.
-    std::vector<std::vector<std::vector<float>>> embed(std::vector<std::vector<llama_token>> inputs,
-                                                       bool normalize, bool truncate,
-                                                       const Cancellation *cancellation) {
+    // pooling type is NONE. With rank pooling (a reranker) an input's "vector" is its
+    // n_cls_out classifier outputs, the size llama.cpp gives a sequence's output then.
+    // Inputs are packed into batches of up to n_batch tokens and n_seq_max sequences, one
+    // sequence each; a sequence never spans two batches, so the result of an input does not
+    // depend on what it was batched with.
+    Embeddings embed(std::vector<std::vector<llama_token>> inputs, bool normalize, bool truncate,
+                     const Cancellation *cancellation) {
         ContextLock lock(*state_);
         // The abort callback watches the flag while a batch decodes; it is checked between them.
         struct Watch {
@@ -2535,10 +2593,14 @@ class Context {
                 input.resize(n_batch);
             }
         }
-        const bool pooled = llama_pooling_type(c) != LLAMA_POOLING_TYPE_NONE;
-        const int32_t n_embd = llama_model_n_embd_out(state_->model.get());
+        const enum llama_pooling_type pooling = llama_pooling_type(c);
+        Embeddings out;
+        out.per_token = pooling == LLAMA_POOLING_TYPE_NONE;
+        out.width = pooling == LLAMA_POOLING_TYPE_RANK ? llama_model_n_cls_out(state_->model.get())
+                                                       : static_cast<size_t>(llama_model_n_embd_out(state_->model.get()));
+        out.buffers.resize(out.per_token ? inputs.size() : 1);
+        if (!out.per_token) out.buffers[0].reserve(inputs.size() * out.width);
         const auto n_seq_max = static_cast<size_t>(llama_n_seq_max(c));
-        std::vector<std::vector<std::vector<float>>> out(inputs.size());
         size_t next = 0;
         while (next < inputs.size()) {
             size_t first = next, n_tokens = 0;
@@ -2549,21 +2611,39 @@ class Context {
             if (cancellation != nullptr && cancellation->cancelled()) {
                 throw CancelledError("the embedding was cancelled");
             }
-            embed_batch(inputs, first, next, pooled, n_embd, out);
+            embed_batch(inputs, first, next, out);
         }
-        if (normalize) {
-            for (auto &vectors : out) {
-                for (auto &v : vectors) {
+        if (normalize && out.width > 0) {
+            for (auto &buffer : out.buffers) {
+                for (size_t row = 0; row < buffer.size(); row += out.width) {
+                    float *v = buffer.data() + row;
                     double norm = 0.0;
-                    for (float x : v) norm += static_cast<double>(x) * x;
+                    for (size_t i = 0; i < out.width; ++i) norm += static_cast<double>(v[i]) * v[i];
                     norm = std::sqrt(norm);
                     if (norm > 0.0) {
-                        for (float &x : v) x = static_cast<float>(x / norm);
+                        for (size_t i = 0; i < out.width; ++i) v[i] = static_cast<float>(v[i] / norm);
                     }
                 }
             }
         }
         return out;
+    }
+
+    // The token lists that rerank_prompt makes of `query` paired with each document.
+    std::vector<std::vector<llama_token>> rerank_inputs(const std::string &query,
+                                                        const std::vector<std::string> &documents) {
+        ContextLock lock(*state_);
+        std::vector<std::vector<llama_token>> out;
+        out.reserve(documents.size());
+        for (const auto &document : documents) {
+            out.push_back(rerank_prompt(state_->model.get(), state_->vocab, query, document));
+        }
+        return out;
+    }
+
+    int32_t pooling_type() {
+        ContextLock lock(*state_);
+        return static_cast<int32_t>(llama_pooling_type(state_->get()));
     }
 
     // -- state: the KV cache (and last logits) with the tokens it holds -------------------
@@ -2628,8 +2708,9 @@ class Context {
   private:
     bool embeddings_ = false;
 
-    void embed_batch(const std::vector<std::vector<llama_token>> &inputs, size_t first, size_t last, bool pooled,
-                     int32_t n_embd, std::vector<std::vector<std::vector<float>>> &out) {
+    // Decodes inputs [first, last) as sequences 0.. of one batch and appends their outputs.
+    void embed_batch(const std::vector<std::vector<llama_token>> &inputs, size_t first, size_t last,
+                     Embeddings &out) {
         llama_context *c = state_->get();
         llama_batch &b = state_->batch->batch;
         b.n_tokens = 0;
@@ -2656,17 +2737,20 @@ class Context {
         int32_t row = 0;
         for (size_t k = first; k < last; ++k) {
             const float *v = nullptr;
-            if (pooled) {
+            if (!out.per_token) {
+                // Sized by llama.cpp: n_embd floats, or n_cls_out with rank pooling.
                 v = llama_get_embeddings_seq(c, static_cast<llama_seq_id>(k - first));
                 if (v == nullptr) throw LlamaError("no pooled embedding for an input");
-                out[k].emplace_back(v, v + n_embd);
+                out.buffers[0].insert(out.buffers[0].end(), v, v + out.width);
                 row += static_cast<int32_t>(inputs[k].size());
                 continue;
             }
+            auto &buffer = out.buffers[k];
+            buffer.reserve(inputs[k].size() * out.width);
             for (size_t i = 0; i < inputs[k].size(); ++i, ++row) {
                 v = llama_get_embeddings_ith(c, row);
                 if (v == nullptr) throw LlamaError("no embedding for a token");
-                out[k].emplace_back(v, v + n_embd);
+                buffer.insert(buffer.end(), v, v + out.width);
             }
         }
     }
@@ -2762,8 +2846,18 @@ void bind_context(nb::module_ &m) {
         .def("reset", &Context::reset, nb::call_guard<nb::gil_scoped_release>())
         .def("eval", &Context::eval, "tokens"_a, nb::call_guard<nb::gil_scoped_release>(),
              "Append ``tokens`` to the KV cache (n_batch at a time).")
-        .def("logits", &Context::logits, nb::call_guard<nb::gil_scoped_release>(),
-             "The logits of the last evaluated token.")
+        .def(
+            "logits",
+            [](Context &self) {
+                std::vector<float> row;
+                {
+                    nb::gil_scoped_release release;
+                    row = self.logits();
+                }
+                const size_t n_vocab = row.size();
+                return owned_array<float, 1>(std::move(row), {n_vocab});
+            },
+            "The logits of the last evaluated token: a float32 array of n_vocab (a copy).")
         .def(
             "state_data",
             [](Context &self) {
@@ -2790,10 +2884,45 @@ void bind_context(nb::module_ &m) {
              "Keep the first ``n`` cached tokens.")
         .def("kv_shift", &Context::kv_shift, "p0"_a, "p1"_a, nb::call_guard<nb::gil_scoped_release>(),
              "Drop cached tokens [p0, p1) and move the later ones back.")
-        .def("embed", &Context::embed, "inputs"_a, "normalize"_a, "truncate"_a, "cancellation"_a.none() = nullptr,
-             nb::call_guard<nb::gil_scoped_release>(),
-             "Embeddings of each token list: [vector] when pooled, a vector per token otherwise.")
-        .def("pooling_type", [](Context &self) { return static_cast<int>(llama_pooling_type(self.state()->get())); })
+        .def(
+            "embed",
+            [](Context &self, std::vector<std::vector<llama_token>> inputs, bool normalize, bool truncate,
+               const Cancellation *cancellation) -> std::variant<FloatArray<2>, std::vector<FloatArray<2>>> {
+                const size_t n_inputs = inputs.size();
+                Embeddings out;
+                {
+                    nb::gil_scoped_release release;
+                    out = self.embed(std::move(inputs), normalize, truncate, cancellation);
+                }
+                if (!out.per_token) {
+                    return owned_array<float, 2>(std::move(out.buffers[0]), {n_inputs, out.width});
+                }
+                std::vector<FloatArray<2>> arrays;
+                arrays.reserve(out.buffers.size());
+                for (auto &buffer : out.buffers) {
+                    const size_t n_tokens = out.width == 0 ? 0 : buffer.size() / out.width;
+                    arrays.push_back(owned_array<float, 2>(std::move(buffer), {n_tokens, out.width}));
+                }
+                return arrays;
+            },
+            "inputs"_a, "normalize"_a, "truncate"_a, "cancellation"_a.none() = nullptr,
+            "Embeddings of each token list as float32 arrays: one (n_inputs, width) array when pooled "
+            "(width n_embd, or n_cls_out with rank pooling), a (n_tokens, n_embd) array per input otherwise.")
+        .def("pooling_type", &Context::pooling_type, nb::call_guard<nb::gil_scoped_release>(),
+             "llama.cpp's pooling type of this context (0 none, 1 mean, 2 CLS, 3 last, 4 rank).")
+        .def(
+            "rerank_inputs",
+            [](Context &self, nb::bytes query, std::vector<nb::bytes> documents) {
+                std::string q(query.c_str(), query.size());
+                std::vector<std::string> docs;
+                docs.reserve(documents.size());
+                for (const auto &d : documents) docs.emplace_back(d.c_str(), d.size());
+                nb::gil_scoped_release release;
+                return self.rerank_inputs(q, docs);
+            },
+            "query"_a, "documents"_a,
+            "The tokens llama-server scores for ``query`` (UTF-8) paired with each document: the model's "
+            "rerank template, or BOS query EOS SEP document EOS.")
         .def("set_lora", &Context::set_lora, "adapter"_a, "scale"_a, nb::call_guard<nb::gil_scoped_release>(),
              "Apply ``adapter`` at ``scale`` (or change its scale); empties the KV cache.")
         .def("remove_lora", &Context::remove_lora, "adapter"_a, nb::call_guard<nb::gil_scoped_release>(),

@@ -19,6 +19,7 @@ from typing import Any
 from llama_cpp import _core, _logging
 from llama_cpp._core import Cancellation, Device, LoraAdapter
 from llama_cpp.config import LlamaConfig
+from llama_cpp.embeddings import RerankResult
 from llama_cpp.errors import (
     ClosedError,
     ContextBusyError,
@@ -65,6 +66,7 @@ __all__ = [
     "ModelLoadError",
     "Perf",
     "PoolBusyError",
+    "RerankResult",
     "SamplingParams",
     "StoppingCriteriaList",
     "UnenforcedSchemaWarning",

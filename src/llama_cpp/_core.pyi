@@ -1,6 +1,10 @@
 """The native core of llama_cpp: llama.cpp through nanobind."""
 
 from collections.abc import Sequence
+from typing import Annotated
+
+import numpy
+from numpy.typing import NDArray
 
 
 class LlamaError(RuntimeError):
@@ -859,8 +863,10 @@ class Context:
     def eval(self, tokens: Sequence[int]) -> None:
         """Append ``tokens`` to the KV cache (n_batch at a time)."""
 
-    def logits(self) -> list[float]:
-        """The logits of the last evaluated token."""
+    def logits(self) -> Annotated[NDArray[numpy.float32], dict(shape=(None,), order='C')]:
+        """
+        The logits of the last evaluated token: a float32 array of n_vocab (a copy).
+        """
 
     def state_data(self) -> tuple[bytes, list[int]]:
         """The KV cache and last logits as bytes, and the tokens they hold."""
@@ -880,12 +886,20 @@ class Context:
     def kv_shift(self, p0: int, p1: int) -> None:
         """Drop cached tokens [p0, p1) and move the later ones back."""
 
-    def embed(self, inputs: Sequence[Sequence[int]], normalize: bool, truncate: bool, cancellation: Cancellation | None = None) -> list[list[list[float]]]:
+    def embed(self, inputs: Sequence[Sequence[int]], normalize: bool, truncate: bool, cancellation: Cancellation | None = None) -> Annotated[NDArray[numpy.float32], dict(shape=(None, None), order='C')] | list[Annotated[NDArray[numpy.float32], dict(shape=(None, None), order='C')]]:
         """
-        Embeddings of each token list: [vector] when pooled, a vector per token otherwise.
+        Embeddings of each token list as float32 arrays: one (n_inputs, width) array when pooled (width n_embd, or n_cls_out with rank pooling), a (n_tokens, n_embd) array per input otherwise.
         """
 
-    def pooling_type(self) -> int: ...
+    def pooling_type(self) -> int:
+        """
+        llama.cpp's pooling type of this context (0 none, 1 mean, 2 CLS, 3 last, 4 rank).
+        """
+
+    def rerank_inputs(self, query: bytes, documents: Sequence[bytes]) -> list[list[int]]:
+        """
+        The tokens llama-server scores for ``query`` (UTF-8) paired with each document: the model's rerank template, or BOS query EOS SEP document EOS.
+        """
 
     def set_lora(self, adapter: LoraAdapter, scale: float) -> None:
         """

@@ -1,21 +1,55 @@
-"""Embeddings: :meth:`Llama.embed`, :meth:`Llama.create_embedding` and its async twin."""
+"""Embeddings and reranking: :meth:`Llama.embed`, :meth:`Llama.create_embedding`,
+:meth:`Llama.rerank` and their async twins.
+
+Vectors cross from C++ as float32 numpy arrays that own their memory (no Python lists of
+floats); only the OpenAI-style :meth:`Llama.create_embedding` turns them into lists, because
+its response is JSON.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
+from dataclasses import dataclass
+from typing import TypeAlias, cast
+
+import numpy as np
+import numpy.typing as npt
 
 from llama_cpp import _async, _core
+from llama_cpp.errors import InvalidArgumentError, LlamaError
 from llama_cpp.llama_base import LlamaBase
 from llama_cpp.llama_types import CreateEmbeddingResponse
+
+__all__ = ["EmbeddingMixin", "RerankResult"]
+
+EmbeddingInput: TypeAlias = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
+FloatArray: TypeAlias = npt.NDArray[np.float32]
+
+POOLING_NONE = 0
+POOLING_RANK = 4
+_POOLING_NAMES = {POOLING_NONE: "none", 1: "mean", 2: "CLS", 3: "last", POOLING_RANK: "rank"}
+
+
+@dataclass(frozen=True, slots=True)
+class RerankResult:
+    """One document's place in :meth:`Llama.rerank` (llama-server's ``/v1/rerank`` result).
+
+    Attributes:
+        index: Position of the document in the list passed in.
+        relevance_score: The reranker's score (higher is more relevant): its raw output, or
+            the logistic sigmoid of it with ``normalize=True``.
+        document: The document's text.
+    """
+
+    index: int
+    relevance_score: float
+    document: str
 
 
 class EmbeddingMixin(LlamaBase):
     """Embedding vectors of texts or token lists (a context created with ``embedding=True``)."""
 
-    def _embedding_inputs(
-        self, input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
-    ) -> tuple[bool, list[list[int]]]:
+    def _embedding_inputs(self, input: EmbeddingInput) -> tuple[bool, list[list[int]]]:
         """Whether ``input`` is a single input, and the token lists of all inputs."""
         if isinstance(input, str):
             return True, [self.tokenize(input)]
@@ -28,27 +62,27 @@ class EmbeddingMixin(LlamaBase):
 
     def _embed(
         self,
-        input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+        input: EmbeddingInput,
         normalize: bool,
         truncate: bool,
         cancellation: _core.Cancellation | None = None,
-    ) -> tuple[bool, list[list[list[float]]], int]:
+    ) -> tuple[bool, FloatArray | list[FloatArray], int]:
         single, tokens = self._embedding_inputs(input)
         vectors = self.context.embed(tokens, normalize, truncate, cancellation)
         return single, vectors, sum(min(len(t), self.context.n_batch()) for t in tokens)
 
     def embed(
-        self,
-        input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
-        normalize: bool = False,
-        truncate: bool = True,
-    ) -> list[float] | list[list[float]] | list[list[list[float]]]:
-        """Embeddings of a text (or token list), or of each of several.
+        self, input: EmbeddingInput, normalize: bool = False, truncate: bool = True
+    ) -> FloatArray | list[FloatArray]:
+        """Embeddings of a text (or token list), or of each of several, as float32 arrays.
 
-        With a pooling type (mean, CLS, last, rank; the model's by default) each input gives
-        one vector; with ``pooling_type=0`` (none) each gives a vector per token. Inputs are
-        batched together; each is computed in its own sequence, so results do not depend on
-        the batching.
+        With a pooling type (mean, CLS, last; the model's by default) a single input gives
+        an ``(n_embd,)`` array and a list of inputs an ``(n_inputs, n_embd)`` array. With
+        ``pooling_type=0`` (none) an input gives an ``(n_tokens, n_embd)`` array, and a list
+        of inputs a list of them. With rank pooling (a reranker) the width is the number of
+        classifier outputs instead of ``n_embd`` (see :meth:`rerank`). Inputs are batched
+        together; each is computed in its own sequence, so results do not depend on the
+        batching. The arrays own their memory.
 
         Args:
             input: A string or token list, or a list of them.
@@ -57,40 +91,111 @@ class EmbeddingMixin(LlamaBase):
 
         Raises:
             LlamaError: The model was not created with ``embedding=True``.
+            ContextOverflowError: An input is longer than ``n_batch`` and ``truncate`` is False.
         """
         single, vectors, _ = self._embed(input, normalize, truncate)
-        pooled = [v[0] if self.context.pooling_type() != 0 else v for v in vectors]
-        return pooled[0] if single else pooled  # type: ignore[return-value]
+        if single:
+            return vectors[0]
+        return vectors
 
     def create_embedding(
         self,
-        input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+        input: EmbeddingInput,
         model: str | None = None,
         *,
         cancellation: _core.Cancellation | None = None,
     ) -> CreateEmbeddingResponse:
-        """OpenAI's embeddings response for ``input`` (vectors as :meth:`embed` gives them).
+        """OpenAI's embeddings response for ``input``: the vectors of :meth:`embed` as lists.
 
         ``cancellation`` lets another thread stop it (between batches, or inside a decode); it
         then raises :class:`GenerationCancelled`.
         """
         _, vectors, n_tokens = self._embed(input, False, True, cancellation)
-        pooled = self.context.pooling_type() != 0
         return {
             "object": "list",
             "data": [
-                {"object": "embedding", "embedding": v[0] if pooled else v, "index": i}
-                for i, v in enumerate(vectors)
+                {"object": "embedding", "embedding": v.tolist(), "index": i} for i, v in enumerate(vectors)
             ],
             "model": model or self.model_path,
             "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
         }
 
     async def create_embedding_async(
-        self, input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]], model: str | None = None
+        self, input: EmbeddingInput, model: str | None = None
     ) -> CreateEmbeddingResponse:
         """:meth:`create_embedding` off the event loop; cancelling the task stops it."""
         cancellation = _core.Cancellation()
         return await _async.run(
             lambda: self.create_embedding(input, model, cancellation=cancellation), cancellation
+        )
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        top_n: int | None = None,
+        normalize: bool = False,
+        cancellation: _core.Cancellation | None = None,
+    ) -> list[RerankResult]:
+        """Score each document's relevance to ``query`` with a reranker, best first.
+
+        The semantics of llama-server's ``/v1/rerank``: each query/document pair is formatted
+        as llama-server formats it (the model's ``rerank`` template if it has one, otherwise
+        BOS query EOS SEP document EOS), scored in its own sequence, and its score is the
+        first classifier output. Needs a reranker GGUF loaded with ``embedding=True``; its
+        pooling type is then rank (``pooling_type=4``), the model's default.
+
+        Args:
+            query: The query.
+            documents: The texts to rank.
+            top_n: Return only the best ``top_n`` (default: all).
+            normalize: Map the raw scores through the logistic sigmoid into (0, 1), as
+                text-embeddings-inference and sentence-transformers' CrossEncoder report a
+                single-label reranker's scores (llama-server returns them raw).
+            cancellation: Lets another thread stop the scoring (GenerationCancelled).
+
+        Returns:
+            One :class:`RerankResult` per document (``top_n`` at most), highest score first;
+            equal scores keep the documents' order.
+
+        Raises:
+            InvalidArgumentError: No documents, or ``top_n`` < 1.
+            LlamaError: The model was not created with ``embedding=True``, or its pooling type
+                is not rank (it is not a reranker).
+            ContextOverflowError: A formatted pair is longer than ``n_batch``.
+        """
+        if isinstance(documents, str | bytes):
+            raise InvalidArgumentError("documents must be a list of strings, not a single string")
+        texts = list(documents)
+        if not texts:
+            raise InvalidArgumentError("rerank needs at least one document")
+        if top_n is not None and top_n < 1:
+            raise InvalidArgumentError(f"top_n must be >= 1, got {top_n}")
+        if not self.config.embedding:
+            raise LlamaError("reranking needs embeddings: load the reranker with embedding=True")
+        pooling = self.context.pooling_type()
+        if pooling != POOLING_RANK:
+            raise LlamaError(
+                f"reranking needs a reranker (pooling type rank), but this context pools with "
+                f"'{_POOLING_NAMES.get(pooling, pooling)}': load a reranker GGUF with embedding=True"
+            )
+        inputs = self.context.rerank_inputs(query.encode("utf-8"), [t.encode("utf-8") for t in texts])
+        outputs = self.context.embed(inputs, False, False, cancellation)
+        scores = cast(FloatArray, outputs)[:, 0].astype(np.float64)
+        if normalize:
+            scores = 1.0 / (1.0 + np.exp(-scores))
+        order = np.argsort(-scores, kind="stable")[:top_n]
+        return [RerankResult(int(i), float(scores[i]), texts[i]) for i in order]
+
+    async def rerank_async(
+        self, query: str, documents: Sequence[str], *, top_n: int | None = None, normalize: bool = False
+    ) -> list[RerankResult]:
+        """:meth:`rerank` off the event loop; cancelling the task stops it."""
+        cancellation = _core.Cancellation()
+        return await _async.run(
+            lambda: self.rerank(
+                query, documents, top_n=top_n, normalize=normalize, cancellation=cancellation
+            ),
+            cancellation,
         )

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import deque
 from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Self, overload
+
+import numpy as np
+import numpy.typing as npt
 
 from llama_cpp import _async, _core
 from llama_cpp._core import LoraAdapter
@@ -251,6 +255,48 @@ class LlamaBase:
     def n_tokens(self) -> int:
         """Tokens in the KV cache, as llama.cpp reports it."""
         return self.context.n_past()
+
+    # -- llama-cpp-python's views of the context, as numpy arrays (copies) -----------------
+
+    @property
+    def input_ids(self) -> npt.NDArray[np.intc]:
+        """The tokens in the KV cache, as an int32 array of ``n_tokens``.
+
+        llama-cpp-python's ``input_ids`` is an ``n_ctx`` buffer whose first ``n_tokens``
+        entries are valid (its ``_input_ids``); this is that prefix, a copy.
+        """
+        return np.array(self.context.tokens(), dtype=np.intc)
+
+    @property
+    def scores(self) -> npt.NDArray[np.single]:
+        """The logits of the last evaluated token, as a float32 array of shape ``(1, n_vocab)``.
+
+        Only the last row is kept (llama-cpp-python with ``logits_all=True`` keeps a row per
+        cached token; ``logits_all`` is ignored here): ``scores[-1]`` is what sampling sees
+        next. The array is ``(0, n_vocab)`` while the cache is empty.
+
+        Raises:
+            LlamaError: Tokens are cached but their logits are gone (after :meth:`load_state`
+                or a cache truncation); evaluate a token first.
+        """
+        if self.n_tokens == 0:
+            return np.empty((0, self.n_vocab()), dtype=np.single)
+        return self.context.logits()[np.newaxis, :]
+
+    @property
+    def eval_tokens(self) -> deque[int]:
+        """llama-cpp-python's ``eval_tokens``: the cached tokens as a deque (``maxlen=n_ctx``)."""
+        return deque(self.context.tokens(), maxlen=self.n_ctx())
+
+    @property
+    def eval_logits(self) -> deque[npt.NDArray[np.single]]:
+        """llama-cpp-python's ``eval_logits`` without ``logits_all``: a deque holding at most
+        one row, the logits of the last evaluated token (a float32 array of ``n_vocab``).
+
+        Raises:
+            LlamaError: As :attr:`scores`.
+        """
+        return deque(self.scores, maxlen=1)
 
     def kv_cache_clear(self) -> None:
         """Empty the KV cache (the same as :meth:`reset`)."""

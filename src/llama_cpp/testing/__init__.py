@@ -1,26 +1,34 @@
 """Helpers for testing code that uses llama_cpp: tiny GGUF models written on the spot.
 
-Needs the optional ``gguf`` and ``numpy`` packages (``pip install llama-cpp-nanobind[test]``).
+Needs the optional ``gguf`` package (``pip install llama-cpp-nanobind[test]``).
 """
 
 from llama_cpp.testing.tiny_models import (
     BOS_ID,
     EOS_ID,
     EOT_ID,
+    SEP_ID,
     SPACE_ID,
     TinyModelSpec,
+    TinyRerankerSpec,
     byte_token,
+    tiny_reranker_scores,
     write_tiny_llama,
     write_tiny_lora,
+    write_tiny_reranker,
 )
 
 __all__ = [
     "BOS_ID",
     "EOS_ID",
     "EOT_ID",
+    "SEP_ID",
     "SPACE_ID",
     "TinyModelSpec",
+    "TinyRerankerSpec",
     "byte_token",
+    "tiny_reranker_scores",
     "write_tiny_llama",
     "write_tiny_lora",
+    "write_tiny_reranker",
 ]

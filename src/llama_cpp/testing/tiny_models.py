@@ -16,10 +16,13 @@ every other text tokenizes to its UTF-8 bytes.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 UNK_ID = 0
 BOS_ID = 1
@@ -233,6 +236,161 @@ def write_tiny_lora(
     writer.add_float32("adapter.lora.alpha", float(rank))  # alpha / rank = 1: the scale is the scale
     writer.add_tensor("output.weight.lora_a", lora_a)
     writer.add_tensor("output.weight.lora_b", lora_b)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+#: The reranker's separator token (its vocabulary is the tiny llama's plus this one).
+SEP_ID = N_VOCAB
+_RERANKER_VOCAB = N_VOCAB + 1
+
+
+def _likes_cats() -> dict[int, float]:
+    return {byte_token(ord(c)): 1.0 for c in "cat"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TinyRerankerSpec:
+    """Shape and behaviour of a tiny BERT reranker (see :func:`write_tiny_reranker`).
+
+    Attributes:
+        token_weights: Token id -> how much its share of the pair's tokens adds to the score
+            (by default the letters of "cat": the more of them, the more relevant).
+        labels: ``classifier.output_labels``: one output per label; output ``k`` weighs the
+            tokens by ``token_weights`` times ``(-1) ** k``.
+        bias: Added to every output.
+        gain: Scale of the classification layer before its tanh.
+        rerank_template: A ``tokenizer.chat_template.rerank`` with ``{query}`` and
+            ``{document}`` placeholders, or None (llama-server then writes BOS query EOS SEP
+            document EOS).
+        n_head: Attention heads.
+        context_length: The model's training context (rows of position embeddings).
+        name: ``general.name``.
+    """
+
+    token_weights: Mapping[int, float] = field(default_factory=_likes_cats)
+    labels: tuple[str, ...] = ("relevant",)
+    bias: float = 0.25
+    gain: float = 0.125
+    rerank_template: str | None = None
+    n_head: int = 4
+    context_length: int = 512
+    name: str = "tiny-bert-reranker"
+
+    @property
+    def n_embd(self) -> int:
+        return -(-_RERANKER_VOCAB // self.n_head) * self.n_head
+
+
+_RERANKER_NORM_EPS = 1e-5
+
+
+def _reranker_heads(spec: TinyRerankerSpec) -> npt.NDArray[np.float32]:
+    weights = np.zeros(spec.n_embd, dtype=np.float32)
+    for token, weight in spec.token_weights.items():
+        weights[token] = weight
+    return np.stack([weights * (-1) ** k for k in range(len(spec.labels))]).astype(np.float32)
+
+
+def tiny_reranker_scores(tokens: Sequence[int], spec: TinyRerankerSpec | None = None) -> list[float]:
+    """What the model of ``spec`` outputs for ``tokens`` (one value per label), in numpy.
+
+    The forward pass written out, independently of llama.cpp: one-hot embeddings and layer
+    norm; uniform attention (zero queries and keys) that averages the sequence; the first
+    token's state through tanh(gain * x) and the label heads.
+    """
+    spec = spec or TinyRerankerSpec()
+    if not tokens:
+        raise ValueError("no tokens")
+
+    def layer_norm(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        mean = x.mean(axis=-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+        normed: npt.NDArray[np.float64] = (x - mean) / np.sqrt(var + _RERANKER_NORM_EPS)
+        return normed
+
+    embedded = np.zeros((len(tokens), spec.n_embd), dtype=np.float64)
+    embedded[np.arange(len(tokens)), list(tokens)] = 1.0
+    x = layer_norm(embedded)  # token_embd_norm
+    first = layer_norm(x[0] + x.mean(axis=0))  # attention (the sequence mean) + residual, attn_output_norm
+    first = layer_norm(first)  # feed-forward of zero + residual, layer_output_norm
+    heads = _reranker_heads(spec).astype(np.float64)
+    out = heads @ np.tanh(spec.gain * first) + spec.bias
+    return [float(v) for v in out]
+
+
+def write_tiny_reranker(path: str | os.PathLike[str], spec: TinyRerankerSpec | None = None) -> Path:
+    """Write a tiny BERT reranker GGUF (pooling type rank) to ``path`` and return the path.
+
+    Its vocabulary is the tiny llama's plus a ``[SEP]`` control token (:data:`SEP_ID`); it
+    adds BOS, EOS and SEP as a BERT tokenizer does. One layer: attention with zero queries
+    and keys and identity values and output (every token sees the mean of its sequence), a
+    feed-forward block of zero, and a classification head ``cls`` (``gain`` times identity,
+    then tanh) and ``cls.output`` (the label heads). :func:`tiny_reranker_scores` computes
+    the same outputs in numpy.
+    """
+    import gguf
+
+    spec = spec or TinyRerankerSpec()
+    n_embd, n_ff = spec.n_embd, 4
+    target = Path(path)
+    writer = gguf.GGUFWriter(str(target), "bert")
+    writer.add_name(spec.name)
+    writer.add_context_length(spec.context_length)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(spec.n_head)
+    writer.add_layer_norm_eps(_RERANKER_NORM_EPS)
+    writer.add_causal_attention(False)
+    writer.add_pooling_type(gguf.PoolingType.RANK)
+    writer.add_classifier_output_labels(list(spec.labels))
+    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    tokens, scores, types = _vocabulary()
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([*tokens, b"[SEP]"])
+    writer.add_token_scores([*scores, 0.0])
+    writer.add_token_types([*types, int(gguf.TokenType.CONTROL)])
+    writer.add_token_type_count(2)
+    writer.add_unk_token_id(UNK_ID)
+    writer.add_bos_token_id(BOS_ID)
+    writer.add_eos_token_id(EOS_ID)
+    writer.add_sep_token_id(SEP_ID)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(True)
+    writer.add_add_sep_token(True)
+    writer.add_add_space_prefix(False)
+    if spec.rerank_template is not None:
+        writer.add_string("tokenizer.chat_template.rerank", spec.rerank_template)
+
+    identity = np.eye(n_embd, dtype=np.float32)
+    embedding = np.zeros((_RERANKER_VOCAB, n_embd), dtype=np.float32)
+    embedding[np.arange(_RERANKER_VOCAB), np.arange(_RERANKER_VOCAB)] = 1.0
+    ones, zeros = np.ones(n_embd, dtype=np.float32), np.zeros(n_embd, dtype=np.float32)
+    tensors: dict[str, Any] = {
+        "token_embd.weight": embedding,
+        "position_embd.weight": np.zeros((spec.context_length, n_embd), dtype=np.float32),
+        "token_embd_norm.weight": ones,
+        "token_embd_norm.bias": zeros,
+        "blk.0.attn_q.weight": np.zeros((n_embd, n_embd), dtype=np.float32),
+        "blk.0.attn_k.weight": np.zeros((n_embd, n_embd), dtype=np.float32),
+        "blk.0.attn_v.weight": identity,
+        "blk.0.attn_output.weight": identity,
+        "blk.0.attn_output_norm.weight": ones,
+        "blk.0.attn_output_norm.bias": zeros,
+        "blk.0.ffn_up.weight": np.zeros((n_ff, n_embd), dtype=np.float32),
+        "blk.0.ffn_down.weight": np.zeros((n_embd, n_ff), dtype=np.float32),
+        "blk.0.layer_output_norm.weight": ones,
+        "blk.0.layer_output_norm.bias": zeros,
+        "cls.weight": identity * np.float32(spec.gain),
+        "cls.output.weight": _reranker_heads(spec),
+        "cls.output.bias": np.full(len(spec.labels), spec.bias, dtype=np.float32),
+    }
+    for name, array in tensors.items():
+        writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

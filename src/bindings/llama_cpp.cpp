@@ -181,6 +181,9 @@ void bind_errors(nb::module_ &m) {
 struct LogState {
     std::mutex mutex;                       // guards callback
     PyObject *callback = nullptr;           // owned reference, or nullptr
+    // Whether callback is set, readable without the GIL or the mutex: a line nobody listens
+    // to must not wait for the GIL (a thread holding it may be waiting for this one).
+    std::atomic<bool> has_callback{false};
     std::atomic<int> min_level{GGML_LOG_LEVEL_WARN};
 };
 
@@ -233,7 +236,8 @@ void emit_log_line(int level, const std::string &line) {
     if (level < log_state().min_level.load(std::memory_order_relaxed) || (tl_quiet && level < GGML_LOG_LEVEL_ERROR)) {
         return;
     }
-    if (!Py_IsInitialized() || python_is_finalizing()) {
+    if (!log_state().has_callback.load(std::memory_order_acquire) || !Py_IsInitialized() ||
+        python_is_finalizing()) {
         return;
     }
     nb::gil_scoped_acquire gil;
@@ -281,6 +285,7 @@ void set_log_callback(nb::object callback) {
         std::lock_guard<std::mutex> lock(log_state().mutex);
         old = log_state().callback;
         log_state().callback = callback.is_none() ? nullptr : callback.inc_ref().ptr();
+        log_state().has_callback.store(log_state().callback != nullptr, std::memory_order_release);
     }
     Py_XDECREF(old);
 }
@@ -552,6 +557,9 @@ class Model {
         vocab_ = llama_model_get_vocab(model);
     }
 
+    // Every method that reads the weights or the vocabulary holds the handle this returns
+    // for as long as it reads them: close() in another thread then only drops its own
+    // reference, and the memory goes when the last reader is done.
     ModelHandle handle() const {
         std::lock_guard<std::mutex> lock(mutex_);
         if (!handle_) {
@@ -560,14 +568,15 @@ class Model {
         return handle_;
     }
 
-    const llama_vocab *vocab() const {
-        handle();  // throws once closed
-        return vocab_;
-    }
-
+    // Called with the GIL released: freeing the weights (and trimming the heap) takes a while.
     void close() {
-        std::lock_guard<std::mutex> lock(mutex_);
-        handle_.reset();
+        ModelHandle dropped;
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            dropped.swap(handle_);
+        }
+        // `dropped` goes here, outside the lock: the free may run now or, if a method in
+        // another thread still holds the handle, when that method returns.
     }
 
     bool closed() const {
@@ -609,7 +618,7 @@ class Model {
 
     std::string token_to_piece(llama_token token, bool special) const {
         ModelHandle keep = handle();
-        check_token(token);
+        check_token(vocab_, token);
         return piece_with(vocab_, token, special);
     }
 
@@ -632,7 +641,7 @@ class Model {
     std::string detokenize(const std::vector<llama_token> &tokens, bool special) const {
         ModelHandle keep = handle();
         for (llama_token t : tokens) {
-            check_token(t);
+            check_token(vocab_, t);
         }
         // Concatenated pieces, as llama-cpp-python does: no leading-space stripping, so that
         // detokenize(a) + detokenize(b) == detokenize(a + b) holds.
@@ -643,11 +652,12 @@ class Model {
         return out;
     }
 
-    void check_token(llama_token token) const {
-        if (token < 0 || token >= llama_vocab_n_tokens(vocab_)) {
+    // The caller holds the model's handle.
+    static void check_token(const llama_vocab *vocab, llama_token token) {
+        if (token < 0 || token >= llama_vocab_n_tokens(vocab)) {
             throw InvalidArgumentError("token id " + std::to_string(token) +
                                        " is out of range [0, " +
-                                       std::to_string(llama_vocab_n_tokens(vocab_)) + ")");
+                                       std::to_string(llama_vocab_n_tokens(vocab)) + ")");
         }
     }
 
@@ -792,6 +802,7 @@ class Model {
     std::vector<ggml_backend_dev_t> devices_;
 };
 
+// Runs f(model, vocab) holding the model's handle (ClosedError once the model is closed).
 template <typename F>
 auto with_model(const Model &model, F &&f) {
     ModelHandle keep = model.handle();
@@ -872,7 +883,8 @@ void bind_model(nb::module_ &m) {
         .def(nb::init<const std::string &, const ModelOptions &>(), "path"_a, "options"_a,
              nb::call_guard<nb::gil_scoped_release>(),
              "Load ``path``. Raises ModelLoadError if it is missing or not a loadable GGUF.")
-        .def("close", &Model::close, "Drop this object's reference to the weights (idempotent).")
+        .def("close", &Model::close, nb::call_guard<nb::gil_scoped_release>(),
+             "Drop this object's reference to the weights (idempotent).")
         .def_prop_ro("closed", &Model::closed)
         .def_prop_ro("path", &Model::path)
         .def(
@@ -907,10 +919,15 @@ void bind_model(nb::module_ &m) {
         .def("chat_template", &Model::chat_template)
         .def("is_eog",
              [](const Model &self, llama_token t) {
-                 self.check_token(t);
-                 return llama_vocab_is_eog(self.vocab(), t);
+                 return with_model(self, [t](auto *, const llama_vocab *vocab) {
+                     Model::check_token(vocab, t);
+                     return llama_vocab_is_eog(vocab, t);
+                 });
              })
-        .def_prop_ro("n_vocab", [](const Model &s) { return llama_vocab_n_tokens(s.vocab()); })
+        .def_prop_ro("n_vocab",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *, auto *vocab) { return llama_vocab_n_tokens(vocab); });
+                     })
         .def_prop_ro("n_ctx_train",
                      [](const Model &s) {
                          return with_model(s, [](auto *mdl, auto *) {
@@ -933,16 +950,29 @@ void bind_model(nb::module_ &m) {
                      [](const Model &s) {
                          return with_model(s, [](auto *mdl, auto *) { return llama_model_size(mdl); });
                      })
-        .def_prop_ro("token_bos", [](const Model &s) { return llama_vocab_bos(s.vocab()); })
-        .def_prop_ro("token_eos", [](const Model &s) { return llama_vocab_eos(s.vocab()); })
-        .def_prop_ro("add_bos", [](const Model &s) { return llama_vocab_get_add_bos(s.vocab()); })
-        .def_prop_ro("add_eos", [](const Model &s) { return llama_vocab_get_add_eos(s.vocab()); })
+        .def_prop_ro("token_bos",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *, auto *vocab) { return llama_vocab_bos(vocab); });
+                     })
+        .def_prop_ro("token_eos",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *, auto *vocab) { return llama_vocab_eos(vocab); });
+                     })
+        .def_prop_ro("add_bos",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *, auto *vocab) { return llama_vocab_get_add_bos(vocab); });
+                     })
+        .def_prop_ro("add_eos",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *, auto *vocab) { return llama_vocab_get_add_eos(vocab); });
+                     })
         .def("__repr__", [](const Model &s) {
-            if (s.closed()) {
+            try {
+                return "<Model '" + s.path() + "' " + s.description() + ", " +
+                       format_size(with_model(s, [](auto *mdl, auto *) { return llama_model_size(mdl); })) + ">";
+            } catch (const ClosedError &) {  // closed before or during this call
                 return "<Model '" + s.path() + "' (closed)>";
             }
-            return "<Model '" + s.path() + "' " + s.description() + ", " +
-                   format_size(with_model(s, [](auto *mdl, auto *) { return llama_model_size(mdl); })) + ">";
         });
 }
 
@@ -1168,7 +1198,10 @@ void bind_sampling(nb::module_ &m) {
     m.def(
         "check_grammar",
         [](const Model &model, const std::string &grammar, const std::string &root) {
-            llama_sampler_free(parse_grammar(model.vocab(), grammar, root));
+            // Runs with the GIL released: the handle keeps the vocabulary alive for the whole
+            // parse, whatever close() another thread calls meanwhile.
+            ModelHandle keep = model.handle();
+            llama_sampler_free(parse_grammar(llama_model_get_vocab(keep.get()), grammar, root));
         },
         "model"_a, "grammar"_a, "root"_a, nb::call_guard<nb::gil_scoped_release>(),
         "Raise GrammarError if llama.cpp rejects ``grammar`` for this model's vocabulary.");
@@ -2731,9 +2764,12 @@ void bind_context(nb::module_ &m) {
         .def(
             "set_state_data",
             [](Context &self, nb::bytes data, std::vector<llama_token> toks) {
-                // The caller's reference keeps the (immutable) bytes alive: no copy needed.
+                // The caller's reference keeps the (immutable) bytes alive, so no copy; their
+                // address and size are read before the release (both are Python API calls).
+                const char *bytes = data.c_str();
+                const size_t size = data.size();
                 nb::gil_scoped_release release;
-                self.set_state_data(data.c_str(), data.size(), toks);
+                self.set_state_data(bytes, size, toks);
             },
             "data"_a, "tokens"_a, "Restore what state_data returned (raises LlamaError if it does not fit).")
         .def("save_state_file", &Context::save_state_file, "path"_a, nb::call_guard<nb::gil_scoped_release>())

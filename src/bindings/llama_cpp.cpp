@@ -26,6 +26,13 @@
 #include <ggml.h>
 #include <gguf.h>
 #include <llama.h>
+// llama.cpp's grammar parser, an internal header that scripts/setup_llama.py copies (llama.cpp's
+// own tests use it too): the only way to the reason a grammar is rejected, which the public API
+// prints to stderr. A prebuilt llama.cpp of one's own may lack it: errors then say less.
+#if __has_include(<llama-internal/llama-grammar.h>)
+#include <llama-internal/llama-grammar.h>
+#define LLAMA_CPP_GRAMMAR_PARSER 1
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -985,24 +992,91 @@ struct SamplerDeleter {
 };
 using SamplerPtr = std::unique_ptr<llama_sampler, SamplerDeleter>;
 
-// The sampling settings of one generation. The chain is built in llama-cpp-python's order:
-// logit bias, penalties, then greedy (temperature == 0), plain random (temperature < 0),
-// mirostat, or top-k -> typical -> top-p -> min-p -> temperature -> distribution.
+// Why llama.cpp's grammar parser rejects the GBNF `grammar`, or "" if it parses. `vocab` may
+// be null (no model at hand): a token literal such as <end_of_turn> then cannot be resolved,
+// and the text is reported as parsing, with *needs_vocab set (the model checks it when a
+// generation starts).
+//
+// llama_grammar_parser::parse catches its parse error and prints it to stderr; its parse_rule,
+// which throws it, is called here rule by rule instead, and the reason becomes the message.
+std::string grammar_syntax_error(const llama_vocab *vocab, const std::string &grammar, bool *needs_vocab = nullptr) {
+#ifdef LLAMA_CPP_GRAMMAR_PARSER
+    // Blanks and comments between rules, as the parser skips them before the first rule (it
+    // skips them itself after each).
+    auto skip_blank = [](const char *pos) {
+        while (*pos == ' ' || *pos == '\t' || *pos == '\r' || *pos == '\n' || *pos == '#') {
+            if (*pos == '#') {
+                while (*pos != '\0' && *pos != '\r' && *pos != '\n') ++pos;
+            } else {
+                ++pos;
+            }
+        }
+        return pos;
+    };
+    llama_grammar_parser parser(vocab);
+    try {
+        const char *pos = skip_blank(grammar.c_str());
+        while (*pos != '\0') {
+            pos = parser.parse_rule(pos);
+        }
+    } catch (const std::exception &e) {
+        std::string reason = e.what();
+        if (vocab == nullptr && reason.rfind("no vocab to parse token", 0) == 0) {
+            if (needs_vocab != nullptr) *needs_vocab = true;
+            return "";
+        }
+        // The parser's reasons end in "at <the rest of the grammar>": say where instead.
+        const size_t at = reason.find(" at ");
+        if (at != std::string::npos) {
+            const std::string rest = reason.substr(at + 4);
+            if (rest.size() <= grammar.size() && grammar.compare(grammar.size() - rest.size(), rest.size(), rest) == 0) {
+                const size_t offset = grammar.size() - rest.size();
+                const size_t line = 1 + static_cast<size_t>(std::count(grammar.begin(), grammar.begin() + offset, '\n'));
+                const size_t line_start = grammar.rfind('\n', offset == 0 ? 0 : offset - 1);
+                const size_t column = offset - (line_start == std::string::npos || offset == 0 ? 0 : line_start + 1) + 1;
+                const std::string near = rest.substr(0, std::min<size_t>(rest.find('\n'), 20));
+                reason = reason.substr(0, at) + " at line " + std::to_string(line) + ", column " +
+                         std::to_string(column) + (near.empty() ? " (the end)" : ": '" + near + "'");
+            }
+        }
+        return reason;
+    }
+    for (const auto &[name, id] : parser.symbol_ids) {
+        if (id >= parser.rules.size() || parser.rules[id].empty()) {
+            return "undefined rule '" + name + "'";
+        }
+    }
+    if (parser.rules.empty()) {
+        return "the grammar has no rules";
+    }
+#else
+    (void)vocab;
+    (void)grammar;
+    (void)needs_vocab;
+#endif
+    return "";
+}
+
 // Parses a GBNF grammar into a sampler; a grammar llama.cpp rejects raises GrammarError with
-// llama.cpp's reason (read from its error log of this thread).
+// its reason: the parser's (above), or what llama.cpp logged on this thread (no root rule,
+// left recursion).
 llama_sampler *parse_grammar(const llama_vocab *vocab, const std::string &grammar, const std::string &root) {
+    if (const std::string reason = grammar_syntax_error(vocab, grammar); !reason.empty()) {
+        throw GrammarError("invalid grammar: " + reason);
+    }
     tl_last_errors.clear();
     llama_sampler *s = llama_sampler_init_grammar(vocab, grammar.c_str(), root.c_str());
     if (s == nullptr) {
-        // llama.cpp's parser prints the position and cause to stderr, not to its log.
-        throw GrammarError("invalid grammar: " + last_errors_or("parse error") +
-                           " (llama.cpp printed the details to stderr)");
+        throw GrammarError("invalid grammar: " + last_errors_or("parse error"));
     }
     return s;
 }
 
 llama_sampler *parse_lazy_grammar(const llama_vocab *vocab, const std::string &grammar, const std::string &root,
                                   const std::vector<std::string> &patterns, const std::vector<llama_token> &tokens) {
+    if (const std::string reason = grammar_syntax_error(vocab, grammar); !reason.empty()) {
+        throw GrammarError("invalid grammar: " + reason);
+    }
     tl_last_errors.clear();
     std::vector<const char *> c_patterns;
     c_patterns.reserve(patterns.size());
@@ -1017,12 +1091,86 @@ llama_sampler *parse_lazy_grammar(const llama_vocab *vocab, const std::string &g
         throw GrammarError(std::string("invalid grammar trigger: ") + e.what());
     }
     if (s == nullptr) {
-        throw GrammarError("invalid grammar: " + last_errors_or("parse error") +
-                           " (llama.cpp printed the details to stderr)");
+        throw GrammarError("invalid grammar: " + last_errors_or("parse error"));
     }
     return s;
 }
 
+// Raises GrammarError (with the reason) if llama.cpp would reject `grammar` whatever the
+// vocabulary: its syntax, undefined rules, a missing root rule, left recursion. Needs no model.
+void validate_grammar(const std::string &grammar, const std::string &root) {
+    bool needs_vocab = false;
+    if (const std::string reason = grammar_syntax_error(nullptr, grammar, &needs_vocab); !reason.empty()) {
+        throw GrammarError("invalid grammar: " + reason);
+    }
+#ifdef LLAMA_CPP_GRAMMAR_PARSER
+    if (needs_vocab) {
+        return;  // token literals: llama.cpp's parser would fail (and print to stderr) without one
+    }
+    // llama.cpp's other checks run when it builds a grammar; their reasons go to the log.
+    tl_last_errors.clear();
+    llama_grammar *g = llama_grammar_init_impl(nullptr, grammar.c_str(), root.c_str(), false, nullptr, 0, nullptr, 0);
+    if (g == nullptr) {
+        throw GrammarError("invalid grammar: " + last_errors_or("parse error"));
+    }
+    llama_grammar_free_impl(g);
+#else
+    (void)root;
+#endif
+}
+
+// llama.cpp's grammar sampler, with its failures raised as GrammarError. It throws a bare
+// std::runtime_error ("Unexpected empty grammar stack after accepting piece ...") when asked
+// to accept a token it does not allow, which happens when every token it allows was masked
+// out (a logit bias against end of generation once the grammar is complete, say).
+struct GrammarGuard {
+    llama_sampler *grammar;  // owned
+};
+
+llama_sampler *guard_grammar(llama_sampler *grammar);
+
+template <typename F>
+void as_grammar_error(F &&f) {
+    try {
+        f();
+    } catch (const LlamaError &) {
+        throw;
+    } catch (const std::runtime_error &e) {
+        throw GrammarError(std::string("the grammar cannot continue: ") + e.what());
+    }
+}
+
+llama_sampler_i make_grammar_guard_iface() {
+    llama_sampler_i iface{};  // no backend sampling: llama.cpp's grammar sampler has none either
+    iface.name = [](const llama_sampler *) { return "grammar"; };  // accept_prompt looks for it
+    iface.accept = [](llama_sampler *s, llama_token token) {
+        as_grammar_error([&] { llama_sampler_accept(static_cast<GrammarGuard *>(s->ctx)->grammar, token); });
+    };
+    iface.apply = [](llama_sampler *s, llama_token_data_array *cur_p) {
+        as_grammar_error([&] { llama_sampler_apply(static_cast<GrammarGuard *>(s->ctx)->grammar, cur_p); });
+    };
+    iface.reset = [](llama_sampler *s) { llama_sampler_reset(static_cast<GrammarGuard *>(s->ctx)->grammar); };
+    iface.clone = [](const llama_sampler *s) {
+        return guard_grammar(llama_sampler_clone(static_cast<const GrammarGuard *>(s->ctx)->grammar));
+    };
+    iface.free = [](llama_sampler *s) {
+        auto *guard = static_cast<GrammarGuard *>(s->ctx);
+        llama_sampler_free(guard->grammar);
+        delete guard;
+    };
+    return iface;
+}
+
+llama_sampler_i grammar_guard_iface = make_grammar_guard_iface();
+
+// Takes ownership of `grammar`.
+llama_sampler *guard_grammar(llama_sampler *grammar) {
+    return llama_sampler_init(&grammar_guard_iface, new GrammarGuard{grammar});
+}
+
+// The sampling settings of one generation. The chain is built in llama-cpp-python's order:
+// logit bias, penalties, then greedy (temperature == 0), plain random (temperature < 0),
+// mirostat, or top-k -> typical -> top-p -> min-p -> temperature -> distribution.
 struct SamplerConfig {
     float temperature = 0.8f;
     int32_t top_k = 40;
@@ -1121,7 +1269,7 @@ struct SamplerConfig {
                 throw GrammarError(std::string("the grammar rejects the chat template's generation prompt: ") +
                                    e.what());
             }
-            llama_sampler_chain_add(chain.get(), g.release());
+            llama_sampler_chain_add(chain.get(), guard_grammar(g.release()));
         }
         if (temperature == 0.0f) {
             add(llama_sampler_init_greedy());
@@ -1205,6 +1353,10 @@ void bind_sampling(nb::module_ &m) {
         },
         "model"_a, "grammar"_a, "root"_a, nb::call_guard<nb::gil_scoped_release>(),
         "Raise GrammarError if llama.cpp rejects ``grammar`` for this model's vocabulary.");
+    m.def("validate_grammar", &validate_grammar, "grammar"_a, "root"_a, nb::call_guard<nb::gil_scoped_release>(),
+          "Raise GrammarError, with llama.cpp's reason, if it would reject ``grammar`` whatever the "
+          "model (its syntax, undefined rules, no ``root`` rule, left recursion). Token literals "
+          "(``<end_of_turn>``) are checked against a model's vocabulary only (check_grammar).");
     m.attr("DEFAULT_SEED") = static_cast<uint32_t>(LLAMA_DEFAULT_SEED);
 }
 

@@ -393,6 +393,11 @@ def check_grammar(model: Model, grammar: str, root: str) -> None:
     Raise GrammarError if llama.cpp rejects ``grammar`` for this model's vocabulary.
     """
 
+def validate_grammar(grammar: str, root: str) -> None:
+    """
+    Raise GrammarError, with llama.cpp's reason, if it would reject ``grammar`` whatever the model (its syntax, undefined rules, no ``root`` rule, left recursion). Token literals (``<end_of_turn>``) are checked against a model's vocabulary only (check_grammar).
+    """
+
 DEFAULT_SEED: int = 4294967295
 
 class ChatRequest:

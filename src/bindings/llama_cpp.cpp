@@ -1168,9 +1168,10 @@ llama_sampler *guard_grammar(llama_sampler *grammar) {
     return llama_sampler_init(&grammar_guard_iface, new GrammarGuard{grammar});
 }
 
-// The sampling settings of one generation. The chain is built in llama-cpp-python's order:
-// logit bias, penalties, then greedy (temperature == 0), plain random (temperature < 0),
-// mirostat, or top-k -> typical -> top-p -> min-p -> temperature -> distribution.
+// The sampling settings of one generation. The chain is built in llama-server's order:
+// logit bias, penalties, DRY, then greedy (temperature == 0), plain random (temperature < 0),
+// mirostat, or top-n-sigma -> top-k -> typical -> top-p -> min-p -> XTC -> temperature ->
+// distribution. DRY, XTC and top-n-sigma are off by default (llama-server's defaults).
 struct SamplerConfig {
     float temperature = 0.8f;
     int32_t top_k = 40;
@@ -1184,6 +1185,18 @@ struct SamplerConfig {
     int32_t mirostat_mode = 0;
     float mirostat_tau = 5.0f;
     float mirostat_eta = 0.1f;
+    // DRY ("don't repeat yourself"): a token that would extend a repetition longer than
+    // dry_allowed_length tokens loses dry_multiplier * dry_base^(length - allowed) logits.
+    float dry_multiplier = 0.0f;  // 0 disables it
+    float dry_base = 1.75f;
+    int32_t dry_allowed_length = 2;
+    int32_t dry_penalty_last_n = 64;  // tokens scanned (-1: the context, 0 disables it)
+    std::vector<std::string> dry_sequence_breakers = {"\n", ":", "\"", "*"};
+    // XTC ("exclude top choices"): with probability xtc_probability, drop every token above
+    // xtc_threshold except the least likely of them.
+    float xtc_probability = 0.0f;  // 0 disables it
+    float xtc_threshold = 0.1f;
+    float top_n_sigma = -1.0f;  // keep logits within n standard deviations of the top; <= 0 disables it
     uint32_t seed = LLAMA_DEFAULT_SEED;
     std::vector<std::pair<llama_token, float>> logit_bias;
     std::string grammar;  // GBNF; empty: unconstrained
@@ -1215,6 +1228,19 @@ struct SamplerConfig {
             fail("mirostat_mode must be 0, 1 or 2, got " + std::to_string(mirostat_mode));
         if (!(mirostat_tau >= 0.0f)) fail("mirostat_tau must be >= 0");
         if (!(mirostat_eta >= 0.0f)) fail("mirostat_eta must be >= 0");
+        if (!(std::isfinite(dry_multiplier) && dry_multiplier >= 0.0f))
+            fail("dry_multiplier must be finite and >= 0 (0 disables DRY), got " + std::to_string(dry_multiplier));
+        if (!(std::isfinite(dry_base) && dry_base >= 1.0f))
+            fail("dry_base must be finite and >= 1, got " + std::to_string(dry_base));
+        if (dry_allowed_length < 0)
+            fail("dry_allowed_length must be >= 0, got " + std::to_string(dry_allowed_length));
+        if (dry_penalty_last_n < -1)
+            fail("dry_penalty_last_n must be >= -1, got " + std::to_string(dry_penalty_last_n));
+        if (!(xtc_probability >= 0.0f && xtc_probability <= 1.0f))
+            fail("xtc_probability must be in [0, 1], got " + std::to_string(xtc_probability));
+        if (!(xtc_threshold >= 0.0f && xtc_threshold <= 1.0f))
+            fail("xtc_threshold must be in [0, 1], got " + std::to_string(xtc_threshold));
+        if (!std::isfinite(top_n_sigma)) fail("top_n_sigma must be finite (<= 0 disables it)");
         for (const auto &[token, bias] : logit_bias) {
             if (token < 0 || token >= n_vocab)
                 fail("logit_bias token id " + std::to_string(token) + " is out of range [0, " +
@@ -1227,7 +1253,11 @@ struct SamplerConfig {
     // chain would compute, without copying n_vocab candidates per token (3 MiB for Gemma 3).
     bool plain_greedy() const {
         return temperature == 0.0f && logit_bias.empty() && grammar.empty() && repeat_penalty == 1.0f &&
-               frequency_penalty == 0.0f && presence_penalty == 0.0f;
+               frequency_penalty == 0.0f && presence_penalty == 0.0f && !dry_enabled();
+    }
+
+    bool dry_enabled() const {
+        return dry_multiplier > 0.0f && dry_base >= 1.0f && dry_penalty_last_n != 0;
     }
 
     SamplerPtr build(const llama_model *model, int32_t n_ctx) const {
@@ -1256,6 +1286,16 @@ struct SamplerConfig {
             add(llama_sampler_init_penalties(n_vocab, penalty_last_n == -1 ? n_ctx : penalty_last_n,
                                              repeat_penalty, frequency_penalty, presence_penalty));
         }
+        if (dry_enabled()) {
+            std::vector<const char *> breakers;
+            breakers.reserve(dry_sequence_breakers.size());
+            for (const std::string &b : dry_sequence_breakers) {
+                breakers.push_back(b.c_str());
+            }
+            add(llama_sampler_init_dry(vocab, dry_multiplier, dry_base, dry_allowed_length,
+                                       dry_penalty_last_n == -1 ? n_ctx : dry_penalty_last_n, breakers.data(),
+                                       breakers.size()));
+        }
         if (!grammar.empty()) {
             // A fresh grammar state for every generation: the chain is built per generation.
             SamplerPtr g(grammar_lazy ? parse_lazy_grammar(vocab, grammar, grammar_root, grammar_trigger_patterns,
@@ -1282,10 +1322,12 @@ struct SamplerConfig {
             add(llama_sampler_init_temp(temperature));
             add(llama_sampler_init_mirostat_v2(seed, mirostat_tau, mirostat_eta));
         } else {
+            if (top_n_sigma > 0.0f) add(llama_sampler_init_top_n_sigma(top_n_sigma));
             if (top_k > 0) add(llama_sampler_init_top_k(top_k));
             if (typical_p < 1.0f) add(llama_sampler_init_typical(typical_p, 1));
             if (top_p < 1.0f) add(llama_sampler_init_top_p(top_p, 1));
             if (min_p > 0.0f) add(llama_sampler_init_min_p(min_p, 1));
+            if (xtc_probability > 0.0f) add(llama_sampler_init_xtc(xtc_probability, xtc_threshold, 1, seed));
             add(llama_sampler_init_temp(temperature));
             add(llama_sampler_init_dist(seed));
         }
@@ -1323,6 +1365,14 @@ void bind_sampling(nb::module_ &m) {
         .def_rw("mirostat_mode", &SamplerConfig::mirostat_mode)
         .def_rw("mirostat_tau", &SamplerConfig::mirostat_tau)
         .def_rw("mirostat_eta", &SamplerConfig::mirostat_eta)
+        .def_rw("dry_multiplier", &SamplerConfig::dry_multiplier)
+        .def_rw("dry_base", &SamplerConfig::dry_base)
+        .def_rw("dry_allowed_length", &SamplerConfig::dry_allowed_length)
+        .def_rw("dry_penalty_last_n", &SamplerConfig::dry_penalty_last_n)
+        .def_rw("dry_sequence_breakers", &SamplerConfig::dry_sequence_breakers)
+        .def_rw("xtc_probability", &SamplerConfig::xtc_probability)
+        .def_rw("xtc_threshold", &SamplerConfig::xtc_threshold)
+        .def_rw("top_n_sigma", &SamplerConfig::top_n_sigma)
         .def_rw("seed", &SamplerConfig::seed)
         .def_rw("logit_bias", &SamplerConfig::logit_bias)
         .def_rw("grammar", &SamplerConfig::grammar)

@@ -38,7 +38,7 @@ SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 LLAMA_CPP_COMMIT = "0c1e570"
 # Bumped when what goes into include/ and lib/ changes, so that existing checkouts refresh.
-LAYOUT_VERSION = 3  # 3: include/common/jinja/ (chat templates)
+LAYOUT_VERSION = 4  # 3: include/common/jinja/ (chat templates); 4: include/llama-internal/
 
 ROOT = Path(__file__).resolve().parent.parent
 # Libraries the binding links, the RPC worker, and the native tools the tests and
@@ -207,6 +207,11 @@ def copy_headers(source: Path, include: Path) -> None:
         target = include / "common" / header.relative_to(source / "common")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(header, target)
+    # One internal header, as llama.cpp's own tests use it: its grammar parser (exported by
+    # libllama), whose error message the public API only prints to stderr.
+    internal = include / "llama-internal"
+    internal.mkdir()
+    shutil.copy2(source / "src" / "llama-grammar.h", internal / "llama-grammar.h")
 
 
 def copy_binaries(build_dir: Path, lib: Path) -> None:

@@ -27,6 +27,13 @@
 #include <ggml.h>
 #include <gguf.h>
 #include <llama.h>
+// llama.cpp's grammar parser, an internal header that scripts/setup_llama.py copies (llama.cpp's
+// own tests use it too): the only way to the reason a grammar is rejected, which the public API
+// prints to stderr. A prebuilt llama.cpp of one's own may lack it: errors then say less.
+#if __has_include(<llama-internal/llama-grammar.h>)
+#include <llama-internal/llama-grammar.h>
+#define LLAMA_CPP_GRAMMAR_PARSER 1
+#endif
 
 #include <algorithm>
 #include <array>
@@ -184,6 +191,9 @@ void bind_errors(nb::module_ &m) {
 struct LogState {
     std::mutex mutex;                       // guards callback
     PyObject *callback = nullptr;           // owned reference, or nullptr
+    // Whether callback is set, readable without the GIL or the mutex: a line nobody listens
+    // to must not wait for the GIL (a thread holding it may be waiting for this one).
+    std::atomic<bool> has_callback{false};
     std::atomic<int> min_level{GGML_LOG_LEVEL_WARN};
 };
 
@@ -236,7 +246,8 @@ void emit_log_line(int level, const std::string &line) {
     if (level < log_state().min_level.load(std::memory_order_relaxed) || (tl_quiet && level < GGML_LOG_LEVEL_ERROR)) {
         return;
     }
-    if (!Py_IsInitialized() || python_is_finalizing()) {
+    if (!log_state().has_callback.load(std::memory_order_acquire) || !Py_IsInitialized() ||
+        python_is_finalizing()) {
         return;
     }
     nb::gil_scoped_acquire gil;
@@ -284,6 +295,7 @@ void set_log_callback(nb::object callback) {
         std::lock_guard<std::mutex> lock(log_state().mutex);
         old = log_state().callback;
         log_state().callback = callback.is_none() ? nullptr : callback.inc_ref().ptr();
+        log_state().has_callback.store(log_state().callback != nullptr, std::memory_order_release);
     }
     Py_XDECREF(old);
 }
@@ -555,6 +567,9 @@ class Model {
         vocab_ = llama_model_get_vocab(model);
     }
 
+    // Every method that reads the weights or the vocabulary holds the handle this returns
+    // for as long as it reads them: close() in another thread then only drops its own
+    // reference, and the memory goes when the last reader is done.
     ModelHandle handle() const {
         std::lock_guard<std::mutex> lock(mutex_);
         if (!handle_) {
@@ -563,14 +578,15 @@ class Model {
         return handle_;
     }
 
-    const llama_vocab *vocab() const {
-        handle();  // throws once closed
-        return vocab_;
-    }
-
+    // Called with the GIL released: freeing the weights (and trimming the heap) takes a while.
     void close() {
-        std::lock_guard<std::mutex> lock(mutex_);
-        handle_.reset();
+        ModelHandle dropped;
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            dropped.swap(handle_);
+        }
+        // `dropped` goes here, outside the lock: the free may run now or, if a method in
+        // another thread still holds the handle, when that method returns.
     }
 
     bool closed() const {
@@ -612,7 +628,7 @@ class Model {
 
     std::string token_to_piece(llama_token token, bool special) const {
         ModelHandle keep = handle();
-        check_token(token);
+        check_token(vocab_, token);
         return piece_with(vocab_, token, special);
     }
 
@@ -635,7 +651,7 @@ class Model {
     std::string detokenize(const std::vector<llama_token> &tokens, bool special) const {
         ModelHandle keep = handle();
         for (llama_token t : tokens) {
-            check_token(t);
+            check_token(vocab_, t);
         }
         // Concatenated pieces, as llama-cpp-python does: no leading-space stripping, so that
         // detokenize(a) + detokenize(b) == detokenize(a + b) holds.
@@ -646,11 +662,12 @@ class Model {
         return out;
     }
 
-    void check_token(llama_token token) const {
-        if (token < 0 || token >= llama_vocab_n_tokens(vocab_)) {
+    // The caller holds the model's handle.
+    static void check_token(const llama_vocab *vocab, llama_token token) {
+        if (token < 0 || token >= llama_vocab_n_tokens(vocab)) {
             throw InvalidArgumentError("token id " + std::to_string(token) +
                                        " is out of range [0, " +
-                                       std::to_string(llama_vocab_n_tokens(vocab_)) + ")");
+                                       std::to_string(llama_vocab_n_tokens(vocab)) + ")");
         }
     }
 
@@ -795,6 +812,7 @@ class Model {
     std::vector<ggml_backend_dev_t> devices_;
 };
 
+// Runs f(model, vocab) holding the model's handle (ClosedError once the model is closed).
 template <typename F>
 auto with_model(const Model &model, F &&f) {
     ModelHandle keep = model.handle();
@@ -875,7 +893,8 @@ void bind_model(nb::module_ &m) {
         .def(nb::init<const std::string &, const ModelOptions &>(), "path"_a, "options"_a,
              nb::call_guard<nb::gil_scoped_release>(),
              "Load ``path``. Raises ModelLoadError if it is missing or not a loadable GGUF.")
-        .def("close", &Model::close, "Drop this object's reference to the weights (idempotent).")
+        .def("close", &Model::close, nb::call_guard<nb::gil_scoped_release>(),
+             "Drop this object's reference to the weights (idempotent).")
         .def_prop_ro("closed", &Model::closed)
         .def_prop_ro("path", &Model::path)
         .def(
@@ -910,10 +929,15 @@ void bind_model(nb::module_ &m) {
         .def("chat_template", &Model::chat_template)
         .def("is_eog",
              [](const Model &self, llama_token t) {
-                 self.check_token(t);
-                 return llama_vocab_is_eog(self.vocab(), t);
+                 return with_model(self, [t](auto *, const llama_vocab *vocab) {
+                     Model::check_token(vocab, t);
+                     return llama_vocab_is_eog(vocab, t);
+                 });
              })
-        .def_prop_ro("n_vocab", [](const Model &s) { return llama_vocab_n_tokens(s.vocab()); })
+        .def_prop_ro("n_vocab",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *, auto *vocab) { return llama_vocab_n_tokens(vocab); });
+                     })
         .def_prop_ro("n_ctx_train",
                      [](const Model &s) {
                          return with_model(s, [](auto *mdl, auto *) {
@@ -936,16 +960,29 @@ void bind_model(nb::module_ &m) {
                      [](const Model &s) {
                          return with_model(s, [](auto *mdl, auto *) { return llama_model_size(mdl); });
                      })
-        .def_prop_ro("token_bos", [](const Model &s) { return llama_vocab_bos(s.vocab()); })
-        .def_prop_ro("token_eos", [](const Model &s) { return llama_vocab_eos(s.vocab()); })
-        .def_prop_ro("add_bos", [](const Model &s) { return llama_vocab_get_add_bos(s.vocab()); })
-        .def_prop_ro("add_eos", [](const Model &s) { return llama_vocab_get_add_eos(s.vocab()); })
+        .def_prop_ro("token_bos",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *, auto *vocab) { return llama_vocab_bos(vocab); });
+                     })
+        .def_prop_ro("token_eos",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *, auto *vocab) { return llama_vocab_eos(vocab); });
+                     })
+        .def_prop_ro("add_bos",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *, auto *vocab) { return llama_vocab_get_add_bos(vocab); });
+                     })
+        .def_prop_ro("add_eos",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *, auto *vocab) { return llama_vocab_get_add_eos(vocab); });
+                     })
         .def("__repr__", [](const Model &s) {
-            if (s.closed()) {
+            try {
+                return "<Model '" + s.path() + "' " + s.description() + ", " +
+                       format_size(with_model(s, [](auto *mdl, auto *) { return llama_model_size(mdl); })) + ">";
+            } catch (const ClosedError &) {  // closed before or during this call
                 return "<Model '" + s.path() + "' (closed)>";
             }
-            return "<Model '" + s.path() + "' " + s.description() + ", " +
-                   format_size(with_model(s, [](auto *mdl, auto *) { return llama_model_size(mdl); })) + ">";
         });
 }
 
@@ -958,24 +995,91 @@ struct SamplerDeleter {
 };
 using SamplerPtr = std::unique_ptr<llama_sampler, SamplerDeleter>;
 
-// The sampling settings of one generation. The chain is built in llama-cpp-python's order:
-// logit bias, penalties, then greedy (temperature == 0), plain random (temperature < 0),
-// mirostat, or top-k -> typical -> top-p -> min-p -> temperature -> distribution.
+// Why llama.cpp's grammar parser rejects the GBNF `grammar`, or "" if it parses. `vocab` may
+// be null (no model at hand): a token literal such as <end_of_turn> then cannot be resolved,
+// and the text is reported as parsing, with *needs_vocab set (the model checks it when a
+// generation starts).
+//
+// llama_grammar_parser::parse catches its parse error and prints it to stderr; its parse_rule,
+// which throws it, is called here rule by rule instead, and the reason becomes the message.
+std::string grammar_syntax_error(const llama_vocab *vocab, const std::string &grammar, bool *needs_vocab = nullptr) {
+#ifdef LLAMA_CPP_GRAMMAR_PARSER
+    // Blanks and comments between rules, as the parser skips them before the first rule (it
+    // skips them itself after each).
+    auto skip_blank = [](const char *pos) {
+        while (*pos == ' ' || *pos == '\t' || *pos == '\r' || *pos == '\n' || *pos == '#') {
+            if (*pos == '#') {
+                while (*pos != '\0' && *pos != '\r' && *pos != '\n') ++pos;
+            } else {
+                ++pos;
+            }
+        }
+        return pos;
+    };
+    llama_grammar_parser parser(vocab);
+    try {
+        const char *pos = skip_blank(grammar.c_str());
+        while (*pos != '\0') {
+            pos = parser.parse_rule(pos);
+        }
+    } catch (const std::exception &e) {
+        std::string reason = e.what();
+        if (vocab == nullptr && reason.rfind("no vocab to parse token", 0) == 0) {
+            if (needs_vocab != nullptr) *needs_vocab = true;
+            return "";
+        }
+        // The parser's reasons end in "at <the rest of the grammar>": say where instead.
+        const size_t at = reason.find(" at ");
+        if (at != std::string::npos) {
+            const std::string rest = reason.substr(at + 4);
+            if (rest.size() <= grammar.size() && grammar.compare(grammar.size() - rest.size(), rest.size(), rest) == 0) {
+                const size_t offset = grammar.size() - rest.size();
+                const size_t line = 1 + static_cast<size_t>(std::count(grammar.begin(), grammar.begin() + offset, '\n'));
+                const size_t line_start = grammar.rfind('\n', offset == 0 ? 0 : offset - 1);
+                const size_t column = offset - (line_start == std::string::npos || offset == 0 ? 0 : line_start + 1) + 1;
+                const std::string near = rest.substr(0, std::min<size_t>(rest.find('\n'), 20));
+                reason = reason.substr(0, at) + " at line " + std::to_string(line) + ", column " +
+                         std::to_string(column) + (near.empty() ? " (the end)" : ": '" + near + "'");
+            }
+        }
+        return reason;
+    }
+    for (const auto &[name, id] : parser.symbol_ids) {
+        if (id >= parser.rules.size() || parser.rules[id].empty()) {
+            return "undefined rule '" + name + "'";
+        }
+    }
+    if (parser.rules.empty()) {
+        return "the grammar has no rules";
+    }
+#else
+    (void)vocab;
+    (void)grammar;
+    (void)needs_vocab;
+#endif
+    return "";
+}
+
 // Parses a GBNF grammar into a sampler; a grammar llama.cpp rejects raises GrammarError with
-// llama.cpp's reason (read from its error log of this thread).
+// its reason: the parser's (above), or what llama.cpp logged on this thread (no root rule,
+// left recursion).
 llama_sampler *parse_grammar(const llama_vocab *vocab, const std::string &grammar, const std::string &root) {
+    if (const std::string reason = grammar_syntax_error(vocab, grammar); !reason.empty()) {
+        throw GrammarError("invalid grammar: " + reason);
+    }
     tl_last_errors.clear();
     llama_sampler *s = llama_sampler_init_grammar(vocab, grammar.c_str(), root.c_str());
     if (s == nullptr) {
-        // llama.cpp's parser prints the position and cause to stderr, not to its log.
-        throw GrammarError("invalid grammar: " + last_errors_or("parse error") +
-                           " (llama.cpp printed the details to stderr)");
+        throw GrammarError("invalid grammar: " + last_errors_or("parse error"));
     }
     return s;
 }
 
 llama_sampler *parse_lazy_grammar(const llama_vocab *vocab, const std::string &grammar, const std::string &root,
                                   const std::vector<std::string> &patterns, const std::vector<llama_token> &tokens) {
+    if (const std::string reason = grammar_syntax_error(vocab, grammar); !reason.empty()) {
+        throw GrammarError("invalid grammar: " + reason);
+    }
     tl_last_errors.clear();
     std::vector<const char *> c_patterns;
     c_patterns.reserve(patterns.size());
@@ -990,12 +1094,87 @@ llama_sampler *parse_lazy_grammar(const llama_vocab *vocab, const std::string &g
         throw GrammarError(std::string("invalid grammar trigger: ") + e.what());
     }
     if (s == nullptr) {
-        throw GrammarError("invalid grammar: " + last_errors_or("parse error") +
-                           " (llama.cpp printed the details to stderr)");
+        throw GrammarError("invalid grammar: " + last_errors_or("parse error"));
     }
     return s;
 }
 
+// Raises GrammarError (with the reason) if llama.cpp would reject `grammar` whatever the
+// vocabulary: its syntax, undefined rules, a missing root rule, left recursion. Needs no model.
+void validate_grammar(const std::string &grammar, const std::string &root) {
+    bool needs_vocab = false;
+    if (const std::string reason = grammar_syntax_error(nullptr, grammar, &needs_vocab); !reason.empty()) {
+        throw GrammarError("invalid grammar: " + reason);
+    }
+#ifdef LLAMA_CPP_GRAMMAR_PARSER
+    if (needs_vocab) {
+        return;  // token literals: llama.cpp's parser would fail (and print to stderr) without one
+    }
+    // llama.cpp's other checks run when it builds a grammar; their reasons go to the log.
+    tl_last_errors.clear();
+    llama_grammar *g = llama_grammar_init_impl(nullptr, grammar.c_str(), root.c_str(), false, nullptr, 0, nullptr, 0);
+    if (g == nullptr) {
+        throw GrammarError("invalid grammar: " + last_errors_or("parse error"));
+    }
+    llama_grammar_free_impl(g);
+#else
+    (void)root;
+#endif
+}
+
+// llama.cpp's grammar sampler, with its failures raised as GrammarError. It throws a bare
+// std::runtime_error ("Unexpected empty grammar stack after accepting piece ...") when asked
+// to accept a token it does not allow, which happens when every token it allows was masked
+// out (a logit bias against end of generation once the grammar is complete, say).
+struct GrammarGuard {
+    llama_sampler *grammar;  // owned
+};
+
+llama_sampler *guard_grammar(llama_sampler *grammar);
+
+template <typename F>
+void as_grammar_error(F &&f) {
+    try {
+        f();
+    } catch (const LlamaError &) {
+        throw;
+    } catch (const std::runtime_error &e) {
+        throw GrammarError(std::string("the grammar cannot continue: ") + e.what());
+    }
+}
+
+llama_sampler_i make_grammar_guard_iface() {
+    llama_sampler_i iface{};  // no backend sampling: llama.cpp's grammar sampler has none either
+    iface.name = [](const llama_sampler *) { return "grammar"; };  // accept_prompt looks for it
+    iface.accept = [](llama_sampler *s, llama_token token) {
+        as_grammar_error([&] { llama_sampler_accept(static_cast<GrammarGuard *>(s->ctx)->grammar, token); });
+    };
+    iface.apply = [](llama_sampler *s, llama_token_data_array *cur_p) {
+        as_grammar_error([&] { llama_sampler_apply(static_cast<GrammarGuard *>(s->ctx)->grammar, cur_p); });
+    };
+    iface.reset = [](llama_sampler *s) { llama_sampler_reset(static_cast<GrammarGuard *>(s->ctx)->grammar); };
+    iface.clone = [](const llama_sampler *s) {
+        return guard_grammar(llama_sampler_clone(static_cast<const GrammarGuard *>(s->ctx)->grammar));
+    };
+    iface.free = [](llama_sampler *s) {
+        auto *guard = static_cast<GrammarGuard *>(s->ctx);
+        llama_sampler_free(guard->grammar);
+        delete guard;
+    };
+    return iface;
+}
+
+llama_sampler_i grammar_guard_iface = make_grammar_guard_iface();
+
+// Takes ownership of `grammar`.
+llama_sampler *guard_grammar(llama_sampler *grammar) {
+    return llama_sampler_init(&grammar_guard_iface, new GrammarGuard{grammar});
+}
+
+// The sampling settings of one generation. The chain is built in llama-server's order:
+// logit bias, penalties, DRY, then greedy (temperature == 0), plain random (temperature < 0),
+// mirostat, or top-n-sigma -> top-k -> typical -> top-p -> min-p -> XTC -> temperature ->
+// distribution. DRY, XTC and top-n-sigma are off by default (llama-server's defaults).
 struct SamplerConfig {
     float temperature = 0.8f;
     int32_t top_k = 40;
@@ -1009,6 +1188,18 @@ struct SamplerConfig {
     int32_t mirostat_mode = 0;
     float mirostat_tau = 5.0f;
     float mirostat_eta = 0.1f;
+    // DRY ("don't repeat yourself"): a token that would extend a repetition longer than
+    // dry_allowed_length tokens loses dry_multiplier * dry_base^(length - allowed) logits.
+    float dry_multiplier = 0.0f;  // 0 disables it
+    float dry_base = 1.75f;
+    int32_t dry_allowed_length = 2;
+    int32_t dry_penalty_last_n = 64;  // tokens scanned (-1: the context, 0 disables it)
+    std::vector<std::string> dry_sequence_breakers = {"\n", ":", "\"", "*"};
+    // XTC ("exclude top choices"): with probability xtc_probability, drop every token above
+    // xtc_threshold except the least likely of them.
+    float xtc_probability = 0.0f;  // 0 disables it
+    float xtc_threshold = 0.1f;
+    float top_n_sigma = -1.0f;  // keep logits within n standard deviations of the top; <= 0 disables it
     uint32_t seed = LLAMA_DEFAULT_SEED;
     std::vector<std::pair<llama_token, float>> logit_bias;
     std::string grammar;  // GBNF; empty: unconstrained
@@ -1040,6 +1231,19 @@ struct SamplerConfig {
             fail("mirostat_mode must be 0, 1 or 2, got " + std::to_string(mirostat_mode));
         if (!(mirostat_tau >= 0.0f)) fail("mirostat_tau must be >= 0");
         if (!(mirostat_eta >= 0.0f)) fail("mirostat_eta must be >= 0");
+        if (!(std::isfinite(dry_multiplier) && dry_multiplier >= 0.0f))
+            fail("dry_multiplier must be finite and >= 0 (0 disables DRY), got " + std::to_string(dry_multiplier));
+        if (!(std::isfinite(dry_base) && dry_base >= 1.0f))
+            fail("dry_base must be finite and >= 1, got " + std::to_string(dry_base));
+        if (dry_allowed_length < 0)
+            fail("dry_allowed_length must be >= 0, got " + std::to_string(dry_allowed_length));
+        if (dry_penalty_last_n < -1)
+            fail("dry_penalty_last_n must be >= -1, got " + std::to_string(dry_penalty_last_n));
+        if (!(xtc_probability >= 0.0f && xtc_probability <= 1.0f))
+            fail("xtc_probability must be in [0, 1], got " + std::to_string(xtc_probability));
+        if (!(xtc_threshold >= 0.0f && xtc_threshold <= 1.0f))
+            fail("xtc_threshold must be in [0, 1], got " + std::to_string(xtc_threshold));
+        if (!std::isfinite(top_n_sigma)) fail("top_n_sigma must be finite (<= 0 disables it)");
         for (const auto &[token, bias] : logit_bias) {
             if (token < 0 || token >= n_vocab)
                 fail("logit_bias token id " + std::to_string(token) + " is out of range [0, " +
@@ -1052,7 +1256,11 @@ struct SamplerConfig {
     // chain would compute, without copying n_vocab candidates per token (3 MiB for Gemma 3).
     bool plain_greedy() const {
         return temperature == 0.0f && logit_bias.empty() && grammar.empty() && repeat_penalty == 1.0f &&
-               frequency_penalty == 0.0f && presence_penalty == 0.0f;
+               frequency_penalty == 0.0f && presence_penalty == 0.0f && !dry_enabled();
+    }
+
+    bool dry_enabled() const {
+        return dry_multiplier > 0.0f && dry_base >= 1.0f && dry_penalty_last_n != 0;
     }
 
     SamplerPtr build(const llama_model *model, int32_t n_ctx) const {
@@ -1081,6 +1289,16 @@ struct SamplerConfig {
             add(llama_sampler_init_penalties(n_vocab, penalty_last_n == -1 ? n_ctx : penalty_last_n,
                                              repeat_penalty, frequency_penalty, presence_penalty));
         }
+        if (dry_enabled()) {
+            std::vector<const char *> breakers;
+            breakers.reserve(dry_sequence_breakers.size());
+            for (const std::string &b : dry_sequence_breakers) {
+                breakers.push_back(b.c_str());
+            }
+            add(llama_sampler_init_dry(vocab, dry_multiplier, dry_base, dry_allowed_length,
+                                       dry_penalty_last_n == -1 ? n_ctx : dry_penalty_last_n, breakers.data(),
+                                       breakers.size()));
+        }
         if (!grammar.empty()) {
             // A fresh grammar state for every generation: the chain is built per generation.
             SamplerPtr g(grammar_lazy ? parse_lazy_grammar(vocab, grammar, grammar_root, grammar_trigger_patterns,
@@ -1094,7 +1312,7 @@ struct SamplerConfig {
                 throw GrammarError(std::string("the grammar rejects the chat template's generation prompt: ") +
                                    e.what());
             }
-            llama_sampler_chain_add(chain.get(), g.release());
+            llama_sampler_chain_add(chain.get(), guard_grammar(g.release()));
         }
         if (temperature == 0.0f) {
             add(llama_sampler_init_greedy());
@@ -1107,10 +1325,12 @@ struct SamplerConfig {
             add(llama_sampler_init_temp(temperature));
             add(llama_sampler_init_mirostat_v2(seed, mirostat_tau, mirostat_eta));
         } else {
+            if (top_n_sigma > 0.0f) add(llama_sampler_init_top_n_sigma(top_n_sigma));
             if (top_k > 0) add(llama_sampler_init_top_k(top_k));
             if (typical_p < 1.0f) add(llama_sampler_init_typical(typical_p, 1));
             if (top_p < 1.0f) add(llama_sampler_init_top_p(top_p, 1));
             if (min_p > 0.0f) add(llama_sampler_init_min_p(min_p, 1));
+            if (xtc_probability > 0.0f) add(llama_sampler_init_xtc(xtc_probability, xtc_threshold, 1, seed));
             add(llama_sampler_init_temp(temperature));
             add(llama_sampler_init_dist(seed));
         }
@@ -1148,6 +1368,14 @@ void bind_sampling(nb::module_ &m) {
         .def_rw("mirostat_mode", &SamplerConfig::mirostat_mode)
         .def_rw("mirostat_tau", &SamplerConfig::mirostat_tau)
         .def_rw("mirostat_eta", &SamplerConfig::mirostat_eta)
+        .def_rw("dry_multiplier", &SamplerConfig::dry_multiplier)
+        .def_rw("dry_base", &SamplerConfig::dry_base)
+        .def_rw("dry_allowed_length", &SamplerConfig::dry_allowed_length)
+        .def_rw("dry_penalty_last_n", &SamplerConfig::dry_penalty_last_n)
+        .def_rw("dry_sequence_breakers", &SamplerConfig::dry_sequence_breakers)
+        .def_rw("xtc_probability", &SamplerConfig::xtc_probability)
+        .def_rw("xtc_threshold", &SamplerConfig::xtc_threshold)
+        .def_rw("top_n_sigma", &SamplerConfig::top_n_sigma)
         .def_rw("seed", &SamplerConfig::seed)
         .def_rw("logit_bias", &SamplerConfig::logit_bias)
         .def_rw("grammar", &SamplerConfig::grammar)
@@ -1171,10 +1399,17 @@ void bind_sampling(nb::module_ &m) {
     m.def(
         "check_grammar",
         [](const Model &model, const std::string &grammar, const std::string &root) {
-            llama_sampler_free(parse_grammar(model.vocab(), grammar, root));
+            // Runs with the GIL released: the handle keeps the vocabulary alive for the whole
+            // parse, whatever close() another thread calls meanwhile.
+            ModelHandle keep = model.handle();
+            llama_sampler_free(parse_grammar(llama_model_get_vocab(keep.get()), grammar, root));
         },
         "model"_a, "grammar"_a, "root"_a, nb::call_guard<nb::gil_scoped_release>(),
         "Raise GrammarError if llama.cpp rejects ``grammar`` for this model's vocabulary.");
+    m.def("validate_grammar", &validate_grammar, "grammar"_a, "root"_a, nb::call_guard<nb::gil_scoped_release>(),
+          "Raise GrammarError, with llama.cpp's reason, if it would reject ``grammar`` whatever the "
+          "model (its syntax, undefined rules, no ``root`` rule, left recursion). Token literals "
+          "(``<end_of_turn>``) are checked against a model's vocabulary only (check_grammar).");
     m.attr("DEFAULT_SEED") = static_cast<uint32_t>(LLAMA_DEFAULT_SEED);
 }
 
@@ -2873,9 +3108,12 @@ void bind_context(nb::module_ &m) {
         .def(
             "set_state_data",
             [](Context &self, nb::bytes data, std::vector<llama_token> toks) {
-                // The caller's reference keeps the (immutable) bytes alive: no copy needed.
+                // The caller's reference keeps the (immutable) bytes alive, so no copy; their
+                // address and size are read before the release (both are Python API calls).
+                const char *bytes = data.c_str();
+                const size_t size = data.size();
                 nb::gil_scoped_release release;
-                self.set_state_data(data.c_str(), data.size(), toks);
+                self.set_state_data(bytes, size, toks);
             },
             "data"_a, "tokens"_a, "Restore what state_data returned (raises LlamaError if it does not fit).")
         .def("save_state_file", &Context::save_state_file, "path"_a, nb::call_guard<nb::gil_scoped_release>())

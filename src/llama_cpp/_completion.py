@@ -262,6 +262,14 @@ class CompletionMixin(LlamaBase):
         grammar: LlamaGrammar | None = ...,
         logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = ...,
         stopping_criteria: StoppingCriteria | Sequence[StoppingCriteria] | None = ...,
+        dry_multiplier: float = ...,
+        dry_base: float = ...,
+        dry_allowed_length: int = ...,
+        dry_penalty_last_n: int = ...,
+        dry_sequence_breakers: Sequence[str] = ...,
+        xtc_probability: float = ...,
+        xtc_threshold: float = ...,
+        top_n_sigma: float = ...,
     ) -> CreateCompletionResponse: ...
 
     @overload
@@ -292,6 +300,14 @@ class CompletionMixin(LlamaBase):
         grammar: LlamaGrammar | None = ...,
         logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = ...,
         stopping_criteria: StoppingCriteria | Sequence[StoppingCriteria] | None = ...,
+        dry_multiplier: float = ...,
+        dry_base: float = ...,
+        dry_allowed_length: int = ...,
+        dry_penalty_last_n: int = ...,
+        dry_sequence_breakers: Sequence[str] = ...,
+        xtc_probability: float = ...,
+        xtc_threshold: float = ...,
+        top_n_sigma: float = ...,
     ) -> Iterator[CreateCompletionResponse]: ...
 
     def create_completion(  # noqa: PLR0917 - llama-cpp-python passes these positionally too
@@ -320,6 +336,14 @@ class CompletionMixin(LlamaBase):
         grammar: LlamaGrammar | None = None,
         logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
         stopping_criteria: StoppingCriteria | Sequence[StoppingCriteria] | None = None,
+        dry_multiplier: float = 0.0,
+        dry_base: float = 1.75,
+        dry_allowed_length: int = 2,
+        dry_penalty_last_n: int = 64,
+        dry_sequence_breakers: Sequence[str] = ("\n", ":", '"', "*"),
+        xtc_probability: float = 0.0,
+        xtc_threshold: float = 0.1,
+        top_n_sigma: float = -1.0,
     ) -> CreateCompletionResponse | Iterator[CreateCompletionResponse]:
         """Complete ``prompt``, returning llama-cpp-python's (OpenAI's) completion dict.
 
@@ -357,6 +381,14 @@ class CompletionMixin(LlamaBase):
             mirostat_mode=mirostat_mode,
             mirostat_tau=mirostat_tau,
             mirostat_eta=mirostat_eta,
+            dry_multiplier=dry_multiplier,
+            dry_base=dry_base,
+            dry_allowed_length=dry_allowed_length,
+            dry_penalty_last_n=dry_penalty_last_n,
+            dry_sequence_breakers=tuple(dry_sequence_breakers),
+            xtc_probability=xtc_probability,
+            xtc_threshold=xtc_threshold,
+            top_n_sigma=top_n_sigma,
             logit_bias=dict(logit_bias or {}),
             grammar=grammar,
             logits_processor=logits_processor,

@@ -340,6 +340,54 @@ class SamplerConfig:
     def mirostat_eta(self, arg: float, /) -> None: ...
 
     @property
+    def dry_multiplier(self) -> float: ...
+
+    @dry_multiplier.setter
+    def dry_multiplier(self, arg: float, /) -> None: ...
+
+    @property
+    def dry_base(self) -> float: ...
+
+    @dry_base.setter
+    def dry_base(self, arg: float, /) -> None: ...
+
+    @property
+    def dry_allowed_length(self) -> int: ...
+
+    @dry_allowed_length.setter
+    def dry_allowed_length(self, arg: int, /) -> None: ...
+
+    @property
+    def dry_penalty_last_n(self) -> int: ...
+
+    @dry_penalty_last_n.setter
+    def dry_penalty_last_n(self, arg: int, /) -> None: ...
+
+    @property
+    def dry_sequence_breakers(self) -> list[str]: ...
+
+    @dry_sequence_breakers.setter
+    def dry_sequence_breakers(self, arg: Sequence[str], /) -> None: ...
+
+    @property
+    def xtc_probability(self) -> float: ...
+
+    @xtc_probability.setter
+    def xtc_probability(self, arg: float, /) -> None: ...
+
+    @property
+    def xtc_threshold(self) -> float: ...
+
+    @xtc_threshold.setter
+    def xtc_threshold(self, arg: float, /) -> None: ...
+
+    @property
+    def top_n_sigma(self) -> float: ...
+
+    @top_n_sigma.setter
+    def top_n_sigma(self, arg: float, /) -> None: ...
+
+    @property
     def seed(self) -> int: ...
 
     @seed.setter
@@ -395,6 +443,11 @@ def json_schema_to_grammar(schema: str) -> str:
 def check_grammar(model: Model, grammar: str, root: str) -> None:
     """
     Raise GrammarError if llama.cpp rejects ``grammar`` for this model's vocabulary.
+    """
+
+def validate_grammar(grammar: str, root: str) -> None:
+    """
+    Raise GrammarError, with llama.cpp's reason, if it would reject ``grammar`` whatever the model (its syntax, undefined rules, no ``root`` rule, left recursion). Token literals (``<end_of_turn>``) are checked against a model's vocabulary only (check_grammar).
     """
 
 DEFAULT_SEED: int = 4294967295

@@ -67,9 +67,14 @@ def _unenforced(schema: object, path: str) -> Iterator[str]:
 class LlamaGrammar:
     """A GBNF grammar (llama.cpp's grammar format) and its start symbol.
 
-    llama.cpp parses it against the model's vocabulary when a generation starts, with a fresh
-    grammar state every time; a grammar it rejects raises :class:`GrammarError` with
-    llama.cpp's reason. :meth:`Llama.check_grammar` checks one up front.
+    llama.cpp's parser checks it on construction, without a model: a grammar it rejects
+    (syntax, an undefined rule, no root rule, left recursion) raises :class:`GrammarError`
+    with llama.cpp's reason and where it found the fault. Token literals (``<end_of_turn>``)
+    are resolved against a model's vocabulary when a generation starts, with a fresh grammar
+    state every time; :meth:`Llama.check_grammar` checks them up front.
+
+    Raises:
+        GrammarError: llama.cpp rejects the grammar.
     """
 
     grammar: str
@@ -81,6 +86,9 @@ class LlamaGrammar:
     trigger_tokens: tuple[int, ...] = ()
     #: Tokens the grammar accepts before generation starts (a template's generation prompt).
     prefill_tokens: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _core.validate_grammar(self.grammar, self.root)
 
     @classmethod
     def from_chat_params(cls, params: _core.ChatParams) -> LlamaGrammar:
@@ -99,7 +107,7 @@ class LlamaGrammar:
         """A grammar from GBNF text (``verbose`` is accepted for llama-cpp-python compatibility).
 
         Raises:
-            GrammarError: The text is empty.
+            GrammarError: The text is empty, or llama.cpp rejects it (with its reason).
         """
         del verbose
         if not grammar.strip():

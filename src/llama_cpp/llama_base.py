@@ -339,10 +339,15 @@ class LlamaBase:
         """Restore a snapshot taken by :meth:`save_state` (of this model).
 
         Raises:
+            InvalidArgumentError: ``state`` is not a :class:`LlamaState` (raw bytes, say).
             LlamaError: The state does not belong to this model or is damaged; the KV cache is
                 left empty.
             ContextOverflowError: The state holds more tokens than this context's window.
         """
+        if not isinstance(state, LlamaState):
+            raise InvalidArgumentError(
+                f"load_state expects a LlamaState (from save_state()), got {type(state).__name__}"
+            )
         self.context.set_state_data(state.data, list(state.tokens))
 
     def save_state_file(self, path: str | os.PathLike[str]) -> None:

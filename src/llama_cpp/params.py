@@ -14,7 +14,13 @@ DEFAULT_SEED: int = _core.DEFAULT_SEED
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
-    """How the next token is chosen; defaults are llama-cpp-python's.
+    """How the next token is chosen; defaults are llama-cpp-python's (llama-server's for DRY,
+    XTC and top-n-sigma, which are off by default).
+
+    The samplers run in llama-server's order: logit bias, penalties, DRY, grammar, then
+    top-n-sigma, top-k, typical, top-p, min-p, XTC, temperature and the random draw. With
+    ``temperature == 0`` only the logit bias, penalties, DRY and grammar apply before the
+    argmax.
 
     ``temperature == 0`` is greedy decoding, ``temperature < 0`` samples from the unmodified
     distribution. Values are checked when a generation starts: an out-of-range value raises
@@ -33,6 +39,18 @@ class SamplingParams:
         mirostat_mode: 0 off, 1 Mirostat, 2 Mirostat 2.0.
         mirostat_tau: Mirostat target entropy.
         mirostat_eta: Mirostat learning rate.
+        dry_multiplier: DRY ("don't repeat yourself") strength: a token that would extend a
+            repetition longer than ``dry_allowed_length`` loses
+            ``dry_multiplier * dry_base ** (length - dry_allowed_length)`` logits (0 disables it).
+        dry_base: Growth of the DRY penalty with the repetition's length (>= 1).
+        dry_allowed_length: Repetitions up to this many tokens go unpenalized.
+        dry_penalty_last_n: Tokens DRY scans for repetitions (-1: the context, 0 disables it).
+        dry_sequence_breakers: Strings that end a repetition for DRY.
+        xtc_probability: XTC ("exclude top choices"): the chance, per token, of dropping every
+            token above ``xtc_threshold`` except the least likely of them (0 disables it).
+        xtc_threshold: Probability above which XTC drops tokens (above 0.5 it never acts).
+        top_n_sigma: Keep the tokens whose logit is within ``top_n_sigma`` standard deviations
+            of the top one (<= 0 disables it).
         seed: Sampler seed; None draws a random one.
         logit_bias: Token id to additive logit bias (``-inf`` bans a token).
         grammar: A GBNF grammar that every generated token must satisfy.
@@ -50,6 +68,14 @@ class SamplingParams:
     mirostat_mode: int = 0
     mirostat_tau: float = 5.0
     mirostat_eta: float = 0.1
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 64
+    dry_sequence_breakers: tuple[str, ...] = ("\n", ":", '"', "*")
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    top_n_sigma: float = -1.0
     seed: int | None = None
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     grammar: LlamaGrammar | None = None
@@ -74,6 +100,14 @@ class SamplingParams:
         config.mirostat_mode = self.mirostat_mode
         config.mirostat_tau = self.mirostat_tau
         config.mirostat_eta = self.mirostat_eta
+        config.dry_multiplier = self.dry_multiplier
+        config.dry_base = self.dry_base
+        config.dry_allowed_length = self.dry_allowed_length
+        config.dry_penalty_last_n = self.dry_penalty_last_n
+        config.dry_sequence_breakers = list(self.dry_sequence_breakers)
+        config.xtc_probability = self.xtc_probability
+        config.xtc_threshold = self.xtc_threshold
+        config.top_n_sigma = self.top_n_sigma
         if self.seed is None or self.seed == -1:
             config.seed = DEFAULT_SEED
         elif 0 <= self.seed <= 0xFFFFFFFF:

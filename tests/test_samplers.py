@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from conftest import FrontEnd
 from llama_cpp import InvalidArgumentError, Llama, SamplingParams
 
 CYCLE = "abcdefghijklmnopqrstuvwxyzabcdefghij"  # the tiny model's letter cycle, then 'k' comes
@@ -42,6 +43,17 @@ def test_dry_breaks_the_repetition_cycle(tiny: Llama) -> None:
     assert tiny.generate(CYCLE, max_tokens=4, sampling=wide_allowance) == "klmn"
     short_window = SamplingParams(temperature=0, dry_multiplier=0.8, dry_penalty_last_n=8)
     assert tiny.generate(CYCLE, max_tokens=4, sampling=short_window) == "klmn"
+
+
+def test_the_new_samplers_work_on_both_front_ends(front: FrontEnd) -> None:
+    dry = front.create_completion(CYCLE, max_tokens=4, temperature=0, dry_multiplier=0.8)
+    assert dry["choices"][0]["text"] == ""
+    sigma = front.create_completion(
+        "a", max_tokens=8, temperature=30.0, top_k=0, top_p=1.0, min_p=0.0, seed=7, top_n_sigma=1.0
+    )
+    assert sigma["choices"][0]["text"] == "bcdefghi"
+    with pytest.raises(InvalidArgumentError, match="xtc_probability"):
+        front.create_completion("a", max_tokens=2, xtc_probability=2.0)
 
 
 def test_dry_sequence_breakers_end_a_repetition(tiny: Llama) -> None:

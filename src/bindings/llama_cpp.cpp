@@ -3,13 +3,14 @@
 // One file, in sections: errors, logging, backend, model, sampling, chat, text, decoding,
 // context, generation, engine. Each section ends in a bind_* function; NB_MODULE only calls them.
 //
-// Threading rules (see ../../README.md, "Threads and the GIL"):
+// Threading rules (see ../../docs/ARCHITECTURE.md, "Threads, the GIL and ownership"):
 //   * every call that can take more than about a millisecond releases the GIL; arguments
 //     are converted before the release and no Python object is touched inside;
-//   * a context is used by one thread at a time, enforced by ContextState::mutex, which is
-//     only ever locked with the GIL released (so a thread waiting for it never blocks one
-//     that needs the GIL to finish);
-//   * llama.cpp's log callback takes the GIL only to hand a finished line to Python.
+//   * a context has one owner at a time, a call or a stream (ContextState::acquire), and
+//     owners wait for it with the GIL released; ContextState::mutex only guards who the
+//     owner is and is never held while decoding, freeing or taking the GIL;
+//   * the GIL is taken back only by llama.cpp's log callback (to hand a finished line to
+//     Python) and by the per-token Python hooks.
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>

@@ -189,6 +189,12 @@ class CompletionBuilder:
             token_stream.close()
 
 
+#: create_completion's keywords that are not sampling settings: completion_request's own.
+REQUEST_KEYWORDS = frozenset(
+    {"suffix", "max_tokens", "logprobs", "echo", "stop", "model", "logits_processor", "stopping_criteria"}
+)
+
+
 def completion_request(
     llm: LlamaBase,
     prompt: str | bytes | Sequence[int],
@@ -403,31 +409,15 @@ class CompletionMixin(LlamaBase):
         *,
         stream: bool,
         cancellation: _core.Cancellation,
-        suffix: str | None = None,
-        max_tokens: int | None = 16,
-        logprobs: int | None = None,
-        echo: bool = False,
-        stop: str | Sequence[str] | None = None,
-        model: str | None = None,
-        logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
-        stopping_criteria: StoppingCriteria | Sequence[StoppingCriteria] | None = None,
         preserved_tokens: Sequence[int] = (),
-        **sampling: Any,
+        **kwargs: Any,
     ) -> CreateCompletionResponse | Iterator[CreateCompletionResponse]:
+        """``kwargs``: :func:`completion_request`'s keywords, the rest are sampling settings."""
+        request = {key: kwargs.pop(key) for key in REQUEST_KEYWORDS if key in kwargs}
         prompt_tokens, options, builder = completion_request(
-            self,
-            prompt,
-            cancellation=cancellation,
-            suffix=suffix,
-            max_tokens=max_tokens,
-            logprobs=logprobs,
-            echo=echo,
-            stop=stop,
-            model=model,
-            logits_processor=logits_processor,
-            stopping_criteria=stopping_criteria,
-            preserved_tokens=preserved_tokens,
+            self, prompt, cancellation=cancellation, preserved_tokens=preserved_tokens, **request
         )
+        sampling = kwargs
         config = self._sampling(None, sampling)
         if stream:
             return builder.stream(self._token_stream(prompt_tokens, config, options))

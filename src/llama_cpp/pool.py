@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import Any, Self, TypeVar
 
 from llama_cpp import _async, _core
-from llama_cpp._completion import CompletionBuilder, collect, completion_request
+from llama_cpp._completion import REQUEST_KEYWORDS, CompletionBuilder, collect, completion_request
 from llama_cpp._core import LoraAdapter
 from llama_cpp._options import generate_options
 from llama_cpp.chat_output import OutputParser, chat_chunks, chat_response
@@ -49,21 +49,11 @@ T = TypeVar("T")
 Prompt = str | bytes | Sequence[int]
 Messages = Sequence[Mapping[str, Any]]
 
-# create_completion's keywords that are not sampling settings, and their defaults.
-_COMPLETION_DEFAULTS: dict[str, Any] = {
-    "max_tokens": 16,
-    "stop": None,
-    "model": None,
-    "suffix": None,
-    "logprobs": None,
-    "echo": False,
-    "logits_processor": None,
-    "stopping_criteria": None,
-    "lora": None,
-}
+# create_completion's keywords on the pool: completion_request's, the sampling settings, lora.
 Lora = Mapping[LoraAdapter, float]
 # llama-cpp-python's create_completion names its SamplingParams fields the same way.
 _SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__)
+_COMPLETION_KEYWORDS = REQUEST_KEYWORDS | _SAMPLING_FIELDS | {"lora"}
 
 
 class LlamaPool:
@@ -315,18 +305,17 @@ class LlamaPool:
         wait: bool,
         preserved_tokens: Sequence[int] = (),
     ) -> tuple[CompletionBuilder, _core.EngineStream]:
-        unknown = set(kwargs) - _SAMPLING_FIELDS - set(_COMPLETION_DEFAULTS)
+        unknown = set(kwargs) - _COMPLETION_KEYWORDS
         if unknown:
             raise TypeError(f"LlamaPool.create_completion got unexpected keyword arguments {sorted(unknown)}")
-        settings = {key: kwargs.get(key, default) for key, default in _COMPLETION_DEFAULTS.items()}
+        request = {key: kwargs[key] for key in REQUEST_KEYWORDS if key in kwargs}
         overrides = {k: v for k, v in kwargs.items() if k in _SAMPLING_FIELDS}
         if overrides.get("logit_bias") is None:
             overrides.pop("logit_bias", None)
-        lora = settings.pop("lora")
         tokens, options, builder = completion_request(
-            self._llm, prompt, cancellation=cancellation, preserved_tokens=preserved_tokens, **settings
+            self._llm, prompt, cancellation=cancellation, preserved_tokens=preserved_tokens, **request
         )
-        stream = self._submit(tokens, self._llm._sampling(None, overrides), options, wait, lora)
+        stream = self._submit(tokens, self._llm._sampling(None, overrides), options, wait, kwargs.get("lora"))
         return builder, stream
 
     def create_completion_sync(
@@ -378,9 +367,7 @@ class LlamaPool:
         for key in ("parallel_tool_calls", "reasoning_format", "chat_template_kwargs"):
             if key in kwargs:
                 chat_args[key] = kwargs.pop(key)
-        template_kwargs = {
-            k: kwargs.pop(k) for k in list(kwargs) if k not in _SAMPLING_FIELDS | set(_COMPLETION_DEFAULTS)
-        }
+        template_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k not in _COMPLETION_KEYWORDS}
         chat = self._llm.prepare_chat(messages, **chat_args, **template_kwargs)
         stop = kwargs.get("stop")
         kwargs["stop"] = ([stop] if isinstance(stop, str) else list(stop or [])) + chat.stop

@@ -29,7 +29,11 @@ from llama_cpp.state import LlamaState
 __all__ = ["Completion", "LlamaBase", "Perf"]
 
 # llama-cpp-python keywords that are accepted for compatibility and have no effect here.
-_IGNORED_KWARGS = frozenset({"numa", "last_n_tokens_size", "logits_all", "draft_model"})
+# lora_base is stored and never read by llama-cpp-python 0.3; n_parts and f16_kv are older
+# names (the KV cache is f16 unless type_k/type_v say otherwise) that LangChain still passes.
+_IGNORED_KWARGS = frozenset(
+    {"numa", "last_n_tokens_size", "logits_all", "draft_model", "lora_base", "n_parts", "f16_kv"}
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,10 +28,13 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 
-# Rebuilt when the binding, the build files or llama.cpp's build change.
-$(INSTALLED): lib/llama-build.json pyproject.toml CMakeLists.txt src/bindings/llama_cpp.cpp
+# Rebuilt when the binding, the build files or llama.cpp's build change. The packages of
+# requirements-nodeps.txt require llama-cpp-python, which would shadow `llama_cpp`: they
+# go in without their dependencies (the rest of what they need is in `.[dev]`).
+$(INSTALLED): lib/llama-build.json pyproject.toml requirements-nodeps.txt CMakeLists.txt src/bindings/llama_cpp.cpp
 	$(PY) -m pip install -q --disable-pip-version-check "scikit-build-core>=0.10" "nanobind>=2.4"
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	touch $@
 
 lint: setup

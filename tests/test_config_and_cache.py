@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 
 import pytest
 
-from llama_cpp import InvalidArgumentError, Llama, LlamaConfig, SamplingParams
+from llama_cpp import (
+    ClosedError,
+    ContextParams,
+    InvalidArgumentError,
+    Llama,
+    LlamaConfig,
+    LlamaError,
+    ModelParams,
+    SamplingParams,
+)
 from llama_cpp.config import DEFAULTS
 from llama_cpp.testing import BOS_ID, byte_token
 
@@ -30,6 +40,78 @@ def test_config_and_keywords(tiny_model_path: Path) -> None:
     with Llama(tiny_model_path, config=config, n_ctx=256) as llm:  # the keyword wins
         assert llm.n_ctx() == 256
         assert llm.config.n_batch == 32
+
+
+def test_context_params_are_read_back_from_llama_cpp(tiny_model_path: Path) -> None:
+    with Llama(tiny_model_path, n_ctx=256, n_batch=64, n_threads=2, verbose=False) as llm:
+        assert llm.context_params == ContextParams(
+            n_ctx=256,
+            n_batch=64,
+            n_ubatch=64,
+            n_seq_max=1,
+            n_threads=2,
+            n_threads_batch=2,
+            pooling_type=0,
+            flash_attn_type=0,
+            embeddings=False,
+            offload_kqv=True,
+            kv_unified=False,
+            type_k=-1,
+            type_v=-1,
+            rope_scaling_type=-1,
+            rope_freq_base=0.0,
+            rope_freq_scale=0.0,
+            yarn_ext_factor=-1.0,
+            yarn_attn_factor=-1.0,
+            yarn_beta_fast=-1.0,
+            yarn_beta_slow=-1.0,
+            yarn_orig_ctx=0,
+        )
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            llm.context_params.n_ctx = 8  # type: ignore[misc]
+    # n_ctx=0 is the model's training context, as llama-cpp-python reports it; llama.cpp caps
+    # n_ubatch at n_batch.
+    with Llama(tiny_model_path, n_ctx=0, n_batch=64, n_ubatch=128, verbose=False) as llm:
+        params = llm.context_params
+        assert (params.n_ctx, params.n_batch, params.n_ubatch) == (4096, 64, 64)
+        assert params.n_ctx == llm.n_ctx() == llm.model.n_ctx_train
+    # What llama.cpp made of an embedding context: n_batch (512 asked) capped at the window
+    # (a pooled sequence must fit one batch), 16 sequences over one unified cache.
+    with Llama(tiny_model_path, n_ctx=256, embedding=True, pooling_type=1, verbose=False) as llm:
+        params = llm.context_params
+        assert (params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max) == (256, 256, 256, 16)
+        assert (params.embeddings, params.kv_unified, params.pooling_type) == (True, True, 1)
+
+
+def test_context_params_need_a_context(tiny_model_path: Path) -> None:
+    with Llama(tiny_model_path, vocab_only=True, verbose=False) as llm:
+        with pytest.raises(LlamaError, match="loaded with vocab_only=True: it has no context"):
+            _ = llm.context_params
+        assert llm.model_params.vocab_only
+    llm = Llama(tiny_model_path, n_ctx=256, verbose=False)
+    llm.close()
+    with pytest.raises(ClosedError, match="the context is closed"):
+        _ = llm.context_params
+
+
+def test_model_params(tiny_model_path: Path) -> None:
+    with Llama(tiny_model_path, n_ctx=256, verbose=False) as llm:
+        assert llm.model_params == ModelParams(
+            n_gpu_layers=0,
+            split_mode=1,
+            main_gpu=0,
+            tensor_split=(),
+            load_mode=-1,
+            use_mmap=True,
+            use_mlock=False,
+            vocab_only=False,
+            kv_overrides={},
+        )
+    assert llm.model_params.load_mode == -1  # a record of the load: readable after close()
+    overrides = {"tokenizer.ggml.add_bos_token": False}
+    with Llama(tiny_model_path, n_ctx=256, use_mmap=False, kv_overrides=overrides, verbose=False) as llm:
+        params = llm.model_params
+        assert (params.load_mode, params.use_mmap, params.kv_overrides) == (0, False, overrides)
 
 
 @pytest.mark.parametrize(

@@ -99,9 +99,15 @@ def test_a_forced_tool_call_always_parses(request: pytest.FixtureRequest, fixtur
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["gemma"])
-def test_a_named_function_is_the_one_called(request: pytest.FixtureRequest, fixture: str) -> None:
+@pytest.mark.parametrize(
+    "choice",
+    [{"type": "function", "function": {"name": "get_time"}}, "get_time"],
+    ids=["function", "bare-name"],  # LangChain's bind_tools(tool_choice="name") sends the name alone
+)
+def test_a_named_function_is_the_one_called(
+    request: pytest.FixtureRequest, fixture: str, choice: str | dict[str, Any]
+) -> None:
     llm: Llama = request.getfixturevalue(fixture)
-    choice = {"type": "function", "function": {"name": "get_time"}}
     response = llm.create_chat_completion(ASK, tools=[WEATHER, TIME], tool_choice=choice, max_tokens=80)
     calls = response["choices"][0]["message"]["tool_calls"]
     assert [c["function"]["name"] for c in calls] == ["get_time"]

@@ -2730,6 +2730,24 @@ class Context {
         ContextLock lock(*state_, Access::read);
         return static_cast<int32_t>(llama_n_batch(state_->get()));
     }
+    // What llama.cpp made of the requested sizes and threads (it clamps n_ubatch to n_batch,
+    // n_seq_max to its limits), read back rather than recomputed.
+    int32_t n_ubatch() {
+        ContextLock lock(*state_, Access::read);
+        return static_cast<int32_t>(llama_n_ubatch(state_->get()));
+    }
+    int32_t n_seq_max() {
+        ContextLock lock(*state_, Access::read);
+        return static_cast<int32_t>(llama_n_seq_max(state_->get()));
+    }
+    int32_t n_threads() {
+        ContextLock lock(*state_, Access::read);
+        return llama_n_threads(state_->get());
+    }
+    int32_t n_threads_batch() {
+        ContextLock lock(*state_, Access::read);
+        return llama_n_threads_batch(state_->get());
+    }
     int32_t n_past() {
         ContextLock lock(*state_, Access::read);
         return state_->n_past();
@@ -3088,6 +3106,10 @@ void bind_context(nb::module_ &m) {
         .def_prop_ro("closed", &Context::closed)
         .def("n_ctx", &Context::n_ctx, nb::call_guard<nb::gil_scoped_release>())
         .def("n_batch", &Context::n_batch, nb::call_guard<nb::gil_scoped_release>())
+        .def("n_ubatch", &Context::n_ubatch, nb::call_guard<nb::gil_scoped_release>())
+        .def("n_seq_max", &Context::n_seq_max, nb::call_guard<nb::gil_scoped_release>())
+        .def("n_threads", &Context::n_threads, nb::call_guard<nb::gil_scoped_release>())
+        .def("n_threads_batch", &Context::n_threads_batch, nb::call_guard<nb::gil_scoped_release>())
         .def("n_past", &Context::n_past, nb::call_guard<nb::gil_scoped_release>(),
              "Tokens in sequence 0 of the KV cache, as llama.cpp reports it.")
         .def("tokens", &Context::tokens, nb::call_guard<nb::gil_scoped_release>(),

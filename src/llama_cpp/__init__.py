@@ -18,7 +18,7 @@ from typing import Any
 
 from llama_cpp import _core, _logging
 from llama_cpp._core import Cancellation, Device, LoraAdapter
-from llama_cpp.config import LlamaConfig
+from llama_cpp.config import ContextParams, LlamaConfig, ModelParams
 from llama_cpp.embeddings import RerankResult
 from llama_cpp.errors import (
     ClosedError,
@@ -49,6 +49,7 @@ __all__ = [
     "Completion",
     "ContextBusyError",
     "ContextOverflowError",
+    "ContextParams",
     "DecodeError",
     "Device",
     "GenerationCancelled",
@@ -64,6 +65,7 @@ __all__ = [
     "LoraAdapter",
     "ModelFamily",
     "ModelLoadError",
+    "ModelParams",
     "Perf",
     "PoolBusyError",
     "RerankResult",

@@ -81,18 +81,25 @@ def _tool_choice(
     tools: list[Mapping[str, Any]], tool_choice: str | Mapping[str, Any] | None
 ) -> tuple[list[Mapping[str, Any]], str]:
     """The tools to offer and llama.cpp's choice (auto/none/required): a named function offers
-    that tool alone and requires a call, as OpenAI's forced function."""
+    that tool alone and requires a call, as OpenAI's forced function. A bare tool name (what
+    LangChain's ``bind_tools(tool_choice="name")`` sends) names a function too."""
     if tool_choice is None:
         return tools, "auto"
     if isinstance(tool_choice, str):
-        if tool_choice not in ("auto", "none", "required"):
+        if tool_choice in ("auto", "none", "required"):
+            if tool_choice == "required" and not tools:
+                raise InvalidArgumentError("tool_choice='required' needs tools")
+            return tools, tool_choice
+        if not any((t.get("function") or {}).get("name") == tool_choice for t in tools):
             raise InvalidArgumentError(
-                f"tool_choice must be 'auto', 'none', 'required' or a function, got {tool_choice!r}"
+                "tool_choice must be 'auto', 'none', 'required', the name of one of the tools or a "
+                f"function, got {tool_choice!r}"
             )
-        if tool_choice == "required" and not tools:
-            raise InvalidArgumentError("tool_choice='required' needs tools")
-        return tools, tool_choice
-    name = (tool_choice.get("function") or {}).get("name") if tool_choice.get("type") == "function" else None
+        name: object = tool_choice
+    elif tool_choice.get("type") == "function":
+        name = (tool_choice.get("function") or {}).get("name")
+    else:
+        name = None
     if not isinstance(name, str):
         raise InvalidArgumentError(
             "tool_choice must be {'type': 'function', 'function': {'name': ...}}, got " + repr(tool_choice)
@@ -363,8 +370,9 @@ class ChatMixin(CompletionMixin):
         (a thinking model's reasoning, unless ``reasoning_format="none"`` leaves it in the
         content) and ``message["tool_calls"]`` (``finish_reason="tool_calls"``).
 
-        ``tools`` + ``tool_choice`` (``"auto"``, ``"none"``, ``"required"`` or
-        ``{"type": "function", "function": {"name": ...}}``): a forced call is constrained by
+        ``tools`` + ``tool_choice`` (``"auto"``, ``"none"``, ``"required"``,
+        ``{"type": "function", "function": {"name": ...}}``, or the bare name of one of the
+        tools, as LangChain's ``bind_tools`` passes it): a forced call is constrained by
         a grammar so that it always parses; under ``"auto"`` the grammar takes over once the
         model starts a call. ``response_format`` (``json_object``, with or without
         ``schema``, or OpenAI's ``json_schema``) constrains the answer to the schema. With

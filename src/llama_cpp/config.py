@@ -1,4 +1,5 @@
-"""Model and context settings: :class:`LlamaConfig`, llama-cpp-python's constructor as a value."""
+"""Model and context settings: :class:`LlamaConfig`, llama-cpp-python's constructor as a value, and
+:class:`ModelParams` / :class:`ContextParams`, its ``model_params`` / ``context_params``."""
 
 from __future__ import annotations
 
@@ -132,6 +133,149 @@ class LlamaConfig:
         options.stream_timeout = float(self.stream_timeout)
         options.verbose = self.verbose
         return options
+
+
+# llama.h's enum llama_load_mode, which replaced llama-cpp-python's use_mmap / use_mlock flags.
+LOAD_MODE_AUTO = -1
+LOAD_MODE_NONE = 0
+LOAD_MODE_MLOCK = 2
+LOAD_MODE_MMAP_MLOCK = 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelParams:
+    """The model's load parameters under the names of llama.h's ``llama_model_params``:
+    llama-cpp-python's ``Llama.model_params``, as a frozen value instead of a ctypes struct.
+
+    These are the values the model was loaded with (llama.cpp does not report them back).
+
+    Attributes:
+        n_gpu_layers: Layers offloaded to the GPU (negative: all).
+        split_mode: 0 none, 1 layer, 2 row.
+        main_gpu: The GPU used when ``split_mode`` is 0.
+        tensor_split: Proportion of the model per GPU (empty: llama.cpp decides).
+        load_mode: llama.h's ``llama_load_mode``: -1 auto (mmap where possible, the default),
+            0 read into memory (``use_mmap=False``), 2 mlock, 3 mmap + mlock.
+        use_mmap: llama-cpp-python's flag behind ``load_mode``.
+        use_mlock: Same.
+        vocab_only: Only the vocabulary was loaded.
+        kv_overrides: GGUF metadata overridden at load.
+    """
+
+    n_gpu_layers: int
+    split_mode: int
+    main_gpu: int
+    tensor_split: tuple[float, ...]
+    load_mode: int
+    use_mmap: bool
+    use_mlock: bool
+    vocab_only: bool
+    kv_overrides: Mapping[str, bool | int | float | str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContextParams:
+    """The context's parameters under the names of llama.h's ``llama_context_params``:
+    llama-cpp-python's ``Llama.context_params``, as a frozen value instead of a ctypes struct.
+
+    Sizes, threads and pooling are read back from the llama.cpp context, so they are what
+    llama.cpp made of the request: ``n_ctx`` is the model's training context when 0 was
+    asked for (as llama-cpp-python reports it) and is rounded up where llama.cpp pads it;
+    ``n_ubatch`` is at most ``n_batch``. The other fields are the values passed to llama.cpp.
+
+    Attributes:
+        n_ctx: The context window in tokens (all sequences together).
+        n_batch: Most tokens submitted in one ``llama_decode``.
+        n_ubatch: Most tokens computed in one physical step.
+        n_seq_max: Sequences the context holds.
+        n_threads: Threads for generation.
+        n_threads_batch: Threads for prompt processing.
+        pooling_type: 0 none, 1 mean, 2 CLS, 3 last, 4 rank (the model's where -1 was passed).
+        flash_attn_type: llama.h's ``llama_flash_attn_type``: -1 auto, 0 off, 1 on.
+        embeddings: The context extracts embeddings.
+        offload_kqv: The KV cache stays on the GPU with offloaded layers.
+        kv_unified: One KV buffer across sequences.
+        type_k: ggml type id of the K cache (-1: llama.cpp's default, f16).
+        type_v: Same for the V cache.
+        rope_scaling_type: -1 the model's, 0 none, 1 linear, 2 YaRN, 3 LongRoPE.
+        rope_freq_base: 0: the model's.
+        rope_freq_scale: 0: the model's.
+        yarn_ext_factor: Negative: the model's.
+        yarn_attn_factor: Negative: the model's.
+        yarn_beta_fast: Negative: llama.cpp's default.
+        yarn_beta_slow: Negative: llama.cpp's default.
+        yarn_orig_ctx: 0: the model's.
+    """
+
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int
+    n_seq_max: int
+    n_threads: int
+    n_threads_batch: int
+    pooling_type: int
+    flash_attn_type: int
+    embeddings: bool
+    offload_kqv: bool
+    kv_unified: bool
+    type_k: int
+    type_v: int
+    rope_scaling_type: int
+    rope_freq_base: float
+    rope_freq_scale: float
+    yarn_ext_factor: float
+    yarn_attn_factor: float
+    yarn_beta_fast: float
+    yarn_beta_slow: float
+    yarn_orig_ctx: int
+
+
+def model_params(config: LlamaConfig) -> ModelParams:
+    """The :class:`ModelParams` a model loaded with ``config`` was given."""
+    options = config.model_options()
+    if options.use_mlock:
+        load_mode = LOAD_MODE_MMAP_MLOCK if options.use_mmap else LOAD_MODE_MLOCK
+    else:
+        load_mode = LOAD_MODE_AUTO if options.use_mmap else LOAD_MODE_NONE
+    return ModelParams(
+        n_gpu_layers=options.n_gpu_layers,
+        split_mode=options.split_mode,
+        main_gpu=options.main_gpu,
+        tensor_split=tuple(options.tensor_split),
+        load_mode=load_mode,
+        use_mmap=options.use_mmap,
+        use_mlock=options.use_mlock,
+        vocab_only=options.vocab_only,
+        kv_overrides=dict(config.kv_overrides or {}),
+    )
+
+
+def context_params(config: LlamaConfig, context: _core.Context) -> ContextParams:
+    """The :class:`ContextParams` of ``context``, created from ``config``."""
+    options = config.context_options()
+    return ContextParams(
+        n_ctx=context.n_ctx(),
+        n_batch=context.n_batch(),
+        n_ubatch=context.n_ubatch(),
+        n_seq_max=context.n_seq_max(),
+        n_threads=context.n_threads(),
+        n_threads_batch=context.n_threads_batch(),
+        pooling_type=context.pooling_type(),
+        flash_attn_type=options.flash_attn,
+        embeddings=options.embeddings,
+        offload_kqv=options.offload_kqv,
+        kv_unified=options.kv_unified,
+        type_k=options.type_k,
+        type_v=options.type_v,
+        rope_scaling_type=options.rope_scaling_type,
+        rope_freq_base=options.rope_freq_base,
+        rope_freq_scale=options.rope_freq_scale,
+        yarn_ext_factor=options.yarn_ext_factor,
+        yarn_attn_factor=options.yarn_attn_factor,
+        yarn_beta_fast=options.yarn_beta_fast,
+        yarn_beta_slow=options.yarn_beta_slow,
+        yarn_orig_ctx=options.yarn_orig_ctx,
+    )
 
 
 #: The default of every LlamaConfig field.

@@ -17,7 +17,7 @@ import numpy.typing as npt
 from llama_cpp import _async, _core
 from llama_cpp._core import LoraAdapter
 from llama_cpp._options import finish_reason, generate_options
-from llama_cpp.config import DEFAULTS, LlamaConfig
+from llama_cpp.config import DEFAULTS, ContextParams, LlamaConfig, ModelParams, context_params, model_params
 from llama_cpp.errors import InvalidArgumentError
 from llama_cpp.grammar import LlamaGrammar
 from llama_cpp.llama_types import (
@@ -29,7 +29,11 @@ from llama_cpp.state import LlamaState
 __all__ = ["Completion", "LlamaBase", "Perf"]
 
 # llama-cpp-python keywords that are accepted for compatibility and have no effect here.
-_IGNORED_KWARGS = frozenset({"numa", "last_n_tokens_size", "logits_all", "draft_model"})
+# lora_base is stored and never read by llama-cpp-python 0.3; n_parts and f16_kv are older
+# names (the KV cache is f16 unless type_k/type_v say otherwise) that LangChain still passes.
+_IGNORED_KWARGS = frozenset(
+    {"numa", "last_n_tokens_size", "logits_all", "draft_model", "lora_base", "n_parts", "f16_kv"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +212,25 @@ class LlamaBase:
     def n_ctx(self) -> int:
         """The context window in tokens."""
         return self.context.n_ctx()
+
+    @property
+    def model_params(self) -> ModelParams:
+        """llama-cpp-python's ``model_params``: what the model was loaded with, under the names
+        of llama.h's ``llama_model_params`` (a frozen :class:`ModelParams`, not a ctypes struct).
+        A record of the load: it stays readable after :meth:`close`."""
+        return model_params(self.config)
+
+    @property
+    def context_params(self) -> ContextParams:
+        """llama-cpp-python's ``context_params``: the context's parameters under the names of
+        llama.h's ``llama_context_params`` (a frozen :class:`ContextParams`). Sizes, threads and
+        pooling are read back from llama.cpp (``context_params.n_ctx == n_ctx()``).
+
+        Raises:
+            LlamaError: The model was loaded with ``vocab_only=True`` (it has no context).
+            ClosedError: The model is closed.
+        """
+        return context_params(self.config, self.context)
 
     def n_vocab(self) -> int:
         return self.model.n_vocab

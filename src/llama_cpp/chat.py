@@ -139,7 +139,8 @@ class PreparedChat:
 
 
 class ChatMixin(CompletionMixin):
-    """llama-cpp-python's ``create_chat_completion`` and the async twin."""
+    """llama-cpp-python's ``create_chat_completion``, its async twin, and
+    ``create_chat_completion_openai_v1`` (the same answers as ``openai``'s types)."""
 
     _chat_templates: _core.ChatTemplates | None = None
 

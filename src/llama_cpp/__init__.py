@@ -36,9 +36,11 @@ from llama_cpp.families import FAMILIES, ModelFamily, detect_family
 from llama_cpp.grammar import LlamaGrammar, UnenforcedSchemaWarning
 from llama_cpp.hooks import LogitsProcessorList, StoppingCriteriaList
 from llama_cpp.llama import Completion, Llama, Perf
+from llama_cpp.llama_cpp import llama_model_get_vocab, llama_token_to_piece
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
 from llama_cpp.pool import LlamaPool
 from llama_cpp.state import LlamaState
+from llama_cpp.tokenizer import LlamaTokenizer
 from llama_cpp.unified import UnifiedLLM
 
 __all__ = [
@@ -61,6 +63,7 @@ __all__ = [
     "LlamaGrammar",
     "LlamaPool",
     "LlamaState",
+    "LlamaTokenizer",
     "LogitsProcessorList",
     "LoraAdapter",
     "ModelFamily",
@@ -78,6 +81,8 @@ __all__ = [
     "detect_family",
     "devices",
     "lib_dir",
+    "llama_model_get_vocab",
+    "llama_token_to_piece",
     "set_native_log_level",
     "system_info",
 ]

@@ -16,7 +16,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast, overload
+from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
 from llama_cpp import _async, _core
 from llama_cpp._completion import CompletionMixin
@@ -27,6 +27,11 @@ from llama_cpp.errors import InvalidArgumentError
 from llama_cpp.grammar import LlamaGrammar
 from llama_cpp.hooks import LogitsProcessor
 from llama_cpp.llama_types import ChatCompletionChunk, CreateChatCompletionResponse
+
+if TYPE_CHECKING:
+    # The openai package is optional: only create_chat_completion_openai_v1 needs it.
+    from openai.types.chat import ChatCompletion as OpenAIChatCompletion
+    from openai.types.chat import ChatCompletionChunk as OpenAIChatCompletionChunk
 
 Message = Mapping[str, Any]
 ReasoningFormat = Literal["none", "auto", "deepseek", "deepseek-legacy"]
@@ -141,7 +146,8 @@ class PreparedChat:
 
 
 class ChatMixin(CompletionMixin):
-    """llama-cpp-python's ``create_chat_completion`` and the async twin."""
+    """llama-cpp-python's ``create_chat_completion``, its async twin, and
+    ``create_chat_completion_openai_v1`` (the same answers as ``openai``'s types)."""
 
     _chat_templates: _core.ChatTemplates | None = None
 
@@ -459,6 +465,57 @@ class ChatMixin(CompletionMixin):
             return cast(CreateChatCompletionResponse, response)
 
         return await _async.run(call, cancellation)
+
+    @overload
+    def create_chat_completion_openai_v1(
+        self, *args: Any, stream: Literal[False] = False, **kwargs: Any
+    ) -> OpenAIChatCompletion: ...
+
+    @overload
+    def create_chat_completion_openai_v1(
+        self, *args: Any, stream: Literal[True], **kwargs: Any
+    ) -> Iterator[OpenAIChatCompletionChunk]: ...
+
+    def create_chat_completion_openai_v1(
+        self, *args: Any, stream: bool = False, **kwargs: Any
+    ) -> OpenAIChatCompletion | Iterator[OpenAIChatCompletionChunk]:
+        """:meth:`create_chat_completion` (same arguments) returning the ``openai`` package's
+        pydantic types, as llama-cpp-python's method of this name (instructor patches it).
+
+        Returns:
+            ``openai.types.chat.ChatCompletion``; with ``stream=True`` an iterator of
+            ``ChatCompletionChunk`` (closing it stops the generation).
+
+        Raises:
+            ImportError: The ``openai`` package is not installed.
+            InvalidArgumentError: ``stream`` is not a bool, or as :meth:`create_chat_completion`.
+        """
+        try:
+            from openai.types.chat import ChatCompletion, ChatCompletionChunk
+        except ImportError as error:
+            raise ImportError(
+                "create_chat_completion_openai_v1 needs the openai package: pip install openai"
+            ) from error
+        if not isinstance(stream, bool):
+            raise InvalidArgumentError(f"stream must be a bool, got {stream!r}")
+        if stream:
+            return _openai_chunks(
+                self.create_chat_completion(*args, stream=True, **kwargs), ChatCompletionChunk
+            )
+        return ChatCompletion.model_validate(self.create_chat_completion(*args, stream=False, **kwargs))
+
+
+def _openai_chunks(
+    chunks: Iterator[ChatCompletionChunk], chunk_type: type[OpenAIChatCompletionChunk]
+) -> Iterator[OpenAIChatCompletionChunk]:
+    try:
+        for chunk in chunks:
+            yield chunk_type.model_validate(chunk)
+    finally:
+        # Leaving the loop early must stop the generation now, not when the stream is collected.
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
 
 
 def _warn_if_unparsed(parser: OutputParser) -> None:

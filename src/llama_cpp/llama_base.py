@@ -25,6 +25,7 @@ from llama_cpp.llama_types import (
 )
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
 from llama_cpp.state import LlamaState
+from llama_cpp.tokenizer import LlamaTokenizer
 
 __all__ = ["Completion", "LlamaBase", "Perf"]
 
@@ -265,6 +266,23 @@ class LlamaBase:
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
         """The bytes of ``tokens`` (may end inside a multi-byte character)."""
         return self.model.detokenize(list(tokens), special)
+
+    def tokenizer(self) -> LlamaTokenizer:
+        """llama-cpp-python's :class:`~llama_cpp.tokenizer.LlamaTokenizer` over this model."""
+        return LlamaTokenizer(self)
+
+    def set_seed(self, seed: int) -> None:
+        """Set the sampling seed used by calls that name none (as the constructor's ``seed``).
+
+        Args:
+            seed: In ``[0, 2**32)``; ``-1`` or ``DEFAULT_SEED``: a random seed each generation.
+
+        Raises:
+            InvalidArgumentError: ``seed`` is not an int in that range.
+        """
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -1 <= seed <= DEFAULT_SEED:
+            raise InvalidArgumentError(f"seed must be an int in [0, 2**32) or -1, got {seed!r}")
+        self._seed = DEFAULT_SEED if seed == -1 else seed
 
     def reset(self) -> None:
         """Empty the KV cache."""

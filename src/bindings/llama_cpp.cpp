@@ -1264,6 +1264,26 @@ struct SamplerConfig {
         return dry_multiplier > 0.0f && dry_base >= 1.0f && dry_penalty_last_n != 0;
     }
 
+    // The grammar's sampler, apart from the chain (null without a grammar): a fresh grammar
+    // state for every generation. SequenceDecoder checks the chain's pick against it and only
+    // constrains all candidates when the pick is rejected, as llama-server does.
+    SamplerPtr build_grammar(const llama_model *model) const {
+        if (grammar.empty()) return nullptr;
+        const llama_vocab *vocab = llama_model_get_vocab(model);
+        SamplerPtr g(grammar_lazy ? parse_lazy_grammar(vocab, grammar, grammar_root, grammar_trigger_patterns,
+                                                       grammar_trigger_tokens)
+                                  : parse_grammar(vocab, grammar, grammar_root));
+        try {
+            for (llama_token t : grammar_prefill) {
+                llama_sampler_accept(g.get(), t);
+            }
+        } catch (const std::exception &e) {
+            throw GrammarError(std::string("the grammar rejects the chat template's generation prompt: ") + e.what());
+        }
+        return SamplerPtr(guard_grammar(g.release()));
+    }
+
+    // The chain without the grammar (see build_grammar), in llama-server's order.
     SamplerPtr build(const llama_model *model, int32_t n_ctx) const {
         const llama_vocab *vocab = llama_model_get_vocab(model);
         const int32_t n_vocab = llama_vocab_n_tokens(vocab);
@@ -1299,21 +1319,6 @@ struct SamplerConfig {
             add(llama_sampler_init_dry(vocab, dry_multiplier, dry_base, dry_allowed_length,
                                        dry_penalty_last_n == -1 ? n_ctx : dry_penalty_last_n, breakers.data(),
                                        breakers.size()));
-        }
-        if (!grammar.empty()) {
-            // A fresh grammar state for every generation: the chain is built per generation.
-            SamplerPtr g(grammar_lazy ? parse_lazy_grammar(vocab, grammar, grammar_root, grammar_trigger_patterns,
-                                                           grammar_trigger_tokens)
-                                      : parse_grammar(vocab, grammar, grammar_root));
-            try {
-                for (llama_token t : grammar_prefill) {
-                    llama_sampler_accept(g.get(), t);
-                }
-            } catch (const std::exception &e) {
-                throw GrammarError(std::string("the grammar rejects the chat template's generation prompt: ") +
-                                   e.what());
-            }
-            llama_sampler_chain_add(chain.get(), guard_grammar(g.release()));
         }
         if (temperature == 0.0f) {
             add(llama_sampler_init_greedy());
@@ -2126,6 +2131,7 @@ class SequenceDecoder {
             sampling_.validate(n_vocab_);
         } else {
             chain_ = sampling_.build(model, n_ctx);
+            grammar_ = sampling_.build_grammar(model);
             accept_prompt(chain_.get(), prompt);
         }
         if (options_.hooks) history_ = prompt;
@@ -2144,7 +2150,11 @@ class SequenceDecoder {
         }
         Sample out;
         out.logits = logits;
-        out.token = chain_ ? llama_sampler_sample(chain_.get(), ctx, row) : argmax(logits, n_vocab_);
+        if (grammar_) {
+            out.token = sample_constrained(logits);
+        } else {
+            out.token = chain_ ? llama_sampler_sample(chain_.get(), ctx, row) : argmax(logits, n_vocab_);
+        }
         if (options_.n_probs >= 0) {
             out.logprob = logprob_of(hooked ? raw.data() : logits, n_vocab_, out.token, options_.n_probs);
         }
@@ -2192,11 +2202,43 @@ class SequenceDecoder {
         return false;
     }
 
+    // The chain picks from all candidates; the grammar checks that one token and, only if it
+    // rejects it, constrains all candidates for the chain to pick again (llama-server's
+    // common_sampler_sample). Most tokens then cost one grammar check instead of a pass of
+    // the grammar over the whole vocabulary.
+    llama_token sample_constrained(const float *logits) {
+        const auto pick = [&](bool constrained) {
+            candidates_.resize(static_cast<size_t>(n_vocab_));
+            for (int32_t i = 0; i < n_vocab_; ++i) {
+                candidates_[static_cast<size_t>(i)] = llama_token_data{i, logits[i], 0.0f};
+            }
+            llama_token_data_array all{candidates_.data(), candidates_.size(), -1, false};
+            if (constrained) llama_sampler_apply(grammar_.get(), &all);
+            llama_sampler_apply(chain_.get(), &all);
+            if (all.selected < 0 || static_cast<size_t>(all.selected) >= all.size) {
+                throw LlamaError("the sampler chain selected no token");
+            }
+            return all.data[all.selected].id;
+        };
+        llama_token token = pick(false);
+        llama_token_data single{token, 1.0f, 0.0f};
+        llama_token_data_array one{&single, 1, -1, false};
+        llama_sampler_apply(grammar_.get(), &one);
+        if (one.data[0].logit == -INFINITY) {
+            token = pick(true);
+        }
+        llama_sampler_accept(grammar_.get(), token);
+        llama_sampler_accept(chain_.get(), token);
+        return token;
+    }
+
     SamplerConfig sampling_;
     GenerateOptions options_;
     StopMatcher stop_;
     Utf8Decoder utf8_;
-    SamplerPtr chain_;  // null: plain greedy, an argmax
+    SamplerPtr chain_;    // null: plain greedy, an argmax
+    SamplerPtr grammar_;  // null: unconstrained
+    std::vector<llama_token_data> candidates_;  // reused by sample_constrained
     const llama_vocab *vocab_ = nullptr;
     int32_t n_vocab_ = 0;
     int32_t n_ctx_ = 0;

@@ -858,6 +858,33 @@ class LoraAdapter {
     std::shared_ptr<LoraData> data_;
 };
 
+// Adapters and their scales, as a context applies them.
+using LoraSet = std::vector<std::pair<std::shared_ptr<LoraData>, float>>;
+
+// Raises InvalidArgumentError unless `lora` belongs to `model` and `scale` is finite.
+void check_lora(const LoraAdapter &lora, const ModelHandle &model, float scale) {
+    if (lora.data()->model != model) {
+        throw InvalidArgumentError("the LoRA adapter '" + lora.path() + "' was loaded for another model");
+    }
+    if (!std::isfinite(scale)) {
+        throw InvalidArgumentError("the LoRA scale must be finite, got " + std::to_string(scale));
+    }
+}
+
+// Makes `ctx` apply exactly `loras` (llama.cpp applies adapters per context, to every
+// sequence of the next decode).
+void set_context_loras(llama_context *ctx, const LoraSet &loras) {
+    std::vector<llama_adapter_lora *> adapters;
+    std::vector<float> scales;
+    for (const auto &[data, scale] : loras) {
+        adapters.push_back(data->adapter);
+        scales.push_back(scale);
+    }
+    if (llama_set_adapters_lora(ctx, adapters.data(), adapters.size(), scales.data()) != 0) {
+        throw LlamaError("llama_set_adapters_lora failed");
+    }
+}
+
 void bind_model(nb::module_ &m) {
     nb::class_<ModelOptions>(m, "ModelOptions", "Options for loading a model (llama_model_params).")
         .def(nb::init<>())
@@ -2369,14 +2396,11 @@ struct ContextState {
     bool logits_ready = false;          // the last decode's logits belong to tokens.back()
     std::atomic<bool> abort{false};     // read by llama.cpp's abort callback
     std::shared_ptr<std::atomic<bool>> cancel;  // the running generation's flag, if any
-    std::vector<std::pair<std::shared_ptr<LoraData>, float>> loras;  // applied, with their scales
+    LoraSet loras;  // applied, with their scales
 
     // The context refers to the adapters and the model: free it first, whatever the
     // declaration order says.
-    ~ContextState() {
-        ctx.reset();
-        loras.clear();
-    }
+    ~ContextState() { free_all(); }
     std::atomic<bool> closing{false};
 
     llama_context *get() const {
@@ -2726,12 +2750,7 @@ class Context {
 
     void set_lora(const LoraAdapter &lora, float scale) {
         ContextLock lock(*state_);
-        if (lora.data()->model != state_->model) {
-            throw InvalidArgumentError("the LoRA adapter '" + lora.path() + "' was loaded for another model");
-        }
-        if (!std::isfinite(scale)) {
-            throw InvalidArgumentError("the LoRA scale must be finite, got " + std::to_string(scale));
-        }
+        check_lora(lora, state_->model, scale);
         auto loras = state_->loras;
         auto it = std::find_if(loras.begin(), loras.end(), [&](const auto &e) { return e.first == lora.data(); });
         if (it == loras.end()) {
@@ -3064,16 +3083,8 @@ class Context {
         }
     }
 
-    void apply_loras(std::vector<std::pair<std::shared_ptr<LoraData>, float>> loras) {
-        std::vector<llama_adapter_lora *> adapters;
-        std::vector<float> scales;
-        for (const auto &[data, scale] : loras) {
-            adapters.push_back(data->adapter);
-            scales.push_back(scale);
-        }
-        if (llama_set_adapters_lora(state_->get(), adapters.data(), adapters.size(), scales.data()) != 0) {
-            throw LlamaError("llama_set_adapters_lora failed");
-        }
+    void apply_loras(LoraSet loras) {
+        set_context_loras(state_->get(), loras);
         state_->loras = std::move(loras);
         state_->clear();
     }
@@ -3536,10 +3547,6 @@ struct EngineStats {
     int64_t n_generated = 0;         // tokens sampled
 };
 
-// The LoRA adapters a request runs with, and their scales, in a canonical order (by adapter),
-// so that two requests asking for the same set compare equal.
-using LoraSet = std::vector<std::pair<std::shared_ptr<LoraData>, float>>;
-
 // One request: what the scheduler needs to run it, and the output its reader waits for.
 struct EngineRequest {
     // Set at submission, then owned by the scheduler.
@@ -3754,14 +3761,10 @@ class Engine {
         }
         LoraSet set;
         for (const auto &[lora, scale] : loras) {
-            if (lora.data()->model != model) {
-                throw InvalidArgumentError("the LoRA adapter '" + lora.path() + "' was loaded for another model");
-            }
-            if (!std::isfinite(scale)) {
-                throw InvalidArgumentError("the LoRA scale must be finite, got " + std::to_string(scale));
-            }
+            check_lora(lora, model, scale);
             set.emplace_back(lora.data(), scale);
         }
+        // A canonical order (by adapter), so that requests asking for the same set compare equal.
         std::sort(set.begin(), set.end());
         set.erase(std::unique(set.begin(), set.end(), [](const auto &a, const auto &b) { return a.first == b.first; }),
                   set.end());
@@ -4176,19 +4179,9 @@ class Engine {
         }
     }
 
-    // Makes the context apply `loras` (llama.cpp applies adapters per context, to every
-    // sequence of the next decode).
     void apply_loras(const LoraSet &loras) {
         if (loras == applied_) return;
-        std::vector<llama_adapter_lora *> adapters;
-        std::vector<float> scales;
-        for (const auto &[data, scale] : loras) {
-            adapters.push_back(data->adapter);
-            scales.push_back(scale);
-        }
-        if (llama_set_adapters_lora(ctx_.get(), adapters.data(), adapters.size(), scales.data()) != 0) {
-            throw LlamaError("llama_set_adapters_lora failed");
-        }
+        set_context_loras(ctx_.get(), loras);
         applied_ = loras;
     }
 

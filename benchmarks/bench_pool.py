@@ -59,7 +59,7 @@ def child_pool(n: int, tokens: int) -> dict[str, Any]:
 
     greedy = SamplingParams.greedy()
     with LlamaPool(MODEL, pool_size=n, n_ctx=N_CTX, n_threads=THREADS, verbose=False) as pool:
-        pool.warmup_sync()
+        pool.warmup()
         start = time.perf_counter()
         streams = [pool.submit(p, max_tokens=tokens, sampling=greedy) for p in prompts(n)]
         first: list[float] = [0.0] * n

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from llama_cpp import Llama, LlamaPool
-from llama_cpp._core import LoraAdapter
 from llama_cpp.testing import write_tiny_llama
 from llama_cpp.testing.default_model import ensure_default_model
 
@@ -95,49 +94,15 @@ def native_greedy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-class FrontEnd:
-    """The API that :class:`Llama` and :class:`LlamaPool` share, under one set of names, so
-    that one test proves both wherever their semantics coincide (the pool's synchronous
-    methods are the ``*_sync`` twins)."""
+#: A front end: Llama and LlamaPool share one API (the same names, keywords and answers),
+#: so that one test proves both wherever their semantics coincide.
+FrontEnd = Llama | LlamaPool
 
-    def __init__(self, target: Llama | LlamaPool) -> None:
-        self.target = target
-        self.is_pool = isinstance(target, LlamaPool)
-        self.llama = target.llama if isinstance(target, LlamaPool) else target
 
-    def create_completion(self, prompt: str | list[int], **kwargs: Any) -> Any:
-        if isinstance(self.target, LlamaPool):
-            return self.target.create_completion_sync(prompt, **kwargs)
-        return self.target.create_completion(prompt, **kwargs)
-
-    def create_chat_completion(self, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
-        if isinstance(self.target, LlamaPool):
-            return self.target.create_chat_completion_sync(messages, **kwargs)
-        return self.target.create_chat_completion(messages, **kwargs)
-
-    def text(self, prompt: str, **kwargs: Any) -> str:
-        response = self.create_completion(prompt, **kwargs)
-        text: str = response["choices"][0]["text"]
-        return text
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.llama.tokenize(text)
-
-    def load_lora(self, path: Path, scale: float = 1.0) -> LoraAdapter:
-        return self.target.load_lora(path, scale)
-
-    def set_lora_scale(self, adapter: LoraAdapter, scale: float) -> None:
-        self.target.set_lora_scale(adapter, scale)
-
-    def remove_lora(self, adapter: LoraAdapter) -> None:
-        self.target.remove_lora(adapter)
-
-    def clear_lora(self) -> None:
-        self.target.clear_lora()
-
-    @property
-    def loras(self) -> dict[LoraAdapter, float]:
-        return self.target.loras
+def completion_text(front: FrontEnd, prompt: str, **kwargs: Any) -> str:
+    """The text of ``front.create_completion(prompt, **kwargs)``."""
+    text: str = front.create_completion(prompt, **kwargs)["choices"][0]["text"]
+    return text
 
 
 @pytest.fixture(params=["llama", "pool"])
@@ -149,4 +114,4 @@ def front(request: pytest.FixtureRequest, tiny_model_path: Path) -> Iterator[Fro
     else:
         target = LlamaPool(tiny_model_path, pool_size=2, n_ctx=256, n_batch=64, verbose=False)
     with target:
-        yield FrontEnd(target)
+        yield target

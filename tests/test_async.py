@@ -34,7 +34,10 @@ def test_sync_and_async_agree_for_the_same_seed(noisy_model: Path) -> None:
         async def main() -> tuple[str, str, str]:
             text = await llm.generate_async("a", max_tokens=32, sampling=params)
             streamed = "".join(
-                [piece async for piece in llm.generate_stream_async("a", max_tokens=32, sampling=params)]
+                [
+                    piece
+                    async for piece in await llm.generate_stream_async("a", max_tokens=32, sampling=params)
+                ]
             )
             response = await llm.create_completion_async(
                 "a", max_tokens=32, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=42
@@ -106,7 +109,7 @@ def test_cancelling_the_task_stops_the_cpp_loop(tiny_model_path: Path) -> None:
 def test_leaving_an_async_stream_early_stops_it(tiny: Llama) -> None:
     async def main() -> list[str]:
         seen = []
-        async for piece in tiny.generate_stream_async("a", max_tokens=None, sampling=GREEDY):
+        async for piece in await tiny.generate_stream_async("a", max_tokens=None, sampling=GREEDY):
             seen.append(piece)
             if len(seen) == 3:
                 break

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FrontEnd
 from llama_cpp import InvalidArgumentError, Llama
 from llama_cpp.chat_formats import format_chatml, format_llama2
 
@@ -147,13 +148,35 @@ def test_chat_format_by_name(tiny_model_path: Path) -> None:
         llm.create_chat_completion(USER_XY)
 
 
-def test_extra_keywords_reach_the_template(tiny_model_path: Path) -> None:
+def test_chat_template_kwargs_reach_the_template(tiny_model_path: Path) -> None:
     template = "{{ bos_token }}{% if shout %}XY{% else %}xy{% endif %}"
     with Llama(tiny_model_path, n_ctx=256, chat_template=template) as llm:
         quiet = llm.create_chat_completion(USER_XY, max_tokens=2, temperature=0)
-        loud = llm.create_chat_completion(USER_XY, max_tokens=2, temperature=0, shout=True)
+        loud = llm.create_chat_completion(
+            USER_XY, max_tokens=2, temperature=0, chat_template_kwargs={"shout": True}
+        )
     assert quiet["choices"][0]["message"]["content"] == "za"
     assert loud["choices"][0]["message"]["content"] != "za"  # the prompt ended in 'Y'
+
+
+def test_an_unknown_keyword_is_a_type_error_on_both_front_ends(front: FrontEnd) -> None:
+    # A misspelled sampling keyword must not pass as a template variable (the request would
+    # run with default sampling); template variables go in chat_template_kwargs.
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['temprature', 'top_pp'\]"):
+        front.create_chat_completion(USER_XY, temprature=0.0, top_pp=0.1)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['logprob'\]"):
+        front.create_completion("a", logprob=2)
+    with pytest.raises(TypeError, match="echo"):
+        front.create_chat_completion(USER_XY, echo=True)  # a completion keyword, not a chat one
+
+
+def test_malformed_tools_raise_a_typed_error(front: FrontEnd) -> None:
+    with pytest.raises(InvalidArgumentError, match=r"tools\[0\] must be .* got 'f'"):
+        front.create_chat_completion(USER_XY, tools=["f"])
+    with pytest.raises(InvalidArgumentError, match="tools must be a list"):
+        front.create_chat_completion(USER_XY, tools={"type": "function"})
+    with pytest.raises(InvalidArgumentError, match=r"tools\[0\].function needs a name"):
+        front.create_chat_completion(USER_XY, tools=[{"type": "function", "function": {}}])
 
 
 @pytest.mark.timeout(60)

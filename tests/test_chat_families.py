@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 
-from llama_cpp import InvalidArgumentError, Llama, _core
-from llama_cpp.chat_output import message_from_json
+from llama_cpp import InvalidArgumentError, Llama, RenderedChat
 from llama_cpp.families import GEMMA_TEMPLATE, detect_family
 
 TOOLS = [
@@ -395,16 +394,16 @@ def case(request: pytest.FixtureRequest) -> Case:
 
 
 @pytest.fixture
-def rendered(case: Case, vocabs: dict[str, Path], llama_source_dir: Path) -> _core.ChatParams:
+def rendered(case: Case, vocabs: dict[str, Path], llama_source_dir: Path) -> RenderedChat:
     source = template_source(llama_source_dir, case.template)
     with Llama(vocabs[case.vocab], vocab_only=True, chat_template=source, verbose=False) as llm:
         if not case.tool_turns_error:
-            return llm.render_chat(CONVERSATION, tools=TOOLS, **case.kwargs)
+            return llm.render_chat(CONVERSATION, tools=TOOLS, chat_template_kwargs=case.kwargs)
         with pytest.raises(InvalidArgumentError) as error:
-            llm.render_chat(CONVERSATION, tools=TOOLS, **case.kwargs)
+            llm.render_chat(CONVERSATION, tools=TOOLS, chat_template_kwargs=case.kwargs)
         assert str(error.value).startswith("the chat template failed: ")
         assert str(error.value).endswith(f"Error: Jinja Exception: {case.tool_turns_error}")
-        return llm.render_chat(PLAIN_CONVERSATION, tools=TOOLS, **case.kwargs)
+        return llm.render_chat(PLAIN_CONVERSATION, tools=TOOLS, chat_template_kwargs=case.kwargs)
 
 
 def test_the_template_is_detected_as_its_family(case: Case, llama_source_dir: Path) -> None:
@@ -415,7 +414,7 @@ def test_the_template_is_detected_as_its_family(case: Case, llama_source_dir: Pa
     assert detect_family(meta).name == case.family
 
 
-def test_prompt_shows_the_conversation_in_the_familys_format(case: Case, rendered: _core.ChatParams) -> None:
+def test_prompt_shows_the_conversation_in_the_familys_format(case: Case, rendered: RenderedChat) -> None:
     prompt = rendered.prompt
     position = 0
     for text in case.prompt_has:
@@ -428,10 +427,10 @@ def test_prompt_shows_the_conversation_in_the_familys_format(case: Case, rendere
     assert rendered.generation_prompt == (case.generation_prompt if reported is None else reported)
 
 
-def test_golden_answer_parses(case: Case, rendered: _core.ChatParams, request: pytest.FixtureRequest) -> None:
+def test_golden_answer_parses(case: Case, rendered: RenderedChat, request: pytest.FixtureRequest) -> None:
     if case.xfail:
         request.applymarker(pytest.mark.xfail(reason=case.xfail, strict=True))
-    message = message_from_json(_core.ChatParser(rendered).parse(case.output, False))
+    message = rendered.parse(case.output)
     calls = [
         (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message.get("tool_calls", [])
     ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,10 @@ from llama_cpp import (
     Llama,
     LlamaConfig,
     LlamaError,
+    LlamaPool,
     ModelParams,
     SamplingParams,
+    UnifiedLLM,
 )
 from llama_cpp.config import DEFAULTS
 from llama_cpp.testing import BOS_ID, byte_token
@@ -24,22 +25,38 @@ from llama_cpp.testing import BOS_ID, byte_token
 GREEDY = SamplingParams.greedy()
 
 
-def test_the_constructor_and_the_config_have_the_same_options() -> None:
-    keywords = set(inspect.signature(Llama.__init__).parameters) - {"self", "model_path", "config", "kwargs"}
-    assert keywords == set(DEFAULTS)
-    for name, parameter in inspect.signature(Llama.__init__).parameters.items():
-        if name in DEFAULTS:
-            assert parameter.default == DEFAULTS[name], name
+def test_every_front_end_takes_the_config_options_and_nothing_else(tiny_model_path: Path) -> None:
+    for front_end in (Llama, LlamaPool, UnifiedLLM):
+        with pytest.raises(TypeError, match=r"got unexpected keyword arguments \['n_ctxx'\]"):
+            front_end(tiny_model_path, n_ctxx=256)
+    assert set(DEFAULTS) == {f.name for f in dataclasses.fields(LlamaConfig)}
 
 
 def test_config_and_keywords(tiny_model_path: Path) -> None:
-    config = LlamaConfig(n_ctx=512, n_batch=32)
+    config = LlamaConfig(n_ctx=512, n_batch=32, seed=7)
     with Llama(tiny_model_path, config=config) as llm:
         assert llm.n_ctx() == 512
         assert llm.context.n_batch() == 32
     with Llama(tiny_model_path, config=config, n_ctx=256) as llm:  # the keyword wins
         assert llm.n_ctx() == 256
         assert llm.config.n_batch == 32
+    # A keyword may set a field back to its default.
+    with Llama(tiny_model_path, config=config, n_ctx=DEFAULTS["n_ctx"], seed=DEFAULTS["seed"]) as llm:
+        assert llm.n_ctx() == DEFAULTS["n_ctx"]
+        assert llm.config.seed == DEFAULTS["seed"]
+    with LlamaPool(tiny_model_path, pool_size=2, config=config, n_batch=DEFAULTS["n_batch"]) as pool:
+        assert pool.config.n_batch == DEFAULTS["n_batch"]
+
+
+def test_unified_llm_honours_a_template_in_its_config(tiny_model_path: Path) -> None:
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    config = LlamaConfig(n_ctx=256, chat_template=template)
+    with UnifiedLLM(tiny_model_path, config=config) as unified:
+        assert unified.llama.config.chat_template == template
+        answer = unified.llama.create_chat_completion(
+            [{"role": "user", "content": "xy"}], max_tokens=2, temperature=0
+        )
+        assert answer["choices"][0]["message"]["content"] == "za"
 
 
 def test_context_params_are_read_back_from_llama_cpp(tiny_model_path: Path) -> None:
@@ -151,7 +168,7 @@ def test_kv_overrides_change_the_model(tiny_model_path: Path) -> None:
 )
 def test_bad_kv_overrides_raise(tiny_model_path: Path, overrides: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidArgumentError, match=message):
-        Llama(tiny_model_path, n_ctx=256, kv_overrides=overrides)  # type: ignore[arg-type]
+        Llama(tiny_model_path, n_ctx=256, kv_overrides=overrides)
 
 
 def test_perf_counts_prompt_and_generated_tokens(tiny: Llama) -> None:

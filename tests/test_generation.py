@@ -353,8 +353,8 @@ def test_one_instance_shared_by_threads_is_serialized(tiny: Llama) -> None:
     assert results == {i: ("é😀世界" if i % 2 else expected_letters) for i in range(8)}
 
 
-def test_unknown_constructor_keywords_warn(tiny_model_path: Path) -> None:
-    with pytest.warns(UserWarning, match="unknown keyword argument 'last_n_tokens_size'"):
+def test_llama_cpp_python_keywords_with_no_effect_warn(tiny_model_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"Llama\(\) ignores the keyword argument 'last_n_tokens_size'"):
         Llama(tiny_model_path, n_ctx=256, last_n_tokens_size=64).close()
 
 

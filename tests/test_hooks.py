@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from conftest import FrontEnd
+from conftest import FrontEnd, completion_text
 from llama_cpp import (
     ClosedError,
     ContextBusyError,
@@ -39,14 +39,14 @@ def test_a_logits_processor_changes_the_next_token(front: FrontEnd) -> None:
     # After 'a' the model says 'b'; banning 'b' leaves every other token tied at 0, the lowest
     # id wins: <unk>, which detokenizes to nothing; ban the control tokens too.
     processors = LogitsProcessorList([ban(byte_token(ord("b"))), ban(0), ban(1), ban(2)])
-    assert front.text("a", max_tokens=1, temperature=0, logits_processor=processors) == "\x00"
+    assert completion_text(front, "a", max_tokens=1, temperature=0, logits_processor=processors) == "\x00"
 
 
 def test_a_processor_may_return_a_new_array(front: FrontEnd) -> None:
     def shift(input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]) -> npt.NDArray[np.single]:
         return np.roll(scores, 1)  # float32, a new array: the successor of the successor wins
 
-    assert front.text("a", max_tokens=2, temperature=0, logits_processor=shift) == "ce"
+    assert completion_text(front, "a", max_tokens=2, temperature=0, logits_processor=shift) == "ce"
 
 
 def test_a_processor_returning_the_wrong_shape_raises_a_typed_error(front: FrontEnd) -> None:
@@ -54,8 +54,8 @@ def test_a_processor_returning_the_wrong_shape_raises_a_typed_error(front: Front
         return scores[:10]
 
     with pytest.raises(InvalidArgumentError, match=r"a logits processor must return 261 float32 scores"):
-        front.text("a", max_tokens=2, temperature=0, logits_processor=short)
-    assert front.text("a", max_tokens=3, temperature=0) == "bcd"
+        completion_text(front, "a", max_tokens=2, temperature=0, logits_processor=short)
+    assert completion_text(front, "a", max_tokens=3, temperature=0) == "bcd"
 
 
 def test_a_processor_sees_the_prompt_and_generated_ids(front: FrontEnd) -> None:
@@ -63,7 +63,7 @@ def test_a_processor_sees_the_prompt_and_generated_ids(front: FrontEnd) -> None:
 
     def record(input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]) -> npt.NDArray[np.single]:
         seen.append(input_ids.tolist())
-        assert scores.shape == (front.llama.n_vocab(),)
+        assert scores.shape == (front.n_vocab(),)
         assert scores.dtype == np.float32
         assert input_ids.dtype == np.int32
         return scores
@@ -112,7 +112,7 @@ def test_an_exception_in_a_hook_propagates_and_the_model_stays_usable(front: Fro
 
     with pytest.raises(KeyError, match="boom"):
         front.create_completion("a", max_tokens=3, logits_processor=broken)
-    assert front.text("a", max_tokens=3, temperature=0) == "bcd"
+    assert completion_text(front, "a", max_tokens=3, temperature=0) == "bcd"
 
 
 def test_hooks_in_a_stream(front: FrontEnd) -> None:
@@ -176,7 +176,7 @@ def test_a_pool_hook_may_read_the_pool_and_close_it(tiny_model_path: Path) -> No
             busy.append(pool.stats().n_busy)
             return scores
 
-        pool.create_completion_sync("a", max_tokens=2, temperature=0, logits_processor=probe)
+        pool.create_completion("a", max_tokens=2, temperature=0, logits_processor=probe)
         assert busy == [1, 1]
 
         closed = threading.Event()
@@ -187,7 +187,7 @@ def test_a_pool_hook_may_read_the_pool_and_close_it(tiny_model_path: Path) -> No
             return scores
 
         with pytest.raises(ClosedError):
-            pool.create_completion_sync("a", max_tokens=5, temperature=0, logits_processor=close)
+            pool.create_completion("a", max_tokens=5, temperature=0, logits_processor=close)
         assert closed.is_set()
         with pytest.raises(ClosedError):
             pool.submit("a")

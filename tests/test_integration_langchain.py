@@ -25,7 +25,7 @@ from llama_cpp import Llama
 # and this package does not use: each gives one "no effect here" warning.
 LANGCHAIN_IGNORED = ["n_parts", "f16_kv", "logits_all", "last_n_tokens_size", "lora_base"]
 IGNORED_WARNINGS = sorted(
-    f"Llama() got an unknown keyword argument {name!r} (no effect here)" for name in LANGCHAIN_IGNORED
+    f"Llama() ignores the keyword argument {name!r} (no effect here)" for name in LANGCHAIN_IGNORED
 )
 
 # Renders the messages' text alone, so that the tiny model continues the user's letters.

@@ -135,7 +135,7 @@ def test_the_pool_samples_and_scores_like_llama(noisy_path: str) -> None:
     with LlamaPool(noisy_path, pool_size=3, n_ctx=256, n_batch=64, verbose=False) as pool:
         # Two neighbours in the same batches: a sequence's answer does not depend on them.
         others = [pool.submit("other text", max_tokens=24) for _ in range(2)]
-        got = pool.create_completion_sync("hello", max_tokens=24, logprobs=3, echo=True, **sampling)
+        got = pool.create_completion("hello", max_tokens=24, logprobs=3, echo=True, **sampling)
         for other in others:
             other.close()
     assert isinstance(got, dict)

@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FrontEnd
-from llama_cpp import InvalidArgumentError, Llama, LlamaPool, ModelLoadError, SamplingParams, _core
+from conftest import FrontEnd, completion_text
+from llama_cpp import (
+    GenerationStream,
+    InvalidArgumentError,
+    Llama,
+    LlamaPool,
+    ModelLoadError,
+    SamplingParams,
+)
 from llama_cpp.testing import byte_token, write_tiny_lora
 
 GREEDY = SamplingParams.greedy()
@@ -22,24 +29,24 @@ def lora_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_applying_changes_the_output_and_removing_restores_it(front: FrontEnd, lora_path: Path) -> None:
-    base = front.text("a", max_tokens=6, temperature=0)
+    base = completion_text(front, "a", max_tokens=6, temperature=0)
     assert base == "bcdefg"
     adapter = front.load_lora(lora_path)
     assert front.loras == {adapter: 1.0}
-    assert front.text("a", max_tokens=6, temperature=0) == "zazaza"
+    assert completion_text(front, "a", max_tokens=6, temperature=0) == "zazaza"
     front.remove_lora(adapter)
     assert front.loras == {}
-    assert front.text("a", max_tokens=6, temperature=0) == base
+    assert completion_text(front, "a", max_tokens=6, temperature=0) == base
 
 
 def test_scale_is_applied(front: FrontEnd, lora_path: Path) -> None:
     adapter = front.load_lora(lora_path, scale=0.2)  # 2 * 0.2 < 1 - 2 * 0.2: the base wins
-    assert front.text("a", max_tokens=4, temperature=0) == "bcde"
+    assert completion_text(front, "a", max_tokens=4, temperature=0) == "bcde"
     front.set_lora_scale(adapter, 0.5)
     assert front.loras[adapter] == 0.5
-    assert front.text("a", max_tokens=4, temperature=0) == "zaza"
+    assert completion_text(front, "a", max_tokens=4, temperature=0) == "zaza"
     front.clear_lora()
-    assert front.text("a", max_tokens=4, temperature=0) == "bcde"
+    assert completion_text(front, "a", max_tokens=4, temperature=0) == "bcde"
 
 
 def test_bad_scales_and_unknown_adapters_raise(front: FrontEnd, lora_path: Path) -> None:
@@ -69,7 +76,7 @@ def test_each_pool_request_runs_with_its_own_adapters(pool: LlamaPool, lora_path
     }
     texts = {name: "".join(iter_text(stream)) for name, stream in streams.items()}
     assert texts == {"base": "bcdefg", "lora": "zazaza", "weak": "bcdefg"}
-    response = pool.create_completion_sync("a", max_tokens=4, temperature=0, lora={adapter: 0.5})
+    response = pool.create_completion("a", max_tokens=4, temperature=0, lora={adapter: 0.5})
     assert isinstance(response, dict)
     assert response["choices"][0]["text"] == "zaza"
 
@@ -90,7 +97,7 @@ def test_pool_lora_path_and_foreign_adapters(tiny_model_path: Path, lora_path: P
     with LlamaPool(
         tiny_model_path, pool_size=2, n_ctx=128, n_batch=64, lora_path=lora_path, verbose=False
     ) as pool:
-        assert pool.generate_sync("a", max_tokens=4, sampling=GREEDY) == "zaza"
+        assert pool.generate("a", max_tokens=4, sampling=GREEDY) == "zaza"
         foreign = tiny.load_lora(lora_path)
         with pytest.raises(InvalidArgumentError, match="loaded for another model"):
             pool.submit("a", lora={foreign: 1.0})
@@ -98,7 +105,7 @@ def test_pool_lora_path_and_foreign_adapters(tiny_model_path: Path, lora_path: P
             pool.submit("a", lora={next(iter(pool.loras)): float("inf")})
 
 
-def iter_text(stream: _core.EngineStream) -> Iterator[str]:
+def iter_text(stream: GenerationStream) -> Iterator[str]:
     while (chunk := stream.next()) is not None:
         yield chunk.text
 

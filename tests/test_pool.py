@@ -15,6 +15,7 @@ from llama_cpp import (
     ClosedError,
     ContextOverflowError,
     GenerationCancelled,
+    GenerationStream,
     InvalidArgumentError,
     Llama,
     LlamaGrammar,
@@ -22,7 +23,6 @@ from llama_cpp import (
     ModelLoadError,
     PoolBusyError,
     SamplingParams,
-    _core,
 )
 from llama_cpp.testing import TinyModelSpec, write_tiny_llama
 
@@ -45,7 +45,7 @@ def pool(tiny_model_path: Path) -> Iterator[LlamaPool]:
         yield p
 
 
-def drain(stream: _core.EngineStream) -> str:
+def drain(stream: GenerationStream) -> str:
     """All the text of ``stream``, read to its end."""
     return "".join(chunk.text for chunk in iter(stream.next, None))
 
@@ -83,11 +83,11 @@ def test_32_requests_on_4_slots(pool: LlamaPool, tiny_model_path: Path) -> None:
 
     async def main() -> list[str]:
         return list(
-            await asyncio.gather(*(pool.generate(p, max_tokens=12, sampling=GREEDY) for p in prompts))
+            await asyncio.gather(*(pool.generate_async(p, max_tokens=12, sampling=GREEDY) for p in prompts))
         )
 
     assert asyncio.run(main()) == expected
-    assert pool.generate_batch_sync(prompts, max_tokens=12, sampling=GREEDY) == expected
+    assert pool.generate_batch(prompts, max_tokens=12, sampling=GREEDY) == expected
     stats = pool.stats()
     assert (stats.n_slots, stats.n_busy, stats.n_waiting) == (4, 0, 0)
 
@@ -98,7 +98,7 @@ def test_threads_share_a_pool(pool: LlamaPool, tiny_model_path: Path) -> None:
     results: dict[int, str] = {}
 
     def worker(i: int) -> None:
-        results[i] = pool.generate_sync(PROMPTS[i], max_tokens=16, sampling=GREEDY)
+        results[i] = pool.generate(PROMPTS[i], max_tokens=16, sampling=GREEDY)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(PROMPTS))]
     for t in threads:
@@ -131,21 +131,23 @@ def test_seeds_grammars_and_stops_stay_with_their_request(noisy_model: Path) -> 
 def test_sync_and_async_twins_agree(noisy_model: Path) -> None:
     params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=42)
     with LlamaPool(noisy_model, pool_size=2, n_ctx=256, verbose=False) as pool:
-        sync_text = pool.generate_sync("a", max_tokens=32, sampling=params)
-        sync_stream = "".join(pool.generate_stream_sync("a", max_tokens=32, sampling=params))
-        sync_completion = pool.create_completion_sync(
+        sync_text = pool.generate("a", max_tokens=32, sampling=params)
+        sync_stream = "".join(pool.generate_stream("a", max_tokens=32, sampling=params))
+        sync_completion = pool.create_completion(
             "a", max_tokens=32, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=42
         )
         assert isinstance(sync_completion, dict)
 
         async def main() -> tuple[str, str, str, list[str]]:
-            text = await pool.generate("a", max_tokens=32, sampling=params)
-            streamed = "".join([p async for p in pool.generate_stream("a", max_tokens=32, sampling=params)])
-            response = await pool.create_completion(
+            text = await pool.generate_async("a", max_tokens=32, sampling=params)
+            streamed = "".join(
+                [p async for p in await pool.generate_stream_async("a", max_tokens=32, sampling=params)]
+            )
+            response = await pool.create_completion_async(
                 "a", max_tokens=32, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=42
             )
             assert isinstance(response, dict)
-            batch = await pool.generate_batch(["a", "a"], max_tokens=32, sampling=params)
+            batch = await pool.generate_batch_async(["a", "a"], max_tokens=32, sampling=params)
             return text, streamed, response["choices"][0]["text"], batch
 
         async_text, async_stream, async_completion, batch = asyncio.run(main())
@@ -178,9 +180,9 @@ def test_leaving_an_async_stream_early_frees_its_slot(tiny_model_path: Path) -> 
     with LlamaPool(tiny_model_path, pool_size=1, n_ctx=32768, n_batch=64, verbose=False) as pool:
 
         async def main() -> str:
-            async for _ in pool.generate_stream("a", max_tokens=None, sampling=GREEDY):
+            async for _ in await pool.generate_stream_async("a", max_tokens=None, sampling=GREEDY):
                 break
-            return await pool.generate("B", max_tokens=8, sampling=GREEDY)
+            return await pool.generate_async("B", max_tokens=8, sampling=GREEDY)
 
         assert asyncio.run(main()) == "!"
 
@@ -193,13 +195,13 @@ def test_a_full_queue_raises_pool_busy_error(tiny_model_path: Path) -> None:
         with pytest.raises(PoolBusyError, match="the pool is busy: its 1 slots and 1 queue places are taken"):
             pool.submit("B", max_tokens=8, sampling=GREEDY)
         queued.cancel()  # leaves the queue at once
-        assert pool.generate_stream_sync("B", max_tokens=8, sampling=GREEDY) is not None
+        assert pool.generate_stream("B", max_tokens=8, sampling=GREEDY) is not None
         with pytest.raises(PoolBusyError):
             pool.submit("B", max_tokens=8, sampling=GREEDY)
         running.cancel()  # ends at the scheduler's next step
         with pytest.raises(GenerationCancelled):
             drain(running)
-        assert pool.generate_sync("B", max_tokens=8, sampling=GREEDY) == "!"
+        assert pool.generate("B", max_tokens=8, sampling=GREEDY) == "!"
 
 
 @pytest.mark.timeout(60)
@@ -224,7 +226,7 @@ def test_a_shared_prompt_prefix_is_evaluated_once(tiny_model_path: Path) -> None
     prompts = [system + suffix for suffix in ("A", "B", "x y", "q")]
     expected = solo_texts(tiny_model_path, prompts, max_tokens=8, sampling=GREEDY)
     with LlamaPool(tiny_model_path, pool_size=4, n_ctx=512, n_batch=64, verbose=False) as pool:
-        tokens = [pool.llama.tokenize(p, special=True) for p in prompts]
+        tokens = [pool.tokenize(p, special=True) for p in prompts]
         streams = [pool.submit(p, max_tokens=8, sampling=GREEDY) for p in prompts]
         assert [drain(s) for s in streams] == expected
         shared = len(tokens[0]) - 1  # every prompt differs in its last character only ("x y": 3)
@@ -241,20 +243,20 @@ def test_completion_and_chat_dicts_match_llama(pool: LlamaPool, tiny_model_path:
         completion = llm.create_completion("x", max_tokens=6, temperature=0)
         chat = llm.create_chat_completion(messages, max_tokens=6, temperature=0)
         chunks = list(llm.create_completion("A", max_tokens=6, temperature=0, stream=True))
-    ours = pool.create_completion_sync("x", max_tokens=6, temperature=0)
+    ours = pool.create_completion("x", max_tokens=6, temperature=0)
     assert isinstance(ours, dict)
     assert ours["choices"] == completion["choices"]
     assert ours["usage"] == completion["usage"]
-    ours_chat = pool.create_chat_completion_batch_sync([messages, messages], max_tokens=6, temperature=0)
+    ours_chat = pool.create_chat_completion_batch([messages, messages], max_tokens=6, temperature=0)
     assert [c["choices"] for c in ours_chat] == [chat["choices"]] * 2
-    ours_chunks = pool.create_completion_sync("A", max_tokens=6, temperature=0, stream=True)
+    ours_chunks = pool.create_completion("A", max_tokens=6, temperature=0, stream=True)
     assert not isinstance(ours_chunks, dict)
     assert "".join(c["choices"][0]["text"] for c in ours_chunks) == "".join(
         c["choices"][0]["text"] for c in chunks
     )
 
     async def main() -> str | None:
-        response = await pool.create_chat_completion(messages, max_tokens=6, temperature=0)
+        response = await pool.create_chat_completion_async(messages, max_tokens=6, temperature=0)
         assert isinstance(response, dict)
         return response["choices"][0]["message"]["content"]
 
@@ -265,8 +267,8 @@ def test_completion_and_chat_dicts_match_llama(pool: LlamaPool, tiny_model_path:
 def test_embeddings_share_the_pool_model(pool: LlamaPool, tiny_model_path: Path) -> None:
     with Llama(tiny_model_path, n_ctx=256, n_batch=64, embedding=True, verbose=False) as llm:
         expected = llm.create_embedding(["hello", "abc"])["data"]
-    assert pool.create_embedding_sync(["hello", "abc"])["data"] == expected
-    assert asyncio.run(pool.create_embedding(["hello", "abc"]))["data"] == expected
+    assert pool.create_embedding(["hello", "abc"])["data"] == expected
+    assert asyncio.run(pool.create_embedding_async(["hello", "abc"]))["data"] == expected
 
 
 @pytest.mark.timeout(60)
@@ -276,9 +278,9 @@ def test_bad_requests_raise_in_the_caller(pool: LlamaPool) -> None:
     with pytest.raises(InvalidArgumentError, match="top_p must be in"):
         pool.submit("a", sampling=SamplingParams(top_p=2.0))
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['logprob'\]"):
-        pool.create_completion_sync("a", logprob=2)
+        pool.create_completion("a", logprob=2)
     with pytest.raises(InvalidArgumentError, match="logprobs must be >= 0"):
-        pool.create_completion_sync("a", logprobs=-1)
+        pool.create_completion("a", logprobs=-1)
     with pytest.raises(InvalidArgumentError, match="pool_size must be >= 1"):
         LlamaPool(pool.model_path, pool_size=0)
     with pytest.raises(ModelLoadError, match="LoRA adapter not found"):
@@ -297,7 +299,7 @@ def test_default_model_agrees_with_llama_up_to_kernel_noise(default_model_path: 
 
     async def run() -> list[list[int]]:
         async with LlamaPool(default_model_path, pool_size=4, n_ctx=256, n_threads=2, verbose=False) as pool:
-            await pool.warmup()
+            await pool.warmup_async()
             streams = [pool.submit(p, max_tokens=16, sampling=GREEDY) for p in prompts]
             await asyncio.gather(*(asyncio.to_thread(drain, s) for s in streams))
             return [list(s.tokens) for s in streams]
@@ -334,8 +336,10 @@ def test_tool_calls_and_plain_chat_share_a_batch(tiny_model_path: Path) -> None:
         async def both() -> list[Any]:
             return list(
                 await asyncio.gather(
-                    pool.create_chat_completion(plain, tools=[tool], tool_choice="required", temperature=0),
-                    pool.create_chat_completion(plain, max_tokens=3, temperature=0),
+                    pool.create_chat_completion_async(
+                        plain, tools=[tool], tool_choice="required", temperature=0
+                    ),
+                    pool.create_chat_completion_async(plain, max_tokens=3, temperature=0),
                 )
             )
 
@@ -352,7 +356,7 @@ def test_tool_calls_and_plain_chat_share_a_batch(tiny_model_path: Path) -> None:
 def test_close_frees_the_memory_after_a_chat(default_model_path: Path, rss_kib: Callable[[], int]) -> None:
     before = rss_kib()
     pool = LlamaPool(default_model_path, pool_size=2, n_ctx=256, use_mmap=False, verbose=False)
-    pool.create_chat_completion_sync([{"role": "user", "content": "Hi"}], max_tokens=2)
+    pool.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=2)
     assert rss_kib() - before > 200_000  # the 253 MB model is resident
     pool.close()
     assert rss_kib() - before < 60_000  # the chat templates no longer hold the model

@@ -204,16 +204,17 @@ def test_bad_messages_for_a_template_are_typed(qwen_format: Llama) -> None:
 
 @pytest.mark.slow
 def test_thinking_is_returned_apart_and_can_be_turned_off(qwen_format: Llama) -> None:
-    off = qwen_format.render_chat(ASK, enable_thinking=False)
+    off = qwen_format.render_chat(ASK, chat_template_kwargs={"enable_thinking": False})
     assert off.prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     on = qwen_format.render_chat(ASK)
     assert on.prompt.endswith("<|im_start|>assistant\n")
     assert on.supports_thinking
     # The grammar of a forced call under a real tool format: the call must come.
     required = qwen_format.render_chat(ASK, tools=[WEATHER], tool_choice="required")
-    assert required.grammar
-    assert not required.grammar_lazy
-    assert "<tool_call>" in required.grammar
+    assert required.grammar is not None
+    assert not required.grammar.lazy
+    assert "<tool_call>" in required.grammar.grammar
     auto = qwen_format.render_chat(ASK, tools=[WEATHER], tool_choice="auto")
-    assert auto.grammar_lazy
-    assert auto.grammar_trigger_patterns == ["<tool_call>\n"]
+    assert auto.grammar is not None
+    assert auto.grammar.lazy
+    assert auto.grammar.trigger_patterns == ("<tool_call>\n",)

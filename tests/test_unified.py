@@ -247,11 +247,11 @@ def fresh(llm: UnifiedLLM) -> UnifiedLLM:
     return llm
 
 
-def test_generate_returns_the_answer(unified: UnifiedLLM) -> None:
-    answer = fresh(unified).generate("What is the capital of France?", max_tokens=16, temperature=0.0)
+def test_chat_returns_the_answer(unified: UnifiedLLM) -> None:
+    answer = fresh(unified).chat("What is the capital of France?", max_tokens=16, temperature=0.0)
     # Gemma 3 270M's greedy answer at the pinned llama.cpp (a small model, a poor answer).
     assert answer == "What is the capital of France? wnętr\nWhat is the capital of France?"
-    assert fresh(unified).generate_with_thinking(
+    assert fresh(unified).chat_with_thinking(
         "What is the capital of France?", max_tokens=16, temperature=0.0
     ) == (
         "",
@@ -261,12 +261,12 @@ def test_generate_returns_the_answer(unified: UnifiedLLM) -> None:
 
 def test_thinking_true_on_gemma_raises(unified: UnifiedLLM) -> None:
     with pytest.raises(InvalidArgumentError) as error:
-        unified.generate("Hi", thinking=True, max_tokens=4)
+        unified.chat("Hi", thinking=True, max_tokens=4)
     assert str(error.value) == "gemma models do not reason; thinking=True is not available"
     # False and None ask for nothing: the same prompt as without it.
-    assert fresh(unified).generate("Hi", thinking=False, max_tokens=4, temperature=0.0) == fresh(
-        unified
-    ).generate("Hi", max_tokens=4, temperature=0.0)
+    assert fresh(unified).chat("Hi", thinking=False, max_tokens=4, temperature=0.0) == fresh(unified).chat(
+        "Hi", max_tokens=4, temperature=0.0
+    )
 
 
 def test_recommended_sampling_fills_only_what_the_caller_leaves_out(unified: UnifiedLLM) -> None:
@@ -282,8 +282,11 @@ def test_recommended_sampling_fills_only_what_the_caller_leaves_out(unified: Uni
 
 def test_thinking_and_a_thinking_variable_together_raise(unified: UnifiedLLM) -> None:
     with pytest.raises(InvalidArgumentError) as error:
-        unified.chat_kwargs(False, enable_thinking=False)
+        unified.chat_kwargs(False, chat_template_kwargs={"enable_thinking": False})
     assert str(error.value) == "pass thinking or enable_thinking, not both"
+    with pytest.raises(InvalidArgumentError) as error:
+        unified.chat_kwargs(False, reasoning_effort="low")
+    assert str(error.value) == "pass thinking or reasoning_effort, not both"
     with pytest.raises(InvalidArgumentError) as error:
         unified.chat_kwargs(False, chat_template_kwargs={"reasoning_effort": "low"})
     assert str(error.value) == "pass thinking or reasoning_effort, not both"
@@ -301,11 +304,11 @@ def test_streamed_chat_matches_the_whole_answer(unified: UnifiedLLM) -> None:
 
 
 def test_async_twins_agree_with_sync(unified: UnifiedLLM) -> None:
-    sync = fresh(unified).generate_with_thinking("Say hello.", max_tokens=6, temperature=0.0)
+    sync = fresh(unified).chat_with_thinking("Say hello.", max_tokens=6, temperature=0.0)
 
     async def both() -> tuple[tuple[str, str], str]:
-        pair = await fresh(unified).generate_with_thinking_async("Say hello.", max_tokens=6, temperature=0.0)
-        answer = await fresh(unified).generate_async("Say hello.", max_tokens=6, temperature=0.0)
+        pair = await fresh(unified).chat_with_thinking_async("Say hello.", max_tokens=6, temperature=0.0)
+        answer = await fresh(unified).chat_async("Say hello.", max_tokens=6, temperature=0.0)
         return pair, answer
 
     pair, answer = asyncio.run(asyncio.wait_for(both(), timeout=120))

@@ -3380,6 +3380,9 @@ class TokenStream {
     TokenStream &operator=(const TokenStream &) = delete;
     ~TokenStream() { close(); }
 
+    // Thread-safe: the generation stops at its next token and raises GenerationCancelled.
+    void cancel() const { cancellation_.cancel(); }
+
     // Called with the GIL released.
     std::optional<Chunk> next() {
         {
@@ -3486,6 +3489,7 @@ void bind_generation(nb::module_ &m) {
     nb::class_<TokenStream>(m, "TokenStream", "A generation advanced one chunk at a time.")
         .def("next", &TokenStream::next, nb::call_guard<nb::gil_scoped_release>(),
              "The next chunk, or None once the generation has ended.")
+        .def("cancel", &TokenStream::cancel, "Stop at the next token (next() then raises GenerationCancelled).")
         .def("close", &TokenStream::close, "Stop early and give the context back; later next() calls return None.")
         .def_prop_ro("finish_reason", &TokenStream::finish_reason)
         .def_prop_ro("tokens", &TokenStream::tokens, "The tokens generated so far.")

@@ -17,7 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from llama_cpp import _core, _logging
-from llama_cpp._core import Cancellation, Device, LoraAdapter
+from llama_cpp._core import (
+    Cancellation,
+    ChatTemplates,
+    Chunk,
+    Context,
+    Device,
+    LoraAdapter,
+    Model,
+    TokenLogprob,
+)
+from llama_cpp.chat import RenderedChat
+from llama_cpp.completion_output import GenerationStream
 from llama_cpp.config import ContextParams, LlamaConfig, ModelParams
 from llama_cpp.embeddings import RerankResult
 from llama_cpp.errors import (
@@ -35,10 +46,11 @@ from llama_cpp.errors import (
 from llama_cpp.families import FAMILIES, ModelFamily, detect_family
 from llama_cpp.grammar import LlamaGrammar, UnenforcedSchemaWarning
 from llama_cpp.hooks import LogitsProcessorList, StoppingCriteriaList
-from llama_cpp.llama import Completion, Llama, Perf
+from llama_cpp.llama import Llama
 from llama_cpp.llama_cpp import llama_model_get_vocab, llama_token_to_piece
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
 from llama_cpp.pool import LlamaPool
+from llama_cpp.results import Completion, Perf, PoolStats
 from llama_cpp.state import LlamaState
 from llama_cpp.tokenizer import LlamaTokenizer
 from llama_cpp.unified import UnifiedLLM
@@ -47,14 +59,18 @@ __all__ = [
     "DEFAULT_SEED",
     "FAMILIES",
     "Cancellation",
+    "ChatTemplates",
+    "Chunk",
     "ClosedError",
     "Completion",
+    "Context",
     "ContextBusyError",
     "ContextOverflowError",
     "ContextParams",
     "DecodeError",
     "Device",
     "GenerationCancelled",
+    "GenerationStream",
     "GrammarError",
     "InvalidArgumentError",
     "Llama",
@@ -66,14 +82,18 @@ __all__ = [
     "LlamaTokenizer",
     "LogitsProcessorList",
     "LoraAdapter",
+    "Model",
     "ModelFamily",
     "ModelLoadError",
     "ModelParams",
     "Perf",
     "PoolBusyError",
+    "PoolStats",
+    "RenderedChat",
     "RerankResult",
     "SamplingParams",
     "StoppingCriteriaList",
+    "TokenLogprob",
     "UnenforcedSchemaWarning",
     "UnifiedLLM",
     "__version__",

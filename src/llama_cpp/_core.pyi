@@ -1021,6 +1021,9 @@ class TokenStream:
     def next(self) -> Chunk | None:
         """The next chunk, or None once the generation has ended."""
 
+    def cancel(self) -> None:
+        """Stop at the next token (next() then raises GenerationCancelled)."""
+
     def close(self) -> None:
         """Stop early and give the context back; later next() calls return None."""
 

@@ -14,23 +14,20 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, cast, overload
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
-from llama_cpp import _async, _core
-from llama_cpp._completion import CompletionMixin
+from llama_cpp import _core
 from llama_cpp.chat_formats import CHAT_FORMATS, ChatFormatter
-from llama_cpp.chat_output import OutputParser, PlainText, chat_chunks, chat_response
+from llama_cpp.chat_output import OutputParser, PlainText, message_from_json
 from llama_cpp.chat_tools import GenericToolParser, tool_call_schema, with_tools_described
 from llama_cpp.errors import InvalidArgumentError
-from llama_cpp.grammar import LlamaGrammar
-from llama_cpp.hooks import LogitsProcessor
-from llama_cpp.llama_types import ChatCompletionChunk, CreateChatCompletionResponse
+from llama_cpp.grammar import LlamaGrammar, warn_unenforced
+from llama_cpp.llama_types import ChatCompletionChunk, ChatCompletionMessage
 
 if TYPE_CHECKING:
     # The openai package is optional: only create_chat_completion_openai_v1 needs it.
-    from openai.types.chat import ChatCompletion as OpenAIChatCompletion
     from openai.types.chat import ChatCompletionChunk as OpenAIChatCompletionChunk
 
 Message = Mapping[str, Any]
@@ -125,49 +122,120 @@ def _legacy_functions(
     return tools, function_call
 
 
-def _check_tools(tools: Sequence[Mapping[str, Any]]) -> None:
-    for i, tool in enumerate(tools):
+def _checked_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[Mapping[str, Any]]:
+    """``tools`` as a list, each checked to be OpenAI's ``{"type": "function", "function": {...}}``."""
+    if tools is None:
+        return []
+    if isinstance(tools, str | bytes | Mapping):
+        raise InvalidArgumentError(f"tools must be a list of tool dicts, got {type(tools).__name__}")
+    checked = list(tools)
+    for i, tool in enumerate(checked):
         function = tool.get("function") if isinstance(tool, Mapping) else None
-        if tool.get("type", "function") != "function" or not isinstance(function, Mapping):
-            raise InvalidArgumentError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}")
+        if not isinstance(function, Mapping) or tool.get("type", "function") != "function":
+            raise InvalidArgumentError(
+                f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}, got {tool!r}"
+            )
         if not isinstance(function.get("name"), str) or not function["name"]:
             raise InvalidArgumentError(f"tools[{i}].function needs a name")
+    return checked
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedChat:
+    """A conversation rendered by the model's chat template (:meth:`Llama.render_chat`).
+
+    Attributes:
+        prompt: The prompt text (special tokens as text).
+        format: llama.cpp's name for the chat format it recognised in the template.
+        grammar: What constrains the answer (tool calls, a JSON schema), if anything.
+        additional_stops: Strings that end the answer besides the model's end of turn.
+        preserved_tokens: Special tokens whose text is part of the answer (tool-call tags).
+        generation_prompt: The text the template appends to open the assistant's turn.
+        supports_thinking: Whether the template has a reasoning switch.
+        thinking_start_tag: The text that opens the model's reasoning ("" if none).
+        thinking_end_tags: The texts that may close it.
+    """
+
+    prompt: str
+    format: str
+    grammar: LlamaGrammar | None
+    additional_stops: tuple[str, ...]
+    preserved_tokens: tuple[int, ...]
+    generation_prompt: str
+    supports_thinking: bool
+    thinking_start_tag: str
+    thinking_end_tags: tuple[str, ...]
+    _params: _core.ChatParams = field(repr=False, compare=False)
+
+    def parse(self, text: str) -> ChatCompletionMessage:
+        """An answer to this prompt as OpenAI's message: ``content``, ``reasoning_content``
+        and ``tool_calls``, parsed by the format's own parser (llama.cpp's)."""
+        return message_from_json(_core.ChatParser(self._params).parse(text, False))
+
+    @classmethod
+    def from_native(cls, params: _core.ChatParams) -> RenderedChat:
+        return cls(
+            prompt=params.prompt,
+            format=params.format,
+            grammar=LlamaGrammar.from_chat_params(params) if params.grammar else None,
+            additional_stops=tuple(params.additional_stops),
+            preserved_tokens=tuple(params.preserved_tokens),
+            generation_prompt=params.generation_prompt,
+            supports_thinking=params.supports_thinking,
+            thinking_start_tag=params.thinking_start_tag,
+            thinking_end_tags=tuple(params.thinking_end_tags),
+            _params=params,
+        )
+
+
+#: What constrains a chat answer: a caller's grammar, a JSON schema's, or the grammar (with
+#: lazy triggers and prefill) that the chat template made, kept in its native form.
+ChatGrammar = LlamaGrammar | _core.ChatParams
 
 
 @dataclass(frozen=True, slots=True)
 class PreparedChat:
-    """A conversation ready to generate from (see :meth:`ChatMixin.prepare_chat`)."""
+    """A conversation ready to generate from (see :meth:`ChatRenderer.prepare`)."""
 
     prompt: list[int]
-    grammar: LlamaGrammar | None
+    grammar: ChatGrammar | None
     stop: list[str]  # the format's stops, besides the caller's
     preserved_tokens: list[int]  # special tokens whose text is part of the answer
     parser: OutputParser
 
 
-class ChatMixin(CompletionMixin):
-    """llama-cpp-python's ``create_chat_completion``, its async twin, and
-    ``create_chat_completion_openai_v1`` (the same answers as ``openai``'s types)."""
+class ChatRenderer:
+    """A model's chat formatting: the Jinja templates llama.cpp renders, or one of
+    llama-cpp-python's Python formats, and the parser of the answers.
 
-    _chat_templates: _core.ChatTemplates | None = None
+    Args:
+        model: The model (its vocabulary and GGUF template).
+        chat_template: A Jinja template of the caller's (wins over everything).
+        chat_format: A built-in format by name instead of the model's template.
+    """
 
-    def chat_templates(self) -> _core.ChatTemplates:
-        """llama.cpp's templates for this model: ``chat_template`` if given, else the GGUF's
-        (llama.cpp falls back to ChatML for a model without one).
+    def __init__(self, model: _core.Model, chat_template: str | None, chat_format: str | None) -> None:
+        self._model = model
+        self._chat_template = chat_template
+        self._chat_format = chat_format
+        self._templates: _core.ChatTemplates | None = None
+
+    def close(self) -> None:
+        """Drop the templates (they hold a reference to the model)."""
+        self._templates = None
+
+    def templates(self) -> _core.ChatTemplates:
+        """llama.cpp's templates: ``chat_template`` if given, else the GGUF's (llama.cpp falls
+        back to ChatML for a model without one).
 
         Raises:
             InvalidArgumentError: The template does not parse.
         """
-        if self._chat_templates is None:
-            self._chat_templates = _core.ChatTemplates(self.model, self.config.chat_template or "")
-        return self._chat_templates
+        if self._templates is None:
+            self._templates = _core.ChatTemplates(self._model, self._chat_template or "")
+        return self._templates
 
-    def close(self) -> None:
-        """Free the context and the weights (the templates hold a reference to the model)."""
-        self._chat_templates = None
-        super().close()
-
-    def chat_formatter(self) -> ChatFormatter | None:
+    def formatter(self) -> ChatFormatter | None:
         """The Python format used instead of a Jinja template: ``chat_format`` by name, or
         llama-cpp-python's ``"llama-2"`` for a model without a template; None when the model's
         (or the given) template is rendered by llama.cpp.
@@ -175,18 +243,18 @@ class ChatMixin(CompletionMixin):
         Raises:
             InvalidArgumentError: An unknown ``chat_format``.
         """
-        if self.config.chat_template:
+        if self._chat_template:
             return None
-        name = self.config.chat_format
+        name = self._chat_format
         if name is None:
-            if self.model.chat_template():
+            if self._model.chat_template():
                 return None
             name = "llama-2"
         if name not in CHAT_FORMATS:
             raise InvalidArgumentError(f"unknown chat_format {name!r}; known: {sorted(CHAT_FORMATS)}")
         return CHAT_FORMATS[name]
 
-    def render_chat(
+    def render(
         self,
         messages: Sequence[Message],
         *,
@@ -194,44 +262,60 @@ class ChatMixin(CompletionMixin):
         tool_choice: str | Mapping[str, Any] | None = None,
         json_schema: Mapping[str, Any] | None = None,
         parallel_tool_calls: bool = False,
-        enable_thinking: bool | None = None,
         reasoning_format: ReasoningFormat = "auto",
         add_generation_prompt: bool = True,
-        **template_kwargs: Any,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> _core.ChatParams:
-        """Render ``messages`` with llama.cpp's chat templates (see :meth:`chat_templates`).
-
-        Returns the prompt with what generating and parsing its answer needs: the grammar
-        (tool calls, a JSON schema) and its lazy triggers, special tokens kept as text, extra
-        stops, the format's name. ``enable_thinking=False`` turns a hybrid model's thinking
-        off (also accepted in ``template_kwargs``, as llama-server does); other keyword
-        arguments are variables of the template (e.g. ``reasoning_effort`` for GPT-OSS).
+        """Validate the request and render it with llama.cpp's templates.
 
         Raises:
             InvalidArgumentError: Malformed messages or tools, or the template rejected them.
         """
         check_messages(messages)
-        all_tools, choice = _tool_choice(list(tools or ()), tool_choice)
-        _check_tools(all_tools)
-        thinking = template_kwargs.pop("enable_thinking", enable_thinking)
+        offered, choice = _tool_choice(_checked_tools(tools), tool_choice)
+        return self._render(
+            messages=messages,
+            tools=offered,
+            tool_choice=choice,
+            json_schema=json_schema,
+            parallel_tool_calls=parallel_tool_calls,
+            reasoning_format=reasoning_format,
+            add_generation_prompt=add_generation_prompt,
+            template_kwargs=dict(template_kwargs or {}),
+        )
+
+    def _render(
+        self,
+        *,
+        messages: Sequence[Message],
+        tools: list[Mapping[str, Any]],
+        tool_choice: str,
+        json_schema: Mapping[str, Any] | None,
+        parallel_tool_calls: bool,
+        reasoning_format: ReasoningFormat,
+        add_generation_prompt: bool,
+        template_kwargs: dict[str, Any],
+    ) -> _core.ChatParams:
+        # Inputs were checked by the caller: here they are only serialized for llama.cpp.
+        thinking = template_kwargs.pop("enable_thinking", None)
         if thinking is not None and not isinstance(thinking, bool):
             raise InvalidArgumentError(f"enable_thinking must be a bool, got {thinking!r}")
         request = _core.ChatRequest()
         try:
             request.messages = json.dumps(list(messages))
-            request.tools = json.dumps(all_tools) if all_tools else ""
+            request.tools = json.dumps(tools) if tools else ""
             request.json_schema = json.dumps(json_schema) if json_schema is not None else ""
             request.template_kwargs = [(k, json.dumps(v)) for k, v in template_kwargs.items()]
         except TypeError as error:
             raise InvalidArgumentError(f"chat request is not JSON-serializable: {error}") from error
-        request.tool_choice = choice
+        request.tool_choice = tool_choice if tools else "auto"
         request.parallel_tool_calls = parallel_tool_calls
         request.add_generation_prompt = add_generation_prompt
         request.enable_thinking = True if thinking is None else thinking
         request.reasoning_format = reasoning_format
-        return self.chat_templates().apply(request)
+        return self.templates().apply(request)
 
-    def prepare_chat(
+    def prepare(
         self,
         messages: Sequence[Message],
         *,
@@ -243,34 +327,32 @@ class ChatMixin(CompletionMixin):
         grammar: LlamaGrammar | None = None,
         parallel_tool_calls: bool = False,
         reasoning_format: ReasoningFormat = "auto",
-        chat_template_kwargs: Mapping[str, Any] | None = None,
-        **template_kwargs: Any,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> PreparedChat:
         """Everything a chat generation needs but the sampling values: the prompt's tokens,
         the grammar (a JSON schema, tool calls or ``grammar``), stops, and the parser of the
-        answer. :meth:`create_chat_completion` (and :class:`~llama_cpp.LlamaPool`) run it.
+        answer. Each input is checked here, once.
 
         Raises:
             InvalidArgumentError: Malformed messages or tools, or the template rejected them.
             GrammarError: A ``response_format`` schema llama.cpp cannot convert.
         """
         check_messages(messages)
-        template_kwargs = {**(chat_template_kwargs or {}), **template_kwargs}
         if functions or function_call:
             if tools or tool_choice:
                 raise InvalidArgumentError("pass tools/tool_choice or functions/function_call, not both")
             tools, tool_choice = _legacy_functions(functions, function_call)
-        offered, choice = _tool_choice(list(tools or ()), tool_choice)
-        _check_tools(offered)
+        offered, choice = _tool_choice(_checked_tools(tools), tool_choice)
         schema = schema_for_response_format(response_format) if response_format is not None else None
-        schema_grammar = LlamaGrammar.from_json_schema(schema) if schema is not None else None  # checks it
         if grammar is not None and (schema is not None or offered):
             raise InvalidArgumentError("pass either grammar or a JSON response_format / tools, not both")
-        formatter = self.chat_formatter()
+        if schema is not None:
+            warn_unenforced(schema, stacklevel=5)
+        variables = dict(template_kwargs or {})
+        formatter = self.formatter()
         calls_tools = bool(offered) and choice != "none"
-        parser: OutputParser
         if calls_tools and (
-            formatter is not None or not dict(self.chat_templates().caps())["supports_tool_calls"]
+            formatter is not None or not dict(self.templates().caps())["supports_tool_calls"]
         ):
             # The format has no tool calls of its own: the generic JSON answer (chat_tools).
             if schema is not None:
@@ -278,236 +360,101 @@ class ChatMixin(CompletionMixin):
                     "this chat format has no tool calls of its own: pass tools or a JSON response_format"
                 )
             messages = with_tools_described(messages, offered, choice, parallel_tool_calls)
-            tool_schema = json.dumps(tool_call_schema(offered, choice, parallel_tool_calls))
-            schema_grammar = LlamaGrammar(_core.json_schema_to_grammar(tool_schema))
-            offered, parser = [], GenericToolParser()
-        else:
-            parser = PlainText()
+            tool_grammar = LlamaGrammar(
+                _core.json_schema_to_grammar(
+                    json.dumps(tool_call_schema(offered, choice, parallel_tool_calls))
+                )
+            )
+            return self._finish(
+                messages=messages,
+                formatter=formatter,
+                grammar=tool_grammar,
+                parser=GenericToolParser(),
+                variables=variables,
+                reasoning_format=reasoning_format,
+            )
         if formatter is not None:
-            rendered = formatter(messages, **template_kwargs)
+            return self._finish(
+                messages=messages,
+                formatter=formatter,
+                grammar=grammar or _schema_grammar(schema),
+                parser=PlainText(),
+                variables=variables,
+                reasoning_format=reasoning_format,
+            )
+        params = self._render(
+            messages=messages,
+            tools=offered,
+            tool_choice=choice,
+            json_schema=schema,
+            parallel_tool_calls=parallel_tool_calls,
+            reasoning_format=reasoning_format,
+            add_generation_prompt=True,
+            template_kwargs=variables,
+        )
+        chat_grammar: ChatGrammar | None = grammar
+        if params.grammar:
+            chat_grammar = params
+        elif schema is not None:  # the format left the schema to us
+            chat_grammar = _schema_grammar(schema)
+        return PreparedChat(
+            prompt=self._model.tokenize(params.prompt.encode("utf-8"), True, True),
+            grammar=chat_grammar,
+            stop=list(params.additional_stops),
+            preserved_tokens=list(params.preserved_tokens),
+            parser=_core.ChatParser(params),
+        )
+
+    def _finish(
+        self,
+        *,
+        messages: Sequence[Message],
+        formatter: ChatFormatter | None,
+        grammar: LlamaGrammar | None,
+        parser: OutputParser,
+        variables: dict[str, Any],
+        reasoning_format: ReasoningFormat,
+    ) -> PreparedChat:
+        """A conversation whose answer is plain text or the generic tool JSON: rendered by
+        the Python format, or by the template with no tools of its own."""
+        if formatter is not None:
+            rendered = formatter(messages, **variables)
             return PreparedChat(
-                prompt=self.tokenize(rendered.prompt, add_bos=True, special=True),
-                grammar=grammar or schema_grammar,
+                prompt=self._model.tokenize(rendered.prompt.encode("utf-8"), True, True),
+                grammar=grammar,
                 stop=rendered.stop,
                 preserved_tokens=[],
                 parser=parser,
             )
-        params = self.render_chat(
-            messages,
-            tools=offered,
-            tool_choice=choice if offered else None,
-            json_schema=schema,
-            parallel_tool_calls=parallel_tool_calls,
+        params = self._render(
+            messages=messages,
+            tools=[],
+            tool_choice="auto",
+            json_schema=None,
+            parallel_tool_calls=False,
             reasoning_format=reasoning_format,
-            **template_kwargs,
+            add_generation_prompt=True,
+            template_kwargs=variables,
         )
-        if not isinstance(parser, GenericToolParser):
-            parser = _core.ChatParser(params)
-            if params.grammar:
-                grammar = LlamaGrammar.from_chat_params(params)
-        if grammar is None:  # the format left the schema (or the generic tools) to us
-            grammar = schema_grammar
         return PreparedChat(
-            prompt=self.tokenize(params.prompt, add_bos=True, special=True),
+            prompt=self._model.tokenize(params.prompt.encode("utf-8"), True, True),
             grammar=grammar,
             stop=list(params.additional_stops),
             preserved_tokens=list(params.preserved_tokens),
             parser=parser,
         )
 
-    @overload
-    def create_chat_completion(
-        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[False] = False, **kwargs: Any
-    ) -> CreateChatCompletionResponse: ...
 
-    @overload
-    def create_chat_completion(
-        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[True], **kwargs: Any
-    ) -> Iterator[ChatCompletionChunk]: ...
-
-    def create_chat_completion(  # noqa: PLR0917 - llama-cpp-python passes these positionally too
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        functions: Sequence[Mapping[str, Any]] | None = None,
-        function_call: str | Mapping[str, Any] | None = None,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        tool_choice: str | Mapping[str, Any] | None = None,
-        temperature: float = 0.2,
-        top_p: float = 0.95,
-        top_k: int = 40,
-        min_p: float = 0.05,
-        typical_p: float = 1.0,
-        stream: bool = False,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
-        response_format: Mapping[str, Any] | None = None,
-        max_tokens: int | None = None,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        repeat_penalty: float = 1.0,
-        mirostat_mode: int = 0,
-        mirostat_tau: float = 5.0,
-        mirostat_eta: float = 0.1,
-        model: str | None = None,
-        logits_processor: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
-        grammar: LlamaGrammar | None = None,
-        logit_bias: Mapping[int, float] | None = None,
-        logprobs: bool | None = None,
-        top_logprobs: int | None = None,
-        cancellation: _core.Cancellation | None = None,
-        parallel_tool_calls: bool = False,
-        reasoning_format: ReasoningFormat = "auto",
-        chat_template_kwargs: Mapping[str, Any] | None = None,
-        dry_multiplier: float = 0.0,
-        dry_base: float = 1.75,
-        dry_allowed_length: int = 2,
-        dry_penalty_last_n: int = 64,
-        dry_sequence_breakers: Sequence[str] = ("\n", ":", '"', "*"),
-        xtc_probability: float = 0.0,
-        xtc_threshold: float = 0.1,
-        top_n_sigma: float = -1.0,
-        **template_kwargs: Any,
-    ) -> CreateChatCompletionResponse | Iterator[ChatCompletionChunk]:
-        """Answer a conversation, returning llama-cpp-python's (OpenAI's) chat dicts.
-
-        The messages are rendered (see :meth:`render_chat`), tokenized with special tokens
-        parsed, and completed; generation ends at the model's end of turn. The answer is
-        parsed by the model's format: ``message["content"]``, ``message["reasoning_content"]``
-        (a thinking model's reasoning, unless ``reasoning_format="none"`` leaves it in the
-        content) and ``message["tool_calls"]`` (``finish_reason="tool_calls"``).
-
-        ``tools`` + ``tool_choice`` (``"auto"``, ``"none"``, ``"required"``,
-        ``{"type": "function", "function": {"name": ...}}``, or the bare name of one of the
-        tools, as LangChain's ``bind_tools`` passes it): a forced call is constrained by
-        a grammar so that it always parses; under ``"auto"`` the grammar takes over once the
-        model starts a call. ``response_format`` (``json_object``, with or without
-        ``schema``, or OpenAI's ``json_schema``) constrains the answer to the schema. With
-        ``stream=True``: ``chat.completion.chunk`` dicts, the role first, then content,
-        reasoning and tool-call deltas, ``finish_reason`` last. ``cancellation`` lets another
-        thread stop the generation. ``chat_template_kwargs`` and other keyword arguments are
-        template variables (``enable_thinking=False``, ``reasoning_effort="low"``, ...).
-
-        Raises:
-            InvalidArgumentError: Malformed messages or tools, or the template rejected them.
-            GrammarError: A ``response_format`` schema llama.cpp cannot convert.
-        """
-        chat = self.prepare_chat(
-            messages,
-            functions=functions,
-            function_call=function_call,
-            tools=tools,
-            tool_choice=tool_choice,
-            response_format=response_format,
-            grammar=grammar,
-            parallel_tool_calls=parallel_tool_calls,
-            reasoning_format=reasoning_format,
-            chat_template_kwargs=chat_template_kwargs,
-            **template_kwargs,
-        )
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        completion = self._create_completion(
-            chat.prompt,
-            stream=stream,
-            cancellation=cancellation or _core.Cancellation(),
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            min_p=min_p,
-            typical_p=typical_p,
-            logprobs=(top_logprobs or 0) if logprobs else None,
-            stop=stops + chat.stop,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            repeat_penalty=repeat_penalty,
-            top_k=top_k,
-            seed=seed,
-            mirostat_mode=mirostat_mode,
-            mirostat_tau=mirostat_tau,
-            mirostat_eta=mirostat_eta,
-            dry_multiplier=dry_multiplier,
-            dry_base=dry_base,
-            dry_allowed_length=dry_allowed_length,
-            dry_penalty_last_n=dry_penalty_last_n,
-            dry_sequence_breakers=tuple(dry_sequence_breakers),
-            xtc_probability=xtc_probability,
-            xtc_threshold=xtc_threshold,
-            top_n_sigma=top_n_sigma,
-            model=model,
-            logit_bias=dict(logit_bias or {}),
-            grammar=chat.grammar,
-            logits_processor=logits_processor,
-            preserved_tokens=chat.preserved_tokens,
-        )
-        if isinstance(completion, dict):
-            response = chat_response(completion, chat.parser)
-            _warn_if_unparsed(chat.parser)
-            return response
-        return chat_chunks(completion, chat.parser)
-
-    async def create_chat_completion_async(
-        self, messages: Sequence[Mapping[str, Any]], **kwargs: Any
-    ) -> CreateChatCompletionResponse | AsyncIterator[ChatCompletionChunk]:
-        """:meth:`create_chat_completion` off the event loop (same keyword arguments).
-
-        With ``stream=True`` it returns an async iterator of chunks; cancelling the task or
-        leaving the ``async for`` early stops the generation.
-        """
-        # One flag for the generation and the await: cancelling the task reaches the C++ loop.
-        cancellation = _core.Cancellation()
-        if kwargs.get("stream"):
-            chunks = self.create_chat_completion(messages, cancellation=cancellation, **kwargs)
-            assert not isinstance(chunks, dict)
-            return _async.iterate(chunks, cancellation)
-
-        def call() -> CreateChatCompletionResponse:
-            response = self.create_chat_completion(messages, cancellation=cancellation, **kwargs)
-            assert isinstance(response, dict)
-            return cast(CreateChatCompletionResponse, response)
-
-        return await _async.run(call, cancellation)
-
-    @overload
-    def create_chat_completion_openai_v1(
-        self, *args: Any, stream: Literal[False] = False, **kwargs: Any
-    ) -> OpenAIChatCompletion: ...
-
-    @overload
-    def create_chat_completion_openai_v1(
-        self, *args: Any, stream: Literal[True], **kwargs: Any
-    ) -> Iterator[OpenAIChatCompletionChunk]: ...
-
-    def create_chat_completion_openai_v1(
-        self, *args: Any, stream: bool = False, **kwargs: Any
-    ) -> OpenAIChatCompletion | Iterator[OpenAIChatCompletionChunk]:
-        """:meth:`create_chat_completion` (same arguments) returning the ``openai`` package's
-        pydantic types, as llama-cpp-python's method of this name (instructor patches it).
-
-        Returns:
-            ``openai.types.chat.ChatCompletion``; with ``stream=True`` an iterator of
-            ``ChatCompletionChunk`` (closing it stops the generation).
-
-        Raises:
-            ImportError: The ``openai`` package is not installed.
-            InvalidArgumentError: ``stream`` is not a bool, or as :meth:`create_chat_completion`.
-        """
-        try:
-            from openai.types.chat import ChatCompletion, ChatCompletionChunk
-        except ImportError as error:
-            raise ImportError(
-                "create_chat_completion_openai_v1 needs the openai package: pip install openai"
-            ) from error
-        if not isinstance(stream, bool):
-            raise InvalidArgumentError(f"stream must be a bool, got {stream!r}")
-        if stream:
-            return _openai_chunks(
-                self.create_chat_completion(*args, stream=True, **kwargs), ChatCompletionChunk
-            )
-        return ChatCompletion.model_validate(self.create_chat_completion(*args, stream=False, **kwargs))
+def _schema_grammar(schema: Mapping[str, Any] | None) -> LlamaGrammar | None:
+    if schema is None:
+        return None
+    return LlamaGrammar(_core.json_schema_to_grammar(json.dumps(schema)))
 
 
-def _openai_chunks(
+def openai_chunks(
     chunks: Iterator[ChatCompletionChunk], chunk_type: type[OpenAIChatCompletionChunk]
 ) -> Iterator[OpenAIChatCompletionChunk]:
+    """The chunks as ``openai``'s pydantic ``chunk_type``; closing this closes ``chunks``."""
     try:
         for chunk in chunks:
             yield chunk_type.model_validate(chunk)
@@ -516,8 +463,3 @@ def _openai_chunks(
         close = getattr(chunks, "close", None)
         if close is not None:
             close()
-
-
-def _warn_if_unparsed(parser: OutputParser) -> None:
-    if getattr(parser, "fell_back", False):
-        _log.warning("the model's answer did not follow its chat format; it is returned as plain content")

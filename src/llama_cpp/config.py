@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from llama_cpp import _core
 from llama_cpp.errors import InvalidArgumentError
@@ -280,6 +281,30 @@ def context_params(config: LlamaConfig, context: _core.Context) -> ContextParams
 
 #: The default of every LlamaConfig field.
 DEFAULTS: dict[str, object] = {f.name: f.default for f in fields(LlamaConfig)}
+
+#: llama-cpp-python keywords that are accepted for compatibility and have no effect here.
+#: lora_base is stored and never read by llama-cpp-python 0.3; n_parts and f16_kv are older
+#: names (the KV cache is f16 unless type_k/type_v say otherwise) that LangChain still passes.
+IGNORED_OPTIONS = frozenset(
+    {"numa", "last_n_tokens_size", "logits_all", "draft_model", "lora_base", "n_parts", "f16_kv"}
+)
+
+
+def resolve_config(where: str, config: LlamaConfig | None, options: Mapping[str, object]) -> LlamaConfig:
+    """The settings of a constructor call: ``config`` (or the defaults) with ``options``, the
+    keywords passed besides it, set over it. A keyword set to its default value still wins.
+
+    Raises:
+        TypeError: An unknown keyword (llama-cpp-python's that have no effect here only warn).
+        InvalidArgumentError: A value out of range.
+    """
+    unknown = sorted(set(options) - DEFAULTS.keys() - IGNORED_OPTIONS)
+    if unknown:
+        raise TypeError(f"{where}() got unexpected keyword arguments {unknown}")
+    for name in sorted(IGNORED_OPTIONS & options.keys()):
+        warnings.warn(f"{where}() ignores the keyword argument {name!r} (no effect here)", stacklevel=3)
+    given = {name: value for name, value in options.items() if name in DEFAULTS}
+    return replace(config, **given) if config is not None else LlamaConfig(**given)  # type: ignore[arg-type]
 
 
 def _at_least(name: str, value: int, minimum: int) -> None:

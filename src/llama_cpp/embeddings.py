@@ -1,5 +1,5 @@
-"""Embeddings and reranking: :meth:`Llama.embed`, :meth:`Llama.create_embedding`,
-:meth:`Llama.rerank` and their async twins.
+"""Embeddings and reranking: the component behind :meth:`Llama.embed`,
+:meth:`Llama.create_embedding` and :meth:`Llama.rerank`.
 
 Vectors cross from C++ as float32 numpy arrays that own their memory (no Python lists of
 floats); only the OpenAI-style :meth:`Llama.create_embedding` turns them into lists, because
@@ -8,19 +8,18 @@ its response is JSON.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias, cast
 
 import numpy as np
 import numpy.typing as npt
 
-from llama_cpp import _async, _core
+from llama_cpp import _core
 from llama_cpp.errors import InvalidArgumentError, LlamaError
-from llama_cpp.llama_base import LlamaBase
 from llama_cpp.llama_types import CreateEmbeddingResponse
 
-__all__ = ["EmbeddingMixin", "RerankResult"]
+__all__ = ["Embedder", "RerankResult"]
 
 EmbeddingInput: TypeAlias = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
 FloatArray: TypeAlias = npt.NDArray[np.float32]
@@ -46,8 +45,30 @@ class RerankResult:
     document: str
 
 
-class EmbeddingMixin(LlamaBase):
-    """Embedding vectors of texts or token lists (a context created with ``embedding=True``)."""
+class Embedder:
+    """Embedding vectors and reranking scores from a context created with ``embedding=True``.
+
+    Args:
+        context: Returns the context (raising once it is closed).
+        model: The model, for tokenizing.
+        embedding: Whether the context was created for embeddings.
+        name: The ``model`` field of OpenAI responses, unless a call names one.
+    """
+
+    def __init__(
+        self, context: Callable[[], _core.Context], model: _core.Model, embedding: bool, name: str
+    ) -> None:
+        self._context = context
+        self._model = model
+        self._embedding = embedding
+        self._name = name
+
+    @property
+    def context(self) -> _core.Context:
+        return self._context()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._model.tokenize(text.encode("utf-8"), True, False)
 
     def _embedding_inputs(self, input: EmbeddingInput) -> tuple[bool, list[list[int]]]:
         """Whether ``input`` is a single input, and the token lists of all inputs."""
@@ -116,18 +137,9 @@ class EmbeddingMixin(LlamaBase):
             "data": [
                 {"object": "embedding", "embedding": v.tolist(), "index": i} for i, v in enumerate(vectors)
             ],
-            "model": model or self.model_path,
+            "model": model or self._name,
             "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
         }
-
-    async def create_embedding_async(
-        self, input: EmbeddingInput, model: str | None = None
-    ) -> CreateEmbeddingResponse:
-        """:meth:`create_embedding` off the event loop; cancelling the task stops it."""
-        cancellation = _core.Cancellation()
-        return await _async.run(
-            lambda: self.create_embedding(input, model, cancellation=cancellation), cancellation
-        )
 
     def rerank(
         self,
@@ -172,7 +184,7 @@ class EmbeddingMixin(LlamaBase):
             raise InvalidArgumentError("rerank needs at least one document")
         if top_n is not None and top_n < 1:
             raise InvalidArgumentError(f"top_n must be >= 1, got {top_n}")
-        if not self.config.embedding:
+        if not self._embedding:
             raise LlamaError("reranking needs embeddings: load the reranker with embedding=True")
         pooling = self.context.pooling_type()
         if pooling != POOLING_RANK:
@@ -187,15 +199,3 @@ class EmbeddingMixin(LlamaBase):
             scores = 1.0 / (1.0 + np.exp(-scores))
         order = np.argsort(-scores, kind="stable")[:top_n]
         return [RerankResult(int(i), float(scores[i]), texts[i]) for i in order]
-
-    async def rerank_async(
-        self, query: str, documents: Sequence[str], *, top_n: int | None = None, normalize: bool = False
-    ) -> list[RerankResult]:
-        """:meth:`rerank` off the event loop; cancelling the task stops it."""
-        cancellation = _core.Cancellation()
-        return await _async.run(
-            lambda: self.rerank(
-                query, documents, top_n=top_n, normalize=normalize, cancellation=cancellation
-            ),
-            cancellation,
-        )

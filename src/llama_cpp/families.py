@@ -6,9 +6,10 @@ the pre-tokenizer (``tokenizer.ggml.pre``). :data:`FAMILIES` is an ordered table
 :class:`ModelFamily` values; :func:`detect_family` returns the first whose rules match, and
 :data:`GENERIC` when none does (such a model still works through its own template).
 
-The rest of a family's entry is what its model card and chat template say: its end-of-turn
-tokens, how it reasons (:data:`ReasoningStyle`), its thinking tags, the sampling settings
-its authors recommend and a default cap on the context window.
+The rest of a family's entry is what its model card and chat template say: how it reasons
+(:data:`ReasoningStyle`), the sampling settings its authors recommend and a default cap on
+the context window. Where a model's turn ends and where its reasoning starts are not here:
+llama.cpp reads them from the vocabulary (end-of-generation tokens) and the chat template.
 """
 
 from __future__ import annotations
@@ -120,10 +121,7 @@ class ModelFamily:
         name: Short stable name (``"qwen3"``, ``"gpt-oss"``, ...).
         description: The models it covers.
         rules: The family matches when any rule does.
-        end_of_turn: Token texts that end an assistant turn (llama.cpp marks them as
-            end-of-generation tokens in the vocabulary).
         reasoning: How it reasons (see :data:`ReasoningStyle`).
-        thinking_tags: Text opening and closing its reasoning, when it has one.
         sampling: Recommended sampling (for a hybrid family: with thinking off).
         thinking_sampling: Recommended sampling while thinking (hybrid families; None:
             same as ``sampling``).
@@ -136,9 +134,7 @@ class ModelFamily:
     name: str
     description: str
     rules: tuple[Match, ...]
-    end_of_turn: tuple[str, ...] = ()
     reasoning: ReasoningStyle = "none"
-    thinking_tags: tuple[str, str] | None = None
     sampling: Sampling = field(default_factory=Sampling)
     thinking_sampling: Sampling | None = None
     context_cap: int = 8192
@@ -204,8 +200,6 @@ class ModelFamily:
         return self.sampling
 
 
-_THINK = ("<think>", "</think>")
-
 #: Gemma 2 / 3's chat template (google/gemma-3-*-it, text only): the system message is
 #: prepended to the first user turn, the assistant's role is "model".
 GEMMA_TEMPLATE = (
@@ -248,9 +242,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
             # llama.cpp's converter names the Qwen-based distills' pre-tokenizer.
             Match(architectures=frozenset({"qwen2"}), pre_tokenizers=frozenset({"deepseek-r1-qwen"})),
         ),
-        end_of_turn=("<\uff5cend▁of▁sentence\uff5c>",),
         reasoning="always",
-        thinking_tags=_THINK,
         sampling=Sampling(temperature=0.6, top_p=0.95),
         context_cap=16384,
     ),
@@ -258,9 +250,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         name="qwen3-thinking-2507",
         description="Qwen3 Thinking-2507 (always thinks: the generation prompt opens <think>)",
         rules=(Match(architectures=_QWEN3, template_has=("<|im_start|>assistant\\n<think>\\n",)),),
-        end_of_turn=("<|im_end|>",),
         reasoning="always",
-        thinking_tags=_THINK,
         sampling=_QWEN_THINKING,
         context_cap=16384,
     ),
@@ -268,9 +258,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         name="qwen3",
         description="Qwen3 hybrid thinking models (enable_thinking switch in the template)",
         rules=(Match(architectures=_QWEN3, template_has=("enable_thinking",)),),
-        end_of_turn=("<|im_end|>",),
         reasoning="hybrid",
-        thinking_tags=_THINK,
         sampling=_QWEN_INSTRUCT,
         thinking_sampling=_QWEN_THINKING,
         context_cap=16384,
@@ -279,7 +267,6 @@ FAMILIES: tuple[ModelFamily, ...] = (
         name="qwen3-instruct-2507",
         description="Qwen3 Instruct-2507 and Qwen3-Coder (no thinking)",
         rules=(Match(architectures=_QWEN3, template_has=("<|im_start|>",)),),
-        end_of_turn=("<|im_end|>",),
         sampling=_QWEN_INSTRUCT,
     ),
     ModelFamily(
@@ -288,9 +275,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         rules=(Match(architectures=frozenset({"gpt-oss"})), Match(template_has=("<|channel|>", "<|start|>"))),
         # <|end|> closes each message, including the analysis before the final answer: only
         # <|return|> (answer done) and <|call|> (tool call) end the turn.
-        end_of_turn=("<|return|>", "<|call|>"),
         reasoning="effort",
-        thinking_tags=("<|channel|>analysis<|message|>", "<|end|>"),
         # The card: temperature 1.0, top_p 1.0 (the whole distribution, no other cut).
         sampling=Sampling(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0),
         context_cap=16384,
@@ -302,9 +287,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
             Match(template_has=("[gMASK]", "enable_thinking")),
             Match(architectures=frozenset({"glm4moe"})),
         ),
-        end_of_turn=("<|user|>", "<|observation|>", "<|endoftext|>"),
         reasoning="hybrid",
-        thinking_tags=_THINK,
         sampling=Sampling(temperature=1.0, top_p=0.95),
         context_cap=16384,
     ),
@@ -312,15 +295,12 @@ FAMILIES: tuple[ModelFamily, ...] = (
         name="glm-4",
         description="GLM-4 (0414) and ChatGLM",
         rules=(Match(architectures=frozenset({"glm4", "chatglm"})), Match(template_has=("[gMASK]",))),
-        end_of_turn=("<|user|>", "<|observation|>", "<|endoftext|>"),
     ),
     ModelFamily(
         name="magistral",
         description="Magistral and Ministral 3 Reasoning ([THINK] blocks)",
         rules=(Match(template_has=("[THINK]", "[INST]")),),
-        end_of_turn=("</s>",),
         reasoning="always",
-        thinking_tags=("[THINK]", "[/THINK]"),
         sampling=Sampling(temperature=0.7, top_p=0.95),
         context_cap=16384,
     ),
@@ -332,7 +312,6 @@ FAMILIES: tuple[ModelFamily, ...] = (
             # Llama 2 also writes [INST], with a <<SYS>> block.
             Match(template_has=("[INST]", "[/INST]"), template_lacks=("<<SYS>>",)),
         ),
-        end_of_turn=("</s>",),
         # Mistral Small 3.x's card (Nemo's says 0.3): low temperatures.
         sampling=Sampling(temperature=0.15),
     ),
@@ -340,7 +319,6 @@ FAMILIES: tuple[ModelFamily, ...] = (
         name="llama-3",
         description="Llama 3.0 to 3.3 Instruct",
         rules=(Match(template_has=("<|start_header_id|>", "<|eot_id|>")),),
-        end_of_turn=("<|eot_id|>", "<|eom_id|>"),
         # generation_config.json of the 3.1 / 3.2 / 3.3 Instruct models.
         sampling=Sampling(temperature=0.6, top_p=0.9),
     ),
@@ -351,7 +329,6 @@ FAMILIES: tuple[ModelFamily, ...] = (
             Match(architectures=frozenset({"gemma", "gemma2", "gemma3", "gemma3n"})),
             Match(template_has=("<start_of_turn>", "<end_of_turn>")),
         ),
-        end_of_turn=("<end_of_turn>",),
         # Gemma 3's recommended settings.
         sampling=Sampling(temperature=1.0, top_p=0.95, top_k=64, min_p=0.0),
         fallback_template=GEMMA_TEMPLATE,
@@ -364,7 +341,6 @@ FAMILIES: tuple[ModelFamily, ...] = (
             Match(template_has=("<|assistant|>", "<|end|>")),
         ),
         # Phi-3/3.5 and Phi-4-mini end turns with <|end|>, Phi-4 with <|im_end|>.
-        end_of_turn=("<|end|>", "<|im_end|>", "<|endoftext|>"),
     ),
     ModelFamily(
         name="granite",
@@ -373,7 +349,6 @@ FAMILIES: tuple[ModelFamily, ...] = (
             Match(architectures=frozenset({"granite", "granitemoe", "granitehybrid"})),
             Match(template_has=("<|start_of_role|>",)),
         ),
-        end_of_turn=("<|end_of_text|>",),
     ),
     ModelFamily(
         name="minicpm",
@@ -382,9 +357,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
             Match(architectures=frozenset({"minicpm", "minicpm3"})),
             Match(pre_tokenizers=frozenset({"minicpm5"})),
         ),
-        end_of_turn=("<|im_end|>",),
         reasoning="hybrid",
-        thinking_tags=_THINK,
         # MiniCPM4's card.
         sampling=Sampling(temperature=0.7, top_p=0.7),
     ),

@@ -63,6 +63,18 @@ def _unenforced(schema: object, path: str) -> Iterator[str]:
             yield from _unenforced(value, f"{path}/{key}")
 
 
+def warn_unenforced(schema: object, *, stacklevel: int = 2) -> None:
+    """Warn (:class:`UnenforcedSchemaWarning`) about each keyword of ``schema`` that llama.cpp's
+    converter ignores; ``stacklevel`` as for :func:`warnings.warn`, counted from here."""
+    unenforced = list(_unenforced(schema, "#"))
+    if unenforced:
+        warnings.warn(
+            "llama.cpp's JSON schema converter does not enforce: " + ", ".join(unenforced),
+            UnenforcedSchemaWarning,
+            stacklevel=stacklevel,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class LlamaGrammar:
     """A GBNF grammar (llama.cpp's grammar format) and its start symbol.
@@ -134,13 +146,7 @@ class LlamaGrammar:
         text = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
         grammar = cls(grammar=_core.json_schema_to_grammar(text))
         schema = json.loads(text) if isinstance(json_schema, str) else json_schema
-        unenforced = list(_unenforced(schema, "#"))
-        if unenforced:
-            warnings.warn(
-                "llama.cpp's JSON schema converter does not enforce: " + ", ".join(unenforced),
-                UnenforcedSchemaWarning,
-                stacklevel=2,
-            )
+        warn_unenforced(schema, stacklevel=3)
         return grammar
 
     @classmethod

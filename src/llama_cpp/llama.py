@@ -1,21 +1,60 @@
 """`Llama`: a GGUF model and one context, with llama-cpp-python's high-level API.
 
-The class is composed of layers, each in its own module: the core (model, context, tokens,
-state, LoRA, the native ``generate`` API) in :mod:`llama_cpp.llama_base`, and on top of it
-``create_completion`` (:mod:`llama_cpp._completion`), ``create_chat_completion``
-(:mod:`llama_cpp.chat`) and embeddings (:mod:`llama_cpp.embeddings`).
+`Llama` is composed of its parts: the native model and context (:mod:`llama_cpp._core`), a
+:class:`~llama_cpp.request.RequestBuilder` that prepares every completion and chat request
+and builds its answers (the one :class:`~llama_cpp.LlamaPool` uses too), and an
+:class:`~llama_cpp.embeddings.Embedder`. Its own code is the glue: which context decodes a
+request, and the async twins.
 """
 
 from __future__ import annotations
 
-from llama_cpp.chat import ChatMixin
-from llama_cpp.embeddings import EmbeddingMixin
-from llama_cpp.llama_base import Completion, Perf
+import os
+from collections import deque
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Self, overload
 
-__all__ = ["Completion", "Llama", "Perf"]
+import numpy as np
+import numpy.typing as npt
+
+from llama_cpp import _async, _core
+from llama_cpp._core import LoraAdapter
+from llama_cpp._docs import documented_by
+from llama_cpp.chat import ChatRenderer, RenderedChat, openai_chunks
+from llama_cpp.chat_formats import ChatFormatter
+from llama_cpp.completion_output import GenerationStream
+from llama_cpp.config import (
+    ContextParams,
+    LlamaConfig,
+    ModelParams,
+    context_params,
+    model_params,
+    resolve_config,
+)
+from llama_cpp.embeddings import Embedder, EmbeddingInput, FloatArray, RerankResult
+from llama_cpp.errors import InvalidArgumentError
+from llama_cpp.grammar import LlamaGrammar
+from llama_cpp.llama_types import (
+    ChatCompletionChunk,
+    CreateChatCompletionResponse,
+    CreateCompletionResponse,
+    CreateEmbeddingResponse,
+)
+from llama_cpp.params import DEFAULT_SEED, SamplingParams
+from llama_cpp.request import Prompt, Request, RequestBuilder
+from llama_cpp.results import Completion, Perf
+from llama_cpp.state import LlamaState
+from llama_cpp.tokenizer import LlamaTokenizer
+
+if TYPE_CHECKING:
+    # The openai package is optional: only create_chat_completion_openai_v1 needs it.
+    from openai.types.chat import ChatCompletion as OpenAIChatCompletion
+    from openai.types.chat import ChatCompletionChunk as OpenAIChatCompletionChunk
+
+__all__ = ["Completion", "Llama", "Perf", "text_pieces"]
 
 
-class Llama(ChatMixin, EmbeddingMixin):
+class Llama:
     """A GGUF model with one context: tokenization, completion and streaming.
 
     The keyword arguments are llama-cpp-python's, with the same meaning. llama.cpp's log goes
@@ -65,3 +104,760 @@ class Llama(ChatMixin, EmbeddingMixin):
         ModelLoadError: The file is missing, unreadable or not a loadable GGUF model.
         InvalidArgumentError: An argument is out of range.
     """
+
+    def __init__(
+        self, model_path: str | os.PathLike[str], *, config: LlamaConfig | None = None, **options: Any
+    ) -> None:
+        config = resolve_config("Llama", config, options)
+        path = os.fspath(model_path)
+        self._attach(_core.Model(path, config.model_options()), path, config, owns_model=True)
+
+    @classmethod
+    def sharing(cls, model: _core.Model, model_path: str, config: LlamaConfig) -> Self:
+        """An instance over ``model``, loaded already: the weights are shared, not copied.
+
+        It gets a context of its own (none with ``config.vocab_only``); its :meth:`close`
+        frees that context and leaves the model to its owner (e.g. :class:`LlamaPool`).
+        """
+        instance = cls.__new__(cls)
+        instance._attach(model, model_path, config, owns_model=False)
+        return instance
+
+    def _attach(self, model: _core.Model, model_path: str, config: LlamaConfig, *, owns_model: bool) -> None:
+        self.config = config
+        self.model_path = model_path
+        self.verbose = config.verbose
+        self._model: _core.Model | None = model
+        self._owns_model = owns_model
+        self._ctx: _core.Context | None = None
+        self._requests = RequestBuilder(model, config, model_path)
+        self._embedder = Embedder(lambda: self.context, model, config.embedding, model_path)
+        if config.vocab_only:
+            return
+        try:
+            self._ctx = _core.Context(self._model, config.context_options())
+            if config.lora_path is not None:
+                self.load_lora(config.lora_path, config.lora_scale)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the context and the weights. Idempotent.
+
+        A generation running in another thread is stopped at its next token (it raises
+        :class:`ClosedError`) before any memory is freed.
+        """
+        self._requests.close()  # its chat templates hold a reference to the model
+        if self._ctx is not None:
+            self._ctx.close()
+        if self._model is not None and self._owns_model:
+            self._model.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Llama({self.model_path!r})"
+
+    @property
+    def model(self) -> _core.Model:
+        """The native model (raises ClosedError once closed)."""
+        if self._model is None or self._model.closed:
+            raise _core.ClosedError("the model is closed")
+        return self._model
+
+    @property
+    def context(self) -> _core.Context:
+        """The native context (raises LlamaError for a vocab_only model, ClosedError once closed)."""
+        if self._ctx is None:
+            if self._model is not None and not self._model.closed:
+                raise _core.LlamaError("this model was loaded with vocab_only=True: it has no context")
+            raise _core.ClosedError("the model is closed")
+        return self._ctx
+
+    # -- model facts ----------------------------------------------------------------------
+
+    def n_ctx(self) -> int:
+        """The context window in tokens."""
+        return self.context.n_ctx()
+
+    @property
+    def model_params(self) -> ModelParams:
+        """llama-cpp-python's ``model_params``: what the model was loaded with, under the names
+        of llama.h's ``llama_model_params`` (a frozen :class:`ModelParams`, not a ctypes struct).
+        A record of the load: it stays readable after :meth:`close`."""
+        return model_params(self.config)
+
+    @property
+    def context_params(self) -> ContextParams:
+        """llama-cpp-python's ``context_params``: the context's parameters under the names of
+        llama.h's ``llama_context_params`` (a frozen :class:`ContextParams`). Sizes, threads and
+        pooling are read back from llama.cpp (``context_params.n_ctx == n_ctx()``).
+
+        Raises:
+            LlamaError: The model was loaded with ``vocab_only=True`` (it has no context).
+            ClosedError: The model is closed.
+        """
+        return context_params(self.config, self.context)
+
+    def n_vocab(self) -> int:
+        return self.model.n_vocab
+
+    def n_embd(self) -> int:
+        return self.model.n_embd
+
+    def token_bos(self) -> int:
+        return self.model.token_bos
+
+    def token_eos(self) -> int:
+        return self.model.token_eos
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The GGUF metadata, values rendered as text (arrays are summarised by llama.cpp)."""
+        return dict(self.model.metadata())
+
+    # -- tokens ---------------------------------------------------------------------------
+
+    def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of ``text``.
+
+        Args:
+            text: UTF-8 bytes or str.
+            add_bos: Add the BOS (and EOS) tokens the model asks for.
+            special: Parse special-token text such as ``<start_of_turn>`` as special tokens.
+        """
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        return self.model.tokenize(data, add_bos, special)
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
+        """The bytes of ``tokens`` (may end inside a multi-byte character)."""
+        return self.model.detokenize(list(tokens), special)
+
+    def tokenizer(self) -> LlamaTokenizer:
+        """llama-cpp-python's :class:`~llama_cpp.tokenizer.LlamaTokenizer` over this model."""
+        return LlamaTokenizer(self)
+
+    def set_seed(self, seed: int) -> None:
+        """Set the sampling seed used by calls that name none (as the constructor's ``seed``).
+
+        Args:
+            seed: In ``[0, 2**32)``; ``-1`` or ``DEFAULT_SEED``: a random seed each generation.
+
+        Raises:
+            InvalidArgumentError: ``seed`` is not an int in that range.
+        """
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -1 <= seed <= DEFAULT_SEED:
+            raise InvalidArgumentError(f"seed must be an int in [0, 2**32) or -1, got {seed!r}")
+        self._requests.seed = DEFAULT_SEED if seed == -1 else seed
+
+    def reset(self) -> None:
+        """Empty the KV cache."""
+        self.context.reset()
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Append ``tokens`` to the KV cache, n_batch at a time."""
+        self.context.eval(list(tokens))
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the KV cache, as llama.cpp reports it."""
+        return self.context.n_past()
+
+    # -- llama-cpp-python's views of the context, as numpy arrays (copies) -----------------
+
+    @property
+    def input_ids(self) -> npt.NDArray[np.intc]:
+        """The tokens in the KV cache, as an int32 array of ``n_tokens``.
+
+        llama-cpp-python's ``input_ids`` is an ``n_ctx`` buffer whose first ``n_tokens``
+        entries are valid (its ``_input_ids``); this is that prefix, a copy.
+        """
+        return np.array(self.context.tokens(), dtype=np.intc)
+
+    @property
+    def scores(self) -> npt.NDArray[np.single]:
+        """The logits of the last evaluated token, as a float32 array of shape ``(1, n_vocab)``.
+
+        Only the last row is kept (llama-cpp-python with ``logits_all=True`` keeps a row per
+        cached token; ``logits_all`` is ignored here): ``scores[-1]`` is what sampling sees
+        next. The array is ``(0, n_vocab)`` while the cache is empty.
+
+        Raises:
+            LlamaError: Tokens are cached but their logits are gone (after :meth:`load_state`
+                or a cache truncation); evaluate a token first.
+        """
+        if self.n_tokens == 0:
+            return np.empty((0, self.n_vocab()), dtype=np.single)
+        return self.context.logits()[np.newaxis, :]
+
+    @property
+    def eval_tokens(self) -> deque[int]:
+        """llama-cpp-python's ``eval_tokens``: the cached tokens as a deque (``maxlen=n_ctx``)."""
+        return deque(self.context.tokens(), maxlen=self.n_ctx())
+
+    @property
+    def eval_logits(self) -> deque[npt.NDArray[np.single]]:
+        """llama-cpp-python's ``eval_logits`` without ``logits_all``: a deque holding at most
+        one row, the logits of the last evaluated token (a float32 array of ``n_vocab``).
+
+        Raises:
+            LlamaError: As :attr:`scores`.
+        """
+        return deque(self.scores, maxlen=1)
+
+    def kv_cache_clear(self) -> None:
+        """Empty the KV cache (the same as :meth:`reset`)."""
+        self.context.reset()
+
+    def kv_cache_truncate(self, n_keep: int) -> None:
+        """Keep only the first ``n_keep`` cached tokens."""
+        self.context.kv_truncate(n_keep)
+
+    def kv_cache_shift(self, start: int, end: int) -> None:
+        """Drop cached tokens ``[start, end)`` and move the later ones back (a context shift).
+
+        Raises:
+            InvalidArgumentError: The range is not within the cached tokens.
+            LlamaError: The model's cache cannot shift positions.
+        """
+        self.context.kv_shift(start, end)
+
+    def perf(self, reset: bool = False) -> Perf:
+        """llama.cpp's timings of this context since creation or the last ``reset=True``."""
+        data = self.context.perf()
+        if reset:
+            self.context.perf_reset()
+        return Perf(
+            load_ms=data.t_load_ms,
+            prompt_tokens=data.n_prompt,
+            prompt_ms=data.t_prompt_ms,
+            eval_tokens=data.n_eval,
+            eval_ms=data.t_eval_ms,
+        )
+
+    # -- state ----------------------------------------------------------------------------
+
+    def save_state(self) -> LlamaState:
+        """A snapshot of the KV cache, the last logits and the tokens they hold."""
+        data, tokens = self.context.state_data()
+        return LlamaState(model_path=self.model_path, n_ctx=self.n_ctx(), tokens=tuple(tokens), data=data)
+
+    def load_state(self, state: LlamaState) -> None:
+        """Restore a snapshot taken by :meth:`save_state` (of this model).
+
+        Raises:
+            InvalidArgumentError: ``state`` is not a :class:`LlamaState` (raw bytes, say).
+            LlamaError: The state does not belong to this model or is damaged; the KV cache is
+                left empty.
+            ContextOverflowError: The state holds more tokens than this context's window.
+        """
+        if not isinstance(state, LlamaState):
+            raise InvalidArgumentError(
+                f"load_state expects a LlamaState (from save_state()), got {type(state).__name__}"
+            )
+        self.context.set_state_data(state.data, list(state.tokens))
+
+    def save_state_file(self, path: str | os.PathLike[str]) -> None:
+        """Write the KV cache and its tokens to ``path`` (llama.cpp's session file format)."""
+        self.context.save_state_file(os.fspath(path))
+
+    def load_state_file(self, path: str | os.PathLike[str]) -> None:
+        """Restore what :meth:`save_state_file` wrote (raises LlamaError as :meth:`load_state`)."""
+        self.context.load_state_file(os.fspath(path))
+
+    def check_grammar(self, grammar: LlamaGrammar) -> None:
+        """Raise :class:`GrammarError` (with llama.cpp's reason) if it rejects ``grammar``."""
+        _core.check_grammar(self.model, grammar.grammar, grammar.root)
+
+    # -- LoRA -----------------------------------------------------------------------------
+
+    def load_lora(self, path: str | os.PathLike[str], scale: float = 1.0) -> LoraAdapter:
+        """Load the LoRA adapter at ``path`` and apply it at ``scale``.
+
+        Adapters stay applied across :meth:`reset` and state loads; applying, rescaling or
+        removing one empties the KV cache (it was computed with other weights).
+
+        Returns:
+            The adapter's handle, for :meth:`set_lora_scale` and :meth:`remove_lora`.
+
+        Raises:
+            ModelLoadError: The file is missing or is not a LoRA adapter of this model.
+        """
+        adapter = _core.LoraAdapter(self.model, os.fspath(path))
+        self.context.set_lora(adapter, scale)
+        return adapter
+
+    def set_lora_scale(self, adapter: LoraAdapter, scale: float) -> None:
+        """Change the scale of an applied adapter.
+
+        Raises:
+            InvalidArgumentError: The adapter is not applied, or ``scale`` is not finite.
+        """
+        if adapter not in self.loras:
+            raise InvalidArgumentError(f"{adapter!r} is not applied to this model")
+        self.context.set_lora(adapter, scale)
+
+    def remove_lora(self, adapter: LoraAdapter) -> None:
+        """Stop applying ``adapter`` and free it (raises InvalidArgumentError if not applied)."""
+        if not self.context.remove_lora(adapter):
+            raise InvalidArgumentError(f"{adapter!r} is not applied to this model")
+
+    def clear_lora(self) -> None:
+        """Remove every adapter: the base model's output comes back exactly."""
+        self.context.clear_loras()
+
+    @property
+    def loras(self) -> dict[LoraAdapter, float]:
+        """The applied adapters and their scales, as the native context holds them."""
+        return dict(self.context.loras())
+
+    # -- chat formatting ------------------------------------------------------------------
+
+    @documented_by(ChatRenderer.templates)
+    def chat_templates(self) -> _core.ChatTemplates:
+        return self._requests.renderer.templates()
+
+    @documented_by(ChatRenderer.formatter)
+    def chat_formatter(self) -> ChatFormatter | None:
+        return self._requests.renderer.formatter()
+
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        json_schema: Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool = False,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> RenderedChat:
+        """Render ``messages`` with llama.cpp's chat templates (see :meth:`chat_templates`).
+
+        Returns the prompt with what generating and parsing its answer needs: the grammar
+        (tool calls, a JSON schema) and its lazy triggers, special tokens kept as text, extra
+        stops, the format's name. ``chat_template_kwargs`` are variables of the template
+        (``enable_thinking=False`` turns a hybrid model's thinking off; ``reasoning_effort``
+        for GPT-OSS).
+
+        Raises:
+            InvalidArgumentError: Malformed messages or tools, or the template rejected them.
+        """
+        params = self._requests.renderer.render(
+            messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            json_schema=json_schema,
+            parallel_tool_calls=parallel_tool_calls,
+            add_generation_prompt=add_generation_prompt,
+            template_kwargs=chat_template_kwargs,
+        )
+        return RenderedChat.from_native(params)
+
+    # -- generation -----------------------------------------------------------------------
+
+    def _generate(self, request: Request) -> _core.GenerationResult:
+        return self.context.generate(request.tokens, request.sampling, request.options)
+
+    def _stream(self, request: Request) -> _core.TokenStream:
+        return self.context.stream(request.tokens, request.sampling, request.options)
+
+    def complete(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int | None = 16,
+        sampling: SamplingParams | None = None,
+        stop: str | Sequence[str] | None = None,
+        cancellation: _core.Cancellation | None = None,
+    ) -> Completion:
+        """Generate a completion of ``prompt``; the whole token loop runs in C++.
+
+        The longest prefix that ``prompt`` shares with the tokens already in the KV cache is
+        reused rather than evaluated again.
+
+        Args:
+            prompt: Text (tokenized with BOS, special tokens parsed) or token ids.
+            max_tokens: Most tokens to generate; None or <= 0 means until the context is full.
+            sampling: Sampling settings (default: ``SamplingParams()``).
+            stop: Strings that end the generation; they are not included in the text.
+            cancellation: Lets another thread stop the generation (it then raises
+                :class:`GenerationCancelled`).
+
+        Returns:
+            A :class:`Completion`.
+
+        Raises:
+            ContextOverflowError: The prompt does not fit in the context window.
+            InvalidArgumentError: A sampling value or token id is out of range.
+            ClosedError: The model was closed, possibly during the call.
+            GenerationCancelled: ``cancellation`` was cancelled.
+        """
+        request = self._requests.generation(
+            prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=cancellation
+        )
+        return Completion.from_outcome(self._generate(request))
+
+    @overload
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int | None = ...,
+        sampling: SamplingParams | None = ...,
+        stop: str | Sequence[str] | None = ...,
+        cancellation: _core.Cancellation | None = ...,
+        stream: Literal[False] = ...,
+    ) -> str: ...
+
+    @overload
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int | None = ...,
+        sampling: SamplingParams | None = ...,
+        stop: str | Sequence[str] | None = ...,
+        cancellation: _core.Cancellation | None = ...,
+        stream: Literal[True],
+    ) -> Iterator[str]: ...
+
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int | None = 256,
+        sampling: SamplingParams | None = None,
+        stop: str | Sequence[str] | None = None,
+        cancellation: _core.Cancellation | None = None,
+        stream: bool = False,
+    ) -> str | Iterator[str]:
+        """The generated text of ``prompt`` (see :meth:`complete` for the arguments).
+
+        With ``stream=True``, an iterator of text pieces, as :meth:`generate_stream`.
+        """
+        if stream:
+            return self.generate_stream(
+                prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=cancellation
+            )
+        return self.complete(
+            prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=cancellation
+        ).text
+
+    def generate_stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int | None = 256,
+        sampling: SamplingParams | None = None,
+        stop: str | Sequence[str] | None = None,
+        cancellation: _core.Cancellation | None = None,
+    ) -> Generator[str, None, None]:
+        """Yield text as it is generated; each piece is whole UTF-8 characters.
+
+        Each step runs in C++ with the GIL released. Closing the iterator (or breaking out of
+        a ``for`` loop over it) stops generation at once and leaves the instance usable.
+        """
+        request = self._requests.generation(
+            prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=cancellation
+        )
+        return text_pieces(self._stream(request))
+
+    # -- llama-cpp-python's completion and chat API ----------------------------------------
+
+    @overload
+    def create_completion(
+        self, prompt: Prompt, *, stream: Literal[False] = False, **kwargs: Any
+    ) -> CreateCompletionResponse: ...
+
+    @overload
+    def create_completion(
+        self, prompt: Prompt, *, stream: Literal[True], **kwargs: Any
+    ) -> Iterator[CreateCompletionResponse]: ...
+
+    def create_completion(
+        self,
+        prompt: Prompt,
+        *,
+        stream: bool = False,
+        cancellation: _core.Cancellation | None = None,
+        **kwargs: Any,
+    ) -> CreateCompletionResponse | Iterator[CreateCompletionResponse]:
+        """Complete ``prompt``, returning llama-cpp-python's (OpenAI's) completion dict.
+
+        Keyword arguments and defaults are llama-cpp-python's: ``suffix``, ``max_tokens``
+        (16), ``stop``, ``echo``, ``logprobs``, ``model``, ``logits_processor`` /
+        ``stopping_criteria`` (per-token Python hooks: the slow path, see
+        :mod:`llama_cpp.hooks`), and the sampling settings, the fields of
+        :class:`SamplingParams` (``temperature``, ``top_p``, ``top_k``, ``min_p``,
+        ``seed``, ``grammar``, ``logit_bias``, penalties, Mirostat, DRY, XTC, ...).
+        ``logprobs=k`` adds, per token, the log-softmax of the model's raw logits and the k
+        most likely alternatives; with ``echo=True`` the prompt's tokens are scored too. With
+        ``stream=True`` an iterator of chunk dicts is returned instead; the last chunk
+        carries ``finish_reason``. ``cancellation`` lets another thread stop the generation.
+
+        Raises:
+            TypeError: An unknown keyword argument.
+            ContextOverflowError: The prompt does not fit in the context window.
+            InvalidArgumentError: A value is out of range.
+            NotImplementedError: ``suffix`` (fill-in-the-middle is not supported yet).
+        """
+        request = self._requests.completion(prompt, kwargs, cancellation=cancellation or _core.Cancellation())
+        if stream:
+            return request.chunks(self._stream(request.request))
+        return request.response(self._generate(request.request))
+
+    __call__ = create_completion
+
+    @overload
+    def create_chat_completion(
+        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[False] = False, **kwargs: Any
+    ) -> CreateChatCompletionResponse: ...
+
+    @overload
+    def create_chat_completion(
+        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[True], **kwargs: Any
+    ) -> Iterator[ChatCompletionChunk]: ...
+
+    def create_chat_completion(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        stream: bool = False,
+        cancellation: _core.Cancellation | None = None,
+        **kwargs: Any,
+    ) -> CreateChatCompletionResponse | Iterator[ChatCompletionChunk]:
+        """Answer a conversation, returning llama-cpp-python's (OpenAI's) chat dicts.
+
+        The messages are rendered by the model's chat template (see :meth:`render_chat`),
+        tokenized with special tokens parsed, and completed; generation ends at the model's
+        end of turn. The answer is parsed by the model's format: ``message["content"]``,
+        ``message["reasoning_content"]`` (a thinking model's reasoning, unless
+        ``reasoning_format="none"`` leaves it in the content) and ``message["tool_calls"]``
+        (``finish_reason="tool_calls"``).
+
+        Keyword arguments: llama-cpp-python's (``tools``, ``tool_choice``, ``functions``,
+        ``function_call``, ``response_format``, ``max_tokens`` (None: until the end of the
+        turn), ``stop``, ``logprobs`` + ``top_logprobs``, ``model``, ``logits_processor``,
+        ``stopping_criteria``, the sampling settings of :meth:`create_completion`, with
+        ``temperature`` 0.2 by default), and ``parallel_tool_calls``, ``reasoning_format``,
+        ``reasoning_effort`` and ``chat_template_kwargs`` (variables of the template:
+        ``{"enable_thinking": False}``, ...).
+
+        ``tool_choice``: ``"auto"``, ``"none"``, ``"required"``, ``{"type": "function",
+        "function": {"name": ...}}``, or the bare name of one of the tools, as LangChain's
+        ``bind_tools`` passes it; a forced call is constrained by a grammar so that it always
+        parses, and under ``"auto"`` the grammar takes over once the model starts a call.
+        ``response_format`` (``json_object``, with or without ``schema``, or OpenAI's
+        ``json_schema``) constrains the answer to the schema. With ``stream=True``:
+        ``chat.completion.chunk`` dicts, the role first, then content, reasoning and tool-call
+        deltas, ``finish_reason`` last. ``cancellation`` lets another thread stop the
+        generation.
+
+        Raises:
+            TypeError: An unknown keyword argument (a template variable passed as one).
+            InvalidArgumentError: Malformed messages or tools, or the template rejected them.
+            GrammarError: A ``response_format`` schema llama.cpp cannot convert.
+        """
+        request = self._requests.chat(messages, kwargs, cancellation=cancellation or _core.Cancellation())
+        if stream:
+            return request.chunks(self._stream(request.request))
+        return request.response(self._generate(request.request))
+
+    @overload
+    def create_chat_completion_openai_v1(
+        self, *args: Any, stream: Literal[False] = False, **kwargs: Any
+    ) -> OpenAIChatCompletion: ...
+
+    @overload
+    def create_chat_completion_openai_v1(
+        self, *args: Any, stream: Literal[True], **kwargs: Any
+    ) -> Iterator[OpenAIChatCompletionChunk]: ...
+
+    def create_chat_completion_openai_v1(
+        self, *args: Any, stream: bool = False, **kwargs: Any
+    ) -> OpenAIChatCompletion | Iterator[OpenAIChatCompletionChunk]:
+        """:meth:`create_chat_completion` (same arguments) returning the ``openai`` package's
+        pydantic types, as llama-cpp-python's method of this name (instructor patches it).
+
+        Returns:
+            ``openai.types.chat.ChatCompletion``; with ``stream=True`` an iterator of
+            ``ChatCompletionChunk`` (closing it stops the generation).
+
+        Raises:
+            ImportError: The ``openai`` package is not installed.
+            InvalidArgumentError: ``stream`` is not a bool, or as :meth:`create_chat_completion`.
+        """
+        try:
+            from openai.types.chat import ChatCompletion, ChatCompletionChunk
+        except ImportError as error:
+            raise ImportError(
+                "create_chat_completion_openai_v1 needs the openai package: pip install openai"
+            ) from error
+        if not isinstance(stream, bool):
+            raise InvalidArgumentError(f"stream must be a bool, got {stream!r}")
+        if stream:
+            return openai_chunks(
+                self.create_chat_completion(*args, stream=True, **kwargs), ChatCompletionChunk
+            )
+        return ChatCompletion.model_validate(self.create_chat_completion(*args, stream=False, **kwargs))
+
+    # -- embeddings and reranking ---------------------------------------------------------
+
+    @documented_by(Embedder.embed)
+    def embed(
+        self, input: EmbeddingInput, normalize: bool = False, truncate: bool = True
+    ) -> FloatArray | list[FloatArray]:
+        return self._embedder.embed(input, normalize, truncate)
+
+    @documented_by(Embedder.create_embedding)
+    def create_embedding(
+        self,
+        input: EmbeddingInput,
+        model: str | None = None,
+        *,
+        cancellation: _core.Cancellation | None = None,
+    ) -> CreateEmbeddingResponse:
+        return self._embedder.create_embedding(input, model, cancellation=cancellation)
+
+    @documented_by(Embedder.rerank)
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        top_n: int | None = None,
+        normalize: bool = False,
+        cancellation: _core.Cancellation | None = None,
+    ) -> list[RerankResult]:
+        return self._embedder.rerank(
+            query, documents, top_n=top_n, normalize=normalize, cancellation=cancellation
+        )
+
+    # -- async twins: the same calls off the event loop ------------------------------------
+    #
+    # Preparing a request (template, tokens, grammar) and waiting for the context happen in
+    # the worker thread too: the event loop only receives results.
+
+    async def complete_async(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int | None = 16,
+        sampling: SamplingParams | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> Completion:
+        """:meth:`complete` off the event loop; cancelling the task stops the generation."""
+        return await _async.call(
+            lambda c: self.complete(
+                prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=c
+            )
+        )
+
+    async def generate_async(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int | None = 256,
+        sampling: SamplingParams | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> str:
+        """:meth:`generate` off the event loop; cancelling the task stops the generation."""
+        completion = await self.complete_async(prompt, max_tokens=max_tokens, sampling=sampling, stop=stop)
+        return completion.text
+
+    async def generate_stream_async(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int | None = 256,
+        sampling: SamplingParams | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> AsyncIterator[str]:
+        """An async iterator of text pieces (``async for piece in await
+        llm.generate_stream_async(...)``); leaving it early or cancelling stops generation."""
+        return await _async.stream(
+            lambda c: self.generate_stream(
+                prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=c
+            )
+        )
+
+    @overload
+    async def create_completion_async(
+        self, prompt: Prompt, *, stream: Literal[False] = False, **kwargs: Any
+    ) -> CreateCompletionResponse: ...
+
+    @overload
+    async def create_completion_async(
+        self, prompt: Prompt, *, stream: Literal[True], **kwargs: Any
+    ) -> AsyncIterator[CreateCompletionResponse]: ...
+
+    async def create_completion_async(
+        self, prompt: Prompt, *, stream: bool = False, **kwargs: Any
+    ) -> CreateCompletionResponse | AsyncIterator[CreateCompletionResponse]:
+        """:meth:`create_completion` off the event loop (same keyword arguments).
+
+        With ``stream=True`` it returns an async iterator of chunks (``async for chunk in
+        await llm.create_completion_async(..., stream=True)``). Cancelling the task, or
+        leaving the ``async for`` early, stops the generation in C++.
+        """
+        if stream:
+            return await _async.stream(
+                lambda c: self.create_completion(prompt, stream=True, cancellation=c, **kwargs)
+            )
+        return await _async.call(lambda c: self.create_completion(prompt, cancellation=c, **kwargs))
+
+    @overload
+    async def create_chat_completion_async(
+        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[False] = False, **kwargs: Any
+    ) -> CreateChatCompletionResponse: ...
+
+    @overload
+    async def create_chat_completion_async(
+        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[True], **kwargs: Any
+    ) -> AsyncIterator[ChatCompletionChunk]: ...
+
+    async def create_chat_completion_async(
+        self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, **kwargs: Any
+    ) -> CreateChatCompletionResponse | AsyncIterator[ChatCompletionChunk]:
+        """:meth:`create_chat_completion` off the event loop (same keyword arguments).
+
+        With ``stream=True`` it returns an async iterator of chunks; cancelling the task or
+        leaving the ``async for`` early stops the generation.
+        """
+        if stream:
+            return await _async.stream(
+                lambda c: self.create_chat_completion(messages, stream=True, cancellation=c, **kwargs)
+            )
+        return await _async.call(lambda c: self.create_chat_completion(messages, cancellation=c, **kwargs))
+
+    async def create_embedding_async(
+        self, input: EmbeddingInput, model: str | None = None
+    ) -> CreateEmbeddingResponse:
+        """:meth:`create_embedding` off the event loop; cancelling the task stops it."""
+        return await _async.call(lambda c: self.create_embedding(input, model, cancellation=c))
+
+    async def rerank_async(
+        self, query: str, documents: Sequence[str], *, top_n: int | None = None, normalize: bool = False
+    ) -> list[RerankResult]:
+        """:meth:`rerank` off the event loop; cancelling the task stops it."""
+        return await _async.call(
+            lambda c: self.rerank(query, documents, top_n=top_n, normalize=normalize, cancellation=c)
+        )
+
+
+def text_pieces(stream: GenerationStream) -> Generator[str, None, None]:
+    """The text pieces of a native stream; closing the generator closes the stream."""
+    try:
+        while (piece := stream.next()) is not None:
+            if piece.text:
+                yield piece.text
+    finally:
+        stream.close()

@@ -10,50 +10,47 @@ Requests beyond the slots wait in a bounded queue; a full queue raises :class:`P
 A prompt that starts like a cached or running sequence copies that prefix instead of
 evaluating it again, so a shared system prompt is evaluated once.
 
+Requests are prepared and their answers built by the same
+:class:`~llama_cpp.request.RequestBuilder` as :class:`Llama`'s: the keywords, defaults and
+answers are the same; the pool adds ``lora=`` per request.
+
 Memory: the weights once, plus ``pool_size`` sequences of ``n_ctx`` tokens of KV cache
 (``n_ctx`` is per sequence), plus one batch's compute buffers.
 
-The API is async (``await pool.generate(...)``); every method has a synchronous twin named
-``*_sync`` that may be called from any number of threads at once.
+The API is :class:`Llama`'s: synchronous methods, which any number of threads may call at
+once, and their async twins named ``*_async``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Self, TypeVar
+from typing import Any, Literal, Self, overload
 
 from llama_cpp import _async, _core
-from llama_cpp._completion import REQUEST_KEYWORDS, CompletionBuilder, collect, completion_request
 from llama_cpp._core import LoraAdapter
-from llama_cpp._options import generate_options
-from llama_cpp.chat_output import OutputParser, chat_chunks, chat_response
-from llama_cpp.config import DEFAULTS, LlamaConfig
+from llama_cpp.completion_output import GenerationStream, collect
+from llama_cpp.config import LlamaConfig, resolve_config
 from llama_cpp.errors import InvalidArgumentError, PoolBusyError
-from llama_cpp.llama import Llama
+from llama_cpp.llama import Llama, text_pieces
 from llama_cpp.llama_types import (
     ChatCompletionChunk,
     CreateChatCompletionResponse,
     CreateCompletionResponse,
     CreateEmbeddingResponse,
 )
-from llama_cpp.params import SamplingParams
+from llama_cpp.params import DEFAULT_SEED, SamplingParams
+from llama_cpp.request import Prompt, Request, RequestBuilder
+from llama_cpp.results import Completion, PoolStats
 
 __all__ = ["LlamaPool", "PoolBusyError"]
 
-T = TypeVar("T")
-Prompt = str | bytes | Sequence[int]
 Messages = Sequence[Mapping[str, Any]]
-
-# create_completion's keywords on the pool: completion_request's, the sampling settings, lora.
+#: LoRA adapters of the pool's model and their scales.
 Lora = Mapping[LoraAdapter, float]
-# llama-cpp-python's create_completion names its SamplingParams fields the same way.
-_SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__)
-_COMPLETION_KEYWORDS = REQUEST_KEYWORDS | _SAMPLING_FIELDS | {"lora"}
 
 
 class LlamaPool:
@@ -65,12 +62,14 @@ class LlamaPool:
         max_queue: Requests that may wait for a free sequence; one more raises
             :class:`PoolBusyError` (batch methods wait for room instead).
         config: The model and context settings as a :class:`LlamaConfig`.
-        **llama_kwargs: :class:`Llama`'s keyword arguments. ``n_ctx`` is the window of each
-            sequence (0: the model's window, shared by all); ``n_batch`` (>= ``pool_size``)
-            caps the tokens decoded per step; ``lora_path`` loads an adapter that every
-            request runs with unless it names its own (see :meth:`load_lora`).
+        **options: :class:`Llama`'s keyword arguments (set over ``config``). ``n_ctx`` is
+            the window of each sequence (0: the model's window, shared by all); ``n_batch``
+            (>= ``pool_size``) caps the tokens decoded per step; ``lora_path`` loads an
+            adapter that every request runs with unless it names its own (see
+            :meth:`load_lora`).
 
     Raises:
+        TypeError: An unknown keyword argument.
         ModelLoadError: The file is missing or not a loadable GGUF model.
         InvalidArgumentError: An argument is out of range.
     """
@@ -82,36 +81,32 @@ class LlamaPool:
         *,
         max_queue: int = 64,
         config: LlamaConfig | None = None,
-        **llama_kwargs: Any,
+        **options: Any,
     ) -> None:
-        if config is None:
-            config = LlamaConfig(**llama_kwargs)
-        elif llama_kwargs:
-            config = replace(config, **{k: v for k, v in llama_kwargs.items() if v != DEFAULTS.get(k)})
+        config = resolve_config("LlamaPool", config, options)
         if config.embedding or config.vocab_only:
             raise InvalidArgumentError("a LlamaPool generates text: embedding/vocab_only are not accepted")
         self.model_path = os.fspath(model_path)
         self.pool_size = pool_size
+        self.config = config
         self._embedder: Llama | None = None
         self._embedder_lock = threading.Lock()
+        self._loras: dict[LoraAdapter, float] = {}
+        self._loras_lock = threading.Lock()
         self._model = _core.Model(self.model_path, config.model_options())
+        self._requests = RequestBuilder(self._model, config, self.model_path)
         try:
-            # Tokenization and chat templates: the same model, no context of its own.
-            self._llm = Llama.sharing(self._model, self.model_path, replace(config, vocab_only=True))
             context = config.context_options()
             context.n_ctx = config.n_ctx * pool_size
-            options = _core.EngineOptions()
-            options.n_slots = pool_size
-            options.max_queue = max_queue
-            self._engine = _core.Engine(self._model, context, options)
-            self._loras: dict[LoraAdapter, float] = {}
-            self._loras_lock = threading.Lock()
+            options_ = _core.EngineOptions()
+            options_.n_slots = pool_size
+            options_.max_queue = max_queue
+            self._engine = _core.Engine(self._model, context, options_)
             if config.lora_path is not None:
                 self.load_lora(config.lora_path, config.lora_scale)
         except BaseException:
             self.close()
             raise
-        self._config = config
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -123,8 +118,7 @@ class LlamaPool:
         with self._embedder_lock:
             if self._embedder is not None:
                 self._embedder.close()
-        if hasattr(self, "_llm"):
-            self._llm.close()  # drops its chat templates' reference to the model
+        self._requests.close()  # its chat templates hold a reference to the model
         self._model.close()
 
     def __enter__(self) -> Self:
@@ -137,25 +131,43 @@ class LlamaPool:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await asyncio.to_thread(self.close)
+        await _async.call(lambda _: self.close())
 
     def __repr__(self) -> str:
         return f"LlamaPool({self.model_path!r}, pool_size={self.pool_size})"
 
-    def stats(self) -> _core.EngineStats:
-        """Slots in use, queued requests, and counters of decoded and reused tokens."""
-        return self._engine.stats()
+    # -- facts ----------------------------------------------------------------------------
 
-    @property
+    def stats(self) -> PoolStats:
+        """Slots in use, queued requests, and counters of decoded and reused tokens."""
+        return PoolStats.from_native(self._engine.stats())
+
     def n_ctx(self) -> int:
         """The window of each sequence, in tokens."""
         return self._engine.n_ctx_seq
 
+    def n_vocab(self) -> int:
+        return self._model.n_vocab
+
     @property
-    def llama(self) -> Llama:
-        """A :class:`Llama` over the pool's model for tokenizing and chat formatting (it has
-        no context: it cannot generate)."""
-        return self._llm
+    def metadata(self) -> dict[str, str]:
+        """The GGUF metadata, values rendered as text."""
+        return dict(self._model.metadata())
+
+    def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of ``text`` (as :meth:`Llama.tokenize`)."""
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        return self._model.tokenize(data, add_bos, special)
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
+        """The bytes of ``tokens`` (as :meth:`Llama.detokenize`)."""
+        return self._model.detokenize(list(tokens), special)
+
+    def set_seed(self, seed: int) -> None:
+        """Set the sampling seed of requests that name none (as :meth:`Llama.set_seed`)."""
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -1 <= seed <= DEFAULT_SEED:
+            raise InvalidArgumentError(f"seed must be an int in [0, 2**32) or -1, got {seed!r}")
+        self._requests.seed = DEFAULT_SEED if seed == -1 else seed
 
     # -- LoRA -----------------------------------------------------------------------------
 
@@ -202,10 +214,11 @@ class LlamaPool:
         with self._loras_lock:
             return dict(self._loras)
 
-    def _lora_list(self, lora: Lora | None) -> list[tuple[LoraAdapter, float]]:
-        return list((self.loras if lora is None else lora).items())
+    # -- running a request ----------------------------------------------------------------
 
-    # -- the native core ------------------------------------------------------------------
+    def _submit(self, request: Request, wait: bool, lora: Lora | None) -> _core.EngineStream:
+        loras = list((self.loras if lora is None else lora).items())
+        return self._engine.submit(request.tokens, request.sampling, request.options, wait, loras)
 
     def submit(
         self,
@@ -217,8 +230,8 @@ class LlamaPool:
         cancellation: _core.Cancellation | None = None,
         wait: bool = False,
         lora: Lora | None = None,
-    ) -> _core.EngineStream:
-        """Queue a generation and return its native stream (see :meth:`generate_stream_sync`).
+    ) -> GenerationStream:
+        """Queue a generation and return its stream, read chunk by chunk with ``next()``.
 
         Args:
             wait: Block while the queue is full instead of raising :class:`PoolBusyError`.
@@ -231,37 +244,53 @@ class LlamaPool:
             InvalidArgumentError: A sampling value or token id is out of range.
             ClosedError: The pool is closed.
         """
-        options = generate_options(max_tokens, stop, cancellation=cancellation)
-        return self._submit(
-            self._llm._prompt_tokens(prompt), self._llm._sampling(sampling), options, wait, lora
+        request = self._requests.generation(
+            prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=cancellation
         )
+        return self._submit(request, wait, lora)
 
-    def _submit(
-        self,
-        tokens: list[int],
-        sampling: _core.SamplerConfig,
-        options: _core.GenerateOptions,
-        wait: bool,
-        lora: Lora | None = None,
-    ) -> _core.EngineStream:
-        return self._engine.submit(tokens, sampling, options, wait, self._lora_list(lora))
+    # -- the native generation API (Llama's) ----------------------------------------------
 
-    def generate_sync(
+    def complete(
         self,
         prompt: Prompt,
         *,
-        max_tokens: int | None = 256,
+        max_tokens: int | None = 16,
         sampling: SamplingParams | None = None,
         stop: str | Sequence[str] | None = None,
         cancellation: _core.Cancellation | None = None,
-    ) -> str:
-        """The generated text of ``prompt``; blocks this thread only (see :meth:`submit`)."""
+    ) -> Completion:
+        """:meth:`Llama.complete` on a slot of the pool; blocks this thread only."""
         stream = self.submit(
             prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=cancellation
         )
-        return "".join(_texts(stream))
+        return Completion.from_outcome(collect(stream))
 
-    def generate_stream_sync(
+    @overload
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int | None = ...,
+        sampling: SamplingParams | None = ...,
+        stop: str | Sequence[str] | None = ...,
+        cancellation: _core.Cancellation | None = ...,
+        stream: Literal[False] = ...,
+    ) -> str: ...
+
+    @overload
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int | None = ...,
+        sampling: SamplingParams | None = ...,
+        stop: str | Sequence[str] | None = ...,
+        cancellation: _core.Cancellation | None = ...,
+        stream: Literal[True],
+    ) -> Iterator[str]: ...
+
+    def generate(
         self,
         prompt: Prompt,
         *,
@@ -269,15 +298,33 @@ class LlamaPool:
         sampling: SamplingParams | None = None,
         stop: str | Sequence[str] | None = None,
         cancellation: _core.Cancellation | None = None,
-    ) -> Iterator[str]:
+        stream: bool = False,
+    ) -> str | Iterator[str]:
+        """The generated text of ``prompt`` (:meth:`Llama.generate`); with ``stream=True``
+        the pieces as generated (:meth:`generate_stream`)."""
+        pieces = self.generate_stream(
+            prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=cancellation
+        )
+        return pieces if stream else "".join(pieces)
+
+    def generate_stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int | None = 256,
+        sampling: SamplingParams | None = None,
+        stop: str | Sequence[str] | None = None,
+        cancellation: _core.Cancellation | None = None,
+    ) -> Generator[str, None, None]:
         """Text as it is generated (whole UTF-8 characters). Leaving the iteration early
         cancels the request and frees its slot."""
-        stream = self.submit(
-            prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=cancellation
+        return text_pieces(
+            self.submit(
+                prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=cancellation
+            )
         )
-        return _texts(stream)
 
-    def generate_batch_sync(
+    def generate_batch(
         self,
         prompts: Sequence[Prompt],
         *,
@@ -286,139 +333,91 @@ class LlamaPool:
         stop: str | Sequence[str] | None = None,
     ) -> list[str]:
         """The texts of ``prompts``, generated concurrently; waits for queue room as needed."""
-        options = generate_options(max_tokens, stop)
-        config = self._llm._sampling(sampling)
-        streams = [self._submit(self._llm._prompt_tokens(p), config, options, True) for p in prompts]
-        return ["".join(_texts(s)) for s in streams]
+        requests = [
+            self._requests.generation(p, max_tokens=max_tokens, sampling=sampling, stop=stop) for p in prompts
+        ]
+        streams = [self._submit(request, True, None) for request in requests]
+        return ["".join(text_pieces(s)) for s in streams]
 
-    def warmup_sync(self) -> None:
+    def warmup(self) -> None:
         """Run one short generation, so that the first request does not pay for setup."""
-        self.generate_sync([max(self._llm.token_bos(), 0)], max_tokens=1, sampling=SamplingParams.greedy())
+        self.generate([max(self._model.token_bos, 0)], max_tokens=1, sampling=SamplingParams.greedy())
 
-    # -- completion and chat dicts --------------------------------------------------------
+    # -- completion and chat dicts (Llama's) ----------------------------------------------
 
-    def _completion(
-        self,
-        prompt: Prompt | list[int],
-        kwargs: Mapping[str, Any],
-        cancellation: _core.Cancellation,
-        wait: bool,
-        preserved_tokens: Sequence[int] = (),
-    ) -> tuple[CompletionBuilder, _core.EngineStream]:
-        unknown = set(kwargs) - _COMPLETION_KEYWORDS
-        if unknown:
-            raise TypeError(f"LlamaPool.create_completion got unexpected keyword arguments {sorted(unknown)}")
-        request = {key: kwargs[key] for key in REQUEST_KEYWORDS if key in kwargs}
-        overrides = {k: v for k, v in kwargs.items() if k in _SAMPLING_FIELDS}
-        if overrides.get("logit_bias") is None:
-            overrides.pop("logit_bias", None)
-        tokens, options, builder = completion_request(
-            self._llm, prompt, cancellation=cancellation, preserved_tokens=preserved_tokens, **request
-        )
-        stream = self._submit(tokens, self._llm._sampling(None, overrides), options, wait, kwargs.get("lora"))
-        return builder, stream
+    @overload
+    def create_completion(
+        self, prompt: Prompt, *, stream: Literal[False] = False, **kwargs: Any
+    ) -> CreateCompletionResponse: ...
 
-    def create_completion_sync(
+    @overload
+    def create_completion(
+        self, prompt: Prompt, *, stream: Literal[True], **kwargs: Any
+    ) -> Iterator[CreateCompletionResponse]: ...
+
+    def create_completion(
         self,
         prompt: Prompt,
         *,
         stream: bool = False,
         cancellation: _core.Cancellation | None = None,
+        lora: Lora | None = None,
         **kwargs: Any,
     ) -> CreateCompletionResponse | Iterator[CreateCompletionResponse]:
-        """llama-cpp-python's ``create_completion`` (its keywords and defaults) on the pool.
+        """:meth:`Llama.create_completion` (the same keywords and answers) on a slot of the
+        pool, with ``lora`` as for :meth:`submit`. Python hooks (``logits_processor``,
+        ``stopping_criteria``) run on the scheduler thread: the slow path.
 
-        Keywords: ``max_tokens``, ``stop``, ``model``, ``logprobs``, ``echo``,
-        ``logits_processor`` / ``stopping_criteria`` (Python hooks: the slow path, run on the
-        scheduler thread), the sampling settings (``temperature``, ``top_p``, ``top_k``,
-        ``min_p``, ``typical_p``, penalties, ``seed``, ``mirostat_*``, ``logit_bias``,
-        ``grammar``) and ``lora`` (see :meth:`submit`). An unknown keyword raises TypeError.
+        Raises:
+            TypeError: An unknown keyword argument.
+            PoolBusyError: Every slot is busy and the queue is full.
         """
-        return self._create_completion(prompt, stream, cancellation or _core.Cancellation(), kwargs, False)
+        request = self._requests.completion(prompt, kwargs, cancellation=cancellation or _core.Cancellation())
+        native = self._submit(request.request, False, lora)
+        return request.chunks(native) if stream else request.response(collect(native))
 
-    def _create_completion(
-        self,
-        prompt: Prompt,
-        stream: bool,
-        cancellation: _core.Cancellation,
-        kwargs: Mapping[str, Any],
-        wait: bool,
-        *,
-        preserved_tokens: Sequence[int] = (),
-    ) -> CreateCompletionResponse | Iterator[CreateCompletionResponse]:
-        builder, native = self._completion(prompt, kwargs, cancellation, wait, preserved_tokens)
-        if stream:
-            return builder.stream(native)
-        return builder.response(collect(native))
+    @overload
+    def create_chat_completion(
+        self, messages: Messages, *, stream: Literal[False] = False, **kwargs: Any
+    ) -> CreateChatCompletionResponse: ...
 
-    def _chat_prompt(
-        self, messages: Messages, kwargs: dict[str, Any]
-    ) -> tuple[list[int], dict[str, Any], list[int], OutputParser]:
-        """The prompt tokens of ``messages``, the completion keywords of the request, the
-        special tokens kept as text and the parser of the answer, prepared as
-        :meth:`Llama.create_chat_completion` prepares them (tools and JSON included)."""
-        chat_keys = ("tools", "tool_choice", "functions", "function_call", "response_format", "grammar")
-        chat_args = {k: kwargs.pop(k) for k in chat_keys if k in kwargs}
-        if kwargs.pop("logprobs", None):  # OpenAI's chat shape: a flag and a count
-            kwargs["logprobs"] = kwargs.pop("top_logprobs", None) or 0
-        kwargs.pop("top_logprobs", None)
-        if kwargs.get("echo"):
-            raise InvalidArgumentError("echo is a completion option, not a chat one")
-        for key in ("parallel_tool_calls", "reasoning_format", "chat_template_kwargs"):
-            if key in kwargs:
-                chat_args[key] = kwargs.pop(key)
-        template_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k not in _COMPLETION_KEYWORDS}
-        chat = self._llm.prepare_chat(messages, **chat_args, **template_kwargs)
-        stop = kwargs.get("stop")
-        kwargs["stop"] = ([stop] if isinstance(stop, str) else list(stop or [])) + chat.stop
-        kwargs["grammar"] = chat.grammar
-        kwargs.setdefault("temperature", 0.2)  # llama-cpp-python's chat default
-        kwargs.setdefault("max_tokens", None)
-        return chat.prompt, kwargs, chat.preserved_tokens, chat.parser
+    @overload
+    def create_chat_completion(
+        self, messages: Messages, *, stream: Literal[True], **kwargs: Any
+    ) -> Iterator[ChatCompletionChunk]: ...
 
-    def create_chat_completion_sync(
+    def create_chat_completion(
         self,
         messages: Messages,
         *,
         stream: bool = False,
         cancellation: _core.Cancellation | None = None,
+        lora: Lora | None = None,
         **kwargs: Any,
     ) -> CreateChatCompletionResponse | Iterator[ChatCompletionChunk]:
-        """llama-cpp-python's ``create_chat_completion`` on the pool: ``response_format``,
-        tool calls, ``logprobs`` + ``top_logprobs``, ``logits_processor`` and ``lora`` included.
-        Other keywords go to the chat template."""
-        return self._create_chat(messages, stream, cancellation or _core.Cancellation(), dict(kwargs), False)
+        """:meth:`Llama.create_chat_completion` (the same keywords and answers: tools,
+        ``response_format``, logprobs, hooks) on a slot of the pool, with ``lora`` as for
+        :meth:`submit`.
 
-    def _create_chat(
-        self,
-        messages: Messages,
-        stream: bool,
-        cancellation: _core.Cancellation,
-        kwargs: dict[str, Any],
-        wait: bool,
-    ) -> CreateChatCompletionResponse | Iterator[ChatCompletionChunk]:
-        tokens, kwargs, preserved, parser = self._chat_prompt(messages, kwargs)
-        completion = self._create_completion(
-            tokens, stream, cancellation, kwargs, wait, preserved_tokens=preserved
-        )
-        if isinstance(completion, dict):
-            return chat_response(completion, parser)
-        return chat_chunks(completion, parser)
+        Raises:
+            TypeError: An unknown keyword argument (template variables go in
+                ``chat_template_kwargs``).
+            PoolBusyError: Every slot is busy and the queue is full.
+        """
+        request = self._requests.chat(messages, kwargs, cancellation=cancellation or _core.Cancellation())
+        native = self._submit(request.request, False, lora)
+        return request.chunks(native) if stream else request.response(collect(native))
 
-    def create_chat_completion_batch_sync(
-        self, conversations: Sequence[Messages], **kwargs: Any
+    def create_chat_completion_batch(
+        self, conversations: Sequence[Messages], *, lora: Lora | None = None, **kwargs: Any
     ) -> list[CreateChatCompletionResponse]:
-        """The answers to several conversations, generated concurrently."""
-        prepared = [self._chat_prompt(c, dict(kwargs)) for c in conversations]
-        streams = [
-            (self._completion(tokens, settings, _core.Cancellation(), True, preserved), parser)
-            for tokens, settings, preserved, parser in prepared
-        ]
-        return [
-            chat_response(builder.response(collect(native)), parser) for (builder, native), parser in streams
-        ]
+        """The answers to several conversations, generated concurrently (waits for queue
+        room as needed)."""
+        requests = [self._requests.chat(c, kwargs, cancellation=_core.Cancellation()) for c in conversations]
+        natives = [self._submit(request.request, True, lora) for request in requests]
+        return [request.response(collect(native)) for request, native in zip(requests, natives, strict=True)]
 
-    def create_embedding_sync(
+    def create_embedding(
         self,
         input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
         model: str | None = None,
@@ -429,14 +428,30 @@ class LlamaPool:
         (created on first use; its calls run one at a time)."""
         with self._embedder_lock:
             if self._embedder is None:
-                config = replace(self._config, embedding=True)
-                self._embedder = Llama.sharing(self._model, self.model_path, config)
+                self._embedder = Llama.sharing(
+                    self._model, self.model_path, replace(self.config, embedding=True)
+                )
             embedder = self._embedder
         return embedder.create_embedding(input, model, cancellation=cancellation)
 
-    # -- async ----------------------------------------------------------------------------
+    # -- async twins: the same calls off the event loop ------------------------------------
 
-    async def generate(
+    async def complete_async(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int | None = 16,
+        sampling: SamplingParams | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> Completion:
+        """:meth:`complete` off the event loop; cancelling the task frees the slot."""
+        return await _async.call(
+            lambda c: self.complete(
+                prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=c
+            )
+        )
+
+    async def generate_async(
         self,
         prompt: Prompt,
         *,
@@ -444,14 +459,11 @@ class LlamaPool:
         sampling: SamplingParams | None = None,
         stop: str | Sequence[str] | None = None,
     ) -> str:
-        """:meth:`generate_sync` off the event loop; cancelling the task frees the slot."""
-        return await _run(
-            lambda c: self.generate_sync(
-                prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=c
-            )
-        )
+        """:meth:`generate` off the event loop; cancelling the task frees the slot."""
+        completion = await self.complete_async(prompt, max_tokens=max_tokens, sampling=sampling, stop=stop)
+        return completion.text
 
-    def generate_stream(
+    async def generate_stream_async(
         self,
         prompt: Prompt,
         *,
@@ -459,15 +471,15 @@ class LlamaPool:
         sampling: SamplingParams | None = None,
         stop: str | Sequence[str] | None = None,
     ) -> AsyncIterator[str]:
-        """An async iterator of text pieces; leaving it early cancels the request. Raises
-        :class:`PoolBusyError` at once when the queue is full."""
-        cancellation = _core.Cancellation()
-        pieces = self.generate_stream_sync(
-            prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=cancellation
+        """An async iterator of text pieces; leaving it early cancels the request. The await
+        raises :class:`PoolBusyError` when the queue is full."""
+        return await _async.stream(
+            lambda c: self.generate_stream(
+                prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=c
+            )
         )
-        return _async.iterate(pieces, cancellation)
 
-    async def generate_batch(
+    async def generate_batch_async(
         self,
         prompts: Sequence[Prompt],
         *,
@@ -475,78 +487,68 @@ class LlamaPool:
         sampling: SamplingParams | None = None,
         stop: str | Sequence[str] | None = None,
     ) -> list[str]:
-        """:meth:`generate_batch_sync` off the event loop."""
-        return await asyncio.to_thread(
-            self.generate_batch_sync, prompts, max_tokens=max_tokens, sampling=sampling, stop=stop
+        """:meth:`generate_batch` off the event loop."""
+        return await _async.call(
+            lambda _: self.generate_batch(prompts, max_tokens=max_tokens, sampling=sampling, stop=stop)
         )
 
-    async def create_completion(
+    async def warmup_async(self) -> None:
+        """:meth:`warmup` off the event loop."""
+        await _async.call(lambda _: self.warmup())
+
+    @overload
+    async def create_completion_async(
+        self, prompt: Prompt, *, stream: Literal[False] = False, **kwargs: Any
+    ) -> CreateCompletionResponse: ...
+
+    @overload
+    async def create_completion_async(
+        self, prompt: Prompt, *, stream: Literal[True], **kwargs: Any
+    ) -> AsyncIterator[CreateCompletionResponse]: ...
+
+    async def create_completion_async(
         self, prompt: Prompt, *, stream: bool = False, **kwargs: Any
     ) -> CreateCompletionResponse | AsyncIterator[CreateCompletionResponse]:
-        """:meth:`create_completion_sync` off the event loop; with ``stream=True`` an async
+        """:meth:`create_completion` off the event loop; with ``stream=True`` an async
         iterator of chunks. Cancelling the task or leaving the iteration frees the slot."""
         if stream:
-            cancellation = _core.Cancellation()
-            chunks = self._create_completion(prompt, True, cancellation, kwargs, False)
-            assert not isinstance(chunks, dict)
-            return _async.iterate(chunks, cancellation)
+            return await _async.stream(
+                lambda c: self.create_completion(prompt, stream=True, cancellation=c, **kwargs)
+            )
+        return await _async.call(lambda c: self.create_completion(prompt, cancellation=c, **kwargs))
 
-        def call(c: _core.Cancellation) -> CreateCompletionResponse:
-            response = self._create_completion(prompt, False, c, kwargs, False)
-            assert isinstance(response, dict)
-            return response
+    @overload
+    async def create_chat_completion_async(
+        self, messages: Messages, *, stream: Literal[False] = False, **kwargs: Any
+    ) -> CreateChatCompletionResponse: ...
 
-        return await _run(call)
+    @overload
+    async def create_chat_completion_async(
+        self, messages: Messages, *, stream: Literal[True], **kwargs: Any
+    ) -> AsyncIterator[ChatCompletionChunk]: ...
 
-    async def create_chat_completion(
+    async def create_chat_completion_async(
         self, messages: Messages, *, stream: bool = False, **kwargs: Any
     ) -> CreateChatCompletionResponse | AsyncIterator[ChatCompletionChunk]:
-        """:meth:`create_chat_completion_sync` off the event loop (``stream=True``: an async
-        iterator of chunks)."""
+        """:meth:`create_chat_completion` off the event loop (``stream=True``: an async
+        iterator of chunks). Cancelling the task or leaving the iteration frees the slot."""
         if stream:
-            cancellation = _core.Cancellation()
-            chunks = self._create_chat(messages, True, cancellation, dict(kwargs), False)
-            assert not isinstance(chunks, dict)
-            return _async.iterate(chunks, cancellation)
+            return await _async.stream(
+                lambda c: self.create_chat_completion(messages, stream=True, cancellation=c, **kwargs)
+            )
+        return await _async.call(lambda c: self.create_chat_completion(messages, cancellation=c, **kwargs))
 
-        def call(c: _core.Cancellation) -> CreateChatCompletionResponse:
-            response = self._create_chat(messages, False, c, dict(kwargs), False)
-            assert isinstance(response, dict)
-            return response
-
-        return await _run(call)
-
-    async def create_chat_completion_batch(
+    async def create_chat_completion_batch_async(
         self, conversations: Sequence[Messages], **kwargs: Any
     ) -> list[CreateChatCompletionResponse]:
-        """:meth:`create_chat_completion_batch_sync` off the event loop."""
-        return await asyncio.to_thread(self.create_chat_completion_batch_sync, conversations, **kwargs)
+        """:meth:`create_chat_completion_batch` off the event loop."""
+        return await _async.call(lambda _: self.create_chat_completion_batch(conversations, **kwargs))
 
-    async def create_embedding(
+    async def create_embedding_async(
         self, input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]], model: str | None = None
     ) -> CreateEmbeddingResponse:
-        """:meth:`create_embedding_sync` off the event loop; cancelling the task stops it."""
-        return await _run(lambda c: self.create_embedding_sync(input, model, cancellation=c))
-
-    async def warmup(self) -> None:
-        """:meth:`warmup_sync` off the event loop."""
-        await asyncio.to_thread(self.warmup_sync)
-
-
-async def _run(call: Callable[[_core.Cancellation], T]) -> T:
-    """``call(cancellation)`` in a worker thread; cancelling the await cancels the request."""
-    cancellation = _core.Cancellation()
-    return await _async.run(lambda: call(cancellation), cancellation)
-
-
-def _texts(stream: _core.EngineStream) -> Iterator[str]:
-    """The text pieces of ``stream``; closing the iterator early cancels the request."""
-    try:
-        while (chunk := stream.next()) is not None:
-            if chunk.text:
-                yield chunk.text
-    finally:
-        stream.close()
+        """:meth:`create_embedding` off the event loop; cancelling the task stops it."""
+        return await _async.call(lambda c: self.create_embedding(input, model, cancellation=c))
 
 
 def _check_lora_scale(scale: float) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from llama_cpp.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from llama_cpp.llama_base import LlamaBase
+    from llama_cpp.llama import Llama
 
 __all__ = ["LlamaTokenizer"]
 
@@ -30,7 +30,7 @@ class LlamaTokenizer:
         llama: The model whose vocabulary to use.
     """
 
-    def __init__(self, llama: LlamaBase) -> None:
+    def __init__(self, llama: Llama) -> None:
         self._llama = llama
 
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True) -> list[int]:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Literal, Self, overload
 
+from llama_cpp.config import LlamaConfig, resolve_config
 from llama_cpp.errors import ClosedError, InvalidArgumentError
 from llama_cpp.families import ARCHITECTURE_KEY, TEMPLATE_KEY, ModelFamily, Thinking, detect_family
 from llama_cpp.llama import Llama
@@ -30,35 +32,44 @@ class UnifiedLLM:
     """A :class:`~llama_cpp.Llama` that knows its model family.
 
     Opening a file reads its metadata first (a vocabulary-only load) to find the family,
-    then loads the model with ``llama_kwargs``, adding what the family implies where they
-    leave it open: ``n_ctx`` (the family's cap, or the model's training context if smaller)
-    and ``chat_template`` (the family's, for a GGUF without one). Close it (or use it as a
-    context manager) to free the model.
+    then loads the model with ``config`` and ``options``, adding what the family implies
+    where they leave it open: ``n_ctx`` (the family's cap, or the model's training context if
+    smaller) and ``chat_template`` (the family's, for a GGUF without one and no
+    ``chat_template`` / ``chat_format`` of the caller's). Close it (or use it as a context
+    manager) to free the model.
 
     Args:
         model_path: Path to a GGUF file.
         family: Force a family (e.g. ``families.family_named("qwen3")``) instead of detecting it.
-        **llama_kwargs: :class:`~llama_cpp.Llama`'s keyword arguments.
+        config: :class:`~llama_cpp.Llama`'s settings as a :class:`LlamaConfig`.
+        **options: :class:`~llama_cpp.Llama`'s keyword arguments (set over ``config``).
 
     Raises:
+        TypeError: An unknown keyword argument.
         ModelLoadError: The file is missing or not a loadable GGUF model.
         InvalidArgumentError: An argument is out of range.
     """
 
     def __init__(
-        self, model_path: str | os.PathLike[str], *, family: ModelFamily | None = None, **llama_kwargs: Any
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        family: ModelFamily | None = None,
+        config: LlamaConfig | None = None,
+        **options: Any,
     ) -> None:
+        settings = resolve_config("UnifiedLLM", config, options)
         with Llama(model_path, vocab_only=True, verbose=False) as probe:
             metadata = probe.metadata
-        override = llama_kwargs.get("chat_template")
-        chosen = family or detect_family(metadata, override)
-        if "n_ctx" not in llama_kwargs and "config" not in llama_kwargs:
+        chosen = family or detect_family(metadata, settings.chat_template)
+        implied: dict[str, Any] = {}
+        if "n_ctx" not in options and config is None:
             trained = int(metadata.get(f"{metadata.get(ARCHITECTURE_KEY, '')}.context_length", "0") or 0)
-            llama_kwargs["n_ctx"] = min(chosen.context_cap, trained) if trained > 0 else chosen.context_cap
-        has_template = bool(metadata.get(TEMPLATE_KEY)) or override is not None
-        if not has_template and chosen.fallback_template and not llama_kwargs.get("chat_format"):
-            llama_kwargs["chat_template"] = chosen.fallback_template
-        self._llm: Llama | None = Llama(model_path, **llama_kwargs)
+            implied["n_ctx"] = min(chosen.context_cap, trained) if trained > 0 else chosen.context_cap
+        has_template = bool(metadata.get(TEMPLATE_KEY)) or settings.chat_template is not None
+        if not has_template and chosen.fallback_template and settings.chat_format is None:
+            implied["chat_template"] = chosen.fallback_template
+        self._llm: Llama | None = Llama(model_path, config=replace(settings, **implied))
         self._family = chosen
         self._owns = True
 
@@ -114,9 +125,9 @@ class UnifiedLLM:
         return self._llm
 
     def chat_kwargs(self, thinking: Thinking = None, **kwargs: Any) -> dict[str, Any]:
-        """The ``create_chat_completion`` keyword arguments for a request: ``kwargs`` plus the
-        template variables that ask for ``thinking`` and the family's recommended sampling
-        for each setting that ``kwargs`` leaves out.
+        """The ``create_chat_completion`` keyword arguments for a request: ``kwargs`` with the
+        template variables that ask for ``thinking`` added to ``chat_template_kwargs``, and
+        the family's recommended sampling for each setting that ``kwargs`` leaves out.
 
         Raises:
             InvalidArgumentError: The family cannot honour ``thinking`` (see
@@ -124,19 +135,25 @@ class UnifiedLLM:
                 switch, or ``thinking`` is given together with ``enable_thinking`` /
                 ``reasoning_effort``.
         """
-        template_variables = {**(kwargs.get("chat_template_kwargs") or {}), **kwargs}
+        variables = dict(kwargs.pop("chat_template_kwargs", None) or {})
+        if kwargs.get("reasoning_effort") is not None:
+            variables["reasoning_effort"] = kwargs.pop("reasoning_effort")
         if thinking is not None:
-            clash = [name for name in _THINKING_VARIABLES if name in template_variables]
+            clash = [name for name in _THINKING_VARIABLES if name in variables]
             if clash:
                 raise InvalidArgumentError(f"pass thinking or {clash[0]}, not both")
-        variables = self._family.template_kwargs(thinking)
-        if variables.get("enable_thinking") is True and not self.llama.chat_templates().supports_thinking():
+        implied = self._family.template_kwargs(thinking)
+        if implied.get("enable_thinking") is True and not self.llama.chat_templates().supports_thinking():
             raise InvalidArgumentError(
                 f"this {self._family.name} model's chat template has no enable_thinking switch; "
                 "thinking=True is not available"
             )
-        effective = thinking if thinking is not None else template_variables.get("enable_thinking")
-        return {**self._family.recommended_sampling(effective).as_kwargs(), **kwargs, **variables}
+        effective = thinking if thinking is not None else variables.get("enable_thinking")
+        variables.update(implied)
+        prepared = {**self._family.recommended_sampling(effective).as_kwargs(), **kwargs}
+        if variables:
+            prepared["chat_template_kwargs"] = variables
+        return prepared
 
     # -- chat -----------------------------------------------------------------------------
 
@@ -181,15 +198,18 @@ class UnifiedLLM:
         return self.llama.create_chat_completion(messages, stream=False, **prepared)
 
     async def create_chat_completion_async(
-        self, messages: Sequence[Message], *, thinking: Thinking = None, **kwargs: Any
+        self, messages: Sequence[Message], *, thinking: Thinking = None, stream: bool = False, **kwargs: Any
     ) -> CreateChatCompletionResponse | AsyncIterator[ChatCompletionChunk]:
         """:meth:`create_chat_completion` off the event loop (with ``stream=True``: an
         async iterator of chunks; cancelling stops the generation)."""
-        return await self.llama.create_chat_completion_async(messages, **self.chat_kwargs(thinking, **kwargs))
+        prepared = self.chat_kwargs(thinking, **kwargs)
+        if stream:
+            return await self.llama.create_chat_completion_async(messages, stream=True, **prepared)
+        return await self.llama.create_chat_completion_async(messages, stream=False, **prepared)
 
     # -- one prompt -----------------------------------------------------------------------
 
-    def generate_with_thinking(
+    def chat_with_thinking(
         self,
         prompt: str,
         *,
@@ -219,7 +239,7 @@ class UnifiedLLM:
         )
         return _split(response)
 
-    def generate(
+    def chat(
         self,
         prompt: str,
         *,
@@ -230,13 +250,13 @@ class UnifiedLLM:
     ) -> str:
         """Answer one user message: the answer only, without any reasoning.
 
-        Arguments and errors as for :meth:`generate_with_thinking`.
+        Arguments and errors as for :meth:`chat_with_thinking`.
         """
-        return self.generate_with_thinking(
+        return self.chat_with_thinking(
             prompt, thinking=thinking, system=system, max_tokens=max_tokens, **kwargs
         )[1]
 
-    async def generate_with_thinking_async(
+    async def chat_with_thinking_async(
         self,
         prompt: str,
         *,
@@ -245,14 +265,14 @@ class UnifiedLLM:
         max_tokens: int | None = None,
         **kwargs: Any,
     ) -> tuple[str, str]:
-        """:meth:`generate_with_thinking` off the event loop (cancelling stops it)."""
+        """:meth:`chat_with_thinking` off the event loop (cancelling stops it)."""
         response = await self.create_chat_completion_async(
             _messages(prompt, system), thinking=thinking, max_tokens=max_tokens, **kwargs
         )
-        assert isinstance(response, dict), "stream=True is not for generate_with_thinking_async"
+        assert isinstance(response, dict), "stream=True is not for chat_with_thinking_async"
         return _split(response)
 
-    async def generate_async(
+    async def chat_async(
         self,
         prompt: str,
         *,
@@ -261,8 +281,8 @@ class UnifiedLLM:
         max_tokens: int | None = None,
         **kwargs: Any,
     ) -> str:
-        """:meth:`generate` off the event loop (cancelling stops it)."""
-        pair = await self.generate_with_thinking_async(
+        """:meth:`chat` off the event loop (cancelling stops it)."""
+        pair = await self.chat_with_thinking_async(
             prompt, thinking=thinking, system=system, max_tokens=max_tokens, **kwargs
         )
         return pair[1]

@@ -1,0 +1,200 @@
+"""Completion answers as OpenAI dicts: a finished generation (or a native stream) turned into
+llama-cpp-python's ``text_completion`` response or chunks, with logprobs and echo."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from llama_cpp import _core
+from llama_cpp._options import finish_reason
+from llama_cpp.llama_types import CompletionLogprobs, CompletionUsage, CreateCompletionResponse, FinishReason
+
+
+@dataclass
+class LogprobsBuilder:
+    """Accumulates llama-cpp-python's ``logprobs`` dict: token texts, their character offsets
+    in the returned text, their logprobs and the top alternatives (with the token itself)."""
+
+    piece: Callable[[int], str]
+    offset: int = 0
+
+    def build(
+        self, entries: Iterable[_core.TokenLogprob | None], tokens: Iterable[int]
+    ) -> CompletionLogprobs:
+        out: CompletionLogprobs = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
+        for entry, token in zip(entries, tokens, strict=True):
+            text = self.piece(token)
+            out["tokens"].append(text)
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+            if entry is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            top = {self.piece(alt): logprob for alt, logprob in entry.top}
+            top[text] = entry.logprob
+            out["token_logprobs"].append(entry.logprob)
+            out["top_logprobs"].append(top)
+        return out
+
+
+def _merge(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
+    return {
+        "tokens": a["tokens"] + b["tokens"],
+        "text_offset": a["text_offset"] + b["text_offset"],
+        "token_logprobs": a["token_logprobs"] + b["token_logprobs"],
+        "top_logprobs": a["top_logprobs"] + b["top_logprobs"],
+    }
+
+
+class GenerationStream(Protocol):
+    """A generation read chunk by chunk: what :meth:`LlamaPool.submit` returns, and what
+    both native streams offer (:class:`_core.TokenStream` of one context,
+    :class:`_core.EngineStream` of a pool's request).
+
+    ``next()`` returns the next :class:`~llama_cpp.Chunk` (text, tokens, logprobs), or None
+    at the end; ``cancel()`` (from any thread) makes it end with GenerationCancelled;
+    ``close()`` stops it and lets go of its context or slot. The properties are read once it
+    ended.
+    """
+
+    def next(self) -> _core.Chunk | None: ...
+    def cancel(self) -> None: ...
+    def close(self) -> None: ...
+    @property
+    def n_reused(self) -> int: ...
+    @property
+    def finish_reason(self) -> str | None: ...
+    @property
+    def tokens(self) -> list[int]: ...
+    @property
+    def n_prompt(self) -> int: ...
+    @property
+    def prompt_logprobs(self) -> list[_core.TokenLogprob]: ...
+
+
+class Outcome(Protocol):
+    """A finished generation: :class:`_core.GenerationResult`, or a stream read to its end."""
+
+    @property
+    def text(self) -> str: ...
+    @property
+    def tokens(self) -> list[int]: ...
+    @property
+    def finish_reason(self) -> str: ...
+    @property
+    def n_prompt(self) -> int: ...
+    @property
+    def n_reused(self) -> int: ...
+    @property
+    def logprobs(self) -> list[_core.TokenLogprob]: ...
+    @property
+    def prompt_logprobs(self) -> list[_core.TokenLogprob]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Collected:
+    """A native stream read to its end (see :func:`collect`)."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    n_prompt: int
+    n_reused: int
+    logprobs: list[_core.TokenLogprob]
+    prompt_logprobs: list[_core.TokenLogprob]
+
+
+def collect(stream: GenerationStream) -> Collected:
+    """Read ``stream`` to its end (closing it, also on error) into one outcome."""
+    text: list[str] = []
+    logprobs: list[_core.TokenLogprob] = []
+    try:
+        while (chunk := stream.next()) is not None:
+            text.append(chunk.text)
+            logprobs += chunk.logprobs
+    finally:
+        stream.close()
+    return Collected(
+        text="".join(text),
+        tokens=list(stream.tokens),
+        finish_reason=stream.finish_reason or "stop",
+        n_prompt=stream.n_prompt,
+        n_reused=stream.n_reused,
+        logprobs=logprobs,
+        prompt_logprobs=list(stream.prompt_logprobs),
+    )
+
+
+@dataclass
+class CompletionBuilder:
+    """The dicts of one completion: id, time and model are shared by all chunks of a stream.
+
+    ``prompt_tokens``/``prompt_text`` are echoed when ``echo`` is set; ``logprobs`` is set
+    when they were asked for.
+    """
+
+    model: str
+    piece: Callable[[int], str]
+    echo: bool = False
+    prompt_tokens: list[int] = field(default_factory=list)
+    prompt_text: str = ""
+    logprobs: bool = False
+    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4()}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self._logprobs = LogprobsBuilder(self.piece)
+
+    def chunk(
+        self, text: str, reason: FinishReason | None, logprobs: CompletionLogprobs | None = None
+    ) -> CreateCompletionResponse:
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": reason}],
+        }
+
+    def _prompt_logprobs(self, scored: Sequence[_core.TokenLogprob]) -> CompletionLogprobs:
+        # The first prompt token has nothing before it to be scored against.
+        entries: list[_core.TokenLogprob | None] = [None, *scored]
+        return self._logprobs.build(entries, self.prompt_tokens)
+
+    def response(self, result: Outcome) -> CreateCompletionResponse:
+        logprobs = None
+        if self.logprobs:
+            # Offsets count characters of the returned text: the echoed prompt comes first.
+            logprobs = self._prompt_logprobs(result.prompt_logprobs) if self.echo else None
+            generated = self._logprobs.build(result.logprobs, result.tokens)
+            logprobs = generated if logprobs is None else _merge(logprobs, generated)
+        usage: CompletionUsage = {
+            "prompt_tokens": result.n_prompt,
+            "completion_tokens": len(result.tokens),
+            "total_tokens": result.n_prompt + len(result.tokens),
+        }
+        text = (self.prompt_text if self.echo else "") + result.text
+        return {**self.chunk(text, finish_reason(result.finish_reason), logprobs), "usage": usage}
+
+    def stream(self, token_stream: GenerationStream) -> Iterator[CreateCompletionResponse]:
+        """Chunks as generated; the last one is empty and carries the finish reason."""
+        try:
+            first = True
+            while (piece := token_stream.next()) is not None:
+                if first and self.echo:
+                    prompt_logprobs = (
+                        self._prompt_logprobs(token_stream.prompt_logprobs) if self.logprobs else None
+                    )
+                    yield self.chunk(self.prompt_text, None, prompt_logprobs)
+                first = False
+                logprobs = self._logprobs.build(piece.logprobs, piece.tokens) if self.logprobs else None
+                if piece.text or piece.tokens:
+                    yield self.chunk(piece.text, None, logprobs)
+            yield self.chunk("", finish_reason(token_stream.finish_reason))
+        finally:
+            token_stream.close()

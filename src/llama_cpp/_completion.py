@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, overload
 
-from llama_cpp import _async, _core, hooks
+from llama_cpp import _async, _core, fim, hooks
 from llama_cpp._options import finish_reason, generate_options
 from llama_cpp.grammar import LlamaGrammar
 from llama_cpp.hooks import LogitsProcessor, StoppingCriteria
@@ -211,21 +211,26 @@ def completion_request(
     preserved_tokens: Sequence[int] = (),
 ) -> tuple[list[int], _core.GenerateOptions, CompletionBuilder]:
     """The prompt tokens, native options and response builder of one ``create_completion``
-    call, for :class:`Llama` and :class:`LlamaPool` alike (``llm`` tokenizes).
+    call, for :class:`Llama` and :class:`LlamaPool` alike (``llm`` tokenizes). With ``suffix``
+    the prompt is the fill-in-the-middle prompt of :mod:`llama_cpp.fim`.
 
     Raises:
-        NotImplementedError: ``suffix`` (fill-in-the-middle is not supported yet).
-        InvalidArgumentError: ``logprobs`` is negative.
+        InvalidArgumentError: ``logprobs`` is negative; ``suffix`` with a model that has no
+            FIM tokens, or with ``echo`` and ``logprobs`` together.
     """
-    if suffix is not None:
-        raise NotImplementedError("suffix (fill-in-the-middle) is not supported yet")
-    prompt_tokens = llm._prompt_tokens(prompt)
+    if suffix is None:
+        prompt_tokens = llm._prompt_tokens(prompt)
+        prompt_text = llm.detokenize(prompt_tokens).decode("utf-8", errors="replace") if echo else ""
+    else:
+        prompt_tokens, prompt_text = fim.infill_request(
+            llm.model, prompt, suffix, echo=echo, logprobs=logprobs
+        )
     builder = CompletionBuilder(
         model=model or llm.model_path,
         piece=llm._piece,
         echo=echo,
         prompt_tokens=prompt_tokens,
-        prompt_text=llm.detokenize(prompt_tokens).decode("utf-8", errors="replace") if echo else "",
+        prompt_text=prompt_text,
         logprobs=logprobs is not None,
     )
     options = generate_options(
@@ -358,12 +363,14 @@ class CompletionMixin(LlamaBase):
         ``logprobs=k`` adds, per token, the log-softmax of the model's raw logits and the k most
         likely alternatives; with ``echo=True`` the prompt's tokens are scored too.
         ``logits_processor`` / ``stopping_criteria`` are per-token Python hooks (the slow path,
-        see :mod:`llama_cpp.hooks`).
+        see :mod:`llama_cpp.hooks`). ``suffix`` asks a model with fill-in-the-middle tokens
+        for the text between ``prompt`` and ``suffix`` (:func:`llama_cpp.fim.fim_prompt`);
+        ``echo`` then returns the prompt and that text.
 
         Raises:
             ContextOverflowError: The prompt does not fit in the context window.
-            InvalidArgumentError: A sampling value is out of range.
-            NotImplementedError: ``suffix`` (fill-in-the-middle is not supported yet).
+            InvalidArgumentError: A sampling value is out of range; ``suffix`` with a model
+                without FIM tokens, or with both ``echo`` and ``logprobs``.
         """
         return self._create_completion(
             prompt,

@@ -152,6 +152,46 @@ class LlamaBase:
         instance._attach(model, model_path, config, owns_model=False)
         return instance
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id: str,
+        filename: str,
+        *,
+        local_dir: str | os.PathLike[str] | None = None,
+        local_dir_use_symlinks: bool | Literal["auto"] = "auto",
+        cache_dir: str | os.PathLike[str] | None = None,
+        additional_files: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """Download a GGUF from the Hugging Face Hub (or take it from the cache) and load it,
+        as llama-cpp-python's ``from_pretrained`` (needs the ``hub`` extra: huggingface_hub).
+
+        Args:
+            repo_id: ``"owner/name"``.
+            filename: The model file, or an :mod:`fnmatch` pattern (``"*Q4_K_M.gguf"``) that
+                must match exactly one of the repository's files.
+            local_dir: Put the files here instead of leaving them in the cache.
+            local_dir_use_symlinks: No effect (huggingface_hub >= 0.23 copies into
+                ``local_dir``); accepted for llama-cpp-python's callers.
+            cache_dir: huggingface_hub's cache (default: ``HF_HUB_CACHE``).
+            additional_files: More files or patterns to fetch beside it (the other parts of a
+                split GGUF, which llama.cpp loads from the first).
+            **kwargs: The constructor's keyword arguments.
+
+        Raises:
+            ImportError: huggingface_hub is not installed.
+            ModelLoadError: No file matches (with ``HF_HUB_OFFLINE=1``: no cached file), or
+                the file does not load.
+            InvalidArgumentError: A pattern matches several files.
+        """
+        from llama_cpp import hub
+
+        path = hub.download(
+            repo_id, filename, local_dir=local_dir, cache_dir=cache_dir, additional_files=additional_files
+        )
+        return cls(path, **kwargs)
+
     def _attach(self, model: _core.Model, model_path: str, config: LlamaConfig, *, owns_model: bool) -> None:
         self.config = config
         self.model_path = model_path

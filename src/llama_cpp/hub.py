@@ -46,7 +46,7 @@ def _files_under(folder: Path) -> dict[str, Path]:
 
 
 def _download_offline(
-    repo_id: str, patterns: list[str], *, local_dir: Path | None, cache_dir: str | None
+    repo_id: str, patterns: list[str], *, local_dir: Path | None, cache_dir: str
 ) -> list[Path]:
     # Without the Hub the repository's file list is unknown: the patterns are matched against
     # what an earlier download left in the cache (the snapshot of "main") or in local_dir.
@@ -115,6 +115,8 @@ def download(
         ModelLoadError: A pattern matches no file (offline: no cached file), or the Hub is
             offline and nothing of ``repo_id`` is cached.
         InvalidArgumentError: A pattern matches more than one file.
+        huggingface_hub's errors (HfHubHTTPError and its subclasses): the repository is
+            missing or private, or a download fails.
     """
     try:
         from huggingface_hub import HfApi, constants, hf_hub_download
@@ -123,7 +125,9 @@ def download(
 
     patterns = [filename, *(additional_files or ())]
     target = Path(local_dir) if local_dir is not None else None
-    cache = os.fspath(cache_dir) if cache_dir is not None else None
+    # The default read here, as the offline flag is: huggingface_hub 0.23 binds it when
+    # imported, 2.x when called.
+    cache = os.fspath(cache_dir) if cache_dir is not None else constants.HF_HUB_CACHE
     if constants.HF_HUB_OFFLINE:
         return _download_offline(repo_id, patterns, local_dir=target, cache_dir=cache)[0]
     files = HfApi().list_repo_files(repo_id)

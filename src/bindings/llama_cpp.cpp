@@ -996,6 +996,32 @@ void bind_model(nb::module_ &m) {
                      [](const Model &s) {
                          return with_model(s, [](auto *, auto *vocab) { return llama_vocab_eos(vocab); });
                      })
+        // Fill-in-the-middle tokens, -1 (LLAMA_TOKEN_NULL) where the model has none
+        // (llama_cpp/fim.py builds the infill prompt from them).
+        .def_prop_ro("token_fim_pre",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *, auto *vocab) { return llama_vocab_fim_pre(vocab); });
+                     })
+        .def_prop_ro("token_fim_suf",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *, auto *vocab) { return llama_vocab_fim_suf(vocab); });
+                     })
+        .def_prop_ro("token_fim_mid",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *, auto *vocab) { return llama_vocab_fim_mid(vocab); });
+                     })
+        .def_prop_ro("token_fim_pad",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *, auto *vocab) { return llama_vocab_fim_pad(vocab); });
+                     })
+        .def_prop_ro("token_fim_rep",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *, auto *vocab) { return llama_vocab_fim_rep(vocab); });
+                     })
+        .def_prop_ro("token_fim_sep",
+                     [](const Model &s) {
+                         return with_model(s, [](auto *, auto *vocab) { return llama_vocab_fim_sep(vocab); });
+                     })
         .def_prop_ro("add_bos",
                      [](const Model &s) {
                          return with_model(s, [](auto *, auto *vocab) { return llama_vocab_get_add_bos(vocab); });

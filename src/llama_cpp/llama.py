@@ -2,17 +2,19 @@
 
 `Llama` is composed of its parts: the native model and context (:mod:`llama_cpp._core`), a
 :class:`~llama_cpp.request.RequestBuilder` that prepares every completion and chat request
-and builds its answers (the one :class:`~llama_cpp.LlamaPool` uses too), and an
-:class:`~llama_cpp.embeddings.Embedder`. Its own code is the glue: which context decodes a
-request, and the async twins.
+and builds its answers (the one :class:`~llama_cpp.LlamaPool` uses too), a
+:class:`~llama_cpp.chat.ChatRenderer` and an :class:`~llama_cpp.embeddings.Embedder`. The
+request API itself (completions, chat, the native generation API and their async twins) is
+:class:`~llama_cpp.frontend.FrontEnd`'s, shared with the pool; ``Llama`` says only how its
+one context decodes a request.
 """
 
 from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Self, overload
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -20,9 +22,8 @@ import numpy.typing as npt
 from llama_cpp import _async, _core
 from llama_cpp._core import LoraAdapter
 from llama_cpp._docs import documented_by
-from llama_cpp.chat import ChatRenderer, RenderedChat, openai_chunks
+from llama_cpp.chat import ChatRenderer, RenderedChat
 from llama_cpp.chat_formats import ChatFormatter
-from llama_cpp.completion_output import GenerationStream
 from llama_cpp.config import (
     ContextParams,
     LlamaConfig,
@@ -33,28 +34,24 @@ from llama_cpp.config import (
 )
 from llama_cpp.embeddings import Embedder, EmbeddingInput, FloatArray, RerankResult
 from llama_cpp.errors import InvalidArgumentError
+from llama_cpp.frontend import FrontEnd
 from llama_cpp.grammar import LlamaGrammar
 from llama_cpp.llama_types import (
-    ChatCompletionChunk,
-    CreateChatCompletionResponse,
-    CreateCompletionResponse,
     CreateEmbeddingResponse,
 )
-from llama_cpp.params import DEFAULT_SEED, SamplingParams
-from llama_cpp.request import Prompt, Request, RequestBuilder
+from llama_cpp.request import Request, RequestBuilder
 from llama_cpp.results import Completion, Perf
 from llama_cpp.state import LlamaState
 from llama_cpp.tokenizer import LlamaTokenizer
 
 if TYPE_CHECKING:
     # The openai package is optional: only create_chat_completion_openai_v1 needs it.
-    from openai.types.chat import ChatCompletion as OpenAIChatCompletion
-    from openai.types.chat import ChatCompletionChunk as OpenAIChatCompletionChunk
+    pass
 
-__all__ = ["Completion", "Llama", "Perf", "text_pieces"]
+__all__ = ["Completion", "Llama", "Perf"]
 
 
-class Llama:
+class Llama(FrontEnd):
     """A GGUF model with one context: tokenization, completion and streaming.
 
     The keyword arguments are llama-cpp-python's, with the same meaning. llama.cpp's log goes
@@ -122,6 +119,47 @@ class Llama:
         instance = cls.__new__(cls)
         instance._attach(model, model_path, config, owns_model=False)
         return instance
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id: str,
+        filename: str,
+        *,
+        local_dir: str | os.PathLike[str] | None = None,
+        local_dir_use_symlinks: bool | Literal["auto"] = "auto",
+        cache_dir: str | os.PathLike[str] | None = None,
+        additional_files: Sequence[str] | None = None,
+        **options: Any,
+    ) -> Self:
+        """Download a GGUF from the Hugging Face Hub (or take it from the cache) and load it,
+        as llama-cpp-python's ``from_pretrained`` (needs the ``hub`` extra: huggingface_hub).
+
+        Args:
+            repo_id: ``"owner/name"``.
+            filename: The model file, or an :mod:`fnmatch` pattern (``"*Q4_K_M.gguf"``) that
+                must match exactly one of the repository's files.
+            local_dir: Put the files here instead of leaving them in the cache.
+            local_dir_use_symlinks: No effect (huggingface_hub >= 0.23 copies into
+                ``local_dir``); accepted for llama-cpp-python's callers.
+            cache_dir: huggingface_hub's cache (default: ``HF_HUB_CACHE``).
+            additional_files: More files or patterns to fetch beside it (the other parts of a
+                split GGUF, which llama.cpp loads from the first).
+            **options: The constructor's keyword arguments.
+
+        Raises:
+            ImportError: huggingface_hub is not installed.
+            ModelLoadError: No file matches (with ``HF_HUB_OFFLINE=1``: no cached file), or
+                the file does not load.
+            InvalidArgumentError: A pattern matches several files.
+        """
+        from llama_cpp import hub
+
+        del local_dir_use_symlinks
+        path = hub.download(
+            repo_id, filename, local_dir=local_dir, cache_dir=cache_dir, additional_files=additional_files
+        )
+        return cls(path, **options)
 
     def _attach(self, model: _core.Model, model_path: str, config: LlamaConfig, *, owns_model: bool) -> None:
         self.config = config
@@ -243,19 +281,6 @@ class Llama:
     def tokenizer(self) -> LlamaTokenizer:
         """llama-cpp-python's :class:`~llama_cpp.tokenizer.LlamaTokenizer` over this model."""
         return LlamaTokenizer(self)
-
-    def set_seed(self, seed: int) -> None:
-        """Set the sampling seed used by calls that name none (as the constructor's ``seed``).
-
-        Args:
-            seed: In ``[0, 2**32)``; ``-1`` or ``DEFAULT_SEED``: a random seed each generation.
-
-        Raises:
-            InvalidArgumentError: ``seed`` is not an int in that range.
-        """
-        if isinstance(seed, bool) or not isinstance(seed, int) or not -1 <= seed <= DEFAULT_SEED:
-            raise InvalidArgumentError(f"seed must be an int in [0, 2**32) or -1, got {seed!r}")
-        self._requests.seed = DEFAULT_SEED if seed == -1 else seed
 
     def reset(self) -> None:
         """Empty the KV cache."""
@@ -461,253 +486,13 @@ class Llama:
         )
         return RenderedChat.from_native(params)
 
-    # -- generation -----------------------------------------------------------------------
+    # -- decoding (FrontEnd's request API runs on these) -----------------------------------
 
-    def _generate(self, request: Request) -> _core.GenerationResult:
+    def _generate(self, request: Request, run: Mapping[str, Any]) -> _core.GenerationResult:
         return self.context.generate(request.tokens, request.sampling, request.options)
 
-    def _stream(self, request: Request) -> _core.TokenStream:
+    def _stream(self, request: Request, run: Mapping[str, Any]) -> _core.TokenStream:
         return self.context.stream(request.tokens, request.sampling, request.options)
-
-    def complete(
-        self,
-        prompt: Prompt,
-        *,
-        max_tokens: int | None = 16,
-        sampling: SamplingParams | None = None,
-        stop: str | Sequence[str] | None = None,
-        cancellation: _core.Cancellation | None = None,
-    ) -> Completion:
-        """Generate a completion of ``prompt``; the whole token loop runs in C++.
-
-        The longest prefix that ``prompt`` shares with the tokens already in the KV cache is
-        reused rather than evaluated again.
-
-        Args:
-            prompt: Text (tokenized with BOS, special tokens parsed) or token ids.
-            max_tokens: Most tokens to generate; None or <= 0 means until the context is full.
-            sampling: Sampling settings (default: ``SamplingParams()``).
-            stop: Strings that end the generation; they are not included in the text.
-            cancellation: Lets another thread stop the generation (it then raises
-                :class:`GenerationCancelled`).
-
-        Returns:
-            A :class:`Completion`.
-
-        Raises:
-            ContextOverflowError: The prompt does not fit in the context window.
-            InvalidArgumentError: A sampling value or token id is out of range.
-            ClosedError: The model was closed, possibly during the call.
-            GenerationCancelled: ``cancellation`` was cancelled.
-        """
-        request = self._requests.generation(
-            prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=cancellation
-        )
-        return Completion.from_outcome(self._generate(request))
-
-    @overload
-    def generate(
-        self,
-        prompt: Prompt,
-        *,
-        max_tokens: int | None = ...,
-        sampling: SamplingParams | None = ...,
-        stop: str | Sequence[str] | None = ...,
-        cancellation: _core.Cancellation | None = ...,
-        stream: Literal[False] = ...,
-    ) -> str: ...
-
-    @overload
-    def generate(
-        self,
-        prompt: Prompt,
-        *,
-        max_tokens: int | None = ...,
-        sampling: SamplingParams | None = ...,
-        stop: str | Sequence[str] | None = ...,
-        cancellation: _core.Cancellation | None = ...,
-        stream: Literal[True],
-    ) -> Iterator[str]: ...
-
-    def generate(
-        self,
-        prompt: Prompt,
-        *,
-        max_tokens: int | None = 256,
-        sampling: SamplingParams | None = None,
-        stop: str | Sequence[str] | None = None,
-        cancellation: _core.Cancellation | None = None,
-        stream: bool = False,
-    ) -> str | Iterator[str]:
-        """The generated text of ``prompt`` (see :meth:`complete` for the arguments).
-
-        With ``stream=True``, an iterator of text pieces, as :meth:`generate_stream`.
-        """
-        if stream:
-            return self.generate_stream(
-                prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=cancellation
-            )
-        return self.complete(
-            prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=cancellation
-        ).text
-
-    def generate_stream(
-        self,
-        prompt: Prompt,
-        *,
-        max_tokens: int | None = 256,
-        sampling: SamplingParams | None = None,
-        stop: str | Sequence[str] | None = None,
-        cancellation: _core.Cancellation | None = None,
-    ) -> Generator[str, None, None]:
-        """Yield text as it is generated; each piece is whole UTF-8 characters.
-
-        Each step runs in C++ with the GIL released. Closing the iterator (or breaking out of
-        a ``for`` loop over it) stops generation at once and leaves the instance usable.
-        """
-        request = self._requests.generation(
-            prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=cancellation
-        )
-        return text_pieces(self._stream(request))
-
-    # -- llama-cpp-python's completion and chat API ----------------------------------------
-
-    @overload
-    def create_completion(
-        self, prompt: Prompt, *, stream: Literal[False] = False, **kwargs: Any
-    ) -> CreateCompletionResponse: ...
-
-    @overload
-    def create_completion(
-        self, prompt: Prompt, *, stream: Literal[True], **kwargs: Any
-    ) -> Iterator[CreateCompletionResponse]: ...
-
-    def create_completion(
-        self,
-        prompt: Prompt,
-        *,
-        stream: bool = False,
-        cancellation: _core.Cancellation | None = None,
-        **kwargs: Any,
-    ) -> CreateCompletionResponse | Iterator[CreateCompletionResponse]:
-        """Complete ``prompt``, returning llama-cpp-python's (OpenAI's) completion dict.
-
-        Keyword arguments and defaults are llama-cpp-python's: ``suffix``, ``max_tokens``
-        (16), ``stop``, ``echo``, ``logprobs``, ``model``, ``logits_processor`` /
-        ``stopping_criteria`` (per-token Python hooks: the slow path, see
-        :mod:`llama_cpp.hooks`), and the sampling settings, the fields of
-        :class:`SamplingParams` (``temperature``, ``top_p``, ``top_k``, ``min_p``,
-        ``seed``, ``grammar``, ``logit_bias``, penalties, Mirostat, DRY, XTC, ...).
-        ``logprobs=k`` adds, per token, the log-softmax of the model's raw logits and the k
-        most likely alternatives; with ``echo=True`` the prompt's tokens are scored too. With
-        ``stream=True`` an iterator of chunk dicts is returned instead; the last chunk
-        carries ``finish_reason``. ``cancellation`` lets another thread stop the generation.
-
-        Raises:
-            TypeError: An unknown keyword argument.
-            ContextOverflowError: The prompt does not fit in the context window.
-            InvalidArgumentError: A value is out of range.
-            NotImplementedError: ``suffix`` (fill-in-the-middle is not supported yet).
-        """
-        request = self._requests.completion(prompt, kwargs, cancellation=cancellation or _core.Cancellation())
-        if stream:
-            return request.chunks(self._stream(request.request))
-        return request.response(self._generate(request.request))
-
-    __call__ = create_completion
-
-    @overload
-    def create_chat_completion(
-        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[False] = False, **kwargs: Any
-    ) -> CreateChatCompletionResponse: ...
-
-    @overload
-    def create_chat_completion(
-        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[True], **kwargs: Any
-    ) -> Iterator[ChatCompletionChunk]: ...
-
-    def create_chat_completion(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        *,
-        stream: bool = False,
-        cancellation: _core.Cancellation | None = None,
-        **kwargs: Any,
-    ) -> CreateChatCompletionResponse | Iterator[ChatCompletionChunk]:
-        """Answer a conversation, returning llama-cpp-python's (OpenAI's) chat dicts.
-
-        The messages are rendered by the model's chat template (see :meth:`render_chat`),
-        tokenized with special tokens parsed, and completed; generation ends at the model's
-        end of turn. The answer is parsed by the model's format: ``message["content"]``,
-        ``message["reasoning_content"]`` (a thinking model's reasoning, unless
-        ``reasoning_format="none"`` leaves it in the content) and ``message["tool_calls"]``
-        (``finish_reason="tool_calls"``).
-
-        Keyword arguments: llama-cpp-python's (``tools``, ``tool_choice``, ``functions``,
-        ``function_call``, ``response_format``, ``max_tokens`` (None: until the end of the
-        turn), ``stop``, ``logprobs`` + ``top_logprobs``, ``model``, ``logits_processor``,
-        ``stopping_criteria``, the sampling settings of :meth:`create_completion`, with
-        ``temperature`` 0.2 by default), and ``parallel_tool_calls``, ``reasoning_format``,
-        ``reasoning_effort`` and ``chat_template_kwargs`` (variables of the template:
-        ``{"enable_thinking": False}``, ...).
-
-        ``tool_choice``: ``"auto"``, ``"none"``, ``"required"``, ``{"type": "function",
-        "function": {"name": ...}}``, or the bare name of one of the tools, as LangChain's
-        ``bind_tools`` passes it; a forced call is constrained by a grammar so that it always
-        parses, and under ``"auto"`` the grammar takes over once the model starts a call.
-        ``response_format`` (``json_object``, with or without ``schema``, or OpenAI's
-        ``json_schema``) constrains the answer to the schema. With ``stream=True``:
-        ``chat.completion.chunk`` dicts, the role first, then content, reasoning and tool-call
-        deltas, ``finish_reason`` last. ``cancellation`` lets another thread stop the
-        generation.
-
-        Raises:
-            TypeError: An unknown keyword argument (a template variable passed as one).
-            InvalidArgumentError: Malformed messages or tools, or the template rejected them.
-            GrammarError: A ``response_format`` schema llama.cpp cannot convert.
-        """
-        request = self._requests.chat(messages, kwargs, cancellation=cancellation or _core.Cancellation())
-        if stream:
-            return request.chunks(self._stream(request.request))
-        return request.response(self._generate(request.request))
-
-    @overload
-    def create_chat_completion_openai_v1(
-        self, *args: Any, stream: Literal[False] = False, **kwargs: Any
-    ) -> OpenAIChatCompletion: ...
-
-    @overload
-    def create_chat_completion_openai_v1(
-        self, *args: Any, stream: Literal[True], **kwargs: Any
-    ) -> Iterator[OpenAIChatCompletionChunk]: ...
-
-    def create_chat_completion_openai_v1(
-        self, *args: Any, stream: bool = False, **kwargs: Any
-    ) -> OpenAIChatCompletion | Iterator[OpenAIChatCompletionChunk]:
-        """:meth:`create_chat_completion` (same arguments) returning the ``openai`` package's
-        pydantic types, as llama-cpp-python's method of this name (instructor patches it).
-
-        Returns:
-            ``openai.types.chat.ChatCompletion``; with ``stream=True`` an iterator of
-            ``ChatCompletionChunk`` (closing it stops the generation).
-
-        Raises:
-            ImportError: The ``openai`` package is not installed.
-            InvalidArgumentError: ``stream`` is not a bool, or as :meth:`create_chat_completion`.
-        """
-        try:
-            from openai.types.chat import ChatCompletion, ChatCompletionChunk
-        except ImportError as error:
-            raise ImportError(
-                "create_chat_completion_openai_v1 needs the openai package: pip install openai"
-            ) from error
-        if not isinstance(stream, bool):
-            raise InvalidArgumentError(f"stream must be a bool, got {stream!r}")
-        if stream:
-            return openai_chunks(
-                self.create_chat_completion(*args, stream=True, **kwargs), ChatCompletionChunk
-            )
-        return ChatCompletion.model_validate(self.create_chat_completion(*args, stream=False, **kwargs))
 
     # -- embeddings and reranking ---------------------------------------------------------
 
@@ -741,109 +526,6 @@ class Llama:
             query, documents, top_n=top_n, normalize=normalize, cancellation=cancellation
         )
 
-    # -- async twins: the same calls off the event loop ------------------------------------
-    #
-    # Preparing a request (template, tokens, grammar) and waiting for the context happen in
-    # the worker thread too: the event loop only receives results.
-
-    async def complete_async(
-        self,
-        prompt: Prompt,
-        *,
-        max_tokens: int | None = 16,
-        sampling: SamplingParams | None = None,
-        stop: str | Sequence[str] | None = None,
-    ) -> Completion:
-        """:meth:`complete` off the event loop; cancelling the task stops the generation."""
-        return await _async.call(
-            lambda c: self.complete(
-                prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=c
-            )
-        )
-
-    async def generate_async(
-        self,
-        prompt: Prompt,
-        *,
-        max_tokens: int | None = 256,
-        sampling: SamplingParams | None = None,
-        stop: str | Sequence[str] | None = None,
-    ) -> str:
-        """:meth:`generate` off the event loop; cancelling the task stops the generation."""
-        completion = await self.complete_async(prompt, max_tokens=max_tokens, sampling=sampling, stop=stop)
-        return completion.text
-
-    async def generate_stream_async(
-        self,
-        prompt: Prompt,
-        *,
-        max_tokens: int | None = 256,
-        sampling: SamplingParams | None = None,
-        stop: str | Sequence[str] | None = None,
-    ) -> AsyncIterator[str]:
-        """An async iterator of text pieces (``async for piece in await
-        llm.generate_stream_async(...)``); leaving it early or cancelling stops generation."""
-        return await _async.stream(
-            lambda c: self.generate_stream(
-                prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=c
-            )
-        )
-
-    @overload
-    async def create_completion_async(
-        self, prompt: Prompt, *, stream: Literal[False] = False, **kwargs: Any
-    ) -> CreateCompletionResponse: ...
-
-    @overload
-    async def create_completion_async(
-        self, prompt: Prompt, *, stream: Literal[True], **kwargs: Any
-    ) -> AsyncIterator[CreateCompletionResponse]: ...
-
-    async def create_completion_async(
-        self, prompt: Prompt, *, stream: bool = False, **kwargs: Any
-    ) -> CreateCompletionResponse | AsyncIterator[CreateCompletionResponse]:
-        """:meth:`create_completion` off the event loop (same keyword arguments).
-
-        With ``stream=True`` it returns an async iterator of chunks (``async for chunk in
-        await llm.create_completion_async(..., stream=True)``). Cancelling the task, or
-        leaving the ``async for`` early, stops the generation in C++.
-        """
-        if stream:
-            return await _async.stream(
-                lambda c: self.create_completion(prompt, stream=True, cancellation=c, **kwargs)
-            )
-        return await _async.call(lambda c: self.create_completion(prompt, cancellation=c, **kwargs))
-
-    @overload
-    async def create_chat_completion_async(
-        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[False] = False, **kwargs: Any
-    ) -> CreateChatCompletionResponse: ...
-
-    @overload
-    async def create_chat_completion_async(
-        self, messages: Sequence[Mapping[str, Any]], *, stream: Literal[True], **kwargs: Any
-    ) -> AsyncIterator[ChatCompletionChunk]: ...
-
-    async def create_chat_completion_async(
-        self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, **kwargs: Any
-    ) -> CreateChatCompletionResponse | AsyncIterator[ChatCompletionChunk]:
-        """:meth:`create_chat_completion` off the event loop (same keyword arguments).
-
-        With ``stream=True`` it returns an async iterator of chunks; cancelling the task or
-        leaving the ``async for`` early stops the generation.
-        """
-        if stream:
-            return await _async.stream(
-                lambda c: self.create_chat_completion(messages, stream=True, cancellation=c, **kwargs)
-            )
-        return await _async.call(lambda c: self.create_chat_completion(messages, cancellation=c, **kwargs))
-
-    async def create_embedding_async(
-        self, input: EmbeddingInput, model: str | None = None
-    ) -> CreateEmbeddingResponse:
-        """:meth:`create_embedding` off the event loop; cancelling the task stops it."""
-        return await _async.call(lambda c: self.create_embedding(input, model, cancellation=c))
-
     async def rerank_async(
         self, query: str, documents: Sequence[str], *, top_n: int | None = None, normalize: bool = False
     ) -> list[RerankResult]:
@@ -851,13 +533,3 @@ class Llama:
         return await _async.call(
             lambda c: self.rerank(query, documents, top_n=top_n, normalize=normalize, cancellation=c)
         )
-
-
-def text_pieces(stream: GenerationStream) -> Generator[str, None, None]:
-    """The text pieces of a native stream; closing the generator closes the stream."""
-    try:
-        while (piece := stream.next()) is not None:
-            if piece.text:
-                yield piece.text
-    finally:
-        stream.close()

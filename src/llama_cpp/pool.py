@@ -26,25 +26,24 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Literal, Self, overload
+from typing import Any, Self
 
 from llama_cpp import _async, _core
 from llama_cpp._core import LoraAdapter
 from llama_cpp.completion_output import GenerationStream, collect
 from llama_cpp.config import LlamaConfig, resolve_config
 from llama_cpp.errors import InvalidArgumentError, PoolBusyError
-from llama_cpp.llama import Llama, text_pieces
+from llama_cpp.frontend import FrontEnd, text_pieces
+from llama_cpp.llama import Llama
 from llama_cpp.llama_types import (
-    ChatCompletionChunk,
     CreateChatCompletionResponse,
-    CreateCompletionResponse,
     CreateEmbeddingResponse,
 )
-from llama_cpp.params import DEFAULT_SEED, SamplingParams
+from llama_cpp.params import SamplingParams
 from llama_cpp.request import Prompt, Request, RequestBuilder
-from llama_cpp.results import Completion, PoolStats
+from llama_cpp.results import PoolStats
 
 __all__ = ["LlamaPool", "PoolBusyError"]
 
@@ -53,7 +52,7 @@ Messages = Sequence[Mapping[str, Any]]
 Lora = Mapping[LoraAdapter, float]
 
 
-class LlamaPool:
+class LlamaPool(FrontEnd):
     """Serve concurrent requests from one model with continuous batching.
 
     Args:
@@ -73,6 +72,8 @@ class LlamaPool:
         ModelLoadError: The file is missing or not a loadable GGUF model.
         InvalidArgumentError: An argument is out of range.
     """
+
+    _RUN_KEYWORDS = frozenset({"lora"})
 
     def __init__(
         self,
@@ -163,12 +164,6 @@ class LlamaPool:
         """The bytes of ``tokens`` (as :meth:`Llama.detokenize`)."""
         return self._model.detokenize(list(tokens), special)
 
-    def set_seed(self, seed: int) -> None:
-        """Set the sampling seed of requests that name none (as :meth:`Llama.set_seed`)."""
-        if isinstance(seed, bool) or not isinstance(seed, int) or not -1 <= seed <= DEFAULT_SEED:
-            raise InvalidArgumentError(f"seed must be an int in [0, 2**32) or -1, got {seed!r}")
-        self._requests.seed = DEFAULT_SEED if seed == -1 else seed
-
     # -- LoRA -----------------------------------------------------------------------------
 
     def load_lora(self, path: str | os.PathLike[str], scale: float = 1.0) -> LoraAdapter:
@@ -249,80 +244,12 @@ class LlamaPool:
         )
         return self._submit(request, wait, lora)
 
-    # -- the native generation API (Llama's) ----------------------------------------------
+    # -- decoding (FrontEnd's request API runs on these) -----------------------------------
 
-    def complete(
-        self,
-        prompt: Prompt,
-        *,
-        max_tokens: int | None = 16,
-        sampling: SamplingParams | None = None,
-        stop: str | Sequence[str] | None = None,
-        cancellation: _core.Cancellation | None = None,
-    ) -> Completion:
-        """:meth:`Llama.complete` on a slot of the pool; blocks this thread only."""
-        stream = self.submit(
-            prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=cancellation
-        )
-        return Completion.from_outcome(collect(stream))
+    def _stream(self, request: Request, run: Mapping[str, Any]) -> GenerationStream:
+        return self._submit(request, False, run.get("lora"))
 
-    @overload
-    def generate(
-        self,
-        prompt: Prompt,
-        *,
-        max_tokens: int | None = ...,
-        sampling: SamplingParams | None = ...,
-        stop: str | Sequence[str] | None = ...,
-        cancellation: _core.Cancellation | None = ...,
-        stream: Literal[False] = ...,
-    ) -> str: ...
-
-    @overload
-    def generate(
-        self,
-        prompt: Prompt,
-        *,
-        max_tokens: int | None = ...,
-        sampling: SamplingParams | None = ...,
-        stop: str | Sequence[str] | None = ...,
-        cancellation: _core.Cancellation | None = ...,
-        stream: Literal[True],
-    ) -> Iterator[str]: ...
-
-    def generate(
-        self,
-        prompt: Prompt,
-        *,
-        max_tokens: int | None = 256,
-        sampling: SamplingParams | None = None,
-        stop: str | Sequence[str] | None = None,
-        cancellation: _core.Cancellation | None = None,
-        stream: bool = False,
-    ) -> str | Iterator[str]:
-        """The generated text of ``prompt`` (:meth:`Llama.generate`); with ``stream=True``
-        the pieces as generated (:meth:`generate_stream`)."""
-        pieces = self.generate_stream(
-            prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=cancellation
-        )
-        return pieces if stream else "".join(pieces)
-
-    def generate_stream(
-        self,
-        prompt: Prompt,
-        *,
-        max_tokens: int | None = 256,
-        sampling: SamplingParams | None = None,
-        stop: str | Sequence[str] | None = None,
-        cancellation: _core.Cancellation | None = None,
-    ) -> Generator[str, None, None]:
-        """Text as it is generated (whole UTF-8 characters). Leaving the iteration early
-        cancels the request and frees its slot."""
-        return text_pieces(
-            self.submit(
-                prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=cancellation
-            )
-        )
+    # -- the pool's own: batches and warmup -----------------------------------------------
 
     def generate_batch(
         self,
@@ -342,71 +269,6 @@ class LlamaPool:
     def warmup(self) -> None:
         """Run one short generation, so that the first request does not pay for setup."""
         self.generate([max(self._model.token_bos, 0)], max_tokens=1, sampling=SamplingParams.greedy())
-
-    # -- completion and chat dicts (Llama's) ----------------------------------------------
-
-    @overload
-    def create_completion(
-        self, prompt: Prompt, *, stream: Literal[False] = False, **kwargs: Any
-    ) -> CreateCompletionResponse: ...
-
-    @overload
-    def create_completion(
-        self, prompt: Prompt, *, stream: Literal[True], **kwargs: Any
-    ) -> Iterator[CreateCompletionResponse]: ...
-
-    def create_completion(
-        self,
-        prompt: Prompt,
-        *,
-        stream: bool = False,
-        cancellation: _core.Cancellation | None = None,
-        lora: Lora | None = None,
-        **kwargs: Any,
-    ) -> CreateCompletionResponse | Iterator[CreateCompletionResponse]:
-        """:meth:`Llama.create_completion` (the same keywords and answers) on a slot of the
-        pool, with ``lora`` as for :meth:`submit`. Python hooks (``logits_processor``,
-        ``stopping_criteria``) run on the scheduler thread: the slow path.
-
-        Raises:
-            TypeError: An unknown keyword argument.
-            PoolBusyError: Every slot is busy and the queue is full.
-        """
-        request = self._requests.completion(prompt, kwargs, cancellation=cancellation or _core.Cancellation())
-        native = self._submit(request.request, False, lora)
-        return request.chunks(native) if stream else request.response(collect(native))
-
-    @overload
-    def create_chat_completion(
-        self, messages: Messages, *, stream: Literal[False] = False, **kwargs: Any
-    ) -> CreateChatCompletionResponse: ...
-
-    @overload
-    def create_chat_completion(
-        self, messages: Messages, *, stream: Literal[True], **kwargs: Any
-    ) -> Iterator[ChatCompletionChunk]: ...
-
-    def create_chat_completion(
-        self,
-        messages: Messages,
-        *,
-        stream: bool = False,
-        cancellation: _core.Cancellation | None = None,
-        lora: Lora | None = None,
-        **kwargs: Any,
-    ) -> CreateChatCompletionResponse | Iterator[ChatCompletionChunk]:
-        """:meth:`Llama.create_chat_completion` (the same keywords and answers: tools,
-        ``response_format``, logprobs, hooks) on a slot of the pool, with ``lora`` as for
-        :meth:`submit`.
-
-        Raises:
-            TypeError: An unknown keyword argument (template variables go in
-                ``chat_template_kwargs``).
-            PoolBusyError: Every slot is busy and the queue is full.
-        """
-        request = self._requests.chat(messages, kwargs, cancellation=cancellation or _core.Cancellation())
-        native = self._submit(request.request, False, lora)
-        return request.chunks(native) if stream else request.response(collect(native))
 
     def create_chat_completion_batch(
         self, conversations: Sequence[Messages], *, lora: Lora | None = None, **kwargs: Any
@@ -436,49 +298,6 @@ class LlamaPool:
 
     # -- async twins: the same calls off the event loop ------------------------------------
 
-    async def complete_async(
-        self,
-        prompt: Prompt,
-        *,
-        max_tokens: int | None = 16,
-        sampling: SamplingParams | None = None,
-        stop: str | Sequence[str] | None = None,
-    ) -> Completion:
-        """:meth:`complete` off the event loop; cancelling the task frees the slot."""
-        return await _async.call(
-            lambda c: self.complete(
-                prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=c
-            )
-        )
-
-    async def generate_async(
-        self,
-        prompt: Prompt,
-        *,
-        max_tokens: int | None = 256,
-        sampling: SamplingParams | None = None,
-        stop: str | Sequence[str] | None = None,
-    ) -> str:
-        """:meth:`generate` off the event loop; cancelling the task frees the slot."""
-        completion = await self.complete_async(prompt, max_tokens=max_tokens, sampling=sampling, stop=stop)
-        return completion.text
-
-    async def generate_stream_async(
-        self,
-        prompt: Prompt,
-        *,
-        max_tokens: int | None = 256,
-        sampling: SamplingParams | None = None,
-        stop: str | Sequence[str] | None = None,
-    ) -> AsyncIterator[str]:
-        """An async iterator of text pieces; leaving it early cancels the request. The await
-        raises :class:`PoolBusyError` when the queue is full."""
-        return await _async.stream(
-            lambda c: self.generate_stream(
-                prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=c
-            )
-        )
-
     async def generate_batch_async(
         self,
         prompts: Sequence[Prompt],
@@ -496,59 +315,11 @@ class LlamaPool:
         """:meth:`warmup` off the event loop."""
         await _async.call(lambda _: self.warmup())
 
-    @overload
-    async def create_completion_async(
-        self, prompt: Prompt, *, stream: Literal[False] = False, **kwargs: Any
-    ) -> CreateCompletionResponse: ...
-
-    @overload
-    async def create_completion_async(
-        self, prompt: Prompt, *, stream: Literal[True], **kwargs: Any
-    ) -> AsyncIterator[CreateCompletionResponse]: ...
-
-    async def create_completion_async(
-        self, prompt: Prompt, *, stream: bool = False, **kwargs: Any
-    ) -> CreateCompletionResponse | AsyncIterator[CreateCompletionResponse]:
-        """:meth:`create_completion` off the event loop; with ``stream=True`` an async
-        iterator of chunks. Cancelling the task or leaving the iteration frees the slot."""
-        if stream:
-            return await _async.stream(
-                lambda c: self.create_completion(prompt, stream=True, cancellation=c, **kwargs)
-            )
-        return await _async.call(lambda c: self.create_completion(prompt, cancellation=c, **kwargs))
-
-    @overload
-    async def create_chat_completion_async(
-        self, messages: Messages, *, stream: Literal[False] = False, **kwargs: Any
-    ) -> CreateChatCompletionResponse: ...
-
-    @overload
-    async def create_chat_completion_async(
-        self, messages: Messages, *, stream: Literal[True], **kwargs: Any
-    ) -> AsyncIterator[ChatCompletionChunk]: ...
-
-    async def create_chat_completion_async(
-        self, messages: Messages, *, stream: bool = False, **kwargs: Any
-    ) -> CreateChatCompletionResponse | AsyncIterator[ChatCompletionChunk]:
-        """:meth:`create_chat_completion` off the event loop (``stream=True``: an async
-        iterator of chunks). Cancelling the task or leaving the iteration frees the slot."""
-        if stream:
-            return await _async.stream(
-                lambda c: self.create_chat_completion(messages, stream=True, cancellation=c, **kwargs)
-            )
-        return await _async.call(lambda c: self.create_chat_completion(messages, cancellation=c, **kwargs))
-
     async def create_chat_completion_batch_async(
         self, conversations: Sequence[Messages], **kwargs: Any
     ) -> list[CreateChatCompletionResponse]:
         """:meth:`create_chat_completion_batch` off the event loop."""
         return await _async.call(lambda _: self.create_chat_completion_batch(conversations, **kwargs))
-
-    async def create_embedding_async(
-        self, input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]], model: str | None = None
-    ) -> CreateEmbeddingResponse:
-        """:meth:`create_embedding` off the event loop; cancelling the task stops it."""
-        return await _async.call(lambda c: self.create_embedding(input, model, cancellation=c))
 
 
 def _check_lora_scale(scale: float) -> None:

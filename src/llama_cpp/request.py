@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from llama_cpp import _core, hooks
+from llama_cpp import _core, fim, hooks
 from llama_cpp._options import generate_options
 from llama_cpp.chat import ChatGrammar, ChatRenderer
 from llama_cpp.chat_output import OutputParser, chat_chunks, chat_response
@@ -214,24 +214,29 @@ class RequestBuilder:
         Raises:
             TypeError: An unknown keyword.
             InvalidArgumentError: ``logprobs`` is negative, ``suffix`` with a model without
-                fill-in-the-middle tokens, a seed out of range.
+                fill-in-the-middle tokens (or with both ``echo`` and ``logprobs``), a seed out
+                of range.
         """
         check_keywords(where, keywords, COMPLETION_KEYWORDS | SAMPLING_KEYWORDS)
         sampling = {k: v for k, v in keywords.items() if k in SAMPLING_KEYWORDS}
         suffix = keywords.get("suffix")
         echo = bool(keywords.get("echo", False))
         logprobs = keywords.get("logprobs")
-        if suffix is not None:
-            raise NotImplementedError("suffix (fill-in-the-middle) is not supported yet")
-        tokens = self.prompt_tokens(prompt)
+        if suffix is None:
+            tokens = self.prompt_tokens(prompt)
+            prompt_text = (
+                self._model.detokenize(tokens, False).decode("utf-8", errors="replace") if echo else ""
+            )
+        else:
+            tokens, prompt_text = fim.infill_request(
+                self._model, prompt, suffix, echo=echo, logprobs=logprobs
+            )
         builder = CompletionBuilder(
             model=keywords.get("model") or model_name or self._name,
             piece=self.piece,
             echo=echo,
             prompt_tokens=tokens,
-            prompt_text=self._model.detokenize(tokens, False).decode("utf-8", errors="replace")
-            if echo
-            else "",
+            prompt_text=prompt_text,
             logprobs=logprobs is not None,
         )
         options = generate_options(

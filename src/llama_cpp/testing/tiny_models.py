@@ -10,7 +10,9 @@ end-of-generation token arrives.
 
 The vocabulary is SentencePiece-style: ``<unk>``, ``<s>``, ``</s>``, the 256 byte tokens
 ``<0x00>``..``<0xFF>``, ``▁`` (a space) and ``<end_of_turn>`` (end of generation, not EOS);
-every other text tokenizes to its UTF-8 bytes.
+every other text tokenizes to its UTF-8 bytes. With ``TinyModelSpec(fim=True)`` the
+fill-in-the-middle control tokens ``<|fim_prefix|>``, ``<|fim_suffix|>`` and ``<|fim_middle|>``
+follow (:data:`FIM_PRE_ID`, :data:`FIM_SUF_ID`, :data:`FIM_MID_ID`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ SPACE_ID = _FIRST_BYTE_ID + 256
 #: An end-of-turn control token: end of generation, but not EOS (as Gemma's <end_of_turn>).
 EOT_ID = SPACE_ID + 1
 N_VOCAB = EOT_ID + 1
+#: Fill-in-the-middle control tokens, after the base vocabulary (``TinyModelSpec(fim=True)``).
+FIM_PRE_ID = N_VOCAB
+FIM_SUF_ID = N_VOCAB + 1
+FIM_MID_ID = N_VOCAB + 2
+_FIM_TOKENS = (b"<|fim_prefix|>", b"<|fim_suffix|>", b"<|fim_middle|>")
 
 
 def byte_token(byte: int) -> int:
@@ -89,6 +96,10 @@ class TinyModelSpec:
             that need a non-degenerate distribution.
         seed: Seed of that noise.
         name: ``general.name``.
+        fim: Add the fill-in-the-middle control tokens (:data:`FIM_PRE_ID` ...) to the
+            vocabulary and name them in the ``tokenizer.ggml.fim_*_token_id`` metadata.
+        add_space_prefix: The tokenizer prepends a space (``▁``) to the text it is given, as
+            SentencePiece models such as Code Llama do.
     """
 
     successors: Mapping[int, int] = field(default_factory=_default_successors)
@@ -101,17 +112,23 @@ class TinyModelSpec:
     noise: float = 0.0
     seed: int = 0
     name: str = "tiny-successor-llama"
+    fim: bool = False
+    add_space_prefix: bool = False
+
+    @property
+    def n_vocab(self) -> int:
+        return N_VOCAB + (len(_FIM_TOKENS) if self.fim else 0)
 
     @property
     def n_embd(self) -> int:
         step = self.n_head * 2  # rope wants an even head dimension
-        return -(-N_VOCAB // step) * step
+        return -(-self.n_vocab // step) * step
 
     def successor(self, token: int) -> int:
         return self.successors.get(token, self.default_successor)
 
 
-def _vocabulary() -> tuple[list[bytes], list[float], list[int]]:
+def _vocabulary(*, fim: bool = False) -> tuple[list[bytes], list[float], list[int]]:
     import gguf
 
     tokens = (
@@ -119,20 +136,22 @@ def _vocabulary() -> tuple[list[bytes], list[float], list[int]]:
         + [f"<0x{b:02X}>".encode() for b in range(256)]
         + ["▁".encode(), b"<end_of_turn>"]
     )
-    scores = [0.0] * len(tokens)
     types = [int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.CONTROL), int(gguf.TokenType.CONTROL)]
     types += [int(gguf.TokenType.BYTE)] * 256 + [int(gguf.TokenType.NORMAL), int(gguf.TokenType.CONTROL)]
-    return tokens, scores, types
+    if fim:
+        tokens += _FIM_TOKENS
+        types += [int(gguf.TokenType.CONTROL)] * len(_FIM_TOKENS)
+    return tokens, [0.0] * len(tokens), types
 
 
 def _tensors(spec: TinyModelSpec) -> dict[str, Any]:
     import numpy as np
 
-    n_embd, n_ff = spec.n_embd, spec.n_ff
-    embedding = np.zeros((N_VOCAB, n_embd), dtype=np.float32)
-    embedding[np.arange(N_VOCAB), np.arange(N_VOCAB)] = 1.0
-    output = np.zeros((N_VOCAB, n_embd), dtype=np.float32)
-    for token in range(N_VOCAB):
+    n_vocab, n_embd, n_ff = spec.n_vocab, spec.n_embd, spec.n_ff
+    embedding = np.zeros((n_vocab, n_embd), dtype=np.float32)
+    embedding[np.arange(n_vocab), np.arange(n_vocab)] = 1.0
+    output = np.zeros((n_vocab, n_embd), dtype=np.float32)
+    for token in range(n_vocab):
         output[spec.successor(token), token] = spec.logit_scale
     if spec.noise > 0:
         rng = np.random.default_rng(spec.seed)
@@ -165,6 +184,7 @@ def write_tiny_llama(path: str | os.PathLike[str], spec: TinyModelSpec | None = 
     With the default spec, greedy decoding after ``"A"`` yields ``"é😀世界"`` (one byte per
     token) and then ends with EOS; after ``"B"`` it yields ``"!"`` and ends with end-of-turn;
     after a lowercase letter, a space or BOS alone it cycles through the alphabet forever.
+    With ``spec.fim`` the model has fill-in-the-middle tokens (see :class:`TinyModelSpec`).
     """
     import gguf
 
@@ -181,7 +201,7 @@ def write_tiny_llama(path: str | os.PathLike[str], spec: TinyModelSpec | None = 
     writer.add_rope_dimension_count(spec.n_embd // spec.n_head)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-    tokens, scores, types = _vocabulary()
+    tokens, scores, types = _vocabulary(fim=spec.fim)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
@@ -190,9 +210,13 @@ def write_tiny_llama(path: str | os.PathLike[str], spec: TinyModelSpec | None = 
     writer.add_bos_token_id(BOS_ID)
     writer.add_eos_token_id(EOS_ID)
     writer.add_eot_token_id(EOT_ID)
+    if spec.fim:
+        writer.add_uint32(gguf.Keys.Tokenizer.FIM_PRE_ID, FIM_PRE_ID)
+        writer.add_uint32(gguf.Keys.Tokenizer.FIM_SUF_ID, FIM_SUF_ID)
+        writer.add_uint32(gguf.Keys.Tokenizer.FIM_MID_ID, FIM_MID_ID)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    writer.add_add_space_prefix(False)
+    writer.add_add_space_prefix(spec.add_space_prefix)
     for name, array in _tensors(spec).items():
         writer.add_tensor(name, array)
     writer.write_header_to_file()
@@ -224,7 +248,7 @@ def write_tiny_lora(
     if rank == 0:
         raise ValueError("remap is empty: the adapter would change nothing")
     lora_a = np.zeros((rank, spec.n_embd), dtype=np.float32)
-    lora_b = np.zeros((N_VOCAB, rank), dtype=np.float32)
+    lora_b = np.zeros((spec.n_vocab, rank), dtype=np.float32)
     for k, (token, new) in enumerate(remap.items()):
         lora_a[k, token] = 1.0
         lora_b[new, k] += strength * spec.logit_scale

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 
 from llama_cpp import Llama, LlamaPool
@@ -97,6 +101,64 @@ def native_greedy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 #: A front end: Llama and LlamaPool share one API (the same names, keywords and answers),
 #: so that one test proves both wherever their semantics coincide.
 FrontEnd = Llama | LlamaPool
+
+
+class TokenGate:
+    """A logits processor that holds its generation at the ``at``-th token until :meth:`open`.
+
+    A test that must act while a generation runs (cancel it, close its model, check that the
+    event loop is free) waits for :attr:`reached` instead of sleeping, and knows where the
+    generation stands whatever the machine's load: it cannot have run on, nor ended. Use it as
+    a context manager entered *after* the model, so that a failing test opens it before the
+    model is closed (close() waits for the held step).
+    """
+
+    HANG_GUARD_S = 30
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.calls = 0  # tokens the generation sampled: how far it went
+        self.reached = threading.Event()
+        self._opened = threading.Event()
+        self._lock = threading.Lock()
+        self._notify: Callable[[], object] | None = None
+
+    def logits_processor(
+        self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]
+    ) -> npt.NDArray[np.single]:
+        self.calls += 1
+        if self.calls == self.at:
+            with self._lock:
+                self.reached.set()
+                notify = self._notify
+            if notify is not None:
+                notify()
+            # A hang guard only: the test opens the gate as soon as it has acted.
+            if not self._opened.wait(self.HANG_GUARD_S):
+                raise AssertionError(
+                    f"the gate at token {self.at} was not opened within {self.HANG_GUARD_S} s"
+                )
+        return scores
+
+    async def reached_async(self) -> None:
+        """Wait for :attr:`reached` on the event loop, without blocking it."""
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+        with self._lock:
+            if self.reached.is_set():
+                return
+            self._notify = lambda: loop.call_soon_threadsafe(event.set)
+        await event.wait()
+
+    def open(self) -> None:
+        """Let the generation go on (and every later token through)."""
+        self._opened.set()
+
+    def __enter__(self) -> TokenGate:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.open()
 
 
 def completion_text(front: FrontEnd, prompt: str, **kwargs: Any) -> str:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from conftest import TokenGate
 from llama_cpp import Cancellation, GenerationCancelled, Llama, SamplingParams
 from llama_cpp.testing import TinyModelSpec, write_tiny_llama
 
@@ -61,47 +62,59 @@ def test_async_completion_stream_yields_chunk_dicts(tiny: Llama) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_the_event_loop_keeps_running_during_generation(tiny_model_path: Path) -> None:
-    with Llama(tiny_model_path, n_ctx=4096) as llm:
+@pytest.mark.parametrize("stream", [False, True], ids=["awaited", "streamed"])
+def test_the_event_loop_keeps_running_during_generation(tiny_model_path: Path, stream: bool) -> None:
+    # The generation stops at its 3rd token until a coroutine on the loop opens the gate: it
+    # can only finish if the loop keeps running while the generation is under way. Were it
+    # run on the loop, nothing could open the gate, and its hang guard fails the test.
+    with Llama(tiny_model_path, n_ctx=256) as llm, TokenGate(at=3) as gate:
 
-        async def main() -> tuple[int, int]:
-            ticks = 0
-            done = asyncio.Event()
+        async def generate() -> str:
+            kwargs: dict[str, Any] = {
+                "max_tokens": 20,
+                "temperature": 0,
+                "logits_processor": gate.logits_processor,
+            }
+            if not stream:
+                response = await llm.create_completion_async("a", **kwargs)
+                text: str = response["choices"][0]["text"]
+                return text
+            chunks = await llm.create_completion_async("a", stream=True, **kwargs)
+            return "".join([chunk["choices"][0]["text"] async for chunk in chunks])
 
-            async def ticker() -> None:
-                nonlocal ticks
-                while not done.is_set():
-                    ticks += 1
-                    await asyncio.sleep(0.001)
+        async def main() -> str:
+            task = asyncio.create_task(generate())
+            await gate.reached_async()
+            assert not task.done()
+            gate.open()
+            return await task
 
-            task = asyncio.create_task(ticker())
-            text = await llm.generate_async("a", max_tokens=3000, sampling=GREEDY)
-            done.set()
-            await task
-            return ticks, len(text)
-
-        ticks, length = asyncio.run(main())
-    assert length == 3000
-    assert ticks > 5  # the loop ran while the C++ loop generated
+        assert asyncio.run(main()) == "bcdefghijklmnopqrstu"
+    assert gate.calls == 20
 
 
 @pytest.mark.timeout(60)
 def test_cancelling_the_task_stops_the_cpp_loop(tiny_model_path: Path) -> None:
-    with Llama(tiny_model_path, n_ctx=32768, n_batch=512) as llm:
+    # The generation would fill 32k tokens; it is held at its 3rd token until the task is
+    # cancelled, so the cancellation always reaches a running C++ loop.
+    with Llama(tiny_model_path, n_ctx=32768, n_batch=512) as llm, TokenGate(at=3) as gate:
 
-        async def main() -> float:
-            task = asyncio.create_task(llm.generate_async("a", max_tokens=None, sampling=GREEDY))
-            await asyncio.sleep(0.2)
+        async def main() -> str:
+            task = asyncio.create_task(
+                llm.create_completion_async(
+                    "a", max_tokens=None, temperature=0, logits_processor=gate.logits_processor
+                )
+            )
+            await gate.reached_async()
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            start = time.perf_counter()
+            gate.open()
             # The context lock is free again as soon as the C++ loop noticed the flag.
-            await llm.generate_async("A", max_tokens=20, sampling=GREEDY)
-            return time.perf_counter() - start
+            return await llm.generate_async("A", max_tokens=20, sampling=GREEDY)
 
-        waited = asyncio.run(main())
-        assert waited < 2.0
+        assert asyncio.run(main()) == "é😀世界"
+        assert gate.calls == 3  # it stopped at its next token: nothing sampled after the cancel
         assert llm.generate("A", max_tokens=20, sampling=GREEDY) == "é😀世界"
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FrontEnd
+from conftest import FrontEnd, TokenGate
 from llama_cpp import InvalidArgumentError, Llama
 from llama_cpp.chat_formats import format_chatml, format_llama2
 
@@ -181,22 +181,27 @@ def test_malformed_tools_raise_a_typed_error(front: FrontEnd) -> None:
 
 @pytest.mark.timeout(60)
 def test_cancelling_an_async_chat_stops_the_generation(tiny_model_path: Path) -> None:
-    with Llama(tiny_model_path, n_ctx=32768, chat_template=CONCAT) as llm:
+    # The answer would fill the 32k context; it is held at its 3rd token until the task is
+    # cancelled, so the cancellation always reaches a running generation.
+    with Llama(tiny_model_path, n_ctx=32768, chat_template=CONCAT) as llm, TokenGate(at=3) as gate:
 
         async def main() -> None:
             task = asyncio.create_task(
                 llm.create_chat_completion_async(
-                    [{"role": "user", "content": "a"}], max_tokens=None, temperature=0
+                    [{"role": "user", "content": "a"}],
+                    max_tokens=None,
+                    temperature=0,
+                    logits_processor=gate.logits_processor,
                 )
             )
-            await asyncio.sleep(0.2)
+            await gate.reached_async()
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+            gate.open()
 
-        llm.perf(reset=True)
         asyncio.run(main())
         response = llm.create_chat_completion(USER_XY, max_tokens=2, temperature=0)
         assert response["choices"][0]["message"]["content"] == "za"
-        # The C++ loop saw the flag and stopped: it did not run on to fill the 32k context.
-        assert llm.perf().eval_tokens < 20_000
+        # The C++ loop saw the flag at its next token: nothing was sampled after the cancel.
+        assert gate.calls == 3

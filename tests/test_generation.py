@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from conftest import TokenGate
 from llama_cpp import (
     ClosedError,
     ContextBusyError,
@@ -309,26 +310,36 @@ def test_close_is_idempotent_and_later_calls_raise(tiny_model_path: Path) -> Non
 @pytest.mark.timeout(60)
 def test_close_during_a_generation_in_another_thread(tiny_model_path: Path) -> None:
     llm = Llama(tiny_model_path, n_ctx=4096, n_batch=64)
-    started = threading.Event()
     outcome: list[BaseException | str] = []
+    with TokenGate(at=3) as gate:
 
-    def run() -> None:
-        try:
-            stream = llm.generate_stream("a", max_tokens=None, sampling=GREEDY)
-            next(stream)
-            started.set()
-            outcome.append("".join(stream))
-        except BaseException as error:
-            outcome.append(error)
+        def run() -> None:
+            try:
+                chunks = llm.create_completion(
+                    "a", max_tokens=None, temperature=0, stream=True, logits_processor=gate.logits_processor
+                )
+                outcome.append("".join(chunk["choices"][0]["text"] for chunk in chunks))
+            except BaseException as error:
+                outcome.append(error)
 
-    worker = threading.Thread(target=run)
-    worker.start()
-    assert started.wait(30)
-    llm.close()
-    worker.join(30)
+        worker = threading.Thread(target=run)
+        worker.start()
+        assert gate.reached.wait(30)  # the worker is inside its 3rd step, held there
+        closer = threading.Thread(target=llm.close)
+        closer.start()
+        # close() raises the context's closing flag, then waits for the running step. The step
+        # goes on only once the flag is up, so the close always lands mid-generation.
+        while not llm.context.closed:
+            closer.join(0.01)
+        gate.open()
+        closer.join(30)
+        worker.join(30)
+    assert not closer.is_alive()
     assert not worker.is_alive()
     assert len(outcome) == 1
     assert isinstance(outcome[0], ClosedError)
+    assert str(outcome[0]) == "the generation was aborted because the context is closing"
+    assert gate.calls == 3  # it stopped at its next token
 
 
 @pytest.mark.timeout(60)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import TokenGate
 from llama_cpp import (
+    Cancellation,
     ClosedError,
     ContextOverflowError,
     GenerationCancelled,
@@ -140,9 +141,8 @@ def test_sync_and_async_twins_agree(noisy_model: Path) -> None:
 
         async def main() -> tuple[str, str, str, list[str]]:
             text = await pool.generate_async("a", max_tokens=32, sampling=params)
-            streamed = "".join(
-                [p async for p in await pool.generate_stream_async("a", max_tokens=32, sampling=params)]
-            )
+            pieces = await pool.generate_stream_async("a", max_tokens=32, sampling=params)
+            streamed = "".join([p async for p in pieces])
             response = await pool.create_completion_async(
                 "a", max_tokens=32, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=42
             )
@@ -159,19 +159,32 @@ def test_sync_and_async_twins_agree(noisy_model: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_a_cancelled_stream_frees_its_slot(tiny_model_path: Path) -> None:
-    # One slot, a generation that would fill 32k tokens: only cancellation ends it early.
-    with LlamaPool(tiny_model_path, pool_size=1, n_ctx=32768, n_batch=64, verbose=False) as pool:
-        endless = pool.submit("a", max_tokens=None, sampling=GREEDY)
-        assert endless.next() is not None
+    # One slot, a generation that would fill 32k tokens: only cancellation ends it early. Its
+    # hook holds the scheduler at its 3rd token while another request queues and it is
+    # cancelled, so the test knows how far it had gone when the cancellation came.
+    with (
+        LlamaPool(tiny_model_path, pool_size=1, n_ctx=32768, n_batch=64, verbose=False) as pool,
+        TokenGate(at=3) as gate,
+    ):
+        cancellation = Cancellation()
+        endless = pool.create_completion(
+            "a",
+            max_tokens=None,
+            temperature=0,
+            stream=True,
+            cancellation=cancellation,
+            logits_processor=gate.logits_processor,
+        )
+        assert gate.reached.wait(30)
         waiting = pool.submit("B", max_tokens=8, sampling=GREEDY)
         assert (pool.stats().n_busy, pool.stats().n_waiting) == (1, 1)
-        start = time.monotonic()
-        endless.cancel()
+        cancellation.cancel()
+        gate.open()
         assert drain(waiting) == "!"
-        assert time.monotonic() - start < 5.0
         with pytest.raises(GenerationCancelled, match="cancelled"):
-            drain(endless)
-        assert len(endless.tokens) < 32000
+            list(endless)
+        # It ended at the scheduler's next step: nothing was sampled after the cancellation.
+        assert gate.calls == 3
         assert pool.stats().n_busy == 0
 
 

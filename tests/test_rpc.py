@@ -18,11 +18,29 @@ from llama_cpp import InvalidArgumentError, Llama, LlamaError, SamplingParams
 GREEDY = SamplingParams.greedy()
 
 
+ACCEPTED = "Accepted client connection"  # what ggml-rpc-server logs (and flushes) per client
+
+
 def free_port() -> int:
+    """A port of 127.0.0.1 that no socket holds now (another process may take it later)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def serving(server: subprocess.Popen[bytes], port: int, log: Path) -> bool:
+    """Wait until ``server`` accepts connections on ``port`` (True) or exits (False: it could
+    not bind the port, which another process took since it was picked)."""
+    while server.poll() is None:
+        with socket.socket() as probe:
+            listening = probe.connect_ex(("127.0.0.1", port)) == 0
+        # Someone listens: the server, which then logs the probe, or the process that took the
+        # port, and then the server fails to bind it and exits.
+        if listening and ACCEPTED in log.read_text():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -32,22 +50,20 @@ def server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def rpc_server(server_log: Path) -> Iterator[str]:
-    port = free_port()
-    with server_log.open("w") as log:
-        server = subprocess.Popen(
-            [str(llama_cpp.lib_dir() / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
+    # ggml-rpc-server takes no port 0, so a free port is picked first: when another process
+    # takes it before the server binds it, the server exits and starts again on a new port.
+    for _ in range(10):
+        port = free_port()
+        with server_log.open("w") as log:
+            server = subprocess.Popen(
+                [str(llama_cpp.lib_dir() / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        if serving(server, port, server_log):
+            break
     else:
-        server.kill()
-        pytest.fail("ggml-rpc-server did not start")
+        pytest.fail(f"ggml-rpc-server could not bind a port in 10 tries:\n{server_log.read_text()}")
     try:
         yield f"127.0.0.1:{port}"
     finally:
@@ -61,6 +77,7 @@ def test_layers_on_an_rpc_server_give_the_same_tokens(
 ) -> None:
     with Llama(tiny_model_path, n_ctx=256) as local:
         expected = local.generate("a", max_tokens=12, sampling=GREEDY)
+    accepted = server_log.read_text().count(ACCEPTED)
     with (
         caplog.at_level(logging.INFO, logger="llama_cpp"),
         Llama(tiny_model_path, n_ctx=256, rpc_servers=rpc_server, n_gpu_layers=-1) as remote,
@@ -71,7 +88,7 @@ def test_layers_on_an_rpc_server_give_the_same_tokens(
         assert remote.generate("a", max_tokens=12, sampling=GREEDY) == expected
         assert remote.generate("A", max_tokens=20, sampling=GREEDY) == "é😀世界"
     assert any(d.description == rpc_server for d in llama_cpp.devices())
-    assert "Accepted client connection" in server_log.read_text()
+    assert server_log.read_text().count(ACCEPTED) > accepted  # the model's layers were there
 
 
 @pytest.mark.timeout(120)
@@ -86,5 +103,9 @@ def test_other_models_do_not_use_a_registered_server(tiny_model_path: Path, rpc_
 def test_bad_endpoints_raise(tiny_model_path: Path) -> None:
     with pytest.raises(InvalidArgumentError, match="an RPC server is 'host:port'"):
         Llama(tiny_model_path, rpc_servers="localhost")
-    with pytest.raises(LlamaError, match=r"cannot reach the RPC server at 127\.0\.0\.1:"):
-        Llama(tiny_model_path, rpc_servers=f"127.0.0.1:{free_port()}")
+    # A port held by a socket that does not listen: no other process can take it meanwhile.
+    with socket.socket() as idle:
+        idle.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{idle.getsockname()[1]}"
+        with pytest.raises(LlamaError, match=r"cannot reach the RPC server at 127\.0\.0\.1:"):
+            Llama(tiny_model_path, rpc_servers=endpoint)

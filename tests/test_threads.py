@@ -61,16 +61,18 @@ def test_another_thread_waits_for_an_open_stream(tiny: Llama) -> None:
 def test_a_stream_left_unread_past_the_timeout_loses_the_context(tiny_model_path: Path) -> None:
     with Llama(tiny_model_path, n_ctx=256, n_batch=64, stream_timeout=0.3, verbose=False) as llm:
         stream = llm.generate_stream("a", max_tokens=None, sampling=GREEDY)
+        # The stream's idle time starts when its step ends, after this instant: whatever the
+        # load, the other call cannot have the context sooner than 0.3 s from here.
+        before_the_step = time.monotonic()
         assert next(stream) == "b"
         result: list[str] = []
         thread = threading.Thread(
             target=lambda: result.append(llm.generate("A", max_tokens=100, sampling=GREEDY))
         )
-        started = time.monotonic()
         thread.start()
         thread.join(30)
         assert result == ["é😀世界"]
-        assert time.monotonic() - started >= 0.3
+        assert time.monotonic() - before_the_step >= 0.3  # it waited for the stream's timeout
         with pytest.raises(
             ContextBusyError, match="left unread for longer than the context's stream_timeout"
         ):
@@ -80,16 +82,27 @@ def test_a_stream_left_unread_past_the_timeout_loses_the_context(tiny_model_path
 
 @pytest.mark.timeout(60)
 def test_a_stream_read_in_time_keeps_the_context(tiny_model_path: Path) -> None:
-    with Llama(tiny_model_path, n_ctx=256, n_batch=64, stream_timeout=5.0, verbose=False) as llm:
+    # A timeout that no pause of this loaded machine reaches; the reader's pauses stand for a
+    # slow consumer, during which the other thread waits for the context.
+    with Llama(tiny_model_path, n_ctx=256, n_batch=64, stream_timeout=30.0, verbose=False) as llm:
         stream = llm.generate_stream("a", max_tokens=8, sampling=GREEDY)
         pieces = [next(stream)]
-        thread = threading.Thread(target=lambda: llm.generate("A", max_tokens=3, sampling=GREEDY))
+        calling = threading.Event()
+        result: list[str] = []
+
+        def other() -> None:
+            calling.set()
+            result.append(llm.generate("A", max_tokens=100, sampling=GREEDY))
+
+        thread = threading.Thread(target=other)
         thread.start()
+        assert calling.wait(30)
         for piece in stream:
             time.sleep(0.05)
             pieces.append(piece)
         thread.join(30)
         assert "".join(pieces) == "bcdefghi"
+        assert result == ["é😀世界"]
 
 
 @pytest.mark.timeout(60)
@@ -114,7 +127,9 @@ def test_a_dropped_stream_gives_the_context_back(tiny: Llama) -> None:
         target=lambda: result.append(tiny.generate("A", max_tokens=100, sampling=GREEDY))
     )
     thread.start()
-    thread.join(10)
+    # A hang guard, shorter than the stream_timeout (60 s) after which a context that was
+    # not given back would reach this thread anyway.
+    thread.join(30)
     assert result == ["é😀世界"]
 
 

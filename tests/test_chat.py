@@ -205,3 +205,36 @@ def test_cancelling_an_async_chat_stops_the_generation(tiny_model_path: Path) ->
         assert response["choices"][0]["message"]["content"] == "za"
         # The C++ loop saw the flag at its next token: nothing was sampled after the cancel.
         assert gate.calls == 3
+
+
+def test_stream_options_include_usage_on_both_front_ends(front: FrontEnd) -> None:
+    options = {"include_usage": True}
+    chunks = list(
+        front.create_completion("a", max_tokens=3, temperature=0, stream=True, stream_options=options)
+    )
+    assert [c["choices"][0]["text"] for c in chunks[:-1]] == ["b", "c", "d", ""]
+    assert all("usage" not in c for c in chunks[:-1])
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": 2,  # BOS a
+        "completion_tokens": 3,
+        "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    chat = list(
+        front.create_chat_completion(
+            USER_XY, max_tokens=2, temperature=0, stream=True, stream_options=options
+        )
+    )
+    assert chat[-1]["choices"] == []
+    usage = chat[-1].get("usage")
+    whole = front.create_chat_completion(USER_XY, max_tokens=2, temperature=0)["usage"]
+    assert usage is not None
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (
+        whole["prompt_tokens"],
+        whole["completion_tokens"],
+    )
+    assert usage["prompt_tokens"] > 0
+    assert all("usage" not in c for c in chat[:-1])
+    with pytest.raises(InvalidArgumentError, match="stream_options must be a dict"):
+        front.create_completion("a", stream=True, stream_options=True)

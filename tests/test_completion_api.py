@@ -15,7 +15,12 @@ def test_create_completion_dict_shape(tiny: Llama) -> None:
     assert isinstance(response["created"], int)
     assert response["model"] == tiny.model_path
     assert response["choices"] == [{"text": "é😀世界", "index": 0, "logprobs": None, "finish_reason": "stop"}]
-    assert response["usage"] == {"prompt_tokens": 2, "completion_tokens": 12, "total_tokens": 14}
+    assert response["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": 12,
+        "total_tokens": 14,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def test_call_is_create_completion_with_stop_and_length(tiny: Llama) -> None:

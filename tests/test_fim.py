@@ -108,7 +108,12 @@ def test_create_completion_fills_the_middle(fim_front: FrontEnd) -> None:
     response = fim_front.create_completion("ab", suffix="cd", max_tokens=10, temperature=0)
     assert response["choices"][0]["text"] == "XYZ"
     assert response["choices"][0]["finish_reason"] == "stop"
-    assert response["usage"] == {"prompt_tokens": len(AB_CD), "completion_tokens": 3, "total_tokens": 11}
+    assert response["usage"] == {
+        "prompt_tokens": len(AB_CD),
+        "completion_tokens": 3,
+        "total_tokens": 11,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     # Without the suffix the same prompt is a plain completion: the alphabet goes on.
     plain = fim_front.create_completion("ab", max_tokens=3, temperature=0)
     assert plain["choices"][0]["text"] == "cde"

@@ -162,13 +162,16 @@ def chat_chunks(
     (content, reasoning_content, tool_calls) as the text streams, the finish reason last."""
     called_tools = False
     for i, chunk in enumerate(chunks):
-        choice = chunk["choices"][0]
         base: dict[str, Any] = {
             "id": "chat" + chunk["id"],
             "object": "chat.completion.chunk",
             "model": chunk["model"],
             "created": chunk["created"],
         }
+        if not chunk["choices"]:  # stream_options' usage chunk
+            yield cast(ChatCompletionChunk, {**base, "choices": [], "usage": chunk.get("usage")})
+            continue
+        choice = chunk["choices"][0]
         if i == 0:
             yield cast(
                 ChatCompletionChunk,

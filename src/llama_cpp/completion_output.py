@@ -130,6 +130,17 @@ def collect(stream: GenerationStream) -> Collected:
     )
 
 
+def usage(n_prompt: int, n_generated: int, n_cached: int) -> CompletionUsage:
+    """OpenAI's ``usage``, with the prompt tokens served from the cache
+    (``prompt_tokens_details.cached_tokens``)."""
+    return {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": n_generated,
+        "total_tokens": n_prompt + n_generated,
+        "prompt_tokens_details": {"cached_tokens": n_cached},
+    }
+
+
 @dataclass
 class CompletionBuilder:
     """The dicts of one completion: id, time and model are shared by all chunks of a stream.
@@ -144,6 +155,8 @@ class CompletionBuilder:
     prompt_tokens: list[int] = field(default_factory=list)
     prompt_text: str = ""
     logprobs: bool = False
+    #: Stream a last chunk with no choices and the usage (OpenAI's stream_options).
+    include_usage: bool = False
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4()}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -173,13 +186,9 @@ class CompletionBuilder:
             logprobs = self._prompt_logprobs(result.prompt_logprobs) if self.echo else None
             generated = self._logprobs.build(result.logprobs, result.tokens)
             logprobs = generated if logprobs is None else _merge(logprobs, generated)
-        usage: CompletionUsage = {
-            "prompt_tokens": result.n_prompt,
-            "completion_tokens": len(result.tokens),
-            "total_tokens": result.n_prompt + len(result.tokens),
-        }
         text = (self.prompt_text if self.echo else "") + result.text
-        return {**self.chunk(text, finish_reason(result.finish_reason), logprobs), "usage": usage}
+        response = self.chunk(text, finish_reason(result.finish_reason), logprobs)
+        return {**response, "usage": usage(result.n_prompt, len(result.tokens), result.n_reused)}
 
     def stream(self, token_stream: GenerationStream) -> Iterator[CreateCompletionResponse]:
         """Chunks as generated; the last one is empty and carries the finish reason."""
@@ -196,5 +205,15 @@ class CompletionBuilder:
                 if piece.text or piece.tokens:
                     yield self.chunk(piece.text, None, logprobs)
             yield self.chunk("", finish_reason(token_stream.finish_reason))
+            if self.include_usage:
+                n_prompt, n_generated = token_stream.n_prompt, len(token_stream.tokens)
+                yield {
+                    "id": self.id,
+                    "object": "text_completion",
+                    "created": self.created,
+                    "model": self.model,
+                    "choices": [],
+                    "usage": usage(n_prompt, n_generated, token_stream.n_reused),
+                }
         finally:
             token_stream.close()

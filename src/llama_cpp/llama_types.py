@@ -8,10 +8,15 @@ FinishReason = Literal["stop", "length"]
 ChatFinishReason = Literal["stop", "length", "tool_calls"]
 
 
+class PromptTokensDetails(TypedDict):
+    cached_tokens: int
+
+
 class CompletionUsage(TypedDict):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: NotRequired[PromptTokensDetails]
 
 
 class CompletionLogprobs(TypedDict):
@@ -153,3 +158,5 @@ class ChatCompletionChunk(TypedDict):
     created: int
     model: str
     choices: list[ChatCompletionChunkChoice]
+    #: Only in the last chunk of a stream with ``stream_options={"include_usage": True}``.
+    usage: NotRequired[CompletionUsage]

@@ -41,7 +41,17 @@ SAMPLING_KEYWORDS = frozenset(f.name for f in fields(SamplingParams))
 
 #: ``create_completion``'s keywords besides the sampling ones (llama-cpp-python's).
 COMPLETION_KEYWORDS = frozenset(
-    {"suffix", "max_tokens", "logprobs", "echo", "stop", "model", "logits_processor", "stopping_criteria"}
+    {
+        "suffix",
+        "max_tokens",
+        "logprobs",
+        "echo",
+        "stop",
+        "model",
+        "logits_processor",
+        "stopping_criteria",
+        "stream_options",
+    }
 )
 
 #: ``create_chat_completion``'s keywords besides the sampling ones: llama-cpp-python's, and
@@ -64,6 +74,7 @@ CHAT_KEYWORDS = frozenset(
         "reasoning_format",
         "reasoning_effort",
         "chat_template_kwargs",
+        "stream_options",
     }
 )
 
@@ -238,6 +249,7 @@ class RequestBuilder:
             prompt_tokens=tokens,
             prompt_text=prompt_text,
             logprobs=logprobs is not None,
+            include_usage=_include_usage(keywords.get("stream_options")),
         )
         options = generate_options(
             keywords.get("max_tokens", 16),
@@ -300,6 +312,15 @@ class RequestBuilder:
         if prepared.grammar is not None:
             _set_grammar(completion.request.sampling, prepared.grammar)
         return ChatRequest(completion, prepared.parser)
+
+
+def _include_usage(stream_options: object) -> bool:
+    """OpenAI's ``stream_options={"include_usage": True}``: a last chunk with the usage."""
+    if stream_options is None:
+        return False
+    if not isinstance(stream_options, Mapping):
+        raise InvalidArgumentError(f"stream_options must be a dict, got {stream_options!r}")
+    return bool(stream_options.get("include_usage", False))
 
 
 def _set_grammar(native: _core.SamplerConfig, grammar: ChatGrammar) -> None:

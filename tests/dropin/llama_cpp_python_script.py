@@ -23,7 +23,10 @@ llm = Llama(
 out = llm("The capital of France is", max_tokens=24, temperature=0)
 results["call"] = out["choices"][0]["text"]
 results["call_finish"] = out["choices"][0]["finish_reason"]
-results["call_usage"] = out["usage"]
+# OpenAI's three counts (ours adds prompt_tokens_details.cached_tokens, as OpenAI does)
+results["call_usage"] = {
+    key: out["usage"][key] for key in ("prompt_tokens", "completion_tokens", "total_tokens")
+}
 
 # stop strings (cut, never returned) and max_tokens
 out = llm.create_completion("Q: Name three colors.\nA:", max_tokens=48, temperature=0, stop=["\n", "Q:"])

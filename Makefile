@@ -46,6 +46,7 @@ bench: setup
 	$(PY) benchmarks/bench_decode.py
 	$(PY) benchmarks/bench_api.py
 	$(PY) benchmarks/bench_pool.py
+	$(PY) benchmarks/bench_server.py
 
 clean:
 	rm -rf build .venv lib include models

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,21 +32,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "models" / "gemma-3-270m-q4_k_m.gguf"
-THREADS = 2
+from harness import MODEL, THREADS, llama_server_args, native_bin_dir, peak_rss_mb, start_server
+
 N_CTX = 512
 TOPICS = ["a lighthouse", "the moon", "a red fox", "bread", "a river", "old maps", "a violin", "winter"]
 
 
 def prompts(n: int) -> list[str]:
     return [f"Write a long story about {TOPICS[i % len(TOPICS)]}." for i in range(n)]
-
-
-def peak_rss_mb(pid: int | str = "self") -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"VmHWM:\s+(\d+) kB", status)
-    return int(match.group(1)) / 1024 if match else float("nan")
 
 
 # -- children: one measurement per process, so that peak RSS is its own ----------------------
@@ -123,30 +114,6 @@ def run_child(kind: str, n: int, tokens: int) -> dict[str, Any]:
 # -- native tools -------------------------------------------------------------------------
 
 
-def native_bin_dir() -> Path:
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "setup_llama.py"),
-            "--tools",
-            "llama-server",
-            "llama-batched-bench",
-            "--print-bin-dir",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return Path(out.stdout.strip().splitlines()[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def post(url: str, body: dict[str, Any], timeout: float = 300) -> dict[str, Any]:
     request = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
@@ -157,43 +124,11 @@ def post(url: str, body: dict[str, Any], timeout: float = 300) -> dict[str, Any]
 
 
 def server(bin_dir: Path, n: int, tokens: int) -> dict[str, Any]:
-    port = free_port()
-    args = [
-        str(bin_dir / "llama-server"),
-        "-m",
-        str(MODEL),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "-np",
-        str(n),
-        "-c",
-        str(N_CTX * n),
-        "-t",
-        str(THREADS),
-        "-tb",
-        str(THREADS),
-        "-b",
-        "512",
-        "-fa",
-        "off",
-        "--no-warmup",
-    ]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("llama-server did not start")
-            time.sleep(0.2)
+    def command(port: int) -> list[str]:
+        return llama_server_args(bin_dir, port=port, n_parallel=n, n_ctx=N_CTX * n, threads=THREADS)
+
+    with start_server("llama-server", command, ready_timeout=120) as native:
+        base = native.url
         body = {"n_predict": 1, "temperature": 0, "cache_prompt": False}
         post(f"{base}/completion", {**body, "prompt": "Hello"})
         results: list[dict[str, Any]] = [{}] * n
@@ -210,10 +145,7 @@ def server(bin_dir: Path, n: int, tokens: int) -> dict[str, Any]:
             t.join()
         elapsed = time.perf_counter() - start
         generated = sum(int(r["tokens_predicted"]) for r in results)
-        return {"tps": generated / elapsed, "tokens": generated, "rss_mb": peak_rss_mb(proc.pid)}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        return {"tps": generated / elapsed, "tokens": generated, "rss_mb": peak_rss_mb(native.pid)}
 
 
 def batched_bench(bin_dir: Path, streams: list[int], tokens: int) -> dict[int, float]:
@@ -276,7 +208,7 @@ def main() -> int:
         print(json.dumps(run(args.streams[0], args.tokens)))
         return 0
 
-    bin_dir = None if args.no_native else native_bin_dir()
+    bin_dir = None if args.no_native else native_bin_dir("llama-server", "llama-batched-bench")
     batched = batched_bench(bin_dir, args.streams, args.tokens) if bin_dir else {}
     rows = []
     for n in args.streams:

@@ -495,6 +495,83 @@ struct ModelOptions {
     // GGUF metadata overrides (llama-cpp-python's kv_overrides); bool before int64 so that
     // Python's True stays a bool.
     std::vector<std::pair<std::string, std::variant<bool, int64_t, double, std::string>>> kv_overrides;
+    // Called as progress_callback(fraction) while the weights load (None: not called). Only
+    // ever read by reference while Model's constructor runs, so no copy of the options
+    // touches its reference count without the GIL.
+    nb::object progress_callback = nb::none();
+};
+
+// Hands llama.cpp's load progress (a float in [0, 1], from the loading thread, which runs
+// with the GIL released) to a Python callable. The GIL is re-acquired only inside the call.
+// A callback that returns False cancels the load. One that raises must not unwind through
+// llama.cpp: its exception is kept here, the load is cancelled, and the binding raises it
+// again (chained under a ModelLoadError) once the constructor has returned.
+class LoadProgress {
+  public:
+    // `callback` is borrowed: the ModelOptions argument holds it for the whole load.
+    explicit LoadProgress(nb::handle callback) : callback_(callback) {}
+    LoadProgress(const LoadProgress &) = delete;
+    LoadProgress &operator=(const LoadProgress &) = delete;
+    // Destroyed with the GIL held (see the binding of Model's constructor).
+    ~LoadProgress() { discard(); }
+
+    static bool call(float progress, void *user_data) {
+        auto *self = static_cast<LoadProgress *>(user_data);
+        nb::gil_scoped_acquire gil;
+        PyObject *result = PyObject_CallFunction(self->callback_.ptr(), "d", static_cast<double>(progress));
+        if (result == nullptr) {
+            PyErr_Fetch(&self->type_, &self->value_, &self->traceback_);
+            PyErr_NormalizeException(&self->type_, &self->value_, &self->traceback_);
+            self->reason_ = "the progress callback raised " + describe(self->type_, self->value_);
+            return false;
+        }
+        const bool cancel = result == Py_False;
+        Py_DECREF(result);
+        if (cancel) {
+            self->reason_ = "the progress callback returned False";
+        }
+        return !cancel;
+    }
+
+    bool stopped() const { return !reason_.empty(); }
+    const std::string &reason() const { return reason_; }
+    bool raised() const { return value_ != nullptr; }
+    // An interrupt (KeyboardInterrupt, SystemExit) rather than an error of the callback.
+    bool interrupted() const {
+        return type_ != nullptr && !PyErr_GivenExceptionMatches(type_, PyExc_Exception);
+    }
+
+    // Makes the kept exception the pending Python error again (GIL held).
+    void restore() {
+        PyErr_Restore(type_, value_, traceback_);
+        type_ = value_ = traceback_ = nullptr;
+    }
+
+  private:
+    static std::string describe(PyObject *type, PyObject *value) {
+        std::string text = reinterpret_cast<PyTypeObject *>(type)->tp_name;
+        if (PyObject *str = value != nullptr ? PyObject_Str(value) : nullptr) {
+            if (const char *utf8 = PyUnicode_AsUTF8(str); utf8 != nullptr && *utf8 != '\0') {
+                text += std::string(": ") + utf8;
+            }
+            Py_DECREF(str);
+        }
+        PyErr_Clear();  // a failing __str__ only shortens the message
+        return text;
+    }
+
+    void discard() {
+        Py_XDECREF(type_);
+        Py_XDECREF(value_);
+        Py_XDECREF(traceback_);
+        type_ = value_ = traceback_ = nullptr;
+    }
+
+    nb::handle callback_;
+    PyObject *type_ = nullptr;
+    PyObject *value_ = nullptr;
+    PyObject *traceback_ = nullptr;
+    std::string reason_;
 };
 
 std::string format_size(uint64_t bytes) {
@@ -507,7 +584,9 @@ std::string format_size(uint64_t bytes) {
 // Model while a context still runs only drops this object's reference.
 class Model {
   public:
-    Model(const std::string &path, const ModelOptions &options) : path_(path) {
+    // `progress` (may be null) reports the load; it must outlive the constructor call.
+    Model(const std::string &path, const ModelOptions &options, LoadProgress *progress = nullptr)
+        : path_(path) {
         QuietScope quiet(!options.verbose);
         struct stat st {};
         if (::stat(path.c_str(), &st) != 0) {
@@ -558,8 +637,19 @@ class Model {
             params.kv_overrides = kv_overrides_.data();
         }
 
+        if (progress != nullptr) {
+            params.progress_callback = &LoadProgress::call;
+            params.progress_callback_user_data = progress;
+        }
+
         tl_last_errors.clear();
         llama_model *model = llama_model_load_from_file(path.c_str(), params);
+        if (progress != nullptr && progress->stopped()) {
+            if (model != nullptr) {  // not expected: llama.cpp fails a cancelled load
+                llama_model_free(model);
+            }
+            throw ModelLoadError("loading '" + path + "' was cancelled: " + progress->reason());
+        }
         if (model == nullptr) {
             const std::string reason = last_errors_or("see the llama_cpp log");
             throw ModelLoadError("failed to load model from '" + path + "': " + reason);
@@ -898,7 +988,21 @@ void bind_model(nb::module_ &m) {
         .def_rw("check_tensors", &ModelOptions::check_tensors)
         .def_rw("verbose", &ModelOptions::verbose)
         .def_rw("rpc_servers", &ModelOptions::rpc_servers)
-        .def_rw("kv_overrides", &ModelOptions::kv_overrides);
+        .def_rw("kv_overrides", &ModelOptions::kv_overrides)
+        .def_prop_rw(
+            "progress_callback", [](const ModelOptions &o) { return o.progress_callback; },
+            [](ModelOptions &o, nb::object callback) {
+                if (!callback.is_none() && !PyCallable_Check(callback.ptr())) {
+                    throw nb::type_error("progress_callback must be a callable or None");
+                }
+                o.progress_callback = std::move(callback);
+            },
+            nb::for_getter(nb::sig("def progress_callback(self, /) -> "
+                                   "collections.abc.Callable[[float], bool | None] | None")),
+            nb::for_setter(nb::sig("def progress_callback(self, arg: "
+                                   "collections.abc.Callable[[float], bool | None] | None, /) -> None")),
+            nb::for_setter(nb::arg("callback").none()),
+            "Called with the fraction loaded (0..1) while the weights load; False cancels.");
 
     nb::class_<LoraAdapter>(m, "LoraAdapter", "A LoRA adapter loaded for one model.")
         .def(nb::init<const Model &, const std::string &>(), "model"_a, "path"_a,
@@ -918,9 +1022,35 @@ void bind_model(nb::module_ &m) {
         .def("__repr__", [](const LoraAdapter &a) { return "<LoraAdapter '" + a.path() + "'>"; });
 
     nb::class_<Model>(m, "Model", "A GGUF model loaded by llama.cpp.")
-        .def(nb::init<const std::string &, const ModelOptions &>(), "path"_a, "options"_a,
-             nb::call_guard<nb::gil_scoped_release>(),
-             "Load ``path``. Raises ModelLoadError if it is missing or not a loadable GGUF.")
+        .def(
+            "__init__",
+            [](Model *self, const std::string &path, const ModelOptions &options) {
+                std::optional<LoadProgress> progress;
+                if (!options.progress_callback.is_none()) {
+                    progress.emplace(options.progress_callback);
+                }
+                try {
+                    nb::gil_scoped_release release;
+                    new (self) Model(path, options, progress ? &*progress : nullptr);
+                } catch (const ModelLoadError &e) {
+                    if (!progress || !progress->raised()) {
+                        throw;
+                    }
+                    // The callback's own exception, as the cause of the load error; an
+                    // interrupt (Ctrl-C in the callback) propagates as it is.
+                    const bool interrupted = progress->interrupted();
+                    progress->restore();
+                    if (!interrupted) {
+                        nb::chain_error(py_model_load_error, "%s", e.what());
+                    }
+                    throw nb::python_error();
+                }
+            },
+            "path"_a, "options"_a,
+            "Load ``path`` (the GIL released, except inside ``options.progress_callback``).\n\n"
+            "Raises ModelLoadError if it is missing or not a loadable GGUF, or if the progress "
+            "callback returned False or raised (its exception is the cause); an interrupt "
+            "raised in the callback (KeyboardInterrupt) propagates unchanged.")
         .def("close", &Model::close, nb::call_guard<nb::gil_scoped_release>(),
              "Drop this object's reference to the weights (idempotent).")
         .def_prop_ro("closed", &Model::closed)
@@ -3048,6 +3178,10 @@ class Context {
 
     PerfData perf() {
         ContextLock lock(*state_, Access::read);
+        // llama.cpp adds a decode to the timings only when it synchronizes: without this, the
+        // last eval() (nothing read back from it yet) would be missing. A read beside a
+        // paused stream of this thread may do it too: nothing is computing then.
+        llama_synchronize(state_->get());
         llama_perf_context_data d = llama_perf_context(state_->get());
         // llama.cpp reports at least 1 token of each kind (it divides by them); no time means none.
         const int32_t n_prompt = d.t_p_eval_ms > 0.0 ? d.n_p_eval : 0;
@@ -3056,6 +3190,7 @@ class Context {
     }
     void perf_reset() {
         ContextLock lock(*state_);
+        llama_synchronize(state_->get());  // or a pending decode would count after the reset
         llama_perf_context_reset(state_->get());
     }
 

@@ -1,6 +1,6 @@
 """The native core of llama_cpp: llama.cpp through nanobind."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated
 
 import numpy
@@ -180,6 +180,15 @@ class ModelOptions:
     @kv_overrides.setter
     def kv_overrides(self, arg: Sequence[tuple[str, bool | int | float | str]], /) -> None: ...
 
+    @property
+    def progress_callback(self, /) -> Callable[[float], bool | None] | None:
+        """
+        Called with the fraction loaded (0..1) while the weights load; False cancels.
+        """
+
+    @progress_callback.setter
+    def progress_callback(self, arg: Callable[[float], bool | None] | None, /) -> None: ...
+
 class LoraAdapter:
     """A LoRA adapter loaded for one model."""
 
@@ -202,7 +211,9 @@ class Model:
 
     def __init__(self, path: str, options: ModelOptions) -> None:
         """
-        Load ``path``. Raises ModelLoadError if it is missing or not a loadable GGUF.
+        Load ``path`` (the GIL released, except inside ``options.progress_callback``).
+
+        Raises ModelLoadError if it is missing or not a loadable GGUF, or if the progress callback returned False or raised (its exception is the cause); an interrupt raised in the callback (KeyboardInterrupt) propagates unchanged.
         """
 
     def close(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 from llama_cpp import _core
@@ -66,6 +66,11 @@ class LlamaConfig:
     #: context (its next step then raises ContextBusyError).
     stream_timeout: float = 60.0
     verbose: bool = field(default=True, compare=False)
+    #: Ours (llama-cpp-python has no such keyword): called as ``progress_callback(fraction)``
+    #: with increasing fractions in [0, 1], ending at 1.0, while the weights load (in the
+    #: loading thread); returning False cancels the load (ModelLoadError), and so does
+    #: raising (the ModelLoadError's cause is the callback's exception).
+    progress_callback: Callable[[float], bool | None] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _at_least("n_ctx", self.n_ctx, 0)
@@ -82,6 +87,10 @@ class LlamaConfig:
             )
         if self.split_mode not in (0, 1, 2):
             raise InvalidArgumentError(f"split_mode must be 0, 1 or 2, got {self.split_mode}")
+        if self.progress_callback is not None and not callable(self.progress_callback):
+            raise InvalidArgumentError(
+                f"progress_callback must be a callable or None, got {self.progress_callback!r}"
+            )
 
     def model_options(self) -> _core.ModelOptions:
         options = _core.ModelOptions()
@@ -94,6 +103,7 @@ class LlamaConfig:
         options.use_mlock = self.use_mlock
         options.kv_overrides = list((self.kv_overrides or {}).items())
         options.verbose = self.verbose
+        options.progress_callback = self.progress_callback
         if isinstance(self.rpc_servers, str):  # llama-cpp-python's "host:port,host:port"
             options.rpc_servers = [s.strip() for s in self.rpc_servers.split(",") if s.strip()]
         else:

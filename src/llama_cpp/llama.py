@@ -96,9 +96,14 @@ class Llama(FrontEnd):
             another call waits loses the context (its next step raises ContextBusyError).
         verbose: False keeps llama.cpp quiet while this model and context are created (errors
             still reach ``logging``); llama.cpp's log otherwise goes to the ``llama_cpp`` logger.
+        progress_callback: Ours, not llama-cpp-python's: called with the fraction loaded
+            (increasing floats in [0, 1], the last one 1.0) while the weights load, from the
+            loading thread. Return False to cancel the load; an exception it raises also
+            cancels it and becomes the cause of the ModelLoadError.
 
     Raises:
-        ModelLoadError: The file is missing, unreadable or not a loadable GGUF model.
+        ModelLoadError: The file is missing, unreadable or not a loadable GGUF model, or the
+            progress callback cancelled the load.
         InvalidArgumentError: An argument is out of range.
     """
 

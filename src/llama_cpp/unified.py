@@ -21,11 +21,40 @@ from llama_cpp.families import ARCHITECTURE_KEY, TEMPLATE_KEY, ModelFamily, Thin
 from llama_cpp.llama import Llama
 from llama_cpp.llama_types import ChatCompletionChunk, CreateChatCompletionResponse
 
-__all__ = ["UnifiedLLM"]
+__all__ = ["UnifiedLLM", "family_settings"]
 
 Message = Mapping[str, Any]
 # Template variables that ``thinking=`` sets; passing one besides it is ambiguous.
 _THINKING_VARIABLES = ("enable_thinking", "reasoning_effort")
+
+
+def family_settings(
+    model_path: str | os.PathLike[str],
+    config: LlamaConfig,
+    *,
+    family: ModelFamily | None = None,
+    cap_context: bool = False,
+) -> tuple[ModelFamily, LlamaConfig]:
+    """The model's family (from its GGUF metadata, read with a vocabulary-only load) and
+    ``config`` with what the family implies where ``config`` leaves it open: the family's chat
+    template for a GGUF without one (unless ``config`` names a template or a format), and with
+    ``cap_context`` the family's context cap (or the trained context, if smaller) as ``n_ctx``.
+    :class:`UnifiedLLM` and the server load models through it.
+
+    Raises:
+        ModelLoadError: The file is missing or not a loadable GGUF model.
+    """
+    with Llama(model_path, vocab_only=True, verbose=False) as probe:
+        metadata = probe.metadata
+    chosen = family or detect_family(metadata, config.chat_template)
+    implied: dict[str, Any] = {}
+    if cap_context:
+        trained = int(metadata.get(f"{metadata.get(ARCHITECTURE_KEY, '')}.context_length", "0") or 0)
+        implied["n_ctx"] = min(chosen.context_cap, trained) if trained > 0 else chosen.context_cap
+    has_template = bool(metadata.get(TEMPLATE_KEY)) or config.chat_template is not None
+    if not has_template and chosen.fallback_template and config.chat_format is None:
+        implied["chat_template"] = chosen.fallback_template
+    return chosen, replace(config, **implied)
 
 
 class UnifiedLLM:
@@ -59,17 +88,10 @@ class UnifiedLLM:
         **options: Any,
     ) -> None:
         settings = resolve_config("UnifiedLLM", config, options)
-        with Llama(model_path, vocab_only=True, verbose=False) as probe:
-            metadata = probe.metadata
-        chosen = family or detect_family(metadata, settings.chat_template)
-        implied: dict[str, Any] = {}
-        if "n_ctx" not in options and config is None:
-            trained = int(metadata.get(f"{metadata.get(ARCHITECTURE_KEY, '')}.context_length", "0") or 0)
-            implied["n_ctx"] = min(chosen.context_cap, trained) if trained > 0 else chosen.context_cap
-        has_template = bool(metadata.get(TEMPLATE_KEY)) or settings.chat_template is not None
-        if not has_template and chosen.fallback_template and settings.chat_format is None:
-            implied["chat_template"] = chosen.fallback_template
-        self._llm: Llama | None = Llama(model_path, config=replace(settings, **implied))
+        chosen, settings = family_settings(
+            model_path, settings, family=family, cap_context="n_ctx" not in options and config is None
+        )
+        self._llm: Llama | None = Llama(model_path, config=settings)
         self._family = chosen
         self._owns = True
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import llama_cpp
 from llama_cpp import Llama, LlamaError, SamplingParams
+from llama_cpp.server.cli import add_serve_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="model metadata and the llama.cpp build")
     info.add_argument("-m", "--model", help="path to a GGUF file (omit for build information only)")
+    add_serve_command(sub)
     return parser
 
 
@@ -86,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
+        if hasattr(args, "func"):
+            return int(args.func(args))
         if args.command == "generate":
             return _generate(args)
         return _info(args)

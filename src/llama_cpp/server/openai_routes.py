@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from llama_cpp.errors import LlamaError
 from llama_cpp.server.errors import APIError, from_library_error
@@ -47,13 +48,29 @@ async def _events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]
     yield b"data: [DONE]\n\n"
 
 
+class _EventStream(StreamingResponse):
+    """A streamed answer that closes its chunks however the response ends: a client that is
+    gone before the first chunk never starts the generator, whose ``finally`` would not run."""
+
+    def __init__(self, chunks: AsyncIterator[dict[str, Any]]) -> None:
+        super().__init__(
+            _events(chunks),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._chunks = chunks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._chunks.aclose()  # type: ignore[attr-defined]  # an async generator: idempotent
+
+
 def sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
-    """A Server-Sent Events answer of ``chunks``, ending with ``data: [DONE]``."""
-    return StreamingResponse(
-        _events(chunks),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    """A Server-Sent Events answer of ``chunks``, ending with ``data: [DONE]``; ``chunks`` (an
+    async generator) is closed when the answer ends, completed or not."""
+    return _EventStream(chunks)
 
 
 def _answer(result: dict[str, Any] | AsyncIterator[dict[str, Any]]) -> Response:

@@ -1,0 +1,127 @@
+"""The server as a process (``python -m llama_cpp.server``, SIGTERM), as an app mounted in
+another, and fuzzed from its OpenAPI schema; all on the suite's tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from fastapi import FastAPI
+from hypothesis import HealthCheck, given, settings
+from schemathesis.core.result import Ok
+
+from llama_cpp.server import ServerSettings, create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(120)
+def test_the_command_serves_and_stops_on_sigterm(tiny_model_path: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_model_path), "--alias", "tiny",
+         "--port", "0", "--parallel", "1", "--ctx-size", "128", "--api-key", "k"],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        url = None
+        for line in process.stderr:  # uvicorn logs the port the kernel gave it
+            match = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+            if match:
+                url = match.group(1)
+                break
+        assert url, "the server did not start"
+        for _ in range(500):
+            health = httpx.get(f"{url}/health", timeout=10)
+            if health.status_code == 200:
+                break
+            assert health.json() == {"status": "loading"}
+        answer = httpx.post(
+            f"{url}/v1/completions",
+            json={"prompt": "A", "max_tokens": 3, "temperature": 0},
+            headers={"Authorization": "Bearer k"},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"] == "tiny"
+        process.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully (the lifespan closes the pools), then re-raises the
+        # signal it caught, so the process ends as killed by SIGTERM.
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+        rest = process.stderr.read()
+        assert "Application shutdown complete" in rest, rest
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+def test_mounted_in_another_app(tiny_model_path: Path) -> None:
+    server = create_app(ServerSettings(model=tiny_model_path, alias="tiny", parallel=1, ctx_size=128))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with server.router.lifespan_context(server):  # loads, and closes, the models
+            yield
+
+    parent = FastAPI(lifespan=lifespan)
+    parent.mount("/llm", server)
+
+    async def run() -> None:
+        async with parent.router.lifespan_context(parent):
+            transport = httpx.ASGITransport(app=parent)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                for _ in range(500):
+                    if (await client.get("/llm/health")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.01)
+                answer = await client.post("/llm/v1/completions", json={"prompt": "A", "max_tokens": 3})
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["choices"][0]["text"]
+
+    asyncio.run(run())
+
+
+@pytest.mark.timeout(300)
+def test_no_5xx_on_requests_generated_from_the_openapi_schema(tiny_model_path: Path) -> None:
+    app = create_app(
+        ServerSettings(model=tiny_model_path, alias="tiny", parallel=2, ctx_size=128, max_tokens_limit=8)
+    )
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    failures: list[str] = []
+    statuses: Counter[int] = Counter()
+    operations = []
+    for result in schema.get_all_operations():
+        assert isinstance(result, Ok), result  # the schema is valid
+        operations.append(result.ok())
+    assert len(operations) >= 12
+
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def check(case: schemathesis.Case[Any]) -> None:
+            response = case.call()
+            statuses[response.status_code] += 1
+            if response.status_code >= 500:
+                failures.append(
+                    f"{case.method} {case.path} {case.body!r}: {response.status_code} {response.text}"
+                )
+
+        check()
+    assert not failures, "\n".join(failures[:5])
+    assert statuses[200] > 0, statuses  # valid requests were sent, and invalid ones
+    assert statuses[400] > 0, statuses

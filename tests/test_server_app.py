@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 from schemathesis.core.result import Ok
 
-from llama_cpp.server import ServerSettings, create_app
+from llama_cpp.server import ServerSettings, create_app, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,3 +125,29 @@ def test_no_5xx_on_requests_generated_from_the_openapi_schema(tiny_model_path: P
     assert not failures, "\n".join(failures[:5])
     assert statuses[200] > 0, statuses  # valid requests were sent, and invalid ones
     assert statuses[400] > 0, statuses
+
+
+def _readme_server_blocks(language: str) -> list[str]:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Server\n") : readme.index("## Integrations\n")]
+    return re.findall(rf"```{language}\n(.*?)```", section, re.S)
+
+
+def test_the_readme_mount_example_and_config_work(default_model_path: Path, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    mount = next(block for block in _readme_server_blocks("python") if "app.mount" in block)
+    namespace: dict[str, Any] = {}
+    exec(compile(mount, "README.md", "exec"), namespace)  # the repository root is the cwd of the suite
+    with TestClient(namespace["app"]) as client:
+        for _ in range(1000):
+            if client.get("/llm/health").status_code == 200:
+                break
+        assert client.get("/llm/health").json() == {"status": "ok"}
+        assert [m["id"] for m in client.get("/llm/v1/models").json()["data"]] == ["gemma"]
+    (toml,) = _readme_server_blocks("toml")
+    config = tmp_path / "server.toml"
+    config.write_text(toml)
+    loaded = load_settings(config, environ={})
+    assert (loaded.alias, loaded.parallel, loaded.models_max) == ("gemma", 8, 2)
+    assert loaded.models["small"].options == {"n_gpu_layers": 0}

@@ -64,7 +64,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(default_model_path: Path, tiny_model_path: Path) -> Iterator[Server]:
-    tiny = ModelSettings(path=tiny_model_path, parallel=1, ctx_size=256)
+    tiny = ModelSettings(path=tiny_model_path, parallel=2, ctx_size=256, max_queue=2)
     settings = ServerSettings(
         model=default_model_path,
         alias="gemma",
@@ -305,6 +305,14 @@ def test_n_choices_with_seeds(server: Server) -> None:
     ]
     assert [c.text for c in two.choices] == [a.choices[0].text for a in alone]
     assert two.choices[0].text != two.choices[1].text
+    several = server.openai.completions.create(model="tiny-a", prompt=["A", "B C"], max_tokens=2, n=2)
+    assert [c.index for c in several.choices] == [0, 1, 2, 3]
+    assert several.usage is not None
+    assert 1 <= several.usage.completion_tokens <= 8  # at most 2 each (a choice may stop early)
+    assert several.usage.prompt_tokens == sum(
+        len(server.http.post("/tokenize", json={"content": p, "model": "tiny-a"}).json()["tokens"])
+        for p in ("A", "B C")
+    )
 
 
 def test_embeddings(server: Server) -> None:

@@ -9,6 +9,8 @@ import re
 import signal
 import subprocess
 import sys
+import time
+import types
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -42,11 +44,11 @@ def test_the_command_serves_and_stops_on_sigterm(tiny_model_path: Path) -> None:
                 url = match.group(1)
                 break
         assert url, "the server did not start"
-        for _ in range(500):
-            health = httpx.get(f"{url}/health", timeout=10)
-            if health.status_code == 200:
-                break
+        deadline = time.monotonic() + 60
+        while (health := httpx.get(f"{url}/health", timeout=10)).status_code != 200:
             assert health.json() == {"status": "loading"}
+            assert time.monotonic() < deadline, "the model did not load"
+            time.sleep(0.02)
         answer = httpx.post(
             f"{url}/v1/completions",
             json={"prompt": "A", "max_tokens": 3, "temperature": 0},
@@ -84,10 +86,10 @@ def test_mounted_in_another_app(tiny_model_path: Path) -> None:
         async with parent.router.lifespan_context(parent):
             transport = httpx.ASGITransport(app=parent)
             async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-                for _ in range(500):
-                    if (await client.get("/llm/health")).status_code == 200:
-                        break
-                    await asyncio.sleep(0.01)
+                deadline = time.monotonic() + 60
+                while (await client.get("/llm/health")).status_code != 200:
+                    assert time.monotonic() < deadline, "the model did not load"
+                    await asyncio.sleep(0.02)
                 answer = await client.post("/llm/v1/completions", json={"prompt": "A", "max_tokens": 3})
                 assert answer.status_code == 200, answer.text
                 assert answer.json()["choices"][0]["text"]
@@ -140,9 +142,10 @@ def test_the_readme_mount_example_and_config_work(default_model_path: Path, tmp_
     namespace: dict[str, Any] = {}
     exec(compile(mount, "README.md", "exec"), namespace)  # the repository root is the cwd of the suite
     with TestClient(namespace["app"]) as client:
-        for _ in range(1000):
-            if client.get("/llm/health").status_code == 200:
-                break
+        deadline = time.monotonic() + 60
+        while client.get("/llm/health").status_code != 200:
+            assert time.monotonic() < deadline, "the model did not load"
+            time.sleep(0.02)
         assert client.get("/llm/health").json() == {"status": "ok"}
         assert [m["id"] for m in client.get("/llm/v1/models").json()["data"]] == ["gemma"]
     (toml,) = _readme_server_blocks("toml")
@@ -151,3 +154,46 @@ def test_the_readme_mount_example_and_config_work(default_model_path: Path, tmp_
     loaded = load_settings(config, environ={})
     assert (loaded.alias, loaded.parallel, loaded.models_max) == ("gemma", 8, 2)
     assert loaded.models["small"].options == {"n_gpu_layers": 0}
+
+
+def test_translator_routers_are_mounted_with_the_chat_call(
+    tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module named like the Anthropic translator gets the app's ChatCall and CountTokens."""
+    from fastapi import APIRouter
+    from fastapi.testclient import TestClient
+
+    from llama_cpp.server.chat_call import ChatCall, CountTokens
+
+    def anthropic_router(chat: ChatCall, count_tokens: CountTokens) -> APIRouter:
+        router = APIRouter()
+
+        @router.post("/v1/fake")
+        async def fake() -> dict[str, Any]:
+            messages = [{"role": "user", "content": "A"}]
+            answer = await chat(None, messages, {"max_tokens": 3, "temperature": 0}, False)
+            assert isinstance(answer, dict)
+            chunks = await chat(
+                "tiny", messages, {"max_tokens": 3, "stream_options": {"include_usage": True}}, True
+            )
+            assert not isinstance(chunks, dict)
+            streamed = [chunk async for chunk in chunks]
+            return {
+                "answer": answer["object"],
+                "n_chunks": len(streamed),
+                "usage_last": streamed[-1]["choices"] == [] and "usage" in streamed[-1],
+                "count": await count_tokens("tiny", messages, {}),
+            }
+
+        return router
+
+    module = types.ModuleType("llama_cpp.server.anthropic")
+    module.anthropic_router = anthropic_router  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "llama_cpp.server.anthropic", module)
+    app = create_app(ServerSettings(model=tiny_model_path, alias="tiny", parallel=1, ctx_size=128))
+    with TestClient(app) as client:
+        body = client.post("/v1/fake").json()
+    assert body["answer"] == "chat.completion"
+    assert body["n_chunks"] >= 2
+    assert body["usage_last"] is True
+    assert body["count"] > 1

@@ -136,11 +136,6 @@ def create_app(settings: ServerSettings) -> FastAPI:
             _log.error("library error on %s: %s", request.url.path, error)
         return _error_response(api)
 
-    @app.exception_handler(TypeError)
-    async def type_error(request: Request, error: TypeError) -> JSONResponse:
-        _log.warning("rejected on %s: %s", request.url.path, error)
-        return _error_response(from_library_error(error))
-
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         return _error_response(_validation_error(error))

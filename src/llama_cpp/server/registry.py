@@ -89,21 +89,27 @@ class ModelRegistry:
             APIError: 404 for an unknown alias.
             ModelLoadError: The file cannot be loaded.
         """
+        async with self.lease(alias) as (name, _):
+            return name
+
+    async def _acquire(self, alias: str | None) -> tuple[str, _Resident]:
+        """Load ``alias`` if needed and count one more user, so that no eviction (which runs
+        between awaits) can close it before the caller holds it."""
         name = self.resolve(alias)
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
-            if name in self._resident:
-                self._resident.move_to_end(name)
-                return name
-            spec = self.table[name]
-            parallel = spec.parallel or self.settings.parallel
-            max_queue = self.settings.max_queue if spec.max_queue is None else spec.max_queue
-            options = self._options(spec)
-            _log.info("loading %s from %s", name, spec.path)
-            pool = await asyncio.to_thread(LlamaPool, spec.path, parallel, max_queue=max_queue, **options)
-            self._resident[name] = _Resident(pool)
-        await self._evict()
-        return name
+            resident = self._resident.get(name)
+            if resident is None:
+                spec = self.table[name]
+                parallel = spec.parallel or self.settings.parallel
+                max_queue = self.settings.max_queue if spec.max_queue is None else spec.max_queue
+                options = self._options(spec)
+                _log.info("loading %s from %s", name, spec.path)
+                pool = await asyncio.to_thread(LlamaPool, spec.path, parallel, max_queue=max_queue, **options)
+                resident = self._resident[name] = _Resident(pool)
+            self._resident.move_to_end(name)
+            resident.users += 1
+        return name, resident
 
     async def unload(self, alias: str) -> bool:
         """Close ``alias``'s pool now (its running requests fail); False if it was not loaded.
@@ -121,9 +127,7 @@ class ModelRegistry:
     @asynccontextmanager
     async def lease(self, alias: str | None) -> AsyncIterator[tuple[str, LlamaPool]]:
         """Hold ``alias``'s pool (loading it if needed) for the duration of the block."""
-        name = await self.load(alias)
-        resident = self._resident[name]
-        resident.users += 1
+        name, resident = await self._acquire(alias)
         try:
             yield name, resident.pool
         finally:

@@ -8,7 +8,7 @@ library's ``create_*`` keywords.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +25,9 @@ __all__ = [
     "TemplateRequest",
     "TokenizeRequest",
 ]
+
+#: A token id as llama.cpp takes it (int32; ids beyond the vocabulary are the library's 400).
+Token = Annotated[int, Field(ge=0, lt=2**31)]
 
 #: Body fields passed to the library under the same name.
 _SAMPLING = (
@@ -138,16 +141,14 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[Token] | list[list[Token]]
     suffix: str | None = None
     echo: bool | None = None
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    max_tokens: int | None = Field(default=16, ge=0)
+    max_tokens: int | None = Field(default=None, ge=0, description="16 (or the server's limit) if absent")
 
     def keywords(self) -> dict[str, Any]:
         out = super().keywords()
-        if self.max_tokens is not None:
-            out["max_tokens"] = self.max_tokens
         for name in ("suffix", "echo", "logprobs"):
             value = getattr(self, name)
             if value is not None:
@@ -169,7 +170,7 @@ class CompletionRequest(_Sampling):
 class EmbeddingRequest(_Body):
     """``POST /v1/embeddings``."""
 
-    input: str | list[str] | list[int] | list[list[int]]
+    input: str | list[str] | list[Token] | list[list[Token]]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, description="Not supported: must be absent")
@@ -193,7 +194,7 @@ class TokenizeRequest(_Body):
 class DetokenizeRequest(_Body):
     """``POST /detokenize``."""
 
-    tokens: list[int]
+    tokens: list[Token]
     model: str | None = None
 
 

@@ -22,7 +22,7 @@ from typing import Any, cast
 
 from llama_cpp.embeddings import EmbeddingInput
 from llama_cpp.pool import LlamaPool
-from llama_cpp.server.errors import APIError
+from llama_cpp.server.errors import APIError, from_library_error
 from llama_cpp.server.metrics import Metrics, RequestTimer
 from llama_cpp.server.registry import ModelRegistry
 from llama_cpp.server.settings import ServerSettings
@@ -49,18 +49,19 @@ def _seeded(keywords: Mapping[str, Any], n: int) -> list[dict[str, Any]]:
     ]
 
 
-def _sum_usage(usages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """OpenAI's usage of ``n`` choices of one prompt: the prompt once, every completion."""
-    first = usages[0]
-    prompt = int(first.get("prompt_tokens", 0))
+def _sum_usage(usages: Sequence[Mapping[str, Any]], n: int) -> dict[str, Any]:
+    """OpenAI's usage of ``n`` choices per prompt: each prompt once, every completion."""
+    firsts = usages[::n]
+    prompt = sum(int(u.get("prompt_tokens", 0)) for u in firsts)
     completion = sum(int(u.get("completion_tokens", 0)) for u in usages)
     usage: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
-    if "prompt_tokens_details" in first:
-        usage["prompt_tokens_details"] = first["prompt_tokens_details"]
+    if all("prompt_tokens_details" in u for u in firsts):
+        cached = sum(int(u["prompt_tokens_details"].get("cached_tokens", 0)) for u in firsts)
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
     return usage
 
 
@@ -118,7 +119,8 @@ class Service:
                 return pool.create_chat_completion_async(messages, stream=True, **kw)
             return pool.create_chat_completion_async(messages, **kw)
 
-        return await self._run("chat.completion", model, keywords, n, stream=stream, start=start)
+        jobs = _seeded(keywords, n)
+        return await self._run_jobs("chat.completion", model, keywords, jobs, n=n, stream=stream, start=start)
 
     async def count_tokens(
         self, model: str | None, messages: list[dict[str, Any]], keywords: dict[str, Any]
@@ -145,6 +147,8 @@ class Service:
         """``n`` completions of each prompt; choice ``p * n + i`` is prompt p's i-th."""
         self.check_n(n)
         self.check_max_tokens(keywords.get("max_tokens"))
+        if keywords.get("max_tokens") is None:  # OpenAI's default, within the server's limit
+            keywords = {**keywords, "max_tokens": min(16, self.settings.max_tokens_limit)}
         # Each prompt's n choices, one after another in the choice indices.
         per_prompt = [(p, kw) for p in prompts for kw in _seeded(keywords, n)]
 
@@ -156,7 +160,7 @@ class Service:
             return pool.create_completion_async(prompt, **own, **kw)
 
         jobs = [{"_job": j} for j in range(len(per_prompt))]
-        return await self._run_jobs("text_completion", model, keywords, jobs, stream=stream, start=start)
+        return await self._run_jobs("text_completion", model, keywords, jobs, n=n, stream=stream, start=start)
 
     # -- embeddings -----------------------------------------------------------------------
 
@@ -169,20 +173,6 @@ class Service:
 
     # -- running n generations ------------------------------------------------------------
 
-    async def _run(
-        self,
-        object_: str,
-        model: str | None,
-        keywords: dict[str, Any],
-        n: int,
-        *,
-        stream: bool,
-        start: _Start,
-    ) -> Chunk | AsyncIterator[Chunk]:
-        return await self._run_jobs(
-            object_, model, keywords, _seeded(keywords, n), stream=stream, start=start
-        )
-
     async def _run_jobs(
         self,
         object_: str,
@@ -190,9 +180,12 @@ class Service:
         keywords: dict[str, Any],
         jobs: list[dict[str, Any]],
         *,
+        n: int,
         stream: bool,
         start: _Start,
     ) -> Chunk | AsyncIterator[Chunk]:
+        """Run ``jobs`` (each a choice's keywords for ``start``) on ``model``'s pool; ``n``
+        choices per prompt, at most the pool's slots."""
         include_usage = bool((keywords.get("stream_options") or {}).get("include_usage"))
         prefix = "chatcmpl-" if object_ == "chat.completion" else "cmpl-"
         answer_id = prefix + uuid.uuid4().hex
@@ -200,11 +193,17 @@ class Service:
         alias, pool = await exits.enter_async_context(self.registry.lease(model))
         timer = self.metrics.timer(alias)
         try:
+            if n > pool.pool_size:
+                raise APIError(
+                    400, f"n must be at most {pool.pool_size} (the parallel slots of {alias!r})",
+                    param="n", code="invalid_value",
+                )  # fmt: skip
             if not stream:
                 answers = await _gather([start(pool, {k: v for k, v in kw.items() if k != "stream_options"})
                                          for kw in jobs])  # fmt: skip
+
                 await exits.aclose()
-                return self._merge(answers, answer_id, timer)
+                return self._merge(answers, answer_id, timer, n)
             streams: list[AsyncIterator[Chunk]] = []
             try:
                 for kw in jobs:
@@ -214,19 +213,23 @@ class Service:
                 for s in streams:
                     await s.aclose()  # type: ignore[attr-defined]  # AsyncStream
                 raise
+        except TypeError as error:  # an unknown keyword (a translator's), as the library raises it
+            timer.finish(None)
+            await exits.aclose()
+            raise from_library_error(error) from error
         except BaseException:
             timer.finish(None)
             await exits.aclose()
             raise
-        return self._stream(streams, answer_id, include_usage, timer, exits)
+        return self._stream(streams, answer_id, timer, exits, include_usage=include_usage, n=n)
 
-    def _merge(self, answers: list[Chunk], answer_id: str, timer: RequestTimer) -> Chunk:
+    def _merge(self, answers: list[Chunk], answer_id: str, timer: RequestTimer, n: int) -> Chunk:
         merged = dict(answers[0])
         merged["id"] = answer_id
         merged["model"] = timer.model
         merged["choices"] = [{**a["choices"][0], "index": i} for i, a in enumerate(answers)]
         if all("usage" in a for a in answers):
-            merged["usage"] = _sum_usage([a["usage"] for a in answers])
+            merged["usage"] = _sum_usage([a["usage"] for a in answers], n)
         timer.finish(merged.get("usage"))
         return merged
 
@@ -234,11 +237,13 @@ class Service:
         self,
         streams: list[AsyncIterator[Chunk]],
         answer_id: str,
-        include_usage: bool,
         timer: RequestTimer,
         exits: AsyncExitStack,
+        *,
+        include_usage: bool,
+        n: int,
     ) -> AsyncIterator[Chunk]:
-        usages: list[Mapping[str, Any]] = []
+        usages: dict[int, Mapping[str, Any]] = {}
         roles: dict[int, str] = {}
         template: Chunk | None = None
         finished = False
@@ -247,7 +252,7 @@ class Service:
                 chunk = {**given, "id": answer_id, "model": timer.model}
                 if not chunk.get("choices"):
                     if chunk.get("usage"):
-                        usages.append(chunk["usage"])
+                        usages[index] = chunk["usage"]
                         template = chunk
                     continue
                 choices = []
@@ -268,7 +273,9 @@ class Service:
                     timer.token()
                 chunk["choices"] = choices
                 yield chunk
-            usage = _sum_usage(usages) if usages else None
+            usage = (
+                _sum_usage([usages[i] for i in sorted(usages)], n) if len(usages) == len(streams) else None
+            )
             if include_usage and template is not None and usage is not None:
                 yield {**template, "id": answer_id, "model": timer.model, "choices": [], "usage": usage}
             timer.finish(usage)

@@ -136,6 +136,9 @@ def events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
 def test_models_lists_the_aliases(server: Server) -> None:
     models = server.openai.models.list()
     assert [m.id for m in models.data] == ["gemma", "tiny-a", "tiny-b"]
+    assert server.openai.models.retrieve("tiny-b").id == "tiny-b"
+    with pytest.raises(openai.NotFoundError):
+        server.openai.models.retrieve("nope")
 
 
 def test_auth_and_request_ids(server: Server) -> None:

@@ -95,6 +95,13 @@ def openai_router(service: Service) -> APIRouter:
         ]  # fmt: skip
         return {"object": "list", "data": data}
 
+    @router.get("/v1/models/{model}")
+    async def retrieve_model(model: str) -> dict[str, Any]:
+        """One configured alias (404 ``model_not_found`` otherwise)."""
+        alias = service.registry.resolve(model)
+        return {"id": alias, "object": "model", "created": int(time.time()), "owned_by": "llama-cpp-nanobind",
+                "loaded": alias in service.registry.loaded()}  # fmt: skip
+
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest) -> Response:
         """OpenAI's chat completions, on the pool's continuous batching."""

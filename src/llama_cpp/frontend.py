@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequenc
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from llama_cpp import _async, _core
-from llama_cpp.chat import openai_chunks
+from llama_cpp.chat import RenderedChat, openai_chunks
 from llama_cpp.completion_output import GenerationStream, Outcome, collect
 from llama_cpp.embeddings import EmbeddingInput
 from llama_cpp.errors import InvalidArgumentError
@@ -82,6 +82,40 @@ class FrontEnd(ABC):
         if isinstance(seed, bool) or not isinstance(seed, int) or not -1 <= seed <= DEFAULT_SEED:
             raise InvalidArgumentError(f"seed must be an int in [0, 2**32) or -1, got {seed!r}")
         self._requests.seed = DEFAULT_SEED if seed == -1 else seed
+
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        json_schema: Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool = False,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> RenderedChat:
+        """Render ``messages`` with llama.cpp's chat templates (on a :class:`Llama`, see
+        :meth:`Llama.chat_templates`), as :meth:`create_chat_completion` does.
+
+        Returns the prompt with what generating and parsing its answer needs: the grammar
+        (tool calls, a JSON schema) and its lazy triggers, special tokens kept as text, extra
+        stops, the format's name. ``chat_template_kwargs`` are variables of the template
+        (``enable_thinking=False`` turns a hybrid model's thinking off; ``reasoning_effort``
+        for GPT-OSS).
+
+        Raises:
+            InvalidArgumentError: Malformed messages or tools, or the template rejected them.
+        """
+        params = self._requests.renderer.render(
+            messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            json_schema=json_schema,
+            parallel_tool_calls=parallel_tool_calls,
+            add_generation_prompt=add_generation_prompt,
+            template_kwargs=chat_template_kwargs,
+        )
+        return RenderedChat.from_native(params)
 
     # -- the native generation API --------------------------------------------------------
 

@@ -22,7 +22,7 @@ import numpy.typing as npt
 from llama_cpp import _async, _core
 from llama_cpp._core import LoraAdapter
 from llama_cpp._docs import documented_by
-from llama_cpp.chat import ChatRenderer, RenderedChat
+from llama_cpp.chat import ChatRenderer
 from llama_cpp.chat_formats import ChatFormatter
 from llama_cpp.config import (
     ContextParams,
@@ -457,39 +457,6 @@ class Llama(FrontEnd):
     @documented_by(ChatRenderer.formatter)
     def chat_formatter(self) -> ChatFormatter | None:
         return self._requests.renderer.formatter()
-
-    def render_chat(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        *,
-        tools: Sequence[Mapping[str, Any]] | None = None,
-        tool_choice: str | Mapping[str, Any] | None = None,
-        json_schema: Mapping[str, Any] | None = None,
-        parallel_tool_calls: bool = False,
-        add_generation_prompt: bool = True,
-        chat_template_kwargs: Mapping[str, Any] | None = None,
-    ) -> RenderedChat:
-        """Render ``messages`` with llama.cpp's chat templates (see :meth:`chat_templates`).
-
-        Returns the prompt with what generating and parsing its answer needs: the grammar
-        (tool calls, a JSON schema) and its lazy triggers, special tokens kept as text, extra
-        stops, the format's name. ``chat_template_kwargs`` are variables of the template
-        (``enable_thinking=False`` turns a hybrid model's thinking off; ``reasoning_effort``
-        for GPT-OSS).
-
-        Raises:
-            InvalidArgumentError: Malformed messages or tools, or the template rejected them.
-        """
-        params = self._requests.renderer.render(
-            messages,
-            tools=tools,
-            tool_choice=tool_choice,
-            json_schema=json_schema,
-            parallel_tool_calls=parallel_tool_calls,
-            add_generation_prompt=add_generation_prompt,
-            template_kwargs=chat_template_kwargs,
-        )
-        return RenderedChat.from_native(params)
 
     # -- decoding (FrontEnd's request API runs on these) -----------------------------------
 

@@ -16,6 +16,8 @@ from llama_cpp.commands.common import (
     load_progress,
     model_options,
 )
+from llama_cpp.config import resolve_config
+from llama_cpp.unified import family_settings
 
 HELP = "/reset clears the conversation; /exit, Ctrl-D or Ctrl-C leaves."
 
@@ -53,13 +55,19 @@ def register(sub: Subcommands) -> None:
 def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     with load_progress(args.model) as progress:
-        llm = Llama(
-            args.model,
-            chat_template=args.chat_template,
-            chat_format=args.chat_format,
-            progress_callback=progress,
-            **model_options(args),
+        config = resolve_config(
+            "Llama",
+            None,
+            {
+                "chat_template": args.chat_template,
+                "chat_format": args.chat_format,
+                "progress_callback": progress,
+                **model_options(args),
+            },
         )
+        # A GGUF without a chat template gets its family's (as UnifiedLLM and the server do).
+        _, config = family_settings(args.model, config)
+        llm = Llama(args.model, config=config)
     with llm:
         if interactive:
             _enable_line_editing()

@@ -1,6 +1,20 @@
-"""``llama-cpp serve``: an OpenAI- and Anthropic-compatible HTTP server on :class:`LlamaPool`.
+"""``llama-cpp serve``: an OpenAI-compatible HTTP server on :class:`~llama_cpp.LlamaPool`.
 
-Being built (issue 11): ``create_app(settings)`` (app.py), the OpenAI routes, the Anthropic
-Messages and OpenAI Responses translators (anthropic.py, responses.py, over
-:data:`~llama_cpp.server.chat_call.ChatCall`), metrics, the CLI.
+``create_app(settings)`` returns the server as a FastAPI app (no module globals: run it with
+uvicorn, or mount it in your own ASGI app); ``load_settings`` reads its settings from a config
+file, the environment and flags. Needs the ``server`` extra (fastapi, uvicorn,
+prometheus-client).
 """
+
+from llama_cpp.server.app import chat_call, count_tokens, create_app
+from llama_cpp.server.settings import ModelSettings, ServerSettings, SettingsError, load_settings
+
+__all__ = [
+    "ModelSettings",
+    "ServerSettings",
+    "SettingsError",
+    "chat_call",
+    "count_tokens",
+    "create_app",
+    "load_settings",
+]

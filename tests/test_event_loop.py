@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,20 +43,33 @@ REQUESTS: list[tuple[list[dict[str, str]], dict[str, Any]]] = [
 MAX_LAG = 0.020
 GREEDY = SamplingParams.greedy()
 TICK = 0.002
+#: Runs in which the wall-clock goal may be met (a loaded machine can delay any tick).
+ATTEMPTS = 3
 
 
-async def _worst_lag(done: asyncio.Event) -> float:
-    """The largest delay of a short sleep on the loop until ``done``, beyond the sleep."""
+@dataclass
+class Stall:
+    """The worst tick of the loop: its delay beyond the sleep (wall clock), and the CPU time
+    the loop's own thread spent in one tick (what work on the loop costs it, whatever the
+    machine's load: another process that takes the CPU adds to the first, never to this)."""
+
+    wall: float = 0.0
+    loop_cpu: float = 0.0
+
+
+async def _worst_lag(done: asyncio.Event) -> Stall:
+    """The worst tick of a short sleep on the loop until ``done``."""
     loop = asyncio.get_running_loop()
-    worst = 0.0
+    worst = Stall()
     while not done.is_set():
-        before = loop.time()
+        before, cpu = loop.time(), time.thread_time()
         await asyncio.sleep(TICK)
-        worst = max(worst, loop.time() - before - TICK)
+        worst.wall = max(worst.wall, loop.time() - before - TICK)
+        worst.loop_cpu = max(worst.loop_cpu, time.thread_time() - cpu)
     return worst
 
 
-async def _streamed_chats(front: FrontEnd) -> tuple[float, list[dict[str, Any]]]:
+async def _streamed_chats(front: FrontEnd) -> tuple[Stall, list[dict[str, Any]]]:
     done = asyncio.Event()
     lag = asyncio.create_task(_worst_lag(done))
     await asyncio.sleep(0)  # the ticker runs from before the first request is prepared
@@ -91,14 +106,23 @@ def gemma_front(request: pytest.FixtureRequest, default_model_path: Path) -> Ite
 
 @pytest.mark.timeout(300)
 def test_streamed_chats_with_tools_and_schemas_never_stall_the_loop(gemma_front: FrontEnd) -> None:
-    lag, answers = asyncio.run(_streamed_chats(gemma_front))
-    # The answers are real: tool calls and JSON documents, whole.
-    for (_, kwargs), answer in zip(REQUESTS, answers, strict=True):
-        if "tools" in kwargs:
-            assert json.loads(answer["arguments"]).keys() == {"city"}
-        else:
-            assert json.loads(answer["content"]).keys() == {"name", "age"}
-    assert lag < MAX_LAG, f"the event loop stalled for {lag * 1000:.1f} ms"
+    walls = []
+    for _ in range(ATTEMPTS):
+        stall, answers = asyncio.run(_streamed_chats(gemma_front))
+        # The answers are real: tool calls and JSON documents, whole.
+        for (_, kwargs), answer in zip(REQUESTS, answers, strict=True):
+            if "tools" in kwargs:
+                assert json.loads(answer["arguments"]).keys() == {"city"}
+            else:
+                assert json.loads(answer["content"]).keys() == {"name", "age"}
+        # The loop's own work per tick: independent of the machine's load, checked every time.
+        assert stall.loop_cpu < MAX_LAG, f"a tick of the loop took {stall.loop_cpu * 1000:.1f} ms of CPU"
+        walls.append(stall.wall)
+        if stall.wall < MAX_LAG:
+            return
+    # The wall-clock delay also counts other processes taking the CPU: it must hold in one of
+    # ATTEMPTS runs, so that only a stall of ours fails every time.
+    raise AssertionError(f"the event loop stalled for {[round(w * 1000, 1) for w in walls]} ms")
 
 
 def test_preparation_errors_are_raised_by_the_await(front: FrontEnd) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from llama_cpp.embeddings import EmbeddingInput
+from llama_cpp.errors import ContextOverflowError
 from llama_cpp.pool import LlamaPool
 from llama_cpp.server.errors import APIError, from_library_error
 from llama_cpp.server.metrics import Metrics, RequestTimer
@@ -171,6 +172,44 @@ class Service:
             timer.finish(answer.get("usage"))
             return answer
 
+    # -- reranking ------------------------------------------------------------------------
+
+    async def rerank(
+        self,
+        model: str | None,
+        query: str,
+        documents: list[str],
+        *,
+        top_n: int | None,
+        normalize: bool,
+        return_documents: bool,
+    ) -> Chunk:
+        """llama-server's ``/v1/rerank`` answer from a reranker alias, best first.
+
+        Raises:
+            APIError: 400 ``model_not_reranker`` (the alias is not a reranker),
+                ``context_length_exceeded`` (a query/document pair is longer than ``n_batch``).
+        """
+        async with self.registry.lease_reranker(model) as (alias, reranker):
+            timer = self.metrics.timer(alias)
+            try:
+                results, n_tokens = await reranker.rerank(query, documents, top_n, normalize)
+            except ContextOverflowError as error:
+                timer.finish(None)
+                raise APIError(400, str(error), param="documents", code="context_length_exceeded") from error
+            except BaseException:
+                timer.finish(None)
+                raise
+            timer.finish({"prompt_tokens": n_tokens, "completion_tokens": 0})
+        items = []
+        for result in results:
+            item: Chunk = {"index": result.index, "relevance_score": result.relevance_score}
+            if return_documents:
+                item["document"] = {"text": result.document}
+            items.append(item)
+        usage = {"prompt_tokens": n_tokens, "total_tokens": n_tokens}
+        return {"model": alias, "object": "list", "results": items, "usage": usage}
+
     # -- running n generations ------------------------------------------------------------
 
     async def _run_jobs(
@@ -213,6 +252,7 @@ class Service:
                 for s in streams:
                     await s.aclose()  # type: ignore[attr-defined]  # AsyncStream
                 raise
+            timer.submitted()
         except TypeError as error:  # an unknown keyword (a translator's), as the library raises it
             timer.finish(None)
             await exits.aclose()

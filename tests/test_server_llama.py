@@ -8,6 +8,7 @@ reranker as ``reranker`` (kind reranker) and the tiny FIM model as ``fim``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,14 @@ from openai.types.chat import ChatCompletionMessageFunctionToolCall
 
 from llama_cpp import Llama
 from llama_cpp.server import ModelSettings, ServerSettings, SettingsError, load_settings
-from llama_cpp.testing import FIM_MID_ID, TinyModelSpec, byte_token, write_tiny_llama, write_tiny_reranker
+from llama_cpp.server.llama_routes import _InfillEvents
+from llama_cpp.testing import (
+    FIM_MID_ID,
+    TinyModelSpec,
+    byte_token,
+    write_tiny_llama,
+    write_tiny_reranker,
+)
 from llama_cpp.testing.tiny_models import chain
 from server_harness import KEY, Server, events, serve
 
@@ -202,6 +210,25 @@ def test_infill_streams_one_token_per_event_without_done(server: Server) -> None
     assert chunks[-1]["tokens_predicted"] == 3
     assert chunks[-1]["tokens_evaluated"] == AB_CD_TOKENS
     assert chunks[-1]["stop_type"] == "eos"
+
+
+def test_infill_events_close_the_generation_even_unstarted() -> None:
+    # A client gone before the first event: the answer closes its events without having
+    # started them, which must still close the completion's chunks (lease, slot).
+    closed: list[str] = []
+
+    class Chunks:
+        def __aiter__(self) -> Chunks:
+            return self
+
+        async def __anext__(self) -> dict[str, Any]:
+            raise StopAsyncIteration
+
+        async def aclose(self) -> None:
+            closed.append("chunks")
+
+    asyncio.run(_InfillEvents(Chunks(), None).aclose())
+    assert closed == ["chunks"]
 
 
 def test_infill_refuses_models_without_fim_tokens_and_bad_bodies(server: Server) -> None:

@@ -16,7 +16,7 @@ FIM tokens is the library's 400. Where llama-server differs, it is said at the l
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import APIRouter
@@ -58,14 +58,30 @@ def _final(
     }
 
 
-async def _infill_events(
-    chunks: AsyncIterator[dict[str, Any]], stop: object
-) -> AsyncIterator[dict[str, Any]]:
-    finish_reason: str | None = None
-    alias = ""
-    usage: Mapping[str, Any] | None = None
-    try:
-        async for chunk in chunks:
+class _InfillEvents:
+    """llama-server's infill events of a completion's chunks. Closing it closes the chunks
+    even if it never started (a client gone before the first event), so that the lease and
+    the generation end at once."""
+
+    def __init__(self, chunks: AsyncIterator[dict[str, Any]], stop: object) -> None:
+        self._chunks = chunks
+        self._events = self._translate(stop)
+
+    def __aiter__(self) -> _InfillEvents:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+        await self._chunks.aclose()  # type: ignore[attr-defined]  # an async generator: idempotent
+
+    async def _translate(self, stop: object) -> AsyncGenerator[dict[str, Any], None]:
+        finish_reason: str | None = None
+        alias = ""
+        usage: Mapping[str, Any] | None = None
+        async for chunk in self._chunks:
             alias = chunk.get("model", alias)
             if not chunk.get("choices"):
                 usage = chunk.get("usage")
@@ -75,8 +91,6 @@ async def _infill_events(
             if choice.get("text"):
                 yield {"index": 0, "content": choice["text"], "stop": False}
         yield {**_final(alias, usage, finish_reason, stop), "content": ""}
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined]  # an async generator
 
 
 def llama_router(service: Service) -> APIRouter:
@@ -117,7 +131,7 @@ def llama_router(service: Service) -> APIRouter:
             keywords["stream_options"] = {"include_usage": True}
             chunks = await service.completion(body.model, [prompt], keywords, 1, True)
             assert not isinstance(chunks, dict)  # streamed
-            return sse(_infill_events(chunks, stop), done=False)
+            return sse(_InfillEvents(chunks, stop), done=False)
         answer = await service.completion(body.model, [prompt], keywords, 1, False)
         assert isinstance(answer, dict)  # not streamed
         choice = answer["choices"][0]

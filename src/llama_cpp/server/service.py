@@ -9,6 +9,7 @@ Streaming rules: one chunk per chunk the library yields (one token each), no rol
 ahead of the first token (the library's ``{"role": "assistant"}`` delta is merged into the
 next delta of that choice), choices indexed ``0..n-1``, and the usage, summed over the
 choices, last (only if the client asked for it with ``stream_options.include_usage``).
+Chat logprobs carry exactly ``top_logprobs`` alternatives per token, as OpenAI's chat API.
 """
 
 from __future__ import annotations
@@ -64,6 +65,21 @@ def _sum_usage(usages: Sequence[Mapping[str, Any]], n: int) -> dict[str, Any]:
         cached = sum(int(u["prompt_tokens_details"].get("cached_tokens", 0)) for u in firsts)
         usage["prompt_tokens_details"] = {"cached_tokens": cached}
     return usage
+
+
+def _top_logprobs(choice: Chunk, n: int) -> Chunk:
+    """``choice`` with OpenAI's chat ``top_logprobs``: the ``n`` most likely tokens exactly.
+
+    The library's chat logprobs are llama-cpp-python's: converted from the completion shape,
+    whose alternatives include the sampled token itself (appended after the ``n`` most likely
+    when it is not among them, as where a grammar forces a token), so that a token may carry
+    ``n + 1``. OpenAI's legacy completions allow that; its chat API does not.
+    """
+    logprobs = choice.get("logprobs")
+    if not logprobs or not logprobs.get("content"):
+        return choice
+    content = [{**entry, "top_logprobs": entry["top_logprobs"][:n]} for entry in logprobs["content"]]
+    return {**choice, "logprobs": {**logprobs, "content": content}}
 
 
 def _carries_token(chunk: Chunk) -> bool:
@@ -227,6 +243,7 @@ class Service:
         choices per prompt, at most the pool's slots."""
         include_usage = bool((keywords.get("stream_options") or {}).get("include_usage"))
         prefix = "chatcmpl-" if object_ == "chat.completion" else "cmpl-"
+        top_n = int(keywords.get("top_logprobs") or 0) if object_ == "chat.completion" else None
         answer_id = prefix + uuid.uuid4().hex
         exits = AsyncExitStack()
         alias, pool = await exits.enter_async_context(self.registry.lease(model))
@@ -242,7 +259,7 @@ class Service:
                                          for kw in jobs])  # fmt: skip
 
                 await exits.aclose()
-                return self._merge(answers, answer_id, timer, n)
+                return self._merge(answers, answer_id, timer, n, top_n)
             streams: list[AsyncIterator[Chunk]] = []
             try:
                 for kw in jobs:
@@ -261,13 +278,17 @@ class Service:
             timer.finish(None)
             await exits.aclose()
             raise
-        return self._stream(streams, answer_id, timer, exits, include_usage=include_usage, n=n)
+        return self._stream(streams, answer_id, timer, exits, include_usage=include_usage, n=n, top_n=top_n)
 
-    def _merge(self, answers: list[Chunk], answer_id: str, timer: RequestTimer, n: int) -> Chunk:
+    def _merge(
+        self, answers: list[Chunk], answer_id: str, timer: RequestTimer, n: int, top_n: int | None
+    ) -> Chunk:
         merged = dict(answers[0])
         merged["id"] = answer_id
         merged["model"] = timer.model
         merged["choices"] = [{**a["choices"][0], "index": i} for i, a in enumerate(answers)]
+        if top_n is not None:
+            merged["choices"] = [_top_logprobs(choice, top_n) for choice in merged["choices"]]
         if all("usage" in a for a in answers):
             merged["usage"] = _sum_usage([a["usage"] for a in answers], n)
         timer.finish(merged.get("usage"))
@@ -282,6 +303,7 @@ class Service:
         *,
         include_usage: bool,
         n: int,
+        top_n: int | None,
     ) -> AsyncIterator[Chunk]:
         usages: dict[int, Mapping[str, Any]] = {}
         roles: dict[int, str] = {}
@@ -306,7 +328,7 @@ class Service:
                             continue
                     if delta is not None and index in roles:
                         choice["delta"] = {"role": roles.pop(index), **delta}
-                    choices.append(choice)
+                    choices.append(choice if top_n is None else _top_logprobs(choice, top_n))
                 if not choices:
                     continue
                 if _carries_token(chunk):

@@ -7,10 +7,7 @@ aliases of the tiny model, loaded on demand with at most 2 models resident.
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +17,11 @@ import jsonschema
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
-from prometheus_client.parser import text_string_to_metric_families
 
-from llama_cpp.server import ModelSettings, ServerSettings, SettingsError, create_app, load_settings
+from llama_cpp.server import ModelSettings, ServerSettings, SettingsError, load_settings
+from server_harness import KEY, Server, serve
 
-KEY = "test-key"
 MESSAGES: list[Any] = [
     {"role": "system", "content": "You are helpful."},
     {"role": "user", "content": "Name a color."},
@@ -34,32 +29,6 @@ MESSAGES: list[Any] = [
 #: Gemma's end-of-generation tokens (<eos>, <end_of_turn>), banned to hold a slot for long, and
 #: in chat: this small model often ends its turn at once.
 NO_EOS: Any = {"1": -100, "106": -100}
-
-
-class Server:
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-        self.openai = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
-
-    def metrics(self) -> dict[str, float]:
-        """Every sample of /metrics by ``name{label=value,...}``."""
-        text = self.http.get("/metrics").text
-        out: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-                out[f"{sample.name}{{{labels}}}"] = sample.value
-        return out
-
-    def wait_for(self, condition: Callable[[dict[str, float]], bool], what: str) -> None:
-        """Poll /metrics until ``condition`` holds (bounded: 10 s)."""
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if condition(self.metrics()):
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"timed out waiting for {what}: {self.metrics()}")
 
 
 @pytest.fixture(scope="module")
@@ -79,55 +48,8 @@ def server(default_model_path: Path, tiny_model_path: Path) -> Iterator[Server]:
         models={"tiny-a": tiny, "tiny-b": tiny},
         models_max=2,
     )
-    app = create_app(settings)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))  # the kernel picks the port; nothing else can take it
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, lifespan="on")
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="uvicorn")
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        status = None
-        while time.monotonic() < deadline:
-            try:
-                status = httpx.get(f"{url}/health", timeout=5)
-            except httpx.TransportError:  # not listening yet
-                time.sleep(0.02)
-                continue
-            if status.status_code == 200:
-                break
-            assert status.status_code == 503
-            assert status.json() == {"status": "loading"}
-            time.sleep(0.02)
-        assert status is not None
-        assert status.status_code == 200, status.text
-        client = Server(url)
+    with serve(settings) as client:
         yield client
-        client.http.close()
-        client.openai.close()
-    finally:
-        uv.should_exit = True
-        thread.join(30)
-        sock.close()
-    assert not thread.is_alive()
-
-
-def events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
-    """The JSON events of an SSE answer, checking its framing and the final [DONE]."""
-    done = False
-    for line in lines:
-        if not line:
-            continue
-        assert line.startswith("data: "), line
-        if line == "data: [DONE]":
-            done = True
-            continue
-        assert not done, "an event after [DONE]"
-        yield json.loads(line[6:])
-    assert done, "no data: [DONE]"
 
 
 # -- models, health, auth, request ids -------------------------------------------------------

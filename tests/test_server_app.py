@@ -154,6 +154,7 @@ def test_the_readme_mount_example_and_config_work(default_model_path: Path, tmp_
     loaded = load_settings(config, environ={})
     assert (loaded.alias, loaded.parallel, loaded.models_max) == ("gemma", 8, 2)
     assert loaded.models["small"].options == {"n_gpu_layers": 0}
+    assert loaded.models["rerank"].kind == "reranker"
 
 
 def test_translator_routers_are_mounted_with_the_chat_call(

@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from llama_cpp.errors import LlamaError
 from llama_cpp.server.chat_call import ChatCall, CountTokens
 from llama_cpp.server.errors import APIError, from_library_error
+from llama_cpp.server.llama_routes import llama_router
 from llama_cpp.server.metrics import Metrics
 from llama_cpp.server.middleware import ServerMiddleware
 from llama_cpp.server.openai_routes import openai_router
@@ -90,7 +91,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         SettingsError: The API key file cannot be read.
     """
     registry = ModelRegistry(settings)
-    metrics = Metrics(registry.loaded)
+    metrics = Metrics(registry.pools)
     service = Service(settings, registry, metrics)
     ready = asyncio.Event()
     loading: dict[str, BaseException] = {}
@@ -146,6 +147,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return _error_response(APIError(500, "internal error", "server_error", code="internal_error"))
 
     app.include_router(openai_router(service))
+    app.include_router(llama_router(service))
     _mount_translators(app, service)
 
     @app.get("/health", tags=["Server"])

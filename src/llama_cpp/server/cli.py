@@ -19,6 +19,8 @@ __all__ = ["add_serve_command", "main", "serve"]
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-m", "--model", help="the default model's GGUF file (loaded at startup)")
     parser.add_argument("--alias", help="the model's name for clients (default: the file name)")
+    parser.add_argument("--kind", choices=("generate", "reranker"),
+                        help="what the model serves (reranker: a reranker GGUF, /v1/rerank)")  # fmt: skip
     parser.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, help="TCP port (default 8000)")
     parser.add_argument("-np", "--parallel", type=int, help="requests decoded concurrently (default 4)")
@@ -34,7 +36,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("model", "alias", "host", "port", "parallel", "ctx_size", "n_threads", "max_queue",
+    names = ("model", "alias", "kind", "host", "port", "parallel", "ctx_size", "n_threads", "max_queue",
              "models_max", "max_tokens_limit", "api_keys", "api_key_file")  # fmt: skip
     return {name: getattr(args, name) for name in names}
 

@@ -1,7 +1,13 @@
 """Prometheus metrics of one app (a registry per app: two apps in a process never mix counts).
 
 Counters and histograms are recorded by the routes; the pools' gauges (busy slots, waiting
-requests, token counters) are read from :meth:`LlamaPool.stats` at scrape time.
+requests, token counters, KV capacity) are read from :meth:`LlamaPool.stats` at scrape time.
+
+What is not here, and why: the engine does not report when it admits a request to a slot, so
+the wait in its queue is not a histogram of its own (it is part of the time to first token;
+``llamacpp_time_to_engine_seconds`` covers what happens before the engine has the request);
+nor does it report the KV cells in use (only the capacity, ``llamacpp_kv_cache_capacity_tokens``,
+and the busy slots that hold them).
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ class _PoolCollector(Collector):
             ),
             "n_slots": GaugeMetricFamily("llamacpp_slots", "Slots of the model's pool", labels=["model"]),
         }
+        capacity = GaugeMetricFamily(
+            "llamacpp_kv_cache_capacity_tokens",
+            "Tokens the pool's KV cache holds at most (slots x context of each)",
+            labels=["model"],
+        )
         counters = {
             "n_prompt_evaluated": CounterMetricFamily(
                 "llamacpp_prompt_tokens_evaluated", "Prompt tokens decoded", labels=["model"]
@@ -55,7 +66,9 @@ class _PoolCollector(Collector):
                 family.add_metric([alias], getattr(stats, name))
             for name, counter in counters.items():
                 counter.add_metric([alias], getattr(stats, name))
+            capacity.add_metric([alias], stats.n_slots * pool.n_ctx())
         yield from gauges.values()
+        yield capacity
         yield from counters.values()
 
 
@@ -90,6 +103,22 @@ class Metrics:
             "llamacpp_request_latency_seconds", "End-to-end generation latency", ["model"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.to_engine = Histogram(
+            "llamacpp_time_to_engine_seconds",
+            "Streamed requests: from arrival until the model's engine has the request (model load "
+            "or lease, chat template, tokenization); the engine's own queue wait is not included",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prefix_hits = Counter(
+            "llamacpp_prefix_cache_hits",
+            "Requests whose prompt started with a cached prefix (usage cached_tokens > 0)",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.cached_tokens = Counter(
+            "llamacpp_prompt_tokens_cached",
+            "Prompt tokens of requests served from the prefix cache (usage cached_tokens)",
+            ["model"], registry=r,
+        )  # fmt: skip
         r.register(_PoolCollector(self.pools))
 
     def render(self) -> bytes:
@@ -109,6 +138,10 @@ class RequestTimer:
     model: str
     start: float = field(default_factory=time.perf_counter)
     last: float | None = None
+
+    def submitted(self) -> None:
+        """The model's engine has the request (a stream has started)."""
+        self.metrics.to_engine.labels(self.model).observe(time.perf_counter() - self.start)
 
     def token(self) -> None:
         """A token (a streamed chunk with content) went out."""
@@ -131,3 +164,8 @@ class RequestTimer:
             self.metrics.generated_tokens.labels(self.model).inc(
                 completion if isinstance(completion, int) else 0
             )
+            details = usage.get("prompt_tokens_details")
+            cached = details.get("cached_tokens", 0) if isinstance(details, Mapping) else 0
+            if isinstance(cached, int) and cached > 0:
+                self.metrics.prefix_hits.labels(self.model).inc()
+                self.metrics.cached_tokens.labels(self.model).inc(cached)

@@ -32,7 +32,7 @@ __all__ = ["openai_router", "sse"]
 _log = logging.getLogger("llama_cpp.server")
 
 
-async def _events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+async def _events(chunks: AsyncIterator[dict[str, Any]], done: bool) -> AsyncIterator[bytes]:
     try:
         async for chunk in chunks:
             yield b"data: " + json.dumps(chunk, ensure_ascii=False).encode("utf-8") + b"\n\n"
@@ -45,16 +45,17 @@ async def _events(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]
         yield b"data: " + json.dumps(body).encode("utf-8") + b"\n\n"
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]  # an async generator
-    yield b"data: [DONE]\n\n"
+    if done:
+        yield b"data: [DONE]\n\n"
 
 
 class _EventStream(StreamingResponse):
     """A streamed answer that closes its chunks however the response ends: a client that is
     gone before the first chunk never starts the generator, whose ``finally`` would not run."""
 
-    def __init__(self, chunks: AsyncIterator[dict[str, Any]]) -> None:
+    def __init__(self, chunks: AsyncIterator[dict[str, Any]], done: bool) -> None:
         super().__init__(
-            _events(chunks),
+            _events(chunks, done),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -67,10 +68,11 @@ class _EventStream(StreamingResponse):
             await self._chunks.aclose()  # type: ignore[attr-defined]  # an async generator: idempotent
 
 
-def sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
-    """A Server-Sent Events answer of ``chunks``, ending with ``data: [DONE]``; ``chunks`` (an
-    async generator) is closed when the answer ends, completed or not."""
-    return _EventStream(chunks)
+def sse(chunks: AsyncIterator[dict[str, Any]], *, done: bool = True) -> StreamingResponse:
+    """A Server-Sent Events answer of ``chunks``, ending with ``data: [DONE]`` (unless
+    ``done`` is False: llama-server's own routes send none); ``chunks`` (an async generator)
+    is closed when the answer ends, completed or not."""
+    return _EventStream(chunks, done)
 
 
 def _answer(result: dict[str, Any] | AsyncIterator[dict[str, Any]]) -> Response:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from llama_cpp.errors import GrammarError
 from llama_cpp.grammar import LlamaGrammar
@@ -21,13 +21,28 @@ __all__ = [
     "CompletionRequest",
     "DetokenizeRequest",
     "EmbeddingRequest",
+    "InfillRequest",
     "ModelRequest",
+    "RerankRequest",
     "TemplateRequest",
     "TokenizeRequest",
 ]
 
 #: A token id as llama.cpp takes it (int32; ids beyond the vocabulary are the library's 400).
 Token = Annotated[int, Field(ge=0, lt=2**31)]
+
+
+def _encodable(text: str) -> str:
+    # JSON may carry a lone surrogate ("\ud800"), which no UTF-8 encoder takes.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"not encodable as UTF-8: {error.reason}") from error
+    return text
+
+
+#: Text that will be encoded as UTF-8 for the model (a 400 otherwise, not a 500).
+Text = Annotated[str, AfterValidator(_encodable)]
 
 #: Body fields passed to the library under the same name.
 _SAMPLING = (
@@ -174,6 +189,54 @@ class EmbeddingRequest(_Body):
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, description="Not supported: must be absent")
+
+
+class RerankRequest(_Body):
+    """``POST /v1/rerank`` (and ``/rerank``): llama-server's and Jina's body."""
+
+    model: str | None = Field(default=None, description="A reranker alias (kind reranker)")
+    query: Text
+    documents: list[Text] = Field(min_length=1)
+    top_n: int | None = Field(default=None, ge=1, description="Return the best top_n (default: all)")
+    return_documents: bool = Field(default=True, description="Each result carries {document: {text}}")
+    normalize: bool = Field(
+        default=False, description="Scores through the logistic sigmoid, in (0, 1) (default: raw)"
+    )
+
+
+class InfillRequest(_Sampling):
+    """``POST /infill``: llama-server's fill-in-the-middle body (its sampling fields too)."""
+
+    input_prefix: Text = Field(description="The text before the gap")
+    input_suffix: Text = Field(description="The text after the gap")
+    prompt: Text = Field(
+        default="", description="Text that continues the prefix (placed after it, before FIM_SUF)"
+    )
+    input_extra: list[dict[str, Any]] | None = Field(
+        default=None, description="Repository context chunks: not supported (must be absent or empty)"
+    )
+    n_predict: int | None = Field(
+        default=None, ge=-1, lt=2**31, description="Tokens to generate at most (-1: the server's limit)"
+    )
+    max_tokens: int | None = Field(default=None, ge=0, lt=2**31, description="n_predict's alias")
+
+    def keywords(self) -> dict[str, Any]:
+        out = super().keywords()
+        out.pop("max_tokens", None)
+        limit = self.n_predict if self.n_predict is not None else self.max_tokens
+        if limit == 0:
+            param = "n_predict" if self.n_predict is not None else "max_tokens"
+            raise APIError(
+                400,
+                f"{param} 0 (evaluate the prompt only) is not supported",
+                param=param,
+                code="invalid_value",
+            )
+        if limit is not None and limit > 0:
+            out["max_tokens"] = limit
+        if self.stream_options is not None:
+            out["stream_options"] = self.stream_options.model_dump()
+        return out
 
 
 class ModelRequest(_Body):

@@ -9,6 +9,7 @@ Streaming rules: one chunk per chunk the library yields (one token each), no rol
 ahead of the first token (the library's ``{"role": "assistant"}`` delta is merged into the
 next delta of that choice), choices indexed ``0..n-1``, and the usage, summed over the
 choices, last (only if the client asked for it with ``stream_options.include_usage``).
+Chat logprobs carry exactly ``top_logprobs`` alternatives per token, as OpenAI's chat API.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from llama_cpp.embeddings import EmbeddingInput
+from llama_cpp.errors import ContextOverflowError
 from llama_cpp.pool import LlamaPool
 from llama_cpp.server.errors import APIError, from_library_error
 from llama_cpp.server.metrics import Metrics, RequestTimer
@@ -63,6 +65,21 @@ def _sum_usage(usages: Sequence[Mapping[str, Any]], n: int) -> dict[str, Any]:
         cached = sum(int(u["prompt_tokens_details"].get("cached_tokens", 0)) for u in firsts)
         usage["prompt_tokens_details"] = {"cached_tokens": cached}
     return usage
+
+
+def _top_logprobs(choice: Chunk, n: int) -> Chunk:
+    """``choice`` with OpenAI's chat ``top_logprobs``: the ``n`` most likely tokens exactly.
+
+    The library's chat logprobs are llama-cpp-python's: converted from the completion shape,
+    whose alternatives include the sampled token itself (appended after the ``n`` most likely
+    when it is not among them, as where a grammar forces a token), so that a token may carry
+    ``n + 1``. OpenAI's legacy completions allow that; its chat API does not.
+    """
+    logprobs = choice.get("logprobs")
+    if not logprobs or not logprobs.get("content"):
+        return choice
+    content = [{**entry, "top_logprobs": entry["top_logprobs"][:n]} for entry in logprobs["content"]]
+    return {**choice, "logprobs": {**logprobs, "content": content}}
 
 
 def _carries_token(chunk: Chunk) -> bool:
@@ -171,6 +188,44 @@ class Service:
             timer.finish(answer.get("usage"))
             return answer
 
+    # -- reranking ------------------------------------------------------------------------
+
+    async def rerank(
+        self,
+        model: str | None,
+        query: str,
+        documents: list[str],
+        *,
+        top_n: int | None,
+        normalize: bool,
+        return_documents: bool,
+    ) -> Chunk:
+        """llama-server's ``/v1/rerank`` answer from a reranker alias, best first.
+
+        Raises:
+            APIError: 400 ``model_not_reranker`` (the alias is not a reranker),
+                ``context_length_exceeded`` (a query/document pair is longer than ``n_batch``).
+        """
+        async with self.registry.lease_reranker(model) as (alias, reranker):
+            timer = self.metrics.timer(alias)
+            try:
+                results, n_tokens = await reranker.rerank(query, documents, top_n, normalize)
+            except ContextOverflowError as error:
+                timer.finish(None)
+                raise APIError(400, str(error), param="documents", code="context_length_exceeded") from error
+            except BaseException:
+                timer.finish(None)
+                raise
+            timer.finish({"prompt_tokens": n_tokens, "completion_tokens": 0})
+        items = []
+        for result in results:
+            item: Chunk = {"index": result.index, "relevance_score": result.relevance_score}
+            if return_documents:
+                item["document"] = {"text": result.document}
+            items.append(item)
+        usage = {"prompt_tokens": n_tokens, "total_tokens": n_tokens}
+        return {"model": alias, "object": "list", "results": items, "usage": usage}
+
     # -- running n generations ------------------------------------------------------------
 
     async def _run_jobs(
@@ -188,6 +243,7 @@ class Service:
         choices per prompt, at most the pool's slots."""
         include_usage = bool((keywords.get("stream_options") or {}).get("include_usage"))
         prefix = "chatcmpl-" if object_ == "chat.completion" else "cmpl-"
+        top_n = int(keywords.get("top_logprobs") or 0) if object_ == "chat.completion" else None
         answer_id = prefix + uuid.uuid4().hex
         exits = AsyncExitStack()
         alias, pool = await exits.enter_async_context(self.registry.lease(model))
@@ -203,7 +259,7 @@ class Service:
                                          for kw in jobs])  # fmt: skip
 
                 await exits.aclose()
-                return self._merge(answers, answer_id, timer, n)
+                return self._merge(answers, answer_id, timer, n, top_n)
             streams: list[AsyncIterator[Chunk]] = []
             try:
                 for kw in jobs:
@@ -213,6 +269,7 @@ class Service:
                 for s in streams:
                     await s.aclose()  # type: ignore[attr-defined]  # AsyncStream
                 raise
+            timer.submitted()
         except TypeError as error:  # an unknown keyword (a translator's), as the library raises it
             timer.finish(None)
             await exits.aclose()
@@ -221,13 +278,17 @@ class Service:
             timer.finish(None)
             await exits.aclose()
             raise
-        return self._stream(streams, answer_id, timer, exits, include_usage=include_usage, n=n)
+        return self._stream(streams, answer_id, timer, exits, include_usage=include_usage, n=n, top_n=top_n)
 
-    def _merge(self, answers: list[Chunk], answer_id: str, timer: RequestTimer, n: int) -> Chunk:
+    def _merge(
+        self, answers: list[Chunk], answer_id: str, timer: RequestTimer, n: int, top_n: int | None
+    ) -> Chunk:
         merged = dict(answers[0])
         merged["id"] = answer_id
         merged["model"] = timer.model
         merged["choices"] = [{**a["choices"][0], "index": i} for i, a in enumerate(answers)]
+        if top_n is not None:
+            merged["choices"] = [_top_logprobs(choice, top_n) for choice in merged["choices"]]
         if all("usage" in a for a in answers):
             merged["usage"] = _sum_usage([a["usage"] for a in answers], n)
         timer.finish(merged.get("usage"))
@@ -242,6 +303,7 @@ class Service:
         *,
         include_usage: bool,
         n: int,
+        top_n: int | None,
     ) -> AsyncIterator[Chunk]:
         usages: dict[int, Mapping[str, Any]] = {}
         roles: dict[int, str] = {}
@@ -266,7 +328,7 @@ class Service:
                             continue
                     if delta is not None and index in roles:
                         choice["delta"] = {"role": roles.pop(index), **delta}
-                    choices.append(choice)
+                    choices.append(choice if top_n is None else _top_logprobs(choice, top_n))
                 if not choices:
                     continue
                 if _carries_token(chunk):

@@ -13,13 +13,18 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-__all__ = ["ENV_PREFIX", "ModelSettings", "ServerSettings", "SettingsError", "load_settings"]
+__all__ = ["ENV_PREFIX", "ModelKind", "ModelSettings", "ServerSettings", "SettingsError", "load_settings"]
 
 ENV_PREFIX = "LLAMA_CPP_SERVER_"
+
+#: What a model alias serves: ``"generate"`` (a :class:`~llama_cpp.LlamaPool`: chat,
+#: completions, embeddings, infill, ...) or ``"reranker"`` (a reranker GGUF loaded as a
+#: :class:`~llama_cpp.Llama` with ``embedding=True``: ``/v1/rerank`` only).
+ModelKind = Literal["generate", "reranker"]
 
 
 class SettingsError(ValueError):
@@ -35,12 +40,16 @@ class ModelSettings(BaseModel):
         ctx_size: The window of each sequence; None: the server's.
         max_queue: Requests that may wait for a slot; None: the server's.
         options: Further :class:`~llama_cpp.LlamaPool` keywords (``n_gpu_layers``,
-            ``n_batch``, ``flash_attn``, ...).
+            ``n_batch``, ``flash_attn``, ...); of a reranker, :class:`~llama_cpp.Llama`'s.
+        kind: ``"generate"``, or ``"reranker"``: a reranker GGUF (rank pooling) that serves
+            ``/v1/rerank`` only, one request at a time (``parallel`` and ``max_queue`` do
+            not apply).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     path: Path
+    kind: ModelKind = "generate"
     parallel: int | None = Field(default=None, ge=1)
     ctx_size: int | None = Field(default=None, ge=0)
     max_queue: int | None = Field(default=None, ge=0)
@@ -55,6 +64,7 @@ class ServerSettings(BaseModel):
         alias: The default model's name for clients (default: the file name without ``.gguf``).
         options: Further :class:`~llama_cpp.LlamaPool` keywords of the default model
             (``n_gpu_layers``, ``pooling_type`` for ``/v1/embeddings``, ...).
+        kind: The default model's kind (``"reranker"``: it serves ``/v1/rerank`` only).
         models: More models by alias, each loaded on first use.
         models_max: Models resident at once; the least recently used idle one is unloaded.
         host: The address to bind (127.0.0.1: this machine only).
@@ -78,6 +88,7 @@ class ServerSettings(BaseModel):
     model: Path | None = None
     alias: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    kind: ModelKind = "generate"
     models: dict[str, ModelSettings] = Field(default_factory=dict)
     models_max: int = Field(default=4, ge=1)
     host: str = "127.0.0.1"
@@ -116,7 +127,7 @@ class ServerSettings(BaseModel):
         table: dict[str, ModelSettings] = {}
         alias = self.default_alias()
         if alias is not None and self.model is not None:
-            table[alias] = ModelSettings(path=self.model, options=self.options)
+            table[alias] = ModelSettings(path=self.model, options=self.options, kind=self.kind)
         table.update(self.models)
         return table
 

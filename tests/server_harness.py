@@ -102,3 +102,22 @@ def events(lines: Iterator[str], *, done: bool = True) -> Iterator[dict[str, Any
         assert not seen_done, "an event after [DONE]"
         yield json.loads(line[6:])
     assert seen_done == done, "no data: [DONE]"
+
+
+#: A forced tool call, as the server tests ask for it.
+TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather of a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+WEATHER: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+CHOICE: Any = {"type": "function", "function": {"name": "get_weather"}}

@@ -20,7 +20,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
 
 from llama_cpp.server import ModelSettings, ServerSettings, SettingsError, load_settings
-from server_harness import KEY, Server, serve
+from server_harness import CHOICE, KEY, TOOLS, WEATHER, Server, serve
 
 MESSAGES: list[Any] = [
     {"role": "system", "content": "You are helpful."},
@@ -146,24 +146,6 @@ def test_json_schema_response_format(server: Server) -> None:
     content = answer.choices[0].message.content
     assert content is not None
     jsonschema.validate(json.loads(content), schema)
-
-
-TOOLS: list[Any] = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "The weather of a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
-        },
-    }
-]
-WEATHER: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
-CHOICE: Any = {"type": "function", "function": {"name": "get_weather"}}
 
 
 def test_named_tool_call_plain_and_streamed(server: Server) -> None:

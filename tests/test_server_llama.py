@@ -29,7 +29,7 @@ from llama_cpp.testing import (
     write_tiny_reranker,
 )
 from llama_cpp.testing.tiny_models import chain
-from server_harness import KEY, Server, events, serve
+from server_harness import CHOICE, KEY, TOOLS, WEATHER, Server, events, serve
 
 MESSAGES: list[Any] = [
     {"role": "system", "content": "You are helpful."},
@@ -322,24 +322,6 @@ def test_streamed_chat_carries_each_tokens_logprobs(server: Server) -> None:
     assert expected is not None
     assert [e.token for e in entries] == [e.token for e in expected]
     assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in expected], abs=1e-4)
-
-
-TOOLS: list[Any] = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "The weather of a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
-        },
-    }
-]
-WEATHER: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
-CHOICE: Any = {"type": "function", "function": {"name": "get_weather"}}
 
 
 def test_a_forced_tool_call_with_logprobs(server: Server) -> None:

@@ -60,6 +60,34 @@ class FrontEnd(ABC):
     def _run_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {key: kwargs.pop(key) for key in self._RUN_KEYWORDS if key in kwargs}
 
+    @property
+    @abstractmethod
+    def model(self) -> _core.Model:
+        """The native model (raises ClosedError once closed)."""
+
+    def n_vocab(self) -> int:
+        return self.model.n_vocab
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The GGUF metadata, values rendered as text (arrays are summarised by llama.cpp)."""
+        return dict(self.model.metadata())
+
+    def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of ``text``.
+
+        Args:
+            text: UTF-8 bytes or str.
+            add_bos: Add the BOS (and EOS) tokens the model asks for.
+            special: Parse special-token text such as ``<start_of_turn>`` as special tokens.
+        """
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        return self.model.tokenize(data, add_bos, special)
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
+        """The bytes of ``tokens`` (may end inside a multi-byte character)."""
+        return self.model.detokenize(list(tokens), special)
+
     @abstractmethod
     def create_embedding(
         self,

@@ -249,9 +249,6 @@ class Llama(FrontEnd):
         """
         return context_params(self.config, self.context)
 
-    def n_vocab(self) -> int:
-        return self.model.n_vocab
-
     def n_embd(self) -> int:
         return self.model.n_embd
 
@@ -261,27 +258,7 @@ class Llama(FrontEnd):
     def token_eos(self) -> int:
         return self.model.token_eos
 
-    @property
-    def metadata(self) -> dict[str, str]:
-        """The GGUF metadata, values rendered as text (arrays are summarised by llama.cpp)."""
-        return dict(self.model.metadata())
-
     # -- tokens ---------------------------------------------------------------------------
-
-    def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
-        """Token ids of ``text``.
-
-        Args:
-            text: UTF-8 bytes or str.
-            add_bos: Add the BOS (and EOS) tokens the model asks for.
-            special: Parse special-token text such as ``<start_of_turn>`` as special tokens.
-        """
-        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-        return self.model.tokenize(data, add_bos, special)
-
-    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
-        """The bytes of ``tokens`` (may end inside a multi-byte character)."""
-        return self.model.detokenize(list(tokens), special)
 
     def tokenizer(self) -> LlamaTokenizer:
         """llama-cpp-python's :class:`~llama_cpp.tokenizer.LlamaTokenizer` over this model."""

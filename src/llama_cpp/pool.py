@@ -147,22 +147,12 @@ class LlamaPool(FrontEnd):
         """The window of each sequence, in tokens."""
         return self._engine.n_ctx_seq
 
-    def n_vocab(self) -> int:
-        return self._model.n_vocab
-
     @property
-    def metadata(self) -> dict[str, str]:
-        """The GGUF metadata, values rendered as text."""
-        return dict(self._model.metadata())
-
-    def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
-        """Token ids of ``text`` (as :meth:`Llama.tokenize`)."""
-        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-        return self._model.tokenize(data, add_bos, special)
-
-    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
-        """The bytes of ``tokens`` (as :meth:`Llama.detokenize`)."""
-        return self._model.detokenize(list(tokens), special)
+    def model(self) -> _core.Model:
+        """The native model (raises ClosedError once closed)."""
+        if self._model.closed:
+            raise _core.ClosedError("the pool is closed")
+        return self._model
 
     # -- LoRA -----------------------------------------------------------------------------
 

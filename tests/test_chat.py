@@ -168,6 +168,10 @@ def test_an_unknown_keyword_is_a_type_error_on_both_front_ends(front: FrontEnd) 
         front.create_completion("a", logprob=2)
     with pytest.raises(TypeError, match="echo"):
         front.create_chat_completion(USER_XY, echo=True)  # a completion keyword, not a chat one
+    with pytest.raises(InvalidArgumentError, match="grammar must be a LlamaGrammar, got str"):
+        front.create_chat_completion(USER_XY, grammar='root ::= "x"')
+    with pytest.raises(InvalidArgumentError, match="grammar must be a LlamaGrammar, got str"):
+        front.create_completion("a", grammar='root ::= "x"')
 
 
 def test_malformed_tools_raise_a_typed_error(front: FrontEnd) -> None:

@@ -285,6 +285,8 @@ class RequestBuilder:
             if effort is not None:
                 variables["reasoning_effort"] = effort
         grammar = given.pop("grammar", None)
+        if grammar is not None and not isinstance(grammar, LlamaGrammar):
+            raise InvalidArgumentError(f"grammar must be a LlamaGrammar, got {type(grammar).__name__}")
         prepared = self.renderer.prepare(
             messages,
             functions=given.pop("functions", None),

@@ -218,7 +218,6 @@ class RequestBuilder:
         cancellation: _core.Cancellation,
         where: str = "create_completion",
         preserved_tokens: Sequence[int] = (),
-        model_name: str | None = None,
     ) -> CompletionRequest:
         """A ``create_completion`` request: ``keywords`` are its keyword arguments.
 
@@ -243,7 +242,7 @@ class RequestBuilder:
                 self._model, prompt, suffix, echo=echo, logprobs=logprobs
             )
         builder = CompletionBuilder(
-            model=keywords.get("model") or model_name or self._name,
+            model=keywords.get("model") or self._name,
             piece=self.piece,
             echo=echo,
             prompt_tokens=tokens,

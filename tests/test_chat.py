@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import FrontEnd, TokenGate
 from llama_cpp import InvalidArgumentError, Llama
 from llama_cpp.chat_formats import format_chatml, format_llama2
+from llama_cpp.testing import EOS_ID
 
 # Renders only the contents after BOS: the tiny model then continues the last character.
 CONCAT = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -242,3 +244,47 @@ def test_stream_options_include_usage_on_both_front_ends(front: FrontEnd) -> Non
     assert all("usage" not in c for c in chat[:-1])
     with pytest.raises(InvalidArgumentError, match="stream_options must be a dict"):
         front.create_completion("a", stream=True, stream_options=True)
+
+
+def test_chat_values_are_checked_on_every_rendering_path(front: FrontEnd) -> None:
+    # The tiny model has no template: llama-cpp-python's Python "llama-2" format renders it,
+    # which llama.cpp's template checks never see.
+    bad: list[dict[str, Any]] = [
+        {"reasoning_format": "bogus"},
+        {"parallel_tool_calls": "yes"},
+        {"chat_template_kwargs": {"enable_thinking": "no"}},
+        {"response_format": "json_object"},
+        {"tool_choice": 5},
+        {"tfs_z": 0.5},
+    ]
+    for keywords in bad:
+        with pytest.raises(InvalidArgumentError):
+            front.create_chat_completion(USER_XY, max_tokens=1, **keywords)
+    # llama-cpp-python passes tfs_z=1.0 (off) by default: accepted.
+    front.create_completion("a", max_tokens=1, tfs_z=1.0)
+
+
+def test_content_parts_are_text_on_every_rendering_path(front: FrontEnd) -> None:
+    parts = [{"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "text", "text": "y"}]}]
+    joined = front.create_chat_completion(parts, max_tokens=3, temperature=0)
+    plain = front.create_chat_completion(USER_XY, max_tokens=3, temperature=0)
+    assert joined["choices"][0]["message"] == plain["choices"][0]["message"]
+    assert joined["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]
+    with pytest.raises(InvalidArgumentError, match="text only"):
+        front.create_chat_completion(image, max_tokens=1)
+
+
+def test_an_echoed_prompt_streams_even_when_nothing_is_generated(front: FrontEnd) -> None:
+    # End of generation as the first token: no generated piece, the prompt is still echoed.
+    keywords: dict[str, Any] = {
+        "echo": True,
+        "max_tokens": 5,
+        "temperature": 0,
+        "logit_bias": {EOS_ID: 1000.0},
+    }
+    whole = front.create_completion("AB", **keywords)["choices"][0]["text"]
+    streamed = "".join(
+        c["choices"][0]["text"] for c in front.create_completion("AB", stream=True, **keywords)
+    )
+    assert whole == streamed == "AB"

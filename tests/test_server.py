@@ -258,6 +258,16 @@ def test_malformed_and_invalid_requests(server: Server) -> None:
         "/v1/completions", json={"model": "gemma", "prompt": "Hi", "max_tokens": 1, "a_new_field": [1]}
     )
     assert ignored.status_code == 200, ignored.text
+    # max_tokens 0 would mean "until the context is full" to the library: past the limit.
+    for path, field in (("/v1/completions", "max_tokens"), ("/v1/chat/completions", "max_completion_tokens")):
+        zero = server.http.post(path, json={"model": "gemma", "prompt": "Hi", "messages": MESSAGES, field: 0})
+        assert zero.status_code == 400, zero.text
+        assert zero.json()["error"]["param"] == field
+    # n choices with a seed at the top of its range wrap around instead of failing.
+    wrapped = server.openai.completions.create(
+        model="gemma", prompt="Hi", max_tokens=1, n=2, seed=2**32 - 1, temperature=1.0
+    )
+    assert len(wrapped.choices) == 2
 
 
 def test_unknown_model_is_404(server: Server) -> None:

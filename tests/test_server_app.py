@@ -198,3 +198,23 @@ def test_translator_routers_are_mounted_with_the_chat_call(
     assert body["n_chunks"] >= 2
     assert body["usage_last"] is True
     assert body["count"] > 1
+
+
+def test_the_registry_unloads_before_it_loads(tiny_model_path: Path) -> None:
+    """At most models_max resident, also while the next model loads (peak memory)."""
+    from llama_cpp.server import ModelSettings, ServerSettings
+    from llama_cpp.server.registry import ModelRegistry
+
+    tiny = ModelSettings(path=tiny_model_path, parallel=1, ctx_size=128)
+    registry = ModelRegistry(ServerSettings(models={"a": tiny, "b": tiny}, models_max=1))
+
+    async def main() -> list[list[str]]:
+        seen = []
+        async with registry.lease("a"):
+            seen.append(list(registry.loaded()))
+        async with registry.lease("b"):
+            seen.append(list(registry.loaded()))
+        await registry.close()
+        return seen
+
+    assert asyncio.run(main()) == [["a"], ["b"]]

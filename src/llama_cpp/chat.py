@@ -62,6 +62,8 @@ def schema_for_response_format(response_format: Mapping[str, Any]) -> Mapping[st
     Raises:
         InvalidArgumentError: An unknown type or a missing schema.
     """
+    if not isinstance(response_format, Mapping):
+        raise InvalidArgumentError(f"response_format must be a dict with a 'type', got {response_format!r}")
     kind = response_format.get("type")
     if kind == "text":
         return None
@@ -87,6 +89,8 @@ def _tool_choice(
     LangChain's ``bind_tools(tool_choice="name")`` sends) names a function too."""
     if tool_choice is None:
         return tools, "auto"
+    if not isinstance(tool_choice, str | Mapping):
+        raise InvalidArgumentError(f"tool_choice must be a string or a dict, got {tool_choice!r}")
     if isinstance(tool_choice, str):
         if tool_choice in ("auto", "none", "required"):
             if tool_choice == "required" and not tools:
@@ -120,6 +124,25 @@ def _legacy_functions(
     if isinstance(function_call, Mapping):
         return tools, {"type": "function", "function": {"name": function_call.get("name")}}
     return tools, function_call
+
+
+_REASONING_FORMATS = ("none", "auto", "deepseek", "deepseek-legacy")
+
+
+def _check_choices(
+    reasoning_format: object, parallel_tool_calls: object, template_kwargs: Mapping[str, Any] | None
+) -> None:
+    """Values checked whichever path renders the chat (llama.cpp's templates check them too,
+    but a Python format would pass them by silently)."""
+    if reasoning_format not in _REASONING_FORMATS:
+        raise InvalidArgumentError(
+            f"reasoning_format must be one of {_REASONING_FORMATS}, got {reasoning_format!r}"
+        )
+    if not isinstance(parallel_tool_calls, bool):
+        raise InvalidArgumentError(f"parallel_tool_calls must be a bool, got {parallel_tool_calls!r}")
+    thinking = (template_kwargs or {}).get("enable_thinking")
+    if thinking is not None and not isinstance(thinking, bool):
+        raise InvalidArgumentError(f"enable_thinking must be a bool, got {thinking!r}")
 
 
 def _checked_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[Mapping[str, Any]]:
@@ -338,6 +361,7 @@ class ChatRenderer:
             GrammarError: A ``response_format`` schema llama.cpp cannot convert.
         """
         check_messages(messages)
+        _check_choices(reasoning_format, parallel_tool_calls, template_kwargs)
         if functions or function_call:
             if tools or tool_choice:
                 raise InvalidArgumentError("pass tools/tool_choice or functions/function_call, not both")

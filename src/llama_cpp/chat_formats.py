@@ -8,6 +8,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from llama_cpp.errors import InvalidArgumentError
+
 Message = Mapping[str, Any]
 
 
@@ -28,8 +30,25 @@ ChatFormatter = Callable[..., ChatPrompt]  # (messages, **template_kwargs) -> Ch
 
 
 def _content(message: Message) -> str | None:
+    """A message's text: its string content, or its OpenAI content parts' text joined.
+
+    Raises:
+        InvalidArgumentError: A part that is not text (these formats carry text only).
+    """
     content = message.get("content")
-    return content if isinstance(content, str) else None
+    if content is None or isinstance(content, str):
+        return content
+    texts = []
+    for part in content if isinstance(content, list) else [content]:
+        if not (
+            isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        ):
+            raise InvalidArgumentError(
+                f"this chat format carries text only: content part {part!r} is not "
+                "{'type': 'text', 'text': ...}"
+            )
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def format_llama2(messages: Sequence[Message], **kwargs: Any) -> ChatPrompt:

@@ -204,6 +204,11 @@ class CompletionBuilder:
                 logprobs = self._logprobs.build(piece.logprobs, piece.tokens) if self.logprobs else None
                 if piece.text or piece.tokens:
                     yield self.chunk(piece.text, None, logprobs)
+            if first and self.echo:  # nothing was generated: the prompt is still echoed
+                prompt_logprobs = (
+                    self._prompt_logprobs(token_stream.prompt_logprobs) if self.logprobs else None
+                )
+                yield self.chunk(self.prompt_text, None, prompt_logprobs)
             yield self.chunk("", finish_reason(token_stream.finish_reason))
             if self.include_usage:
                 n_prompt, n_generated = token_stream.n_prompt, len(token_stream.tokens)

@@ -62,7 +62,7 @@ class Llama(FrontEnd):
     Args:
         model_path: Path to a GGUF file.
         config: All of the options below as one :class:`LlamaConfig`; keywords passed
-            besides it (with other than their default values) win over it.
+            besides it are set over it (a keyword set to its default value wins too).
         n_gpu_layers: Layers to offload to the GPU (-1: all).
         split_mode: How to split over several GPUs (0 none, 1 layer, 2 row).
         main_gpu: GPU for the whole model when ``split_mode`` is 0.

@@ -78,6 +78,10 @@ CHAT_KEYWORDS = frozenset(
     }
 )
 
+#: llama-cpp-python keywords of samplers that llama.cpp removed, and the value that turns each
+#: off: accepted at that value (llama-cpp-python passes it by default), refused at any other.
+REMOVED_KEYWORDS: Mapping[str, object] = {"tfs_z": 1.0}
+
 #: Where a chat request's defaults differ from a completion's (llama-cpp-python's).
 _CHAT_DEFAULTS: Mapping[str, Any] = {"temperature": 0.2, "max_tokens": None}
 
@@ -227,7 +231,13 @@ class RequestBuilder:
                 fill-in-the-middle tokens (or with both ``echo`` and ``logprobs``), a seed out
                 of range.
         """
-        check_keywords(where, keywords, COMPLETION_KEYWORDS | SAMPLING_KEYWORDS)
+        check_keywords(where, keywords, COMPLETION_KEYWORDS | SAMPLING_KEYWORDS | REMOVED_KEYWORDS.keys())
+        for name, off in REMOVED_KEYWORDS.items():
+            if name in keywords and keywords[name] != off:
+                raise InvalidArgumentError(
+                    f"{name}={keywords[name]!r}: this sampler was removed from llama.cpp; only {off!r} (off) "
+                    "is accepted"
+                )
         sampling = {k: v for k, v in keywords.items() if k in SAMPLING_KEYWORDS}
         suffix = keywords.get("suffix")
         echo = bool(keywords.get("echo", False))
@@ -276,7 +286,7 @@ class RequestBuilder:
             InvalidArgumentError: Malformed messages, tools or values.
             GrammarError: A ``response_format`` schema llama.cpp cannot convert.
         """
-        check_keywords(where, keywords, CHAT_KEYWORDS | SAMPLING_KEYWORDS)
+        check_keywords(where, keywords, CHAT_KEYWORDS | SAMPLING_KEYWORDS | REMOVED_KEYWORDS.keys())
         given = {**_CHAT_DEFAULTS, **keywords}
         variables = dict(given.pop("chat_template_kwargs", None) or {})
         if "reasoning_effort" in given:
@@ -294,7 +304,7 @@ class RequestBuilder:
             tool_choice=given.pop("tool_choice", None),
             response_format=given.pop("response_format", None),
             grammar=grammar,
-            parallel_tool_calls=bool(given.pop("parallel_tool_calls", False)),
+            parallel_tool_calls=given.pop("parallel_tool_calls", False),
             reasoning_format=given.pop("reasoning_format", "auto"),
             template_kwargs=variables,
         )

@@ -175,6 +175,7 @@ class ModelRegistry:
             if resident is None:
                 spec = self.table[name]
                 options = self._options(spec)
+                await self._evict(room_for=1)  # unload first: at most models_max resident
                 _log.info("loading %s from %s", name, spec.path)
                 model: LlamaPool | Reranker
                 if spec.kind == "reranker":
@@ -246,8 +247,10 @@ class ModelRegistry:
             resident.users -= 1
             await self._evict()
 
-    async def _evict(self) -> None:
-        while len(self._resident) > self.settings.models_max:
+    async def _evict(self, room_for: int = 0) -> None:
+        """Close least recently used idle models until ``room_for`` more fit in ``models_max``
+        (models in use are never closed: their excess goes when they are released)."""
+        while len(self._resident) + room_for > self.settings.models_max:
             idle = next((a for a, r in self._resident.items() if r.users == 0), None)
             if idle is None:
                 return

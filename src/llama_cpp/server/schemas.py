@@ -68,7 +68,7 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, description="Choices to generate, at most the server's parallel slots")
-    max_tokens: int | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, ge=0, le=1)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -124,7 +124,7 @@ class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
     messages: list[dict[str, Any]] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=0, description="Wins over max_tokens")
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="Wins over max_tokens")
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -160,7 +160,7 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
     echo: bool | None = None
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    max_tokens: int | None = Field(default=None, ge=0, description="16 (or the server's limit) if absent")
+    max_tokens: int | None = Field(default=None, ge=1, description="16 (or the server's limit) if absent")
 
     def keywords(self) -> dict[str, Any]:
         out = super().keywords()

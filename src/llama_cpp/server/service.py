@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, cast
@@ -44,10 +44,11 @@ _END = _End()
 
 
 def _seeded(keywords: Mapping[str, Any], n: int) -> list[dict[str, Any]]:
-    """The keywords of each of ``n`` choices: choice i samples with ``seed + i``."""
+    """The keywords of each of ``n`` choices: choice i samples with ``seed + i`` (mod 2**32)."""
     seed = keywords.get("seed")
     return [
-        {**keywords, "seed": seed + i} if isinstance(seed, int) and i else dict(keywords) for i in range(n)
+        {**keywords, "seed": (seed + i) % 2**32} if isinstance(seed, int) and i else dict(keywords)
+        for i in range(n)
     ]
 
 
@@ -278,7 +279,16 @@ class Service:
             timer.finish(None)
             await exits.aclose()
             raise
-        return self._stream(streams, answer_id, timer, exits, include_usage=include_usage, n=n, top_n=top_n)
+        chunks = self._stream(streams, answer_id, timer, exits, include_usage=include_usage, n=n, top_n=top_n)
+
+        async def unstarted() -> None:
+            # The answer is dropped before its first chunk: _stream's own finally never ran.
+            timer.finish(None)
+            for s in streams:
+                await s.aclose()  # type: ignore[attr-defined]  # AsyncStream
+            await exits.aclose()
+
+        return _Answer(chunks, unstarted)
 
     def _merge(
         self, answers: list[Chunk], answer_id: str, timer: RequestTimer, n: int, top_n: int | None
@@ -304,7 +314,7 @@ class Service:
         include_usage: bool,
         n: int,
         top_n: int | None,
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         usages: dict[int, Mapping[str, Any]] = {}
         roles: dict[int, str] = {}
         template: Chunk | None = None
@@ -348,6 +358,31 @@ class Service:
             for s in streams:
                 await s.aclose()  # type: ignore[attr-defined]  # AsyncStream: cancels if unfinished
             await exits.aclose()
+
+
+class _Answer(AsyncIterator[Chunk]):
+    """A streamed answer whose ``aclose()`` releases everything (streams, the model's lease,
+    the timer) whether or not its iteration began: closing an async generator that never
+    started does not run its ``finally``."""
+
+    def __init__(self, chunks: AsyncGenerator[Chunk, None], unstarted: Callable[[], Awaitable[None]]) -> None:
+        self._chunks = chunks
+        self._unstarted: Callable[[], Awaitable[None]] | None = unstarted
+
+    def __aiter__(self) -> _Answer:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        self._unstarted = None
+        return await self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        unstarted, self._unstarted = self._unstarted, None
+        if unstarted is not None:
+            await self._chunks.aclose()
+            await unstarted()
+        else:
+            await self._chunks.aclose()
 
 
 async def _gather(calls: Sequence[Awaitable[Any]]) -> list[Any]:

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from llama_cpp.server.chat_call import ChatCall, CountTokens
 from llama_cpp.server.errors import APIError, from_library_error
-from llama_cpp.server.protocols import Lenient, events_then_close, new_id, protocol_route, sse_event, text_of
+from llama_cpp.server.protocols import Lenient, SSEResponse, new_id, protocol_route, sse_event, text_of
 
 __all__ = [
     "AnthropicAPIError",
@@ -451,15 +451,7 @@ def anthropic_router(chat: ChatCall, count_tokens: CountTokens) -> APIRouter:
         answer = await chat(body.model, chat_messages_, keywords, body.stream)
         if isinstance(answer, dict):
             return message_response(answer, body.model)
-        close = getattr(answer, "aclose", None)
-
-        async def closed() -> None:
-            if close is not None:
-                await close()
-
-        return StreamingResponse(
-            events_then_close(_sse(answer, body.model or ""), closed), media_type="text/event-stream"
-        )
+        return SSEResponse(_sse(answer, body.model or ""), answer)
 
     @router.post("/v1/messages/count_tokens")
     async def count(body: CountTokensRequest) -> dict[str, int]:

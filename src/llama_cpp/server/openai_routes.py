@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from llama_cpp.errors import LlamaError
 from llama_cpp.server.errors import APIError, from_library_error
+from llama_cpp.server.protocols import SSEResponse
 from llama_cpp.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from llama_cpp.server.service import Service
 
@@ -49,30 +49,11 @@ async def _events(chunks: AsyncIterator[dict[str, Any]], done: bool) -> AsyncIte
         yield b"data: [DONE]\n\n"
 
 
-class _EventStream(StreamingResponse):
-    """A streamed answer that closes its chunks however the response ends: a client that is
-    gone before the first chunk never starts the generator, whose ``finally`` would not run."""
-
-    def __init__(self, chunks: AsyncIterator[dict[str, Any]], done: bool) -> None:
-        super().__init__(
-            _events(chunks, done),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        self._chunks = chunks
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._chunks.aclose()  # type: ignore[attr-defined]  # an async generator: idempotent
-
-
 def sse(chunks: AsyncIterator[dict[str, Any]], *, done: bool = True) -> StreamingResponse:
     """A Server-Sent Events answer of ``chunks``, ending with ``data: [DONE]`` (unless
     ``done`` is False: llama-server's own routes send none); ``chunks`` (an async generator)
     is closed when the answer ends, completed or not."""
-    return _EventStream(chunks, done)
+    return SSEResponse(_events(chunks, done), chunks)
 
 
 def _answer(result: dict[str, Any] | AsyncIterator[dict[str, Any]]) -> Response:

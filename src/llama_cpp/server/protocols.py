@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict
+from starlette.types import Receive, Scope, Send
 
 from llama_cpp.errors import LlamaError
 from llama_cpp.server.errors import APIError, from_library_error
@@ -109,13 +111,21 @@ def _validation_message(errors: Iterable[Any]) -> str:
     return "; ".join(parts) or "invalid request body"
 
 
-async def events_then_close(
-    events: AsyncIterator[str], close: Callable[[], Awaitable[None]]
-) -> AsyncIterator[str]:
-    """``events``, then ``close()`` however the response ends (a client that disconnects
-    closes the chat stream, which stops the generation at once)."""
-    try:
-        async for event in events:
-            yield event
-    finally:
-        await close()
+class SSEResponse(StreamingResponse):
+    """A protocol's Server-Sent Events over a chat stream (``answer``), which is closed however
+    the response ends: completed, failed, or a client gone (before the first event too, when
+    the events' generator never started and its own ``finally`` would not run). Closing the
+    chat stream stops the generation at once."""
+
+    def __init__(self, events: AsyncIterator[str] | AsyncIterator[bytes], answer: object) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self._answer = answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self._answer, "aclose", None)
+            if close is not None:
+                await close()  # idempotent

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from llama_cpp.server.chat_call import ChatCall, CountTokens
 from llama_cpp.server.errors import APIError, from_library_error
-from llama_cpp.server.protocols import Lenient, events_then_close, new_id, protocol_route, sse_event, text_of
+from llama_cpp.server.protocols import Lenient, SSEResponse, new_id, protocol_route, sse_event, text_of
 
 __all__ = ["EventStream", "ResponsesRequest", "chat_request", "response_object", "responses_router"]
 
@@ -492,14 +492,6 @@ def responses_router(chat: ChatCall, count_tokens: CountTokens) -> APIRouter:
         model = body.model or ""
         if isinstance(answer, dict):
             return response_object(answer, request, model or None)
-        close = getattr(answer, "aclose", None)
-
-        async def closed() -> None:
-            if close is not None:
-                await close()
-
-        return StreamingResponse(
-            events_then_close(_sse(answer, request, model), closed), media_type="text/event-stream"
-        )
+        return SSEResponse(_sse(answer, request, model), answer)
 
     return router

@@ -20,6 +20,7 @@ from llama_cpp.testing.tiny_models import (
     write_tiny_lora,
     write_tiny_reranker,
 )
+from llama_cpp.testing.tiny_moe import TinyMoeSpec, tiny_moe_experts, write_tiny_moe
 
 __all__ = [
     "BOS_ID",
@@ -31,10 +32,13 @@ __all__ = [
     "SEP_ID",
     "SPACE_ID",
     "TinyModelSpec",
+    "TinyMoeSpec",
     "TinyRerankerSpec",
     "byte_token",
+    "tiny_moe_experts",
     "tiny_reranker_scores",
     "write_tiny_llama",
     "write_tiny_lora",
+    "write_tiny_moe",
     "write_tiny_reranker",
 ]

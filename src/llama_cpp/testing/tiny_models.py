@@ -128,7 +128,8 @@ class TinyModelSpec:
         return self.successors.get(token, self.default_successor)
 
 
-def _vocabulary(*, fim: bool = False) -> tuple[list[bytes], list[float], list[int]]:
+def tiny_vocabulary(*, fim: bool = False) -> tuple[list[bytes], list[float], list[int]]:
+    """The tiny models' tokens, scores and token types (see the module docstring)."""
     import gguf
 
     tokens = (
@@ -201,7 +202,7 @@ def write_tiny_llama(path: str | os.PathLike[str], spec: TinyModelSpec | None = 
     writer.add_rope_dimension_count(spec.n_embd // spec.n_head)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-    tokens, scores, types = _vocabulary(fim=spec.fim)
+    tokens, scores, types = tiny_vocabulary(fim=spec.fim)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
@@ -373,7 +374,7 @@ def write_tiny_reranker(path: str | os.PathLike[str], spec: TinyRerankerSpec | N
     writer.add_pooling_type(gguf.PoolingType.RANK)
     writer.add_classifier_output_labels(list(spec.labels))
     writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-    tokens, scores, types = _vocabulary()
+    tokens, scores, types = tiny_vocabulary()
     writer.add_tokenizer_model("llama")
     writer.add_token_list([*tokens, b"[SEP]"])
     writer.add_token_scores([*scores, 0.0])

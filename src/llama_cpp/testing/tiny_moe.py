@@ -1,0 +1,155 @@
+"""A tiny Mixture-of-Experts GGUF model whose expert routing is known exactly.
+
+:func:`write_tiny_moe` writes the tiny llama of :mod:`llama_cpp.testing.tiny_models` (the
+same vocabulary and successor table) with a Mixtral-style MoE feed-forward block in every
+layer: a router ``ffn_gate_inp`` of seeded random weights, ``n_expert`` experts of which
+``n_expert_used`` run per token. With ``expert_scale=0`` (the default) the experts' weights
+are zero, so the residual stream stays the one-hot embedding of the current token in every
+layer: the router then picks, in layer ``l`` for token ``t``, the ``n_expert_used`` experts
+with the largest weights in column ``t`` of that layer's router, which
+:func:`tiny_moe_experts` computes in numpy. Greedy decoding walks the successor table as the
+dense tiny llama does. With ``expert_scale > 0`` the experts have random weights of that
+scale: outputs then depend on the experts' computation (for placement and RPC tests), and
+only the first layer's routing is known in advance.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from llama_cpp.testing.tiny_models import (
+    BOS_ID,
+    EOS_ID,
+    EOT_ID,
+    UNK_ID,
+    TinyModelSpec,
+    tiny_vocabulary,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TinyMoeSpec(TinyModelSpec):
+    """Shape and behaviour of a tiny MoE model (:class:`TinyModelSpec`'s fields, plus these).
+
+    Attributes:
+        n_expert: Experts per layer.
+        n_expert_used: Experts each token is routed to (top-k).
+        expert_scale: Standard deviation of the experts' random weights; 0 keeps the
+            residual stream one-hot and the routing exactly known.
+        router_seed: Seed of the routers' (and experts') random weights.
+    """
+
+    n_layer: int = 4
+    n_ff: int = 32
+    n_expert: int = 8
+    n_expert_used: int = 2
+    expert_scale: float = 0.0
+    router_seed: int = 0
+    name: str = "tiny-successor-moe"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n_expert_used <= self.n_expert:
+            raise ValueError(f"n_expert_used must be in 1..{self.n_expert}, got {self.n_expert_used}")
+
+
+def _routers(spec: TinyMoeSpec) -> npt.NDArray[np.float32]:
+    """Router weights, shape ``(n_layer, n_expert, n_embd)``."""
+    rng = np.random.default_rng(spec.router_seed)
+    return rng.normal(0.0, 1.0, size=(spec.n_layer, spec.n_expert, spec.n_embd)).astype(np.float32)
+
+
+def tiny_moe_experts(token: int, spec: TinyMoeSpec | None = None) -> list[set[int]]:
+    """The experts each layer routes ``token`` to (a set per layer), for ``expert_scale=0``.
+
+    The residual stream is then one-hot at every layer, and RMS normalisation scales it by
+    a positive constant, so the router's logits are column ``token`` of its weights (times
+    that constant) and the top-k are the largest entries of that column.
+    """
+    spec = spec or TinyMoeSpec()
+    if spec.expert_scale != 0:
+        raise ValueError("routing is known in advance only with expert_scale=0")
+    columns = _routers(spec)[:, :, token]
+    return [{int(e) for e in np.argsort(-column)[: spec.n_expert_used]} for column in columns]
+
+
+def _tensors(spec: TinyMoeSpec) -> dict[str, Any]:
+    n_vocab, n_embd, n_ff, n_expert = spec.n_vocab, spec.n_embd, spec.n_ff, spec.n_expert
+    embedding = np.zeros((n_vocab, n_embd), dtype=np.float32)
+    embedding[np.arange(n_vocab), np.arange(n_vocab)] = 1.0
+    output = np.zeros((n_vocab, n_embd), dtype=np.float32)
+    for token in range(n_vocab):
+        output[spec.successor(token), token] = spec.logit_scale
+    tensors: dict[str, Any] = {
+        "token_embd.weight": embedding,
+        "output_norm.weight": np.ones(n_embd, dtype=np.float32),
+        "output.weight": output,
+    }
+    routers = _routers(spec)
+    rng = np.random.default_rng(spec.router_seed + 1)
+
+    def experts(*shape: int) -> npt.NDArray[np.float32]:
+        if spec.expert_scale == 0:
+            return np.zeros(shape, dtype=np.float32)
+        return rng.normal(0.0, spec.expert_scale, size=shape).astype(np.float32)
+
+    for layer in range(spec.n_layer):
+        blk = f"blk.{layer}"
+        tensors[f"{blk}.attn_norm.weight"] = np.ones(n_embd, dtype=np.float32)
+        tensors[f"{blk}.ffn_norm.weight"] = np.ones(n_embd, dtype=np.float32)
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            tensors[f"{blk}.{name}.weight"] = np.zeros((n_embd, n_embd), dtype=np.float32)
+        # numpy shapes are ggml's dimensions reversed: ffn_gate_exps is {n_embd, n_ff, n_expert}.
+        tensors[f"{blk}.ffn_gate_inp.weight"] = routers[layer]
+        tensors[f"{blk}.ffn_gate_exps.weight"] = experts(n_expert, n_ff, n_embd)
+        tensors[f"{blk}.ffn_up_exps.weight"] = experts(n_expert, n_ff, n_embd)
+        tensors[f"{blk}.ffn_down_exps.weight"] = experts(n_expert, n_embd, n_ff)
+    return tensors
+
+
+def write_tiny_moe(path: str | os.PathLike[str], spec: TinyMoeSpec | None = None) -> Path:
+    """Write a tiny MoE GGUF model (llama architecture, Mixtral-style experts) to ``path``.
+
+    See the module docstring for what it computes; :func:`tiny_moe_experts` gives its routing.
+    """
+    import gguf
+
+    spec = spec or TinyMoeSpec()
+    target = Path(path)
+    writer = gguf.GGUFWriter(str(target), "llama")
+    writer.add_name(spec.name)
+    writer.add_context_length(spec.context_length)
+    writer.add_embedding_length(spec.n_embd)
+    writer.add_block_count(spec.n_layer)
+    writer.add_feed_forward_length(spec.n_ff)
+    writer.add_head_count(spec.n_head)
+    writer.add_head_count_kv(spec.n_head)
+    writer.add_rope_dimension_count(spec.n_embd // spec.n_head)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_expert_count(spec.n_expert)
+    writer.add_expert_used_count(spec.n_expert_used)
+    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    tokens, scores, types = tiny_vocabulary(fim=spec.fim)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(UNK_ID)
+    writer.add_bos_token_id(BOS_ID)
+    writer.add_eos_token_id(EOS_ID)
+    writer.add_eot_token_id(EOT_ID)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(spec.add_space_prefix)
+    for name, array in _tensors(spec).items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target

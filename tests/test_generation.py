@@ -71,12 +71,21 @@ def test_stop_string_spanning_tokens_is_cut_and_not_returned(tiny: Llama) -> Non
     completion = tiny.complete("A", max_tokens=100, sampling=GREEDY, stop=["😀"])
     assert completion.text == "é"
     assert completion.finish_reason == "stop"
+    assert completion.stop_sequence == "😀"
 
 
 def test_earliest_of_several_stop_strings_wins(tiny: Llama) -> None:
     completion = tiny.complete("a", max_tokens=100, sampling=GREEDY, stop=["xyz", "klm", "q"])
     assert completion.text == "bcdefghij"
     assert completion.finish_reason == "stop"
+    assert completion.stop_sequence == "klm"
+    # The stop string found first in the text is reported, not the one listed first.
+    assert tiny.complete("a", max_tokens=100, sampling=GREEDY, stop=["k", "jk"]).stop_sequence == "jk"
+
+
+def test_stop_sequence_is_none_unless_a_stop_string_ended_it(tiny: Llama) -> None:
+    assert tiny.complete("A", max_tokens=100, sampling=GREEDY, stop=["zz"]).stop_sequence is None  # EOS
+    assert tiny.complete("a", max_tokens=3, sampling=GREEDY, stop=["zz"]).stop_sequence is None  # length
 
 
 def test_a_stop_prefix_that_does_not_complete_is_released(tiny: Llama) -> None:

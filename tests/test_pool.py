@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,35 @@ def test_a_cancelled_stream_frees_its_slot(tiny_model_path: Path) -> None:
         # It ended at the scheduler's next step: nothing was sampled after the cancellation.
         assert gate.calls == 3
         assert pool.stats().n_busy == 0
+
+
+@pytest.mark.timeout(60)
+def test_the_engine_measures_the_wait_for_a_slot_and_the_tokens_it_holds(tiny_model_path: Path) -> None:
+    with (
+        LlamaPool(tiny_model_path, pool_size=1, n_ctx=256, n_batch=64, verbose=False) as pool,
+        TokenGate(at=2) as gate,
+    ):
+        first = pool.create_completion(
+            "a", max_tokens=4, temperature=0, stream=True, logits_processor=gate.logits_processor
+        )
+        held = threading.Thread(target=lambda: list(first))
+        held.start()
+        assert gate.reached.wait(30)
+        waiting = pool.submit("B", max_tokens=8, sampling=GREEDY)
+        queued = waiting.queue_seconds
+        assert queued is None  # still queued
+        time.sleep(0.3)
+        gate.open()
+        held.join(30)
+        assert drain(waiting) == "!"
+        assert waiting.queue_seconds is not None
+        assert waiting.queue_seconds >= 0.3
+        stats = pool.stats()
+        assert stats.queue_time_buckets[-1] == (float("inf"), 2)
+        assert dict(stats.queue_time_buckets)[0.25] <= 1  # the second waited longer than 0.25 s
+        assert stats.queue_time_sum >= 0.3
+        # Finished requests leave their tokens cached: "B" + "!" in the only sequence (BOS, B, !).
+        assert stats.n_cached_tokens == 3
 
 
 @pytest.mark.timeout(60)

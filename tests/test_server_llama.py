@@ -189,10 +189,13 @@ def test_infill_fills_the_middle(server: Server, fim_path: Path) -> None:
         "tokens_evaluated": AB_CD_TOKENS,
         "tokens_reused": answer.json()["tokens_reused"],
         "stop_type": "eos",
+        "stopping_word": "",
         "truncated": False,
     }
     limited = server.http.post("/infill", json={**body, "n_predict": 2}).json()
     assert (limited["content"], limited["stop_type"], limited["tokens_predicted"]) == ("XY", "limit", 2)
+    worded = server.http.post("/infill", json={**body, "stop": ["Z", "YZ"]}).json()
+    assert (worded["content"], worded["stop_type"], worded["stopping_word"]) == ("X", "word", "YZ")
     assert server.http.post("/infill", json={**body, "max_tokens": 1}).json()["content"] == "X"
     # `prompt` continues the prefix (llama-server puts its tokens right after the prefix's).
     split = server.http.post("/infill", json={**body, "input_prefix": "a", "prompt": "b"}).json()
@@ -205,8 +208,12 @@ def test_infill_streams_one_token_per_event_without_done(server: Server) -> None
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         chunks = list(events(response.iter_lines(), done=False))
-    assert [c["content"] for c in chunks] == ["X", "Y", "Z", ""]
-    assert [c["stop"] for c in chunks] == [False, False, False, True]
+    # One token per event, except that tokens generated while the client was not reading
+    # (a loaded machine) come together.
+    assert "".join(c["content"] for c in chunks) == "XYZ"
+    assert chunks[-1]["content"] == ""
+    assert [c["stop"] for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert all(chunk["content"] for chunk in chunks[:-1])
     assert chunks[-1]["tokens_predicted"] == 3
     assert chunks[-1]["tokens_evaluated"] == AB_CD_TOKENS
     assert chunks[-1]["stop_type"] == "eos"
@@ -227,7 +234,7 @@ def test_infill_events_close_the_generation_even_unstarted() -> None:
         async def aclose(self) -> None:
             closed.append("chunks")
 
-    asyncio.run(_InfillEvents(Chunks(), None).aclose())
+    asyncio.run(_InfillEvents(Chunks()).aclose())
     assert closed == ["chunks"]
 
 
@@ -260,7 +267,7 @@ def test_infill_refuses_models_without_fim_tokens_and_bad_bodies(server: Server)
 # -- metrics: queue time, KV cache, prefix cache ----------------------------------------------
 
 
-def test_metrics_report_time_to_engine_kv_capacity_and_prefix_hits(server: Server) -> None:
+def test_metrics_report_time_to_engine_queue_time_kv_use_and_prefix_hits(server: Server) -> None:
     before = server.metrics()
     usages = []
     for _ in range(2):  # the same prompt twice: the second starts with the first's cached prefix
@@ -287,6 +294,13 @@ def test_metrics_report_time_to_engine_kv_capacity_and_prefix_hits(server: Serve
     assert delta("llamacpp_prefix_cache_hits_total{model=gemma}") == sum(1 for c in cached if c)
     assert delta("llamacpp_prompt_tokens_cached_total{model=gemma}") == sum(cached)
     assert after["llamacpp_kv_cache_capacity_tokens{model=gemma}"] == 2 * 1024
+    # The finished requests' tokens stay cached for the next prompt that starts the same way.
+    assert 0 < after["llamacpp_kv_cache_tokens{model=gemma}"] <= 2 * 1024
+    # Every request waited for a slot (none here: a slot was free each time), as the engine saw it.
+    assert delta("llamacpp_queue_time_seconds_count{model=gemma}") == 3
+    assert delta("llamacpp_queue_time_seconds_bucket{le=+Inf,model=gemma}") == 3
+    assert delta("llamacpp_queue_time_seconds_bucket{le=2.5,model=gemma}") == 3
+    assert 0 <= delta("llamacpp_queue_time_seconds_sum{model=gemma}") < 7.5
     assert after["llamacpp_busy_slots{model=gemma}"] == 0
     # A reranker has no slots: it is not among the pools' gauges.
     assert not any("model=reranker" in k and k.startswith("llamacpp_slots") for k in after)

@@ -666,6 +666,28 @@ def test_anthropic_messages_create(claude: anthropic.Anthropic) -> None:
     assert counted.input_tokens == message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0)
 
 
+def test_anthropic_stop_sequence_is_reported(claude: anthropic.Anthropic) -> None:
+    free = claude.messages.create(model="gemma", max_tokens=8, messages=PROMPT, extra_body={"temperature": 0})
+    assert free.content[0].type == "text"
+    words = free.content[0].text.split()
+    assert len(words) >= 2, free.content[0].text
+    stop = words[1]  # the answer's second word: it ends the answer before that word
+    message = claude.messages.create(
+        model="gemma", max_tokens=8, messages=PROMPT, stop_sequences=[stop], extra_body={"temperature": 0}
+    )
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", stop)
+    with claude.messages.stream(
+        model="gemma", max_tokens=8, messages=PROMPT, stop_sequences=[stop], extra_body={"temperature": 0}
+    ) as stream:
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", stop)
+    streamed, created = final.content[0], message.content[0]
+    assert streamed.type == "text"
+    assert created.type == "text"
+    assert streamed.text == created.text
+    assert stop not in streamed.text
+
+
 def test_anthropic_messages_stream(claude: anthropic.Anthropic) -> None:
     with claude.messages.stream(
         model="gemma", max_tokens=8, messages=PROMPT, extra_body={"temperature": 0}

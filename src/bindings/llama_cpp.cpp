@@ -52,6 +52,7 @@
 #endif
 #include <cstring>
 #include <iterator>
+#include <limits>
 #include <memory>
 #include <map>
 #include <numeric>
@@ -2007,13 +2008,17 @@ class StopMatcher {
     }
 
     // Appends `text`; returns what can be released. Sets `stopped` when a stop string is found
-    // (the returned text then ends right before it).
+    // (the returned text then ends right before it, and matched() is that string: the one
+    // found first in the text, the longest of those starting there).
     std::string push(const std::string &text, bool &stopped) {
         held_ += text;
         size_t first = std::string::npos;
         for (const auto &stop : stops_) {
             size_t pos = held_.find(stop);
-            if (pos < first) first = pos;
+            if (pos < first || (pos == first && pos != std::string::npos && stop.size() > matched_.size())) {
+                first = pos;
+                matched_ = stop;
+            }
         }
         if (first != std::string::npos) {
             stopped = true;
@@ -2042,15 +2047,18 @@ class StopMatcher {
         return out;
     }
 
+    // The stop string that ended the text, once push() has reported one.
+    const std::string &matched() const { return matched_; }
+
   private:
     std::vector<std::string> stops_;
     std::string held_;
+    std::string matched_;
 };
 
 // The end of a generation: the decoder's last bytes, through the stop strings, then whatever
 // the matcher still holds (unless a stop string completed).
-std::string flush_text(StopMatcher &stop, Utf8Decoder &decoder) {
-    bool stopped = false;
+std::string flush_text(StopMatcher &stop, Utf8Decoder &decoder, bool &stopped) {
     std::string out = stop.push(decoder.flush(), stopped);
     return stopped ? out : out + stop.flush();
 }
@@ -2357,6 +2365,7 @@ class SequenceDecoder {
         chunk.text += stop_.push(utf8_.push(options_.piece(vocab_, token)), stopped);
         if (stopped) {
             finish_reason_ = "stop";  // the text ends right before the stop string
+            stop_sequence_ = stop_.matched();
             return false;
         }
         if (options_.hooks) {
@@ -2375,13 +2384,17 @@ class SequenceDecoder {
 
     bool finished() const { return !finish_reason_.empty(); }
     const std::string &finish_reason() const { return finish_reason_; }
+    // The stop string that ended the generation (finish reason "stop"), if one did.
+    const std::optional<std::string> &stop_sequence() const { return stop_sequence_; }
     const std::vector<llama_token> &generated() const { return generated_; }
     const GenerateOptions &options() const { return options_; }
 
   private:
     bool finish(const std::string &reason, Chunk &chunk) {
-        chunk.text += flush_text(stop_, utf8_);
-        finish_reason_ = reason;
+        bool stopped = false;
+        chunk.text += flush_text(stop_, utf8_, stopped);
+        finish_reason_ = stopped ? "stop" : reason;
+        if (stopped) stop_sequence_ = stop_.matched();
         return false;
     }
 
@@ -2428,6 +2441,7 @@ class SequenceDecoder {
     std::vector<llama_token> generated_;
     std::vector<llama_token> history_;  // prompt + generated, for the Python hooks
     std::string finish_reason_;
+    std::optional<std::string> stop_sequence_;
 };
 
 void bind_decoding(nb::module_ &m) {
@@ -3430,6 +3444,7 @@ struct GenerationResult {
     std::string text;
     std::vector<llama_token> tokens;
     std::string finish_reason;
+    std::optional<std::string> stop_sequence;  // the stop string that ended it, if one did
     int32_t n_prompt = 0;
     int32_t n_reused = 0;
     std::vector<TokenLogprob> logprobs;         // one per generated token, if asked for
@@ -3448,6 +3463,7 @@ class Generation {
 
     bool finished() const { return decoder_.finished(); }
     const std::string &finish_reason() const { return decoder_.finish_reason(); }
+    const std::optional<std::string> &stop_sequence() const { return decoder_.stop_sequence(); }
     int32_t n_prompt() const { return static_cast<int32_t>(prompt_.size()); }
     int32_t n_reused() const { return static_cast<int32_t>(n_reused_); }
     const std::vector<llama_token> &generated() const { return decoder_.generated(); }
@@ -3517,6 +3533,7 @@ GenerationResult generate(Context &self, const std::vector<llama_token> &prompt,
     result.logprobs = std::move(all.logprobs);
     result.tokens = gen.generated();
     result.finish_reason = gen.finish_reason();
+    result.stop_sequence = gen.stop_sequence();
     result.n_prompt = gen.n_prompt();
     result.n_reused = gen.n_reused();
     result.prompt_logprobs = gen.prompt_logprobs();
@@ -3573,7 +3590,10 @@ class TokenStream {
             tokens_.insert(tokens_.end(), chunk->tokens.begin(), chunk->tokens.end());
             n_reused_ = gen_.n_reused();
             if (prompt_logprobs_.empty()) prompt_logprobs_ = gen_.prompt_logprobs();
-            if (gen_.finished()) finish_reason_ = gen_.finish_reason();
+            if (gen_.finished()) {
+                finish_reason_ = gen_.finish_reason();
+                stop_sequence_ = gen_.stop_sequence();
+            }
         }
         end_step(gen_.finished());
         return chunk;
@@ -3592,6 +3612,10 @@ class TokenStream {
     std::optional<std::string> finish_reason() const {
         std::lock_guard<std::mutex> lock(record_mutex_);
         return finish_reason_;
+    }
+    std::optional<std::string> stop_sequence() const {
+        std::lock_guard<std::mutex> lock(record_mutex_);
+        return stop_sequence_;
     }
     std::vector<llama_token> tokens() const {
         std::lock_guard<std::mutex> lock(record_mutex_);
@@ -3634,6 +3658,7 @@ class TokenStream {
     int32_t n_reused_ = 0;
     std::vector<TokenLogprob> prompt_logprobs_;
     std::optional<std::string> finish_reason_;
+    std::optional<std::string> stop_sequence_;
 };
 
 
@@ -3642,6 +3667,7 @@ void bind_generation(nb::module_ &m) {
         .def_ro("text", &GenerationResult::text)
         .def_ro("tokens", &GenerationResult::tokens)
         .def_ro("finish_reason", &GenerationResult::finish_reason, "'stop' or 'length'.")
+        .def_ro("stop_sequence", &GenerationResult::stop_sequence, "The stop string that ended it, if one did.")
         .def_ro("n_prompt", &GenerationResult::n_prompt)
         .def_ro("n_reused", &GenerationResult::n_reused, "Prompt tokens served from the cache.")
         .def_ro("logprobs", &GenerationResult::logprobs)
@@ -3653,6 +3679,10 @@ void bind_generation(nb::module_ &m) {
         .def("cancel", &TokenStream::cancel, "Stop at the next token (next() then raises GenerationCancelled).")
         .def("close", &TokenStream::close, "Stop early and give the context back; later next() calls return None.")
         .def_prop_ro("finish_reason", &TokenStream::finish_reason)
+        .def_prop_ro("stop_sequence", &TokenStream::stop_sequence, "The stop string that ended it, if one did.")
+        .def_prop_ro(
+            "queue_seconds", [](const TokenStream &) { return std::optional<double>(); },
+            "None: a context has no queue (a pool's stream says how long it waited for a slot).")
         .def_prop_ro("tokens", &TokenStream::tokens, "The tokens generated so far.")
         .def_prop_ro("n_prompt", &TokenStream::n_prompt)
         .def_prop_ro("n_reused", &TokenStream::n_reused, "Prompt tokens served from the cache.")
@@ -3710,7 +3740,16 @@ struct EngineStats {
     int64_t n_prompt_evaluated = 0;  // prompt tokens decoded
     int64_t n_prompt_reused = 0;     // prompt tokens served from a cached or copied prefix
     int64_t n_generated = 0;         // tokens sampled
+    int64_t n_cached_tokens = 0;     // tokens the sequences hold now (a shared prefix counts in each)
+    // Waits for a slot of the requests admitted so far: (upper bound in seconds, requests
+    // that waited at most that long), cumulative as a Prometheus histogram's buckets, +inf last.
+    std::vector<std::pair<double, int64_t>> queue_time_buckets;
+    double queue_time_sum = 0.0;  // seconds, all admitted requests together
 };
+
+// Bucket bounds of EngineStats::queue_time_buckets (seconds), the server's latency buckets.
+constexpr std::array<double, 14> kQueueTimeBounds = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                                     1.0,   2.5,  5.0,   10.0, 30.0, 60.0, 120.0};
 
 // One request: what the scheduler needs to run it, and the output its reader waits for.
 struct EngineRequest {
@@ -3727,8 +3766,12 @@ struct EngineRequest {
     std::vector<TokenLogprob> prompt_logprobs;  // set once the prompt is evaluated, if asked for
     bool done = false;
     std::string finish_reason;
+    std::optional<std::string> stop_sequence;
     std::exception_ptr error;
     int32_t n_reused = 0;
+    // Submission, and admission to a slot (the scheduler sets it): the wait in the queue.
+    const std::chrono::steady_clock::time_point submitted = std::chrono::steady_clock::now();
+    std::optional<std::chrono::steady_clock::time_point> admitted;
 
     EngineRequest(std::vector<llama_token> p, const SamplerConfig &sampling, GenerateOptions options, LoraSet l)
         : prompt(std::move(p)), cancellation(options.cancellation), decoder(sampling, std::move(options)),
@@ -3750,6 +3793,7 @@ struct EngineRequest {
         if (done) return;
         done = true;
         finish_reason = reason;
+        if (!failure) stop_sequence = decoder.stop_sequence();
         error = std::move(failure);
         changed.notify_all();
     }
@@ -3836,6 +3880,16 @@ class EngineStream {
         std::lock_guard<std::mutex> lock(request_->mutex);
         if (!request_->done || request_->error) return std::nullopt;
         return request_->finish_reason;
+    }
+    std::optional<std::string> stop_sequence() const {
+        std::lock_guard<std::mutex> lock(request_->mutex);
+        return request_->stop_sequence;
+    }
+    // Seconds the request waited for a slot; None while it waits (or if it never got one).
+    std::optional<double> queue_seconds() const {
+        std::lock_guard<std::mutex> lock(request_->mutex);
+        if (!request_->admitted) return std::nullopt;
+        return std::chrono::duration<double>(*request_->admitted - request_->submitted).count();
     }
     int32_t n_reused() const {
         std::lock_guard<std::mutex> lock(request_->mutex);
@@ -3986,12 +4040,21 @@ class Engine {
             std::lock_guard<std::mutex> lock(queue_->mutex);
             s.n_busy = queue_->n_busy;
             s.n_waiting = static_cast<int32_t>(queue_->waiting.size());
+            int64_t below = 0;
+            for (size_t i = 0; i < kQueueTimeBounds.size(); ++i) {
+                below += queue_time_counts_[i];
+                s.queue_time_buckets.emplace_back(kQueueTimeBounds[i], below);
+            }
+            s.queue_time_buckets.emplace_back(std::numeric_limits<double>::infinity(),
+                                              below + queue_time_counts_.back());
+            s.queue_time_sum = queue_time_sum_;
         }
         s.n_slots = options_.n_slots;
         s.n_decode_calls = n_decode_calls_.load();
         s.n_prompt_evaluated = n_prompt_evaluated_.load();
         s.n_prompt_reused = n_prompt_reused_.load();
         s.n_generated = n_generated_.load();
+        s.n_cached_tokens = n_cached_tokens_.load();
         return s;
     }
 
@@ -4055,6 +4118,7 @@ class Engine {
                 }
                 for (auto &request : admitted) start(std::move(request));  // KV work: no lock held
                 step();
+                count_cached();
             }
         } catch (...) {
             std::lock_guard<std::mutex> lock(queue_->mutex);
@@ -4064,6 +4128,14 @@ class Engine {
         }
         std::lock_guard<std::mutex> lock(queue_->mutex);
         fail_all(std::make_exception_ptr(ClosedError("the pool was closed before the request finished")));
+    }
+
+    // Publishes the tokens the sequences hold (stats()). Before a request is told it ended, so
+    // that its reader sees the count that includes it.
+    void count_cached() {
+        int64_t cached = 0;
+        for (const auto &slot : slots_) cached += static_cast<int64_t>(slot.cached.size());
+        n_cached_tokens_.store(cached);
     }
 
     bool has_running() const {
@@ -4096,7 +4168,16 @@ class Engine {
                                      }),
                       waiting.end());
         std::vector<std::shared_ptr<EngineRequest>> admitted;
+        const auto now = std::chrono::steady_clock::now();
         while (!waiting.empty() && queue_->n_busy < options_.n_slots) {
+            {
+                std::lock_guard<std::mutex> lock(waiting.front()->mutex);  // lock order: queue, request
+                waiting.front()->admitted = now;
+            }
+            const double waited = std::chrono::duration<double>(now - waiting.front()->submitted).count();
+            const auto bucket = std::lower_bound(kQueueTimeBounds.begin(), kQueueTimeBounds.end(), waited);
+            ++queue_time_counts_[static_cast<size_t>(bucket - kQueueTimeBounds.begin())];
+            queue_time_sum_ += waited;
             admitted.push_back(std::move(waiting.front()));
             waiting.pop_front();
             ++queue_->n_busy;
@@ -4199,6 +4280,7 @@ class Engine {
             --queue_->n_busy;
         }
         queue_->room.notify_all();
+        count_cached();
         request->finish(reason, std::move(error));
     }
 
@@ -4363,6 +4445,11 @@ class Engine {
     std::atomic<bool> aborting_{false};  // read by llama.cpp's abort callback
     std::atomic<bool> closed_{false};
     std::atomic<int64_t> n_decode_calls_{0}, n_prompt_evaluated_{0}, n_prompt_reused_{0}, n_generated_{0};
+    std::atomic<int64_t> n_cached_tokens_{0};  // sum of the slots' cached tokens after the last step
+    // Queue waits of admitted requests, per bucket of kQueueTimeBounds (+inf last); guarded by
+    // the queue's mutex (admit() holds it).
+    std::array<int64_t, kQueueTimeBounds.size() + 1> queue_time_counts_{};
+    double queue_time_sum_ = 0.0;
     std::mutex close_mutex_;  // one closer joins the scheduler
     std::thread scheduler_;   // last: started once everything above exists
 };
@@ -4394,7 +4481,12 @@ void bind_engine(nb::module_ &m) {
         .def_ro("n_decode_calls", &EngineStats::n_decode_calls)
         .def_ro("n_prompt_evaluated", &EngineStats::n_prompt_evaluated, "Prompt tokens decoded.")
         .def_ro("n_prompt_reused", &EngineStats::n_prompt_reused, "Prompt tokens served from cached prefixes.")
-        .def_ro("n_generated", &EngineStats::n_generated, "Tokens sampled.");
+        .def_ro("n_generated", &EngineStats::n_generated, "Tokens sampled.")
+        .def_ro("queue_time_buckets", &EngineStats::queue_time_buckets,
+                "Waits for a slot: (upper bound in seconds, requests admitted within it), cumulative, +inf last.")
+        .def_ro("queue_time_sum", &EngineStats::queue_time_sum, "Seconds admitted requests waited, in all.")
+        .def_ro("n_cached_tokens", &EngineStats::n_cached_tokens,
+                "Tokens the sequences hold in the KV cache now (a prefix shared by several counts in each).");
 
     nb::class_<EngineStream>(m, "EngineStream", "One request of an Engine, read chunk by chunk.")
         .def("next", &EngineStream::next, nb::call_guard<nb::gil_scoped_release>(),
@@ -4405,6 +4497,9 @@ void bind_engine(nb::module_ &m) {
              "Cancel the request unless it has finished (leaving a stream early).")
         .def_prop_ro("finished", &EngineStream::finished)
         .def_prop_ro("finish_reason", &EngineStream::finish_reason)
+        .def_prop_ro("stop_sequence", &EngineStream::stop_sequence, "The stop string that ended it, if one did.")
+        .def_prop_ro("queue_seconds", &EngineStream::queue_seconds,
+                     "Seconds the request waited for a slot (None while it waits).")
         .def_prop_ro("n_prompt", &EngineStream::n_prompt)
         .def_prop_ro("n_reused", &EngineStream::n_reused, "Prompt tokens served from a cached prefix.")
         .def_prop_ro("tokens", &EngineStream::tokens, "The tokens read so far.")

@@ -1032,6 +1032,10 @@ class GenerationResult:
         """'stop' or 'length'."""
 
     @property
+    def stop_sequence(self) -> str | None:
+        """The stop string that ended it, if one did."""
+
+    @property
     def n_prompt(self) -> int: ...
 
     @property
@@ -1058,6 +1062,16 @@ class TokenStream:
 
     @property
     def finish_reason(self) -> str | None: ...
+
+    @property
+    def stop_sequence(self) -> str | None:
+        """The stop string that ended it, if one did."""
+
+    @property
+    def queue_seconds(self) -> float | None:
+        """
+        None: a context has no queue (a pool's stream says how long it waited for a slot).
+        """
 
     @property
     def tokens(self) -> list[int]:
@@ -1136,6 +1150,22 @@ class EngineStats:
     def n_generated(self) -> int:
         """Tokens sampled."""
 
+    @property
+    def queue_time_buckets(self) -> list[tuple[float, int]]:
+        """
+        Waits for a slot: (upper bound in seconds, requests admitted within it), cumulative, +inf last.
+        """
+
+    @property
+    def queue_time_sum(self) -> float:
+        """Seconds admitted requests waited, in all."""
+
+    @property
+    def n_cached_tokens(self) -> int:
+        """
+        Tokens the sequences hold in the KV cache now (a prefix shared by several counts in each).
+        """
+
 class EngineStream:
     """One request of an Engine, read chunk by chunk."""
 
@@ -1157,6 +1187,14 @@ class EngineStream:
 
     @property
     def finish_reason(self) -> str | None: ...
+
+    @property
+    def stop_sequence(self) -> str | None:
+        """The stop string that ended it, if one did."""
+
+    @property
+    def queue_seconds(self) -> float | None:
+        """Seconds the request waited for a slot (None while it waits)."""
 
     @property
     def n_prompt(self) -> int: ...

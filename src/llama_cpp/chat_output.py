@@ -120,6 +120,7 @@ def chat_response(completion: CreateCompletionResponse, parser: OutputParser) ->
                 "message": message,
                 "logprobs": chat_logprobs(choice["logprobs"]),
                 "finish_reason": chat_finish_reason(choice["finish_reason"], "tool_calls" in message),
+                "stop_reason": choice.get("stop_reason"),
             }
         ],
         "usage": completion["usage"],
@@ -196,7 +197,11 @@ def chat_chunks(
             )
         if final:
             reason = chat_finish_reason(choice["finish_reason"], called_tools)
-            yield cast(
-                ChatCompletionChunk,
-                {**base, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}]},
-            )
+            last = {
+                "index": 0,
+                "delta": {},
+                "logprobs": None,
+                "finish_reason": reason,
+                "stop_reason": choice.get("stop_reason"),
+            }
+            yield cast(ChatCompletionChunk, {**base, "choices": [last]})

@@ -11,7 +11,13 @@ from typing import Protocol
 
 from llama_cpp import _core
 from llama_cpp._options import finish_reason
-from llama_cpp.llama_types import CompletionLogprobs, CompletionUsage, CreateCompletionResponse, FinishReason
+from llama_cpp.llama_types import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionUsage,
+    CreateCompletionResponse,
+    FinishReason,
+)
 
 
 @dataclass
@@ -59,7 +65,10 @@ class GenerationStream(Protocol):
     ``next()`` returns the next :class:`~llama_cpp.Chunk` (text, tokens, logprobs), or None
     at the end; ``cancel()`` (from any thread) makes it end with GenerationCancelled;
     ``close()`` stops it and lets go of its context or slot. The properties are read once it
-    ended.
+    ended: ``finish_reason`` (``"stop"``, ``"length"``), ``stop_sequence`` (the stop string
+    that ended it, or None), ``queue_seconds`` (a pool's request: how long it waited for a
+    slot, None while it waits; always None for a context's stream), ``tokens``,
+    ``n_prompt``, ``n_reused`` (prompt tokens served from the cache), ``prompt_logprobs``.
     """
 
     def next(self) -> _core.Chunk | None: ...
@@ -69,6 +78,10 @@ class GenerationStream(Protocol):
     def n_reused(self) -> int: ...
     @property
     def finish_reason(self) -> str | None: ...
+    @property
+    def stop_sequence(self) -> str | None: ...
+    @property
+    def queue_seconds(self) -> float | None: ...
     @property
     def tokens(self) -> list[int]: ...
     @property
@@ -87,6 +100,8 @@ class Outcome(Protocol):
     @property
     def finish_reason(self) -> str: ...
     @property
+    def stop_sequence(self) -> str | None: ...
+    @property
     def n_prompt(self) -> int: ...
     @property
     def n_reused(self) -> int: ...
@@ -103,6 +118,7 @@ class Collected:
     text: str
     tokens: list[int]
     finish_reason: str
+    stop_sequence: str | None
     n_prompt: int
     n_reused: int
     logprobs: list[_core.TokenLogprob]
@@ -123,6 +139,7 @@ def collect(stream: GenerationStream) -> Collected:
         text="".join(text),
         tokens=list(stream.tokens),
         finish_reason=stream.finish_reason or "stop",
+        stop_sequence=stream.stop_sequence,
         n_prompt=stream.n_prompt,
         n_reused=stream.n_reused,
         logprobs=logprobs,
@@ -164,14 +181,23 @@ class CompletionBuilder:
         self._logprobs = LogprobsBuilder(self.piece)
 
     def chunk(
-        self, text: str, reason: FinishReason | None, logprobs: CompletionLogprobs | None = None
+        self,
+        text: str,
+        reason: FinishReason | None,
+        logprobs: CompletionLogprobs | None = None,
+        stop_sequence: str | None = None,
     ) -> CreateCompletionResponse:
+        """One choice's dict; a finished one (``reason`` set) also has ``stop_reason``: the
+        stop string that ended it, or None (vLLM's field)."""
+        choice: CompletionChoice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": reason}
+        if reason is not None:
+            choice["stop_reason"] = stop_sequence
         return {
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
             "model": self.model,
-            "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": reason}],
+            "choices": [choice],
         }
 
     def _prompt_logprobs(self, scored: Sequence[_core.TokenLogprob]) -> CompletionLogprobs:
@@ -187,7 +213,7 @@ class CompletionBuilder:
             generated = self._logprobs.build(result.logprobs, result.tokens)
             logprobs = generated if logprobs is None else _merge(logprobs, generated)
         text = (self.prompt_text if self.echo else "") + result.text
-        response = self.chunk(text, finish_reason(result.finish_reason), logprobs)
+        response = self.chunk(text, finish_reason(result.finish_reason), logprobs, result.stop_sequence)
         return {**response, "usage": usage(result.n_prompt, len(result.tokens), result.n_reused)}
 
     def stream(self, token_stream: GenerationStream) -> Iterator[CreateCompletionResponse]:
@@ -209,7 +235,7 @@ class CompletionBuilder:
                     self._prompt_logprobs(token_stream.prompt_logprobs) if self.logprobs else None
                 )
                 yield self.chunk(self.prompt_text, None, prompt_logprobs)
-            yield self.chunk("", finish_reason(token_stream.finish_reason))
+            yield self.chunk("", finish_reason(token_stream.finish_reason), None, token_stream.stop_sequence)
             if self.include_usage:
                 n_prompt, n_generated = token_stream.n_prompt, len(token_stream.tokens)
                 yield {

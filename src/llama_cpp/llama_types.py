@@ -34,6 +34,8 @@ class CompletionChoice(TypedDict):
     index: int
     logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
+    #: A finished choice: the stop string that ended it, or None (vLLM's field).
+    stop_reason: NotRequired[str | None]
 
 
 class CreateCompletionResponse(TypedDict):
@@ -112,6 +114,8 @@ class ChatCompletionChoice(TypedDict):
     message: ChatCompletionMessage
     logprobs: ChatCompletionLogprobs | None
     finish_reason: ChatFinishReason | None
+    #: The stop string that ended the answer, or None (vLLM's field).
+    stop_reason: NotRequired[str | None]
 
 
 class CreateChatCompletionResponse(TypedDict):
@@ -150,6 +154,8 @@ class ChatCompletionChunkChoice(TypedDict):
     delta: ChatCompletionDelta
     logprobs: ChatCompletionLogprobs | None
     finish_reason: ChatFinishReason | None
+    #: The last chunk's: the stop string that ended the answer, or None (vLLM's field).
+    stop_reason: NotRequired[str | None]
 
 
 class ChatCompletionChunk(TypedDict):

@@ -21,6 +21,8 @@ class Completion:
         tokens: The generated token ids (including those that formed a stop string).
         finish_reason: ``"stop"`` (end of generation or a stop string) or ``"length"``
             (``max_tokens`` reached, or the context window is full).
+        stop_sequence: The stop string that ended the generation, or None (the end of
+            generation token, a stop hook, or a limit ended it).
         prompt_tokens: Number of prompt tokens.
         cached_tokens: Prompt tokens reused from the previous call instead of evaluated.
     """
@@ -30,6 +32,7 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     cached_tokens: int
+    stop_sequence: str | None = None
 
     @classmethod
     def from_outcome(cls, outcome: Outcome) -> Completion:
@@ -40,6 +43,7 @@ class Completion:
             finish_reason=finish_reason(outcome.finish_reason),
             prompt_tokens=outcome.n_prompt,
             cached_tokens=outcome.n_reused,
+            stop_sequence=outcome.stop_sequence,
         )
 
 
@@ -82,6 +86,12 @@ class PoolStats:
         n_prompt_evaluated: Prompt tokens decoded.
         n_prompt_reused: Prompt tokens served from cached prefixes instead.
         n_generated: Tokens sampled.
+        n_cached_tokens: Tokens the sequences hold in the KV cache now (a prefix that
+            several sequences share counts once for each).
+        queue_time_buckets: How long admitted requests waited for a slot: ``(upper bound in
+            seconds, requests that waited at most that long)``, cumulative, ``inf`` last
+            (a Prometheus histogram's buckets).
+        queue_time_sum: Seconds that admitted requests waited for a slot, in all.
     """
 
     n_slots: int
@@ -91,6 +101,9 @@ class PoolStats:
     n_prompt_evaluated: int
     n_prompt_reused: int
     n_generated: int
+    n_cached_tokens: int
+    queue_time_buckets: tuple[tuple[float, int], ...]
+    queue_time_sum: float
 
     @classmethod
     def from_native(cls, stats: _core.EngineStats) -> PoolStats:
@@ -102,4 +115,7 @@ class PoolStats:
             n_prompt_evaluated=stats.n_prompt_evaluated,
             n_prompt_reused=stats.n_prompt_reused,
             n_generated=stats.n_generated,
+            n_cached_tokens=stats.n_cached_tokens,
+            queue_time_buckets=tuple(stats.queue_time_buckets),
+            queue_time_sum=stats.queue_time_sum,
         )

@@ -33,10 +33,19 @@ __all__ = [
     "message_response",
 ]
 
-#: OpenAI finish reasons as Anthropic stop reasons. A stop sequence ends a completion with
-#: ``"stop"`` like the end of the turn does: the library does not say which, so it is reported
-#: as ``end_turn`` (never ``stop_sequence``).
+#: OpenAI finish reasons as Anthropic stop reasons; a choice that a stop string ended (its
+#: ``stop_reason``) is ``stop_sequence``.
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+
+
+def _stop(choice: Mapping[str, Any]) -> tuple[str, str | None]:
+    """Anthropic's ``stop_reason`` and ``stop_sequence`` of a finished OpenAI choice."""
+    sequence = choice.get("stop_reason")
+    if isinstance(sequence, str):
+        return "stop_sequence", sequence
+    return _STOP_REASONS.get(choice.get("finish_reason") or "stop", "end_turn"), None
+
+
 #: OpenAI error types as Anthropic's.
 _ERROR_TYPES = {"server_error": "api_error", "rate_limit_error": "rate_limit_error"}
 
@@ -284,11 +293,12 @@ def message_response(completion: Mapping[str, Any], model: str | None = None) ->
 
     Content blocks in order: ``thinking`` (the reasoning), ``text``, ``tool_use`` (its JSON
     arguments parsed to ``input``; the call's id, or a new ``toolu_`` id); one empty text
-    block when the answer is empty. ``stop_reason``: ``end_turn``, ``max_tokens`` or
-    ``tool_use`` (see :data:`_STOP_REASONS`). ``model``: the name the client asked for, else
-    the completion's.
+    block when the answer is empty. ``stop_reason``: ``end_turn``, ``max_tokens``,
+    ``tool_use`` (see :data:`_STOP_REASONS`) or ``stop_sequence`` (with the string in
+    ``stop_sequence``). ``model``: the name the client asked for, else the completion's.
     """
     choice = completion["choices"][0]
+    stop_reason, stop_sequence = _stop(choice)
     message = choice["message"]
     content: list[dict[str, Any]] = []
     if message.get("reasoning_content"):
@@ -312,8 +322,8 @@ def message_response(completion: Mapping[str, Any], model: str | None = None) ->
         "role": "assistant",
         "model": model or completion.get("model", ""),
         "content": content,
-        "stop_reason": _STOP_REASONS.get(choice.get("finish_reason") or "stop", "end_turn"),
-        "stop_sequence": None,
+        "stop_reason": stop_reason,
+        "stop_sequence": stop_sequence,
         "usage": _usage(completion.get("usage")),
     }
 
@@ -335,6 +345,7 @@ class EventStream:
         self._index = -1  # the open block, -1 before the first
         self._open: str | None = None  # its kind: thinking, text, or tool:<call index>
         self._stop_reason = "end_turn"
+        self._stop_sequence: str | None = None
         self._usage: dict[str, int] = _usage(None)
         self._started = False
 
@@ -401,7 +412,7 @@ class EventStream:
                 if function.get("arguments"):
                     yield self._delta({"type": "input_json_delta", "partial_json": function["arguments"]})
             if choice.get("finish_reason"):
-                self._stop_reason = _STOP_REASONS.get(choice["finish_reason"], "end_turn")
+                self._stop_reason, self._stop_sequence = _stop(choice)
 
     def finish(self) -> Iterator[dict[str, Any]]:
         yield from self.start()
@@ -410,7 +421,7 @@ class EventStream:
         yield from self._close()
         yield {
             "type": "message_delta",
-            "delta": {"stop_reason": self._stop_reason, "stop_sequence": None},
+            "delta": {"stop_reason": self._stop_reason, "stop_sequence": self._stop_sequence},
             "usage": self._usage,
         }
         yield {"type": "message_stop"}

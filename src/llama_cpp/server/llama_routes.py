@@ -30,18 +30,15 @@ from llama_cpp.server.service import Service
 __all__ = ["llama_router"]
 
 
-def _stop_type(finish_reason: str | None, stop: object) -> str:
-    """llama-server's ``stop_type``. The engine ends a generation with "length" or "stop" and
-    does not say whether a "stop" was the end-of-generation token or a stop string: without
-    stop strings it is ``"eos"``, with them ``"eos_or_word"`` (llama-server: ``"eos"`` or
-    ``"word"``)."""
+def _stop_type(finish_reason: str | None, stop_sequence: str | None) -> str:
+    """llama-server's ``stop_type``: ``"limit"``, ``"word"`` (a stop string) or ``"eos"``."""
     if finish_reason == "length":
         return "limit"
-    return "eos_or_word" if stop else "eos"
+    return "word" if stop_sequence is not None else "eos"
 
 
 def _final(
-    alias: str, usage: Mapping[str, Any] | None, finish_reason: str | None, stop: object
+    alias: str, usage: Mapping[str, Any] | None, finish_reason: str | None, stop_sequence: str | None
 ) -> dict[str, Any]:
     """The fields of llama-server's last infill answer that this server knows."""
     usage = usage or {}
@@ -53,7 +50,8 @@ def _final(
         "tokens_predicted": usage.get("completion_tokens", 0),
         "tokens_evaluated": usage.get("prompt_tokens", 0),
         "tokens_reused": details.get("cached_tokens", 0),  # llama-server has no such field
-        "stop_type": _stop_type(finish_reason, stop),
+        "stop_type": _stop_type(finish_reason, stop_sequence),
+        "stopping_word": stop_sequence or "",
         "truncated": False,  # a prompt too long for the context is a 400, never cut
     }
 
@@ -63,9 +61,9 @@ class _InfillEvents:
     even if it never started (a client gone before the first event), so that the lease and
     the generation end at once."""
 
-    def __init__(self, chunks: AsyncIterator[dict[str, Any]], stop: object) -> None:
+    def __init__(self, chunks: AsyncIterator[dict[str, Any]]) -> None:
         self._chunks = chunks
-        self._events = self._translate(stop)
+        self._events = self._translate()
 
     def __aiter__(self) -> _InfillEvents:
         return self
@@ -77,8 +75,9 @@ class _InfillEvents:
         await self._events.aclose()
         await self._chunks.aclose()  # type: ignore[attr-defined]  # an async generator: idempotent
 
-    async def _translate(self, stop: object) -> AsyncGenerator[dict[str, Any], None]:
+    async def _translate(self) -> AsyncGenerator[dict[str, Any], None]:
         finish_reason: str | None = None
+        stop_sequence: str | None = None
         alias = ""
         usage: Mapping[str, Any] | None = None
         async for chunk in self._chunks:
@@ -87,10 +86,11 @@ class _InfillEvents:
                 usage = chunk.get("usage")
                 continue
             choice = chunk["choices"][0]
-            finish_reason = choice.get("finish_reason") or finish_reason
+            if choice.get("finish_reason"):
+                finish_reason, stop_sequence = choice["finish_reason"], choice.get("stop_reason")
             if choice.get("text"):
                 yield {"index": 0, "content": choice["text"], "stop": False}
-        yield {**_final(alias, usage, finish_reason, stop), "content": ""}
+        yield {**_final(alias, usage, finish_reason, stop_sequence), "content": ""}
 
 
 def llama_router(service: Service) -> APIRouter:
@@ -126,16 +126,17 @@ def llama_router(service: Service) -> APIRouter:
         prompt = body.input_prefix + body.prompt
         # llama-server's n_predict defaults to -1 (no limit): the server's limit here.
         keywords.setdefault("max_tokens", service.settings.max_tokens_limit)
-        stop = keywords.get("stop")
         if body.stream:
             keywords["stream_options"] = {"include_usage": True}
             chunks = await service.completion(body.model, [prompt], keywords, 1, True)
             assert not isinstance(chunks, dict)  # streamed
-            return sse(_InfillEvents(chunks, stop), done=False)
+            return sse(_InfillEvents(chunks), done=False)
         answer = await service.completion(body.model, [prompt], keywords, 1, False)
         assert isinstance(answer, dict)  # not streamed
         choice = answer["choices"][0]
-        final = _final(answer["model"], answer.get("usage"), choice.get("finish_reason"), stop)
+        final = _final(
+            answer["model"], answer.get("usage"), choice.get("finish_reason"), choice.get("stop_reason")
+        )
         return JSONResponse({**final, "content": choice["text"]})
 
     return router

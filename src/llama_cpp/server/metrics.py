@@ -1,13 +1,9 @@
 """Prometheus metrics of one app (a registry per app: two apps in a process never mix counts).
 
 Counters and histograms are recorded by the routes; the pools' gauges (busy slots, waiting
-requests, token counters, KV capacity) are read from :meth:`LlamaPool.stats` at scrape time.
-
-What is not here, and why: the engine does not report when it admits a request to a slot, so
-the wait in its queue is not a histogram of its own (it is part of the time to first token;
-``llamacpp_time_to_engine_seconds`` covers what happens before the engine has the request);
-nor does it report the KV cells in use (only the capacity, ``llamacpp_kv_cache_capacity_tokens``,
-and the busy slots that hold them).
+requests, KV cache tokens and capacity), token counters and the histogram of the wait for a
+slot (measured by the engine as it admits requests) are read from :meth:`LlamaPool.stats` at
+scrape time.
 """
 
 from __future__ import annotations
@@ -17,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from llama_cpp.pool import LlamaPool
@@ -44,6 +40,16 @@ class _PoolCollector(Collector):
             "Tokens the pool's KV cache holds at most (slots x context of each)",
             labels=["model"],
         )
+        cached = GaugeMetricFamily(
+            "llamacpp_kv_cache_tokens",
+            "Tokens the pool's sequences hold in the KV cache (a prefix shared by several counts in each)",
+            labels=["model"],
+        )
+        queue_time = HistogramMetricFamily(
+            "llamacpp_queue_time_seconds",
+            "From submission to the engine until a slot took the request",
+            labels=["model"],
+        )
         counters = {
             "n_prompt_evaluated": CounterMetricFamily(
                 "llamacpp_prompt_tokens_evaluated", "Prompt tokens decoded", labels=["model"]
@@ -67,8 +73,13 @@ class _PoolCollector(Collector):
             for name, counter in counters.items():
                 counter.add_metric([alias], getattr(stats, name))
             capacity.add_metric([alias], stats.n_slots * pool.n_ctx())
+            cached.add_metric([alias], stats.n_cached_tokens)
+            buckets = [("+Inf" if le == float("inf") else repr(le), n) for le, n in stats.queue_time_buckets]
+            queue_time.add_metric([alias], buckets, stats.queue_time_sum)
         yield from gauges.values()
         yield capacity
+        yield cached
+        yield queue_time
         yield from counters.values()
 
 

@@ -188,10 +188,10 @@ def _plan(model_path: str, config: LlamaConfig, *, n_seq: int) -> FitPlan:
         n_expert=result.n_expert,
         reason="",
     )
-    return replace(plan, reason=_reason(plan, config, given_overrides=len(model.tensor_overrides) > 0))
+    return replace(plan, reason=_reason(plan, config, n_seq, given_overrides=len(model.tensor_overrides) > 0))
 
 
-def _reason(plan: FitPlan, config: LlamaConfig, *, given_overrides: bool) -> str:
+def _reason(plan: FitPlan, config: LlamaConfig, n_seq: int, *, given_overrides: bool) -> str:
     accelerators = [d for d in plan.devices if d.name != "CPU"]
     parts: list[str] = []
     if plan.status == "failure":
@@ -212,10 +212,13 @@ def _reason(plan: FitPlan, config: LlamaConfig, *, given_overrides: bool) -> str
                 f"{len(plan.tensor_overrides)} tensor override(s) keep expert weights in host memory"
             )
     if config.n_ctx == 0:
-        if plan.n_ctx >= plan.n_ctx_train:
-            parts.append(f"n_ctx={plan.n_ctx}: the training context")
+        each = f" for each of {n_seq} sequences" if n_seq > 1 else ""
+        if plan.n_ctx * n_seq >= plan.n_ctx_train:
+            parts.append(f"n_ctx={plan.n_ctx}{each}: the training context")
         else:
-            parts.append(f"n_ctx={plan.n_ctx}: lowered from the training context {plan.n_ctx_train} to fit")
+            parts.append(
+                f"n_ctx={plan.n_ctx}{each}: lowered from the training context {plan.n_ctx_train} to fit"
+            )
     else:
         parts.append(f"n_ctx={plan.n_ctx} as given")
     return "; ".join(parts)

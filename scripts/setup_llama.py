@@ -38,7 +38,8 @@ SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 LLAMA_CPP_COMMIT = "0c1e570"
 # Bumped when what goes into include/ and lib/ changes, so that existing checkouts refresh.
-LAYOUT_VERSION = 4  # 3: include/common/jinja/ (chat templates); 4: include/llama-internal/
+LAYOUT_VERSION = 5  # 3: include/common/jinja/ (chat templates); 4: include/llama-internal/;
+# 5: include/llama-internal/llama-ext.h
 
 ROOT = Path(__file__).resolve().parent.parent
 # Libraries the binding links, the RPC worker, and the native tools the tests and
@@ -207,11 +208,13 @@ def copy_headers(source: Path, include: Path) -> None:
         target = include / "common" / header.relative_to(source / "common")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(header, target)
-    # One internal header, as llama.cpp's own tests use it: its grammar parser (exported by
-    # libllama), whose error message the public API only prints to stderr.
+    # Internal headers, as llama.cpp's own tests and common library use them: its grammar
+    # parser (exported by libllama), whose error message the public API only prints to
+    # stderr; and its staging API (llama-ext.h: llama_get_memory_breakdown, exported too).
     internal = include / "llama-internal"
     internal.mkdir()
-    shutil.copy2(source / "src" / "llama-grammar.h", internal / "llama-grammar.h")
+    for name in ("llama-grammar.h", "llama-ext.h"):
+        shutil.copy2(source / "src" / name, internal / name)
 
 
 def copy_binaries(build_dir: Path, lib: Path) -> None:

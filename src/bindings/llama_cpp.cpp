@@ -1,7 +1,7 @@
 // llama_cpp._core: the native core of llama-cpp-nanobind.
 //
 // One file, in sections: errors, logging, backend, model, sampling, chat, text, decoding,
-// context, generation, engine. Each section ends in a bind_* function; NB_MODULE only calls them.
+// context, generation, engine, fit. Each section ends in a bind_* function; NB_MODULE only calls them.
 //
 // Threading rules (see ../../docs/ARCHITECTURE.md, "Threads, the GIL and ownership"):
 //   * every call that can take more than about a millisecond releases the GIL; arguments
@@ -14,6 +14,7 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
@@ -22,6 +23,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <chat.h>                    // llama.cpp's common library: chat templates, parsers
+#include <fit.h>                     // fitting a model to free device memory
 #include <json-schema-to-grammar.h>  // and JSON schema to GBNF
 
 #include <ggml-backend.h>
@@ -35,6 +37,9 @@
 #include <llama-internal/llama-grammar.h>
 #define LLAMA_CPP_GRAMMAR_PARSER 1
 #endif
+// llama.cpp's staging API (exported by libllama, copied by scripts/setup_llama.py as well):
+// llama_get_memory_breakdown, llama.cpp's own per-buffer-type accounting of a context.
+#include <llama-internal/llama-ext.h>
 
 #include <algorithm>
 #include <array>
@@ -51,6 +56,7 @@
 #include <malloc.h>
 #endif
 #include <cstring>
+#include <deque>
 #include <iterator>
 #include <limits>
 #include <memory>
@@ -58,6 +64,7 @@
 #include <numeric>
 #include <random>
 #include <mutex>
+#include <regex>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -363,7 +370,7 @@ std::vector<Device> list_devices() {
 
 // -- RPC: llama.cpp's RPC backend puts layers on ggml-rpc-server processes, here or on other
 // machines. A server's devices are registered once per process (llama.cpp keeps them);
-// which ones a model uses is chosen per model (see Model::offload_devices).
+// which ones a model uses is chosen per model (see ModelParams::offload_devices).
 
 std::mutex rpc_mutex;
 std::vector<std::string> rpc_endpoints;  // registered, in order
@@ -428,6 +435,38 @@ void rpc_register(const std::vector<std::string> &endpoints) {
     }
 }
 
+// -- NUMA: llama.cpp (ggml) sets its NUMA strategy once per process and ignores later calls;
+// a second, different strategy is refused rather than silently dropped.
+
+std::mutex numa_mutex;
+std::string numa_chosen;  // "" until numa_init ran
+
+void numa_init(const std::string &strategy) {
+    static const std::map<std::string, ggml_numa_strategy> strategies = {
+        {"distribute", GGML_NUMA_STRATEGY_DISTRIBUTE},
+        {"isolate", GGML_NUMA_STRATEGY_ISOLATE},
+        {"numactl", GGML_NUMA_STRATEGY_NUMACTL},
+    };
+    const auto found = strategies.find(strategy);
+    if (found == strategies.end()) {
+        throw InvalidArgumentError("numa must be 'distribute', 'isolate' or 'numactl', got '" + strategy + "'");
+    }
+    std::lock_guard<std::mutex> lock(numa_mutex);
+    if (numa_chosen.empty()) {
+        llama_numa_init(found->second);
+        numa_chosen = strategy;
+    } else if (numa_chosen != strategy) {
+        throw InvalidArgumentError("the NUMA strategy is set once per process: it is '" + numa_chosen +
+                                   "', so numa='" + strategy + "' cannot take effect");
+    }
+}
+
+std::optional<std::string> numa_strategy() {
+    std::lock_guard<std::mutex> lock(numa_mutex);
+    if (numa_chosen.empty()) return std::nullopt;
+    return numa_chosen;
+}
+
 bool is_rpc_device(ggml_backend_dev_t dev) {
     const std::string reg = ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev));
     return reg.rfind("RPC", 0) == 0;
@@ -460,6 +499,10 @@ void bind_backend(nb::module_ &m) {
     m.def("devices", &list_devices, "The devices of every loaded backend.");
     m.def("rpc_register", &rpc_register, "endpoints"_a, nb::call_guard<nb::gil_scoped_release>(),
           "Connect to ggml-rpc-server processes ('host:port') and register their devices.");
+    m.def("numa_init", &numa_init, "strategy"_a, nb::call_guard<nb::gil_scoped_release>(),
+          "llama_numa_init with 'distribute', 'isolate' or 'numactl', once per process. Raises "
+          "InvalidArgumentError for another name, or for a strategy other than the one already set.");
+    m.def("numa_strategy", &numa_strategy, "The NUMA strategy set in this process (None: none).");
 }
 
 // =====================================================================================
@@ -493,6 +536,12 @@ struct ModelOptions {
     bool check_tensors = false;
     bool verbose = true;  // false: llama.cpp logs only errors while loading
     std::vector<std::string> rpc_servers;  // offload to these servers' devices (and no other server's)
+    // Tensor placement, as llama.cpp's --override-tensor, --cpu-moe and --n-cpu-moe: (regex,
+    // device name) pairs tried in order (the first whose regex_search matches a tensor's name
+    // wins), then cpu_moe's pattern, then n_cpu_moe's one pattern per layer.
+    std::vector<std::pair<std::string, std::string>> tensor_overrides;
+    bool cpu_moe = false;
+    int n_cpu_moe = 0;
     // GGUF metadata overrides (llama-cpp-python's kv_overrides); bool before int64 so that
     // Python's True stays a bool.
     std::vector<std::pair<std::string, std::variant<bool, int64_t, double, std::string>>> kv_overrides;
@@ -581,14 +630,63 @@ std::string format_size(uint64_t bytes) {
     return buf;
 }
 
-// A loaded llama_model. The handle is shared with every Context made from it, so closing the
-// Model while a context still runs only drops this object's reference.
-class Model {
+// The llama_model_params of `options` for the file at `path`, and the storage they point into
+// (so an instance is neither copied nor moved). Everything is checked here, before anything
+// is loaded: the file (ModelLoadError), tensor_split, kv_overrides and tensor overrides
+// (InvalidArgumentError: a regex std::regex rejects, as llama.cpp's loader would abort on it,
+// or a device this model cannot use), and the RPC servers (what rpc_register raises).
+class ModelParams {
   public:
-    // `progress` (may be null) reports the load; it must outlive the constructor call.
-    Model(const std::string &path, const ModelOptions &options, LoadProgress *progress = nullptr)
-        : path_(path) {
-        QuietScope quiet(!options.verbose);
+    ModelParams(const std::string &path, const ModelOptions &options) {
+        check_file(path);
+        params = llama_model_default_params();
+        params.n_gpu_layers = options.n_gpu_layers;
+        params.split_mode = static_cast<llama_split_mode>(options.split_mode);
+        params.main_gpu = options.main_gpu;
+        if (!options.tensor_split.empty()) {
+            if (options.tensor_split.size() > llama_max_devices()) {
+                throw InvalidArgumentError("tensor_split has more entries than llama_max_devices()");
+            }
+            tensor_split_ = options.tensor_split;
+            tensor_split_.resize(llama_max_devices(), 0.0f);
+            params.tensor_split = tensor_split_.data();
+        }
+        check_patterns(options);
+        if (!options.rpc_servers.empty()) {
+            rpc_register(options.rpc_servers);
+        }
+        devices_ = offload_devices(options.rpc_servers);
+        params.devices = devices_.data();
+        build_tensor_overrides(options);
+        if (overrides_.size() > 1) {
+            params.tensor_buft_overrides = overrides_.data();
+        }
+        params.vocab_only = options.vocab_only;
+        // llama-cpp-python's use_mmap/use_mlock map onto llama.cpp's load mode.
+        if (options.use_mlock) {
+            params.load_mode = options.use_mmap ? LLAMA_LOAD_MODE_MMAP_MLOCK : LLAMA_LOAD_MODE_MLOCK;
+        } else if (!options.use_mmap) {
+            params.load_mode = LLAMA_LOAD_MODE_NONE;
+        }
+        params.check_tensors = options.check_tensors;
+        if (!options.kv_overrides.empty()) {
+            check_override_types(path, options.kv_overrides);
+            kv_overrides_ = build_kv_overrides(options.kv_overrides);
+            params.kv_overrides = kv_overrides_.data();
+        }
+    }
+    ModelParams(const ModelParams &) = delete;
+    ModelParams &operator=(const ModelParams &) = delete;
+
+    llama_model_params params;
+
+    // The tensor overrides (without the terminating entry).
+    std::vector<llama_model_tensor_buft_override> tensor_overrides() const {
+        return overrides_.empty() ? overrides_ : std::vector(overrides_.begin(), overrides_.end() - 1);
+    }
+
+  private:
+    static void check_file(const std::string &path) {
         struct stat st {};
         if (::stat(path.c_str(), &st) != 0) {
             throw ModelLoadError("model file not found: '" + path + "'");
@@ -606,37 +704,183 @@ class Model {
         } else {
             throw ModelLoadError("cannot open model file: '" + path + "'");
         }
+    }
 
-        llama_model_params params = llama_model_default_params();
-        params.n_gpu_layers = options.n_gpu_layers;
-        params.split_mode = static_cast<llama_split_mode>(options.split_mode);
-        params.main_gpu = options.main_gpu;
-        if (!options.tensor_split.empty()) {
-            if (options.tensor_split.size() > llama_max_devices()) {
-                throw InvalidArgumentError("tensor_split has more entries than llama_max_devices()");
+    // llama.cpp's loader compiles each pattern with std::regex (ECMAScript) and calls
+    // regex_search; a pattern it cannot compile would throw inside the load. Same engine here.
+    static void check_patterns(const ModelOptions &options) {
+        for (const auto &[pattern, device] : options.tensor_overrides) {
+            try {
+                std::regex compiled(pattern);
+            } catch (const std::regex_error &e) {
+                throw InvalidArgumentError("tensor_overrides: invalid regex '" + pattern + "': " + e.what());
             }
-            tensor_split_ = options.tensor_split;
-            tensor_split_.resize(llama_max_devices(), 0.0f);
-            params.tensor_split = tensor_split_.data();
         }
-        if (!options.rpc_servers.empty()) {
-            rpc_register(options.rpc_servers);
+        if (options.n_cpu_moe < 0) {
+            throw InvalidArgumentError("n_cpu_moe must be >= 0, got " + std::to_string(options.n_cpu_moe));
         }
-        devices_ = offload_devices(options.rpc_servers);
-        params.devices = devices_.data();
-        params.vocab_only = options.vocab_only;
-        // llama-cpp-python's use_mmap/use_mlock map onto llama.cpp's load mode.
-        if (options.use_mlock) {
-            params.load_mode = options.use_mmap ? LLAMA_LOAD_MODE_MMAP_MLOCK : LLAMA_LOAD_MODE_MLOCK;
-        } else if (!options.use_mmap) {
-            params.load_mode = LLAMA_LOAD_MODE_NONE;
+        const size_t count = options.tensor_overrides.size() + (options.cpu_moe ? 1 : 0) +
+                             static_cast<size_t>(options.n_cpu_moe);
+        if (count >= llama_max_tensor_buft_overrides()) {
+            throw InvalidArgumentError("tensor_overrides, cpu_moe and n_cpu_moe make " + std::to_string(count) +
+                                       " overrides; llama.cpp takes fewer than " +
+                                       std::to_string(llama_max_tensor_buft_overrides()));
         }
-        params.check_tensors = options.check_tensors;
-        if (!options.kv_overrides.empty()) {
-            check_override_types(path, options.kv_overrides);
-            kv_overrides_ = build_kv_overrides(options.kv_overrides);
-            params.kv_overrides = kv_overrides_.data();
+    }
+
+    // The buffer type of the device named `name` (as llama_cpp.devices() names it): the CPU or
+    // one of the devices this model offloads to (a tensor on another process's device would
+    // have no backend in this model's contexts).
+    ggml_backend_buffer_type_t device_buffer_type(const std::string &name) const {
+        std::string known;
+        for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+            ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+            const std::string dev_name = ggml_backend_dev_name(dev);
+            known += (known.empty() ? "" : ", ") + dev_name;
+            if (dev_name != name) continue;
+            const bool usable = ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU ||
+                                std::find(devices_.begin(), devices_.end(), dev) != devices_.end();
+            if (!usable) {
+                throw InvalidArgumentError("tensor_overrides: device '" + name +
+                                           "' is not one this model uses (an RPC device needs its "
+                                           "server in rpc_servers)");
+            }
+            ggml_backend_buffer_type_t buft = ggml_backend_dev_buffer_type(dev);
+            if (buft == nullptr) {
+                throw InvalidArgumentError("tensor_overrides: device '" + name + "' has no buffer type");
+            }
+            return buft;
         }
+        throw InvalidArgumentError("tensor_overrides: unknown device '" + name + "' (devices: " + known + ")");
+    }
+
+    // As common/arg.cpp builds them: the user's pairs, then --cpu-moe's pattern, then
+    // --n-cpu-moe's per-layer patterns, with common.h's own regexes.
+    void build_tensor_overrides(const ModelOptions &options) {
+        auto add = [&](std::string pattern, ggml_backend_buffer_type_t buft) {
+            patterns_.push_back(std::move(pattern));
+            overrides_.push_back({patterns_.back().c_str(), buft});
+        };
+        for (const auto &[pattern, device] : options.tensor_overrides) {
+            add(pattern, device_buffer_type(device));
+        }
+        if (options.cpu_moe) {
+            add(LLM_FFN_EXPS_REGEX, ggml_backend_cpu_buffer_type());
+        }
+        for (int layer = 0; layer < options.n_cpu_moe; ++layer) {
+            add(llm_ffn_block_regex(layer, LLM_FFN_EXPS_REGEX), ggml_backend_cpu_buffer_type());
+        }
+        if (!overrides_.empty()) {
+            overrides_.push_back({nullptr, nullptr});
+        }
+    }
+
+    // llama.cpp ignores an override whose type differs from the stored value's, with only a
+    // warning: a silently wrong model. Compare against the file's metadata and refuse instead.
+    static void check_override_types(
+        const std::string &path,
+        const std::vector<std::pair<std::string, std::variant<bool, int64_t, double, std::string>>> &overrides) {
+        gguf_init_params params{/*no_alloc=*/true, /*ctx=*/nullptr};
+        std::unique_ptr<gguf_context, decltype(&gguf_free)> gguf(gguf_init_from_file(path.c_str(), params), &gguf_free);
+        if (!gguf) {
+            return;  // the load itself reports what is wrong with the file
+        }
+        for (const auto &[key, value] : overrides) {
+            const int64_t id = gguf_find_key(gguf.get(), key.c_str());
+            if (id < 0) continue;  // not stored: llama.cpp uses the override where it reads the key
+            const gguf_type stored = gguf_get_kv_type(gguf.get(), id);
+            bool ok = false;
+            switch (stored) {
+            case GGUF_TYPE_UINT8: case GGUF_TYPE_INT8: case GGUF_TYPE_UINT16: case GGUF_TYPE_INT16:
+            case GGUF_TYPE_UINT32: case GGUF_TYPE_INT32: case GGUF_TYPE_UINT64: case GGUF_TYPE_INT64:
+                ok = std::holds_alternative<int64_t>(value); break;
+            case GGUF_TYPE_FLOAT32: case GGUF_TYPE_FLOAT64: ok = std::holds_alternative<double>(value); break;
+            case GGUF_TYPE_BOOL: ok = std::holds_alternative<bool>(value); break;
+            case GGUF_TYPE_STRING: ok = std::holds_alternative<std::string>(value); break;
+            default: ok = false; break;
+            }
+            if (!ok) {
+                static const char *names[] = {"bool", "int", "float", "str"};
+                throw InvalidArgumentError("kv_overrides['" + key + "'] is a " + names[value.index()] +
+                                           ", but the model stores a " + gguf_type_name(stored));
+            }
+        }
+    }
+
+    static std::vector<llama_model_kv_override> build_kv_overrides(
+        const std::vector<std::pair<std::string, std::variant<bool, int64_t, double, std::string>>> &overrides) {
+        std::vector<llama_model_kv_override> out;
+        for (const auto &[key, value] : overrides) {
+            llama_model_kv_override o{};
+            if (key.empty() || key.size() >= sizeof(o.key)) {
+                throw InvalidArgumentError("kv_overrides key must have 1 to 127 bytes: '" + key + "'");
+            }
+            std::memcpy(o.key, key.c_str(), key.size() + 1);
+            if (const auto *b = std::get_if<bool>(&value)) {
+                o.tag = LLAMA_KV_OVERRIDE_TYPE_BOOL;
+                o.val_bool = *b;
+            } else if (const auto *i = std::get_if<int64_t>(&value)) {
+                o.tag = LLAMA_KV_OVERRIDE_TYPE_INT;
+                o.val_i64 = *i;
+            } else if (const auto *f = std::get_if<double>(&value)) {
+                o.tag = LLAMA_KV_OVERRIDE_TYPE_FLOAT;
+                o.val_f64 = *f;
+            } else {
+                const auto &str = std::get<std::string>(value);
+                if (str.size() >= sizeof(o.val_str)) {
+                    throw InvalidArgumentError("kv_overrides value of '" + key + "' must have < 128 bytes");
+                }
+                o.tag = LLAMA_KV_OVERRIDE_TYPE_STR;
+                std::memcpy(o.val_str, str.c_str(), str.size() + 1);
+            }
+            out.push_back(o);
+        }
+        out.push_back(llama_model_kv_override{});  // key[0] == 0 ends the list
+        return out;
+    }
+
+    // The devices layers may go to: every local accelerator, and the RPC servers this model
+    // asked for (not those another model registered in this process). Null-terminated.
+    // Local devices are chosen as llama.cpp chooses them when given none: the GPUs, or the
+    // integrated GPUs if there is no discrete one (CPU and accelerator devices never hold layers).
+    static std::vector<ggml_backend_dev_t> offload_devices(const std::vector<std::string> &rpc_servers) {
+        std::vector<ggml_backend_dev_t> gpus, igpus, out;
+        for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+            ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+            if (is_rpc_device(dev)) {
+                const std::string endpoint = ggml_backend_dev_description(dev);
+                if (std::find(rpc_servers.begin(), rpc_servers.end(), endpoint) != rpc_servers.end()) {
+                    out.push_back(dev);
+                }
+            } else if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU) {
+                gpus.push_back(dev);
+            } else if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_IGPU) {
+                igpus.push_back(dev);
+            }
+        }
+        const auto &local = gpus.empty() ? igpus : gpus;
+        out.insert(out.end(), local.begin(), local.end());
+        out.push_back(nullptr);
+        return out;
+    }
+
+    std::vector<float> tensor_split_;
+    std::vector<llama_model_kv_override> kv_overrides_;
+    std::vector<ggml_backend_dev_t> devices_;
+    std::deque<std::string> patterns_;  // stable addresses: overrides_ points into them
+    std::vector<llama_model_tensor_buft_override> overrides_;  // null-terminated when not empty
+};
+
+// A loaded llama_model. The handle is shared with every Context made from it, so closing the
+// Model while a context still runs only drops this object's reference.
+class Model {
+  public:
+    // `progress` (may be null) reports the load; it must outlive the constructor call.
+    Model(const std::string &path, const ModelOptions &options, LoadProgress *progress = nullptr)
+        : path_(path) {
+        QuietScope quiet(!options.verbose);
+        ModelParams built(path, options);
+        llama_model_params params = built.params;
 
         if (progress != nullptr) {
             params.progress_callback = &LoadProgress::call;
@@ -810,98 +1054,6 @@ class Model {
     mutable std::mutex mutex_;  // guards handle_
     ModelHandle handle_;
     const llama_vocab *vocab_ = nullptr;
-    // llama.cpp ignores an override whose type differs from the stored value's, with only a
-    // warning: a silently wrong model. Compare against the file's metadata and refuse instead.
-    static void check_override_types(
-        const std::string &path,
-        const std::vector<std::pair<std::string, std::variant<bool, int64_t, double, std::string>>> &overrides) {
-        gguf_init_params params{/*no_alloc=*/true, /*ctx=*/nullptr};
-        std::unique_ptr<gguf_context, decltype(&gguf_free)> gguf(gguf_init_from_file(path.c_str(), params), &gguf_free);
-        if (!gguf) {
-            return;  // the load itself reports what is wrong with the file
-        }
-        for (const auto &[key, value] : overrides) {
-            const int64_t id = gguf_find_key(gguf.get(), key.c_str());
-            if (id < 0) continue;  // not stored: llama.cpp uses the override where it reads the key
-            const gguf_type stored = gguf_get_kv_type(gguf.get(), id);
-            bool ok = false;
-            switch (stored) {
-            case GGUF_TYPE_UINT8: case GGUF_TYPE_INT8: case GGUF_TYPE_UINT16: case GGUF_TYPE_INT16:
-            case GGUF_TYPE_UINT32: case GGUF_TYPE_INT32: case GGUF_TYPE_UINT64: case GGUF_TYPE_INT64:
-                ok = std::holds_alternative<int64_t>(value); break;
-            case GGUF_TYPE_FLOAT32: case GGUF_TYPE_FLOAT64: ok = std::holds_alternative<double>(value); break;
-            case GGUF_TYPE_BOOL: ok = std::holds_alternative<bool>(value); break;
-            case GGUF_TYPE_STRING: ok = std::holds_alternative<std::string>(value); break;
-            default: ok = false; break;
-            }
-            if (!ok) {
-                static const char *names[] = {"bool", "int", "float", "str"};
-                throw InvalidArgumentError("kv_overrides['" + key + "'] is a " + names[value.index()] +
-                                           ", but the model stores a " + gguf_type_name(stored));
-            }
-        }
-    }
-
-    static std::vector<llama_model_kv_override> build_kv_overrides(
-        const std::vector<std::pair<std::string, std::variant<bool, int64_t, double, std::string>>> &overrides) {
-        std::vector<llama_model_kv_override> out;
-        for (const auto &[key, value] : overrides) {
-            llama_model_kv_override o{};
-            if (key.empty() || key.size() >= sizeof(o.key)) {
-                throw InvalidArgumentError("kv_overrides key must have 1 to 127 bytes: '" + key + "'");
-            }
-            std::memcpy(o.key, key.c_str(), key.size() + 1);
-            if (const auto *b = std::get_if<bool>(&value)) {
-                o.tag = LLAMA_KV_OVERRIDE_TYPE_BOOL;
-                o.val_bool = *b;
-            } else if (const auto *i = std::get_if<int64_t>(&value)) {
-                o.tag = LLAMA_KV_OVERRIDE_TYPE_INT;
-                o.val_i64 = *i;
-            } else if (const auto *f = std::get_if<double>(&value)) {
-                o.tag = LLAMA_KV_OVERRIDE_TYPE_FLOAT;
-                o.val_f64 = *f;
-            } else {
-                const auto &str = std::get<std::string>(value);
-                if (str.size() >= sizeof(o.val_str)) {
-                    throw InvalidArgumentError("kv_overrides value of '" + key + "' must have < 128 bytes");
-                }
-                o.tag = LLAMA_KV_OVERRIDE_TYPE_STR;
-                std::memcpy(o.val_str, str.c_str(), str.size() + 1);
-            }
-            out.push_back(o);
-        }
-        out.push_back(llama_model_kv_override{});  // key[0] == 0 ends the list
-        return out;
-    }
-
-    // The devices layers may go to: every local accelerator, and the RPC servers this model
-    // asked for (not those another model registered in this process). Null-terminated.
-    // Local devices are chosen as llama.cpp chooses them when given none: the GPUs, or the
-    // integrated GPUs if there is no discrete one (CPU and accelerator devices never hold layers).
-    static std::vector<ggml_backend_dev_t> offload_devices(const std::vector<std::string> &rpc_servers) {
-        std::vector<ggml_backend_dev_t> gpus, igpus, out;
-        for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
-            ggml_backend_dev_t dev = ggml_backend_dev_get(i);
-            if (is_rpc_device(dev)) {
-                const std::string endpoint = ggml_backend_dev_description(dev);
-                if (std::find(rpc_servers.begin(), rpc_servers.end(), endpoint) != rpc_servers.end()) {
-                    out.push_back(dev);
-                }
-            } else if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU) {
-                gpus.push_back(dev);
-            } else if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_IGPU) {
-                igpus.push_back(dev);
-            }
-        }
-        const auto &local = gpus.empty() ? igpus : gpus;
-        out.insert(out.end(), local.begin(), local.end());
-        out.push_back(nullptr);
-        return out;
-    }
-
-    std::vector<float> tensor_split_;  // must outlive the load call
-    std::vector<llama_model_kv_override> kv_overrides_;
-    std::vector<ggml_backend_dev_t> devices_;
 };
 
 // Runs f(model, vocab) holding the model's handle (ClosedError once the model is closed).
@@ -976,6 +1128,37 @@ void set_context_loras(llama_context *ctx, const LoraSet &loras) {
     }
 }
 
+// -- Memory: llama.cpp's own accounting of what a context and its model hold, by device.
+
+// {device name: {"model": bytes, "context": bytes, "compute": bytes}}: every device of the
+// model and "CPU", host buffer types (mapped files, pinned memory) counted as "CPU", as
+// llama.cpp's common_memory_breakdown_print counts them.
+using MemoryBreakdown = std::map<std::string, std::map<std::string, size_t>>;
+
+MemoryBreakdown memory_breakdown(const llama_context *ctx) {
+    MemoryBreakdown out;
+    auto add = [&](const std::string &device, const llama_memory_breakdown_data &mb) {
+        auto &row = out[device];
+        row["model"] += mb.model;
+        row["context"] += mb.context;
+        row["compute"] += mb.compute;
+    };
+    const llama_model *model = llama_get_model(ctx);
+    add("CPU", {});
+    for (int32_t i = 0; i < llama_model_n_devices(model); ++i) {
+        add(ggml_backend_dev_name(llama_model_get_device(model, i)), {});
+    }
+    for (const auto &[buft, mb] : llama_get_memory_breakdown(ctx)) {
+        ggml_backend_dev_t dev = ggml_backend_buft_is_host(buft) ? nullptr : ggml_backend_buft_get_device(buft);
+        if (dev != nullptr) {
+            add(ggml_backend_dev_name(dev), mb);
+        } else {
+            add(ggml_backend_buft_is_host(buft) ? "CPU" : ggml_backend_buft_name(buft), mb);
+        }
+    }
+    return out;
+}
+
 void bind_model(nb::module_ &m) {
     nb::class_<ModelOptions>(m, "ModelOptions", "Options for loading a model (llama_model_params).")
         .def(nb::init<>())
@@ -989,6 +1172,11 @@ void bind_model(nb::module_ &m) {
         .def_rw("check_tensors", &ModelOptions::check_tensors)
         .def_rw("verbose", &ModelOptions::verbose)
         .def_rw("rpc_servers", &ModelOptions::rpc_servers)
+        .def_rw("tensor_overrides", &ModelOptions::tensor_overrides,
+                "(regex, device name) pairs, as llama.cpp's --override-tensor; the first match wins.")
+        .def_rw("cpu_moe", &ModelOptions::cpu_moe, "Every expert tensor in host memory (--cpu-moe).")
+        .def_rw("n_cpu_moe", &ModelOptions::n_cpu_moe,
+                "The expert tensors of the first N layers in host memory (--n-cpu-moe).")
         .def_rw("kv_overrides", &ModelOptions::kv_overrides)
         .def_prop_rw(
             "progress_callback", [](const ModelOptions &o) { return o.progress_callback; },
@@ -2915,6 +3103,11 @@ class Context {
         return state_->n_ctx();
     }
 
+    MemoryBreakdown memory_use() {
+        ContextLock lock(*state_, Access::read);
+        return memory_breakdown(state_->get());
+    }
+
     // -- LoRA: llama.cpp applies adapters per context; the KV cache was computed with the
     // previous weights, so it is emptied whenever the applied set or a scale changes.
 
@@ -3333,6 +3526,8 @@ void bind_context(nb::module_ &m) {
              "Stop any running call at its next step, wait for it, free the context. Idempotent.")
         .def_prop_ro("closed", &Context::closed)
         .def("n_ctx", &Context::n_ctx, nb::call_guard<nb::gil_scoped_release>())
+        .def("memory_breakdown", &Context::memory_use, nb::call_guard<nb::gil_scoped_release>(),
+             "llama.cpp's accounting by device: {name: {'model', 'context', 'compute': bytes}}.")
         .def("n_batch", &Context::n_batch, nb::call_guard<nb::gil_scoped_release>())
         .def("n_ubatch", &Context::n_ubatch, nb::call_guard<nb::gil_scoped_release>())
         .def("n_seq_max", &Context::n_seq_max, nb::call_guard<nb::gil_scoped_release>())
@@ -4026,13 +4221,23 @@ class Engine {
         std::lock_guard<std::mutex> lock(close_mutex_);
         if (scheduler_.joinable()) scheduler_.join();
         batch_.reset();
-        ctx_.reset();
+        {
+            std::lock_guard<std::mutex> ctx_lock(ctx_mutex_);
+            ctx_.reset();
+        }
         applied_.clear();
         std::lock_guard<std::mutex> queue_lock(queue_->mutex);  // guards model_ against submit()
         model_.reset();
     }
 
     bool closed() const { return closed_.load(); }
+
+    // Read from any thread: the scheduler holds ctx_mutex_ while it decodes.
+    MemoryBreakdown memory_use() const {
+        std::lock_guard<std::mutex> lock(ctx_mutex_);
+        if (!ctx_) throw ClosedError("the pool is closed");
+        return memory_breakdown(ctx_.get());
+    }
 
     EngineStats stats() const {
         EngineStats s;
@@ -4356,7 +4561,11 @@ class Engine {
             slot->n_in_batch = n;
         }
 
-        const int32_t rc = llama_decode(ctx_.get(), b);
+        int32_t rc = 0;
+        {
+            std::lock_guard<std::mutex> lock(ctx_mutex_);  // a decode may grow the compute buffers
+            rc = llama_decode(ctx_.get(), b);
+        }
         ++n_decode_calls_;
         if (rc == 2 && aborting_.load()) return;  // closing: run() fails what is left
         if (rc != 0) {
@@ -4451,6 +4660,8 @@ class Engine {
     std::array<int64_t, kQueueTimeBounds.size() + 1> queue_time_counts_{};
     double queue_time_sum_ = 0.0;
     std::mutex close_mutex_;  // one closer joins the scheduler
+    // Guards ctx_'s buffers against memory_use(): held around llama_decode and the free.
+    mutable std::mutex ctx_mutex_;
     std::thread scheduler_;   // last: started once everything above exists
 };
 
@@ -4519,7 +4730,128 @@ void bind_engine(nb::module_ &m) {
              "Stop the scheduler, fail unfinished requests with ClosedError, free the context. Idempotent.")
         .def_prop_ro("closed", &Engine::closed)
         .def_prop_ro("n_ctx_seq", &Engine::n_ctx_seq, "Tokens each sequence may hold.")
-        .def("stats", &Engine::stats, nb::call_guard<nb::gil_scoped_release>());
+        .def("stats", &Engine::stats, nb::call_guard<nb::gil_scoped_release>())
+        .def("memory_breakdown", &Engine::memory_use, nb::call_guard<nb::gil_scoped_release>(),
+             "llama.cpp's accounting by device: {name: {'model', 'context', 'compute': bytes}}.");
+}
+
+// =====================================================================================
+// Fitting: llama.cpp's common_fit_params chooses GPU layers, expert overrides and the
+// context size for each device's free memory, by loading the model without allocating.
+// =====================================================================================
+
+struct FitDevice {
+    std::string name;
+    int64_t free = 0;
+    int64_t total = 0;
+    size_t model = 0;
+    size_t context = 0;
+    size_t compute = 0;
+};
+
+struct FitResult {
+    int status = COMMON_PARAMS_FIT_STATUS_SUCCESS;  // common_params_fit_status
+    int32_t n_gpu_layers = 0;
+    uint32_t n_ctx = 0;
+    std::vector<float> tensor_split;  // empty: llama.cpp decides
+    std::vector<std::pair<std::string, std::string>> tensor_overrides;  // (regex, device name)
+    std::vector<FitDevice> devices;  // projected use with the chosen parameters; "CPU" last
+    uint32_t n_layer = 0;
+    uint32_t n_ctx_train = 0;
+    uint32_t n_expert = 0;
+};
+
+// common_fit_params swaps llama.cpp's process-wide log callback while it runs (and restores
+// it after): two at once would restore each other's. One fit at a time in this process.
+std::mutex fit_mutex;
+
+std::string buffer_type_device(ggml_backend_buffer_type_t buft) {
+    if (buft == nullptr || ggml_backend_buft_is_host(buft)) return "CPU";
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(buft);
+    return dev != nullptr ? ggml_backend_dev_name(dev) : ggml_backend_buft_name(buft);
+}
+
+FitResult fit_params(const std::string &path, const ModelOptions &options, const ContextOptions &context,
+                     size_t margin, uint32_t n_ctx_min) {
+    QuietScope quiet(!options.verbose);
+    ModelParams built(path, options);
+    llama_model_params mparams = built.params;
+    llama_context_params cparams = context_params(context);
+    // Writable buffers of the sizes common_fit_params asks for, holding what the caller set.
+    std::vector<float> split(llama_max_devices(), 0.0f);
+    if (mparams.tensor_split != nullptr) {
+        std::copy(mparams.tensor_split, mparams.tensor_split + llama_max_devices(), split.begin());
+        mparams.tensor_split = split.data();
+    }
+    std::vector<llama_model_tensor_buft_override> overrides(llama_max_tensor_buft_overrides(), {nullptr, nullptr});
+    const auto given = built.tensor_overrides();
+    std::copy(given.begin(), given.end(), overrides.begin());
+    if (!given.empty()) mparams.tensor_buft_overrides = overrides.data();
+    std::vector<size_t> margins(llama_max_devices(), margin);
+
+    FitResult result;
+    std::vector<ggml_backend_dev_t> devs;
+    common_device_memory_data_vec projected;
+    {
+        std::lock_guard<std::mutex> lock(fit_mutex);
+        tl_last_errors.clear();
+        result.status = common_fit_params(path.c_str(), &mparams, &cparams, split.data(), overrides.data(),
+                                          margins.data(), n_ctx_min, nullptr, GGML_LOG_LEVEL_ERROR);
+        if (result.status == COMMON_PARAMS_FIT_STATUS_ERROR) {
+            throw ModelLoadError("cannot fit '" + path + "' to device memory: " +
+                                 last_errors_or("llama.cpp could not load it (see the llama_cpp log)"));
+        }
+        try {
+            projected = common_get_device_memory_data(path.c_str(), &mparams, &cparams, devs, result.n_layer,
+                                                      result.n_ctx_train, result.n_expert, GGML_LOG_LEVEL_ERROR);
+        } catch (const std::runtime_error &e) {
+            throw ModelLoadError("cannot project the memory of '" + path + "': " + e.what() + ": " +
+                                 last_errors_or("see the llama_cpp log"));
+        }
+    }
+    result.n_gpu_layers = mparams.n_gpu_layers;
+    result.n_ctx = cparams.n_ctx;
+    if (mparams.tensor_split != nullptr && std::any_of(split.begin(), split.end(), [](float f) { return f != 0.0f; })) {
+        size_t n = split.size();
+        while (n > 0 && split[n - 1] == 0.0f) --n;
+        result.tensor_split.assign(split.begin(), split.begin() + static_cast<std::ptrdiff_t>(n));
+    }
+    if (mparams.tensor_buft_overrides != nullptr) {
+        for (const auto *o = mparams.tensor_buft_overrides; o->pattern != nullptr; ++o) {
+            result.tensor_overrides.emplace_back(o->pattern, buffer_type_device(o->buft));
+        }
+    }
+    for (size_t i = 0; i < projected.size(); ++i) {
+        const auto &d = projected[i];
+        result.devices.push_back({i < devs.size() ? ggml_backend_dev_name(devs[i]) : "CPU", d.free, d.total,
+                                  d.model, d.context, d.compute});
+    }
+    return result;
+}
+
+void bind_fit(nb::module_ &m) {
+    nb::class_<FitDevice>(m, "FitDevice", "One device's memory, as common_fit_params projects it.")
+        .def_ro("name", &FitDevice::name)
+        .def_ro("free", &FitDevice::free)
+        .def_ro("total", &FitDevice::total)
+        .def_ro("model", &FitDevice::model)
+        .def_ro("context", &FitDevice::context)
+        .def_ro("compute", &FitDevice::compute);
+    nb::class_<FitResult>(m, "FitResult", "What common_fit_params chose.")
+        .def_ro("status", &FitResult::status, "0 success, 1 failure (no placement projected to fit).")
+        .def_ro("n_gpu_layers", &FitResult::n_gpu_layers)
+        .def_ro("n_ctx", &FitResult::n_ctx)
+        .def_ro("tensor_split", &FitResult::tensor_split)
+        .def_ro("tensor_overrides", &FitResult::tensor_overrides)
+        .def_ro("devices", &FitResult::devices)
+        .def_ro("n_layer", &FitResult::n_layer)
+        .def_ro("n_ctx_train", &FitResult::n_ctx_train)
+        .def_ro("n_expert", &FitResult::n_expert);
+    m.def("fit_params", &fit_params, "path"_a, "model"_a, "context"_a, "margin"_a, "n_ctx_min"_a,
+          nb::call_guard<nb::gil_scoped_release>(),
+          "Run llama.cpp's common_fit_params (one at a time in the process), then project the memory of "
+          "what it chose. Raises ModelLoadError if the file does not load, InvalidArgumentError for bad "
+          "options.");
 }
 
 }  // namespace
@@ -4537,4 +4869,5 @@ NB_MODULE(_core, m) {
     bind_context(m);
     bind_generation(m);
     bind_engine(m);
+    bind_fit(m);
 }

@@ -49,6 +49,7 @@ from llama_cpp.hooks import LogitsProcessorList, StoppingCriteriaList
 from llama_cpp.llama import Llama
 from llama_cpp.llama_cpp import llama_model_get_vocab, llama_token_to_piece
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
+from llama_cpp.placement import DeviceMemory, FitPlan, MemoryBreakdown, plan_fit
 from llama_cpp.pool import LlamaPool
 from llama_cpp.results import Completion, Perf, PoolStats
 from llama_cpp.state import LlamaState
@@ -69,6 +70,8 @@ __all__ = [
     "ContextParams",
     "DecodeError",
     "Device",
+    "DeviceMemory",
+    "FitPlan",
     "GenerationCancelled",
     "GenerationStream",
     "GrammarError",
@@ -82,6 +85,7 @@ __all__ = [
     "LlamaTokenizer",
     "LogitsProcessorList",
     "LoraAdapter",
+    "MemoryBreakdown",
     "Model",
     "ModelFamily",
     "ModelLoadError",
@@ -103,6 +107,7 @@ __all__ = [
     "lib_dir",
     "llama_model_get_vocab",
     "llama_token_to_piece",
+    "plan_fit",
     "set_native_log_level",
     "system_info",
 ]

@@ -109,6 +109,14 @@ def rpc_register(endpoints: Sequence[str]) -> None:
     Connect to ggml-rpc-server processes ('host:port') and register their devices.
     """
 
+def numa_init(strategy: str) -> None:
+    """
+    llama_numa_init with 'distribute', 'isolate' or 'numactl', once per process. Raises InvalidArgumentError for another name, or for a strategy other than the one already set.
+    """
+
+def numa_strategy() -> str | None:
+    """The NUMA strategy set in this process (None: none)."""
+
 class ModelOptions:
     """Options for loading a model (llama_model_params)."""
 
@@ -173,6 +181,29 @@ class ModelOptions:
 
     @rpc_servers.setter
     def rpc_servers(self, arg: Sequence[str], /) -> None: ...
+
+    @property
+    def tensor_overrides(self) -> list[tuple[str, str]]:
+        """
+        (regex, device name) pairs, as llama.cpp's --override-tensor; the first match wins.
+        """
+
+    @tensor_overrides.setter
+    def tensor_overrides(self, arg: Sequence[tuple[str, str]], /) -> None: ...
+
+    @property
+    def cpu_moe(self) -> bool:
+        """Every expert tensor in host memory (--cpu-moe)."""
+
+    @cpu_moe.setter
+    def cpu_moe(self, arg: bool, /) -> None: ...
+
+    @property
+    def n_cpu_moe(self) -> int:
+        """The expert tensors of the first N layers in host memory (--n-cpu-moe)."""
+
+    @n_cpu_moe.setter
+    def n_cpu_moe(self, arg: int, /) -> None: ...
 
     @property
     def kv_overrides(self) -> list[tuple[str, bool | int | float | str]]: ...
@@ -932,6 +963,11 @@ class Context:
 
     def n_ctx(self) -> int: ...
 
+    def memory_breakdown(self) -> dict[str, dict[str, int]]:
+        """
+        llama.cpp's accounting by device: {name: {'model', 'context', 'compute': bytes}}.
+        """
+
     def n_batch(self) -> int: ...
 
     def n_ubatch(self) -> int: ...
@@ -1241,3 +1277,65 @@ class Engine:
         """Tokens each sequence may hold."""
 
     def stats(self) -> EngineStats: ...
+
+    def memory_breakdown(self) -> dict[str, dict[str, int]]:
+        """
+        llama.cpp's accounting by device: {name: {'model', 'context', 'compute': bytes}}.
+        """
+
+class FitDevice:
+    """One device's memory, as common_fit_params projects it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def free(self) -> int: ...
+
+    @property
+    def total(self) -> int: ...
+
+    @property
+    def model(self) -> int: ...
+
+    @property
+    def context(self) -> int: ...
+
+    @property
+    def compute(self) -> int: ...
+
+class FitResult:
+    """What common_fit_params chose."""
+
+    @property
+    def status(self) -> int:
+        """0 success, 1 failure (no placement projected to fit)."""
+
+    @property
+    def n_gpu_layers(self) -> int: ...
+
+    @property
+    def n_ctx(self) -> int: ...
+
+    @property
+    def tensor_split(self) -> list[float]: ...
+
+    @property
+    def tensor_overrides(self) -> list[tuple[str, str]]: ...
+
+    @property
+    def devices(self) -> list[FitDevice]: ...
+
+    @property
+    def n_layer(self) -> int: ...
+
+    @property
+    def n_ctx_train(self) -> int: ...
+
+    @property
+    def n_expert(self) -> int: ...
+
+def fit_params(path: str, model: ModelOptions, context: ContextOptions, margin: int, n_ctx_min: int) -> FitResult:
+    """
+    Run llama.cpp's common_fit_params (one at a time in the process), then project the memory of what it chose. Raises ModelLoadError if the file does not load, InvalidArgumentError for bad options.
+    """

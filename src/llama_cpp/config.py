@@ -71,6 +71,23 @@ class LlamaConfig:
     #: loading thread); returning False cancels the load (ModelLoadError), and so does
     #: raising (the ModelLoadError's cause is the callback's exception).
     progress_callback: Callable[[float], bool | None] | None = field(default=None, compare=False, repr=False)
+    #: Placement, as llama.cpp's --override-tensor / --cpu-moe / --n-cpu-moe: ``(regex,
+    #: device)`` pairs (device names as :func:`llama_cpp.devices` lists them, or llama.cpp's
+    #: ``"REGEX=DEVICE,..."`` string); the first pair whose regex is found in a tensor's name
+    #: places it. Then ``cpu_moe`` keeps every expert tensor in host memory, ``n_cpu_moe``
+    #: those of the first N layers.
+    tensor_overrides: Sequence[tuple[str, str]] | str | None = None
+    cpu_moe: bool = False
+    n_cpu_moe: int = 0
+    #: Fit to free device memory before loading (llama.cpp's common_fit_params, see
+    #: :func:`llama_cpp.plan_fit`): each device keeps ``fit_margin`` bytes free, and a context
+    #: of ``n_ctx=0`` is lowered no further than ``fit_min_ctx``.
+    fit: bool = False
+    fit_margin: int = 1 << 30
+    fit_min_ctx: int = 4096
+    #: llama.cpp's NUMA strategy for the process: "distribute", "isolate" or "numactl" (True:
+    #: "distribute"; llama-cpp-python's ints 1-3 too); set once per process.
+    numa: bool | int | str = False
 
     def __post_init__(self) -> None:
         _at_least("n_ctx", self.n_ctx, 0)
@@ -91,6 +108,31 @@ class LlamaConfig:
             raise InvalidArgumentError(
                 f"progress_callback must be a callable or None, got {self.progress_callback!r}"
             )
+        if self.tensor_overrides is not None:
+            check_tensor_overrides(self.tensor_overrides)
+        _at_least("n_cpu_moe", self.n_cpu_moe, 0)
+        _at_least("fit_margin", self.fit_margin, 0)
+        _at_least("fit_min_ctx", self.fit_min_ctx, 0)
+        self.numa_strategy()
+
+    def numa_strategy(self) -> str | None:
+        """``numa`` as llama.cpp names the strategy (None: leave NUMA alone).
+
+        Raises:
+            InvalidArgumentError: Not a strategy.
+        """
+        numa = self.numa
+        if numa is None or numa is False or numa in {0, "disabled"}:
+            return None
+        if numa is True:
+            return "distribute"
+        if isinstance(numa, int) and numa in NUMA_STRATEGIES:
+            return NUMA_STRATEGIES[numa]
+        if isinstance(numa, str) and numa in NUMA_STRATEGIES.values():
+            return numa
+        raise InvalidArgumentError(
+            f"numa must be one of 'distribute', 'isolate', 'numactl' or a bool, got {numa!r}"
+        )
 
     def model_options(self) -> _core.ModelOptions:
         options = _core.ModelOptions()
@@ -104,6 +146,9 @@ class LlamaConfig:
         options.kv_overrides = list((self.kv_overrides or {}).items())
         options.verbose = self.verbose
         options.progress_callback = self.progress_callback
+        options.tensor_overrides = list(check_tensor_overrides(self.tensor_overrides or ()))
+        options.cpu_moe = self.cpu_moe
+        options.n_cpu_moe = self.n_cpu_moe
         if isinstance(self.rpc_servers, str):  # llama-cpp-python's "host:port,host:port"
             options.rpc_servers = [s.strip() for s in self.rpc_servers.split(",") if s.strip()]
         else:
@@ -144,6 +189,52 @@ class LlamaConfig:
         options.stream_timeout = float(self.stream_timeout)
         options.verbose = self.verbose
         return options
+
+
+#: ggml's enum ggml_numa_strategy, as llama-cpp-python passes it (an int).
+NUMA_STRATEGIES = {1: "distribute", 2: "isolate", 3: "numactl"}
+
+
+def parse_tensor_overrides(text: str) -> list[tuple[str, str]]:
+    """llama.cpp's ``--override-tensor`` syntax, ``REGEX=DEVICE[,REGEX=DEVICE...]``, as pairs.
+
+    Split as llama.cpp splits it: at every comma, then at the first ``=`` (so a regex can
+    hold neither a comma nor ``=``; pass pairs to keep them).
+
+    Raises:
+        InvalidArgumentError: An item without ``=``.
+    """
+    pairs: list[tuple[str, str]] = []
+    for item in text.split(","):
+        pattern, sep, device = item.partition("=")
+        if not sep:
+            raise InvalidArgumentError(f"tensor override {item!r} is not REGEX=DEVICE")
+        pairs.append((pattern, device))
+    return pairs
+
+
+def check_tensor_overrides(value: object) -> tuple[tuple[str, str], ...]:
+    """``tensor_overrides`` as pairs: a sequence of ``(regex, device)`` or llama.cpp's string.
+    (The regexes and devices are checked where the model loads, against llama.cpp's engine.)
+
+    Raises:
+        InvalidArgumentError: Anything else.
+    """
+    if isinstance(value, str):
+        return tuple(parse_tensor_overrides(value))
+    if not isinstance(value, Sequence):
+        raise InvalidArgumentError(f"tensor_overrides must be (regex, device) pairs, got {value!r}")
+    pairs: list[tuple[str, str]] = []
+    for item in value:
+        if (
+            isinstance(item, str)
+            or not isinstance(item, Sequence)
+            or len(item) != 2
+            or not all(isinstance(x, str) for x in item)
+        ):
+            raise InvalidArgumentError(f"tensor_overrides must be (regex, device) pairs of str, got {item!r}")
+        pairs.append((item[0], item[1]))
+    return tuple(pairs)
 
 
 # llama.h's enum llama_load_mode, which replaced llama-cpp-python's use_mmap / use_mlock flags.
@@ -296,7 +387,7 @@ DEFAULTS: dict[str, object] = {f.name: f.default for f in fields(LlamaConfig)}
 #: lora_base is stored and never read by llama-cpp-python 0.3; n_parts and f16_kv are older
 #: names (the KV cache is f16 unless type_k/type_v say otherwise) that LangChain still passes.
 IGNORED_OPTIONS = frozenset(
-    {"numa", "last_n_tokens_size", "logits_all", "draft_model", "lora_base", "n_parts", "f16_kv"}
+    {"last_n_tokens_size", "logits_all", "draft_model", "lora_base", "n_parts", "f16_kv"}
 )
 
 

@@ -39,6 +39,7 @@ from llama_cpp.grammar import LlamaGrammar
 from llama_cpp.llama_types import (
     CreateEmbeddingResponse,
 )
+from llama_cpp.placement import FitPlan, MemoryBreakdown, prepare_load
 from llama_cpp.request import Request, RequestBuilder
 from llama_cpp.results import Completion, Perf
 from llama_cpp.state import LlamaState
@@ -73,6 +74,21 @@ class Llama(FrontEnd):
         kv_overrides: GGUF metadata to override at load (bool, int, float or str values).
         rpc_servers: ``ggml-rpc-server`` endpoints ("host:port", a list or llama-cpp-python's
             comma-separated string) whose devices take offloaded layers (see ``n_gpu_layers``).
+        tensor_overrides: Ours, llama.cpp's ``--override-tensor``: ``(regex, device)`` pairs
+            (devices as :func:`llama_cpp.devices` names them: ``"CPU"``, ``"CUDA0"``,
+            ``"RPC0[host:port]"``), or its ``"REGEX=DEVICE,..."`` string. A tensor goes to the
+            device of the first pair whose regex is found in its name (``std::regex``, as
+            llama.cpp matches). Checked before loading.
+        cpu_moe: Ours (``--cpu-moe``): every MoE expert tensor stays in host memory.
+        n_cpu_moe: Ours (``--n-cpu-moe``): the expert tensors of the first N layers do.
+        fit: Ours (llama.cpp's ``--fit``): before loading, choose ``n_gpu_layers`` (when 0 or
+            -1), expert overrides (when none are given) and ``n_ctx`` (when 0) for each
+            device's free memory; :attr:`fit_plan` says what was chosen and why (see
+            :func:`llama_cpp.plan_fit`).
+        fit_margin: Bytes each device keeps free when fitting (default 1 GiB).
+        fit_min_ctx: The smallest context the fit lowers ``n_ctx=0`` to (default 4096).
+        numa: llama.cpp's NUMA strategy, once per process: "distribute" (or True),
+            "isolate", "numactl" (or llama-cpp-python's ints 1-3); False leaves it alone.
         seed: Default sampling seed (``DEFAULT_SEED`` or -1: random each generation).
         n_ctx: Context window in tokens (0: the model's training context).
         n_batch: Largest number of tokens decoded in one llama_decode call.
@@ -104,7 +120,9 @@ class Llama(FrontEnd):
     Raises:
         ModelLoadError: The file is missing, unreadable or not a loadable GGUF model, or the
             progress callback cancelled the load.
-        InvalidArgumentError: An argument is out of range.
+        InvalidArgumentError: An argument is out of range; an invalid ``tensor_overrides``
+            regex or an unknown device (before anything loads); a ``numa`` strategy other
+            than the one this process already set.
     """
 
     def __init__(
@@ -112,7 +130,8 @@ class Llama(FrontEnd):
     ) -> None:
         config = resolve_config("Llama", config, options)
         path = os.fspath(model_path)
-        self._attach(_core.Model(path, config.model_options()), path, config, owns_model=True)
+        config, plan = prepare_load(path, config)
+        self._attach(_core.Model(path, config.model_options()), path, config, owns_model=True, fit_plan=plan)
 
     @classmethod
     def sharing(cls, model: _core.Model, model_path: str, config: LlamaConfig) -> Self:
@@ -166,8 +185,18 @@ class Llama(FrontEnd):
         )
         return cls(path, **options)
 
-    def _attach(self, model: _core.Model, model_path: str, config: LlamaConfig, *, owns_model: bool) -> None:
+    def _attach(
+        self,
+        model: _core.Model,
+        model_path: str,
+        config: LlamaConfig,
+        *,
+        owns_model: bool,
+        fit_plan: FitPlan | None = None,
+    ) -> None:
         self.config = config
+        #: What ``fit=True`` chose (None without it); ``config`` holds the chosen values.
+        self.fit_plan = fit_plan
         self.model_path = model_path
         self.verbose = config.verbose
         self._model: _core.Model | None = model
@@ -229,6 +258,22 @@ class Llama(FrontEnd):
     def n_ctx(self) -> int:
         """The context window in tokens."""
         return self.context.n_ctx()
+
+    def memory_breakdown(self) -> MemoryBreakdown:
+        """What the weights, the context and its compute buffers take on each device, by
+        llama.cpp's own accounting (``llama_get_memory_breakdown``).
+
+        Returns:
+            ``{device: {"model": bytes, "context": bytes, "compute": bytes}}``, a key for
+            every device the model uses and ``"CPU"`` (host memory; with ``use_mmap`` its
+            ``"model"`` is the mapped span of the file, which may include tensors placed
+            elsewhere).
+
+        Raises:
+            LlamaError: The model was loaded with ``vocab_only=True`` (no context).
+            ClosedError: The model is closed.
+        """
+        return self.context.memory_breakdown()
 
     @property
     def model_params(self) -> ModelParams:

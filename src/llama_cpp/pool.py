@@ -42,6 +42,7 @@ from llama_cpp.llama_types import (
     CreateEmbeddingResponse,
 )
 from llama_cpp.params import SamplingParams
+from llama_cpp.placement import FitPlan, MemoryBreakdown, prepare_load
 from llama_cpp.request import Prompt, Request, RequestBuilder
 from llama_cpp.results import PoolStats
 
@@ -65,12 +66,15 @@ class LlamaPool(FrontEnd):
             the window of each sequence (0: the model's window, shared by all); ``n_batch``
             (>= ``pool_size``) caps the tokens decoded per step; ``lora_path`` loads an
             adapter that every request runs with unless it names its own (see
-            :meth:`load_lora`).
+            :meth:`load_lora`). The placement options (``tensor_overrides``, ``cpu_moe``,
+            ``n_cpu_moe``, ``fit``, ``numa``) are :class:`Llama`'s; ``fit`` sizes the context
+            of all ``pool_size`` sequences together (``n_ctx=0``: chosen per sequence).
 
     Raises:
         TypeError: An unknown keyword argument.
         ModelLoadError: The file is missing or not a loadable GGUF model.
-        InvalidArgumentError: An argument is out of range.
+        InvalidArgumentError: An argument is out of range, an invalid ``tensor_overrides``
+            regex or unknown device, or a second, different ``numa`` strategy.
     """
 
     _RUN_KEYWORDS = frozenset({"lora"})
@@ -87,6 +91,9 @@ class LlamaPool(FrontEnd):
         config = resolve_config("LlamaPool", config, options)
         if config.embedding or config.vocab_only:
             raise InvalidArgumentError("a LlamaPool generates text: embedding/vocab_only are not accepted")
+        config, plan = prepare_load(os.fspath(model_path), config, n_seq=pool_size)
+        #: What ``fit=True`` chose (None without it); ``config`` holds the chosen values.
+        self.fit_plan: FitPlan | None = plan
         self.model_path = os.fspath(model_path)
         self.pool_size = pool_size
         self.config = config
@@ -146,6 +153,18 @@ class LlamaPool(FrontEnd):
     def n_ctx(self) -> int:
         """The window of each sequence, in tokens."""
         return self._engine.n_ctx_seq
+
+    def memory_breakdown(self) -> MemoryBreakdown:
+        """What the weights, the shared context of all sequences and its compute buffers take
+        on each device, by llama.cpp's own accounting (see :meth:`Llama.memory_breakdown`).
+
+        Returns:
+            ``{device: {"model": bytes, "context": bytes, "compute": bytes}}``.
+
+        Raises:
+            ClosedError: The pool is closed.
+        """
+        return self._engine.memory_breakdown()
 
     @property
     def model(self) -> _core.Model:

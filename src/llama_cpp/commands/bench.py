@@ -14,7 +14,13 @@ from functools import partial
 from typing import Any
 
 from llama_cpp import Llama, LlamaPool, SamplingParams
-from llama_cpp.commands.common import Subcommands, add_command, load_progress
+from llama_cpp.commands.common import (
+    Subcommands,
+    add_command,
+    add_placement_arguments,
+    load_progress,
+    placement_options,
+)
 
 
 def register(sub: Subcommands) -> None:
@@ -55,6 +61,7 @@ def register(sub: Subcommands) -> None:
     parser.add_argument("-b", "--n-batch", type=int, default=512, help="llama.cpp batch size (default 512)")
     parser.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all usable)")
     parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU")
+    add_placement_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -83,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         "n_threads": args.threads,
         "n_gpu_layers": args.n_gpu_layers,
         "verbose": args.verbose,
+        **placement_options(args),
     }
     rows: list[Row] = []
     with load_progress(args.model) as progress:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from llama_cpp import SamplingParams
 from llama_cpp.commands.progress import load_progress
+from llama_cpp.config import parse_tensor_overrides
 
 if TYPE_CHECKING:
     #: What ``ArgumentParser.add_subparsers`` returns.
@@ -31,7 +32,7 @@ def add_command(
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, n_ctx: int = 2048) -> None:
-    """-m, -c, -t, -ngl."""
+    """-m, -c, -t, -ngl and the placement flags (:func:`add_placement_arguments`)."""
     parser.add_argument("-m", "--model", required=True, help="path to a GGUF file")
     parser.add_argument(
         "-c",
@@ -52,6 +53,51 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, n_ctx: int = 2048) -
         metavar="N",
         help="layers to offload to the GPU (-1: all)",
     )
+    add_placement_arguments(parser)
+
+
+def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    """-ot/--override-tensor, --cpu-moe, --n-cpu-moe, --fit, --numa: llama.cpp's flags."""
+    parser.add_argument(
+        "-ot",
+        "--override-tensor",
+        action="append",
+        default=[],
+        metavar="REGEX=DEVICE,...",
+        help="put tensors whose name matches REGEX on DEVICE (as `llama-cpp info` lists devices); repeatable",
+    )
+    parser.add_argument("--cpu-moe", action="store_true", help="keep every MoE expert tensor in host memory")
+    parser.add_argument(
+        "--n-cpu-moe",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the expert tensors of the first N layers there",
+    )
+    parser.add_argument(
+        "--fit", action="store_true", help="choose GPU layers, expert placement and context for free memory"
+    )
+    parser.add_argument(
+        "--numa", choices=("distribute", "isolate", "numactl"), default=None, help="llama.cpp's NUMA strategy"
+    )
+
+
+def placement_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Llama / LlamaPool keywords of the flags of :func:`add_placement_arguments`.
+
+    Raises:
+        InvalidArgumentError: An ``-ot`` value that is not REGEX=DEVICE.
+    """
+    overrides = [pair for value in args.override_tensor for pair in parse_tensor_overrides(value)]
+    options: dict[str, Any] = {
+        "tensor_overrides": overrides,
+        "cpu_moe": args.cpu_moe,
+        "n_cpu_moe": args.n_cpu_moe,
+    }
+    options["fit"] = args.fit
+    if args.numa is not None:
+        options["numa"] = args.numa
+    return options
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_tokens: int) -> None:
@@ -76,7 +122,12 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_tokens: int) 
 
 def model_options(args: argparse.Namespace) -> dict[str, Any]:
     """The Llama / LlamaPool keywords of the flags of :func:`add_model_arguments`."""
-    return {"n_ctx": args.n_ctx, "n_threads": args.threads, "n_gpu_layers": args.n_gpu_layers}
+    return {
+        "n_ctx": args.n_ctx,
+        "n_threads": args.threads,
+        "n_gpu_layers": args.n_gpu_layers,
+        **placement_options(args),
+    }
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -95,8 +146,10 @@ __all__ = [
     "Subcommands",
     "add_command",
     "add_model_arguments",
+    "add_placement_arguments",
     "add_sampling_arguments",
     "load_progress",
     "model_options",
+    "placement_options",
     "sampling_params",
 ]

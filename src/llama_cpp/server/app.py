@@ -29,14 +29,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from llama_cpp.errors import LlamaError
+from llama_cpp.errors import ClosedError, LlamaError
+from llama_cpp.placement import MemoryBreakdown
 from llama_cpp.server.chat_call import ChatCall, CountTokens
 from llama_cpp.server.errors import APIError, from_library_error
 from llama_cpp.server.llama_routes import llama_router
 from llama_cpp.server.metrics import Metrics
 from llama_cpp.server.middleware import ServerMiddleware
 from llama_cpp.server.openai_routes import openai_router
-from llama_cpp.server.registry import ModelRegistry
+from llama_cpp.server.registry import ModelRegistry, Reranker
 from llama_cpp.server.schemas import DetokenizeRequest, ModelRequest, TemplateRequest, TokenizeRequest
 from llama_cpp.server.service import Service
 from llama_cpp.server.settings import ServerSettings
@@ -74,6 +75,16 @@ def _validation_error(error: RequestValidationError) -> APIError:
     param = ".".join(loc) or None
     return APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param,
                     code="invalid_value")  # fmt: skip
+
+
+def _memory_breakdowns(registry: ModelRegistry) -> dict[str, MemoryBreakdown]:
+    """``memory_breakdown()`` of every resident model (one closed meanwhile is left out)."""
+    out: dict[str, MemoryBreakdown] = {}
+    for alias, model in registry.loaded().items():
+        front = model.llm if isinstance(model, Reranker) else model
+        with contextlib.suppress(ClosedError):
+            out[alias] = front.memory_breakdown()
+    return out
 
 
 def _rss_bytes() -> int | None:
@@ -209,12 +220,21 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.get("/api/v1/memory", tags=["Server"])
     async def memory() -> dict[str, Any]:
-        """The process's resident memory (per-device model / KV / compute bytes: not yet)."""
+        """The process's resident memory, and llama.cpp's accounting of each resident model:
+        ``per_model[alias][device]`` and their sum ``devices[device]``, each
+        ``{"model", "context", "compute"}`` in bytes."""
+        per_model = await asyncio.to_thread(_memory_breakdowns, registry)
+        devices: dict[str, dict[str, int]] = {}
+        for breakdown in per_model.values():
+            for device, use in breakdown.items():
+                total = devices.setdefault(device, {"model": 0, "context": 0, "compute": 0})
+                for kind, size in use.items():
+                    total[kind] += size
         return {
             "rss_bytes": _rss_bytes(),
-            "models": sorted(registry.loaded()),
-            "devices": {},
-            "note": "per-device model, KV and compute bytes are not reported yet",
+            "models": sorted(per_model),
+            "devices": devices,
+            "per_model": per_model,
         }
 
     @app.get("/api/v1/expert-stats", tags=["Server"])

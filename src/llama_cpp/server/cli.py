@@ -13,6 +13,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from llama_cpp.commands.common import add_placement_arguments, placement_options
+from llama_cpp.errors import InvalidArgumentError
+
 __all__ = ["add_serve_command", "main", "serve"]
 
 
@@ -33,12 +36,20 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="accepted API key (repeatable); none: no authentication")  # fmt: skip
     parser.add_argument("--api-key-file", help="a file of API keys, one a line")
     parser.add_argument("--config", help="a JSON or TOML file of settings (see the README's table)")
+    add_placement_arguments(parser)  # the default model's; merged into its options
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = ("model", "alias", "kind", "host", "port", "parallel", "ctx_size", "n_threads", "max_queue",
              "models_max", "max_tokens_limit", "api_keys", "api_key_file")  # fmt: skip
     return {name: getattr(args, name) for name in names}
+
+
+def _placement(args: argparse.Namespace) -> dict[str, Any]:
+    """The placement flags that were given (set over the default model's ``options``)."""
+    return {
+        name: value for name, value in placement_options(args).items() if value not in (False, 0, [], None)
+    }
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -50,8 +61,11 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings(args.config, _overrides(args))
+        placement = _placement(args)
+        if placement:
+            settings = settings.model_copy(update={"options": {**settings.options, **placement}})
         app = create_app(settings)
-    except SettingsError as error:
+    except (SettingsError, InvalidArgumentError) as error:
         print(f"llama-cpp serve: error: {error}", file=sys.stderr)
         return 2
     if not logging.getLogger().handlers:

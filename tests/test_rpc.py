@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,3 +111,34 @@ def test_bad_endpoints_raise(tiny_model_path: Path) -> None:
         endpoint = f"127.0.0.1:{idle.getsockname()[1]}"
         with pytest.raises(LlamaError, match=r"cannot reach the RPC server at 127\.0\.0\.1:"):
             Llama(tiny_model_path, rpc_servers=endpoint)
+
+
+@pytest.mark.timeout(120)
+def test_listing_devices_survives_a_registered_server_that_went_away(tmp_path: Path) -> None:
+    """llama.cpp's RPC client aborts the process on a failed call: devices() probes a
+    registered server before asking it for its memory, and reports it unavailable. In a
+    subprocess, so that a regression fails this test rather than ending the test run."""
+    script = f"""
+from pathlib import Path
+import llama_cpp
+from llama_cpp import Llama
+from llama_cpp.testing import write_tiny_llama
+from rpc_harness import rpc_server
+
+model = write_tiny_llama({str(tmp_path / "tiny.gguf")!r})
+with rpc_server(Path({str(tmp_path / "server.log")!r})) as endpoint:
+    with Llama(model, n_ctx=64, n_gpu_layers=-1, rpc_servers=[endpoint], verbose=False) as llm:
+        llm.complete("a", max_tokens=2)
+    alive = [d for d in llama_cpp.devices() if d.description == endpoint]
+    assert [d.available for d in alive] == [True], alive
+    assert alive[0].memory_total > 0
+gone = [d for d in llama_cpp.devices() if d.description == endpoint]
+assert [(d.available, d.memory_total) for d in gone] == [(False, 0)], gone
+print("alive after", endpoint, "went away")
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}  # for rpc_harness
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=100, check=False, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "alive after" in done.stdout

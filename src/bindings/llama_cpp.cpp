@@ -333,6 +333,7 @@ struct Device {
     std::string type;
     size_t memory_free = 0;
     size_t memory_total = 0;
+    bool available = true;  // false: an RPC server that does not answer now
 };
 
 std::once_flag backend_once;
@@ -348,25 +349,6 @@ void backend_init(const std::string &backend_dir) {
     });
 }
 
-std::vector<Device> list_devices() {
-    std::vector<Device> devices;
-    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
-        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
-        Device d;
-        d.name = ggml_backend_dev_name(dev);
-        d.description = ggml_backend_dev_description(dev);
-        switch (ggml_backend_dev_type(dev)) {
-        case GGML_BACKEND_DEVICE_TYPE_CPU: d.type = "cpu"; break;
-        case GGML_BACKEND_DEVICE_TYPE_GPU: d.type = "gpu"; break;
-        case GGML_BACKEND_DEVICE_TYPE_IGPU: d.type = "igpu"; break;
-        case GGML_BACKEND_DEVICE_TYPE_ACCEL: d.type = "accel"; break;
-        default: d.type = "other"; break;
-        }
-        ggml_backend_dev_memory(dev, &d.memory_free, &d.memory_total);
-        devices.push_back(std::move(d));
-    }
-    return devices;
-}
 
 // -- RPC: llama.cpp's RPC backend puts layers on ggml-rpc-server processes, here or on other
 // machines. A server's devices are registered once per process (llama.cpp keeps them);
@@ -472,6 +454,33 @@ bool is_rpc_device(ggml_backend_dev_t dev) {
     return reg.rfind("RPC", 0) == 0;
 }
 
+std::vector<Device> list_devices() {
+    std::vector<Device> devices;
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        Device d;
+        d.name = ggml_backend_dev_name(dev);
+        d.description = ggml_backend_dev_description(dev);
+        switch (ggml_backend_dev_type(dev)) {
+        case GGML_BACKEND_DEVICE_TYPE_CPU: d.type = "cpu"; break;
+        case GGML_BACKEND_DEVICE_TYPE_GPU: d.type = "gpu"; break;
+        case GGML_BACKEND_DEVICE_TYPE_IGPU: d.type = "igpu"; break;
+        case GGML_BACKEND_DEVICE_TYPE_ACCEL: d.type = "accel"; break;
+        default: d.type = "other"; break;
+        }
+        // Asking a registered RPC server that has since gone away for its memory would abort
+        // the process (llama.cpp's RPC client aborts on a failed call): probe it first.
+        if (is_rpc_device(dev)) {
+            const size_t colon = d.description.rfind(':');
+            d.available = colon != std::string::npos &&
+                          tcp_reachable(d.description.substr(0, colon), d.description.substr(colon + 1), 1000);
+        }
+        if (d.available) ggml_backend_dev_memory(dev, &d.memory_free, &d.memory_total);
+        devices.push_back(std::move(d));
+    }
+    return devices;
+}
+
 void bind_backend(nb::module_ &m) {
     m.def("backend_init", &backend_init, "backend_dir"_a,
           "Load backend modules from ``backend_dir`` (portable builds) and initialise llama.cpp. "
@@ -492,6 +501,8 @@ void bind_backend(nb::module_ &m) {
         .def_ro("type", &Device::type, "'cpu', 'gpu', 'igpu', 'accel' or 'other'.")
         .def_ro("memory_free", &Device::memory_free, "Free memory in bytes.")
         .def_ro("memory_total", &Device::memory_total, "Total memory in bytes.")
+        .def_ro("available", &Device::available,
+                "False for an RPC server that does not answer now (its memory then reads 0).")
         .def("__repr__", [](const Device &d) {
             return "Device(name='" + d.name + "', type='" + d.type + "', description='" +
                    d.description + "')";

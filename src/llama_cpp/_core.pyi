@@ -99,6 +99,12 @@ class Device:
     def memory_total(self) -> int:
         """Total memory in bytes."""
 
+    @property
+    def available(self) -> bool:
+        """
+        False for an RPC server that does not answer now (its memory then reads 0).
+        """
+
     def __repr__(self) -> str: ...
 
 def devices() -> list[Device]:

@@ -18,6 +18,7 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
@@ -63,6 +64,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -2727,10 +2729,10 @@ void bind_experts(nb::module_ &m) {
                 const size_t rows = s.layers.size();
                 const auto n_expert = static_cast<size_t>(self.n_expert());
                 const auto k = static_cast<size_t>(self.n_expert_used());
-                return nb::make_tuple(owned_array<int32_t, 1>(std::move(s.layers), {rows}),
-                                      owned_array<int64_t, 2>(std::move(s.counts), {rows, n_expert}),
-                                      owned_array<int64_t, 1>(std::move(s.tokens), {rows}),
-                                      owned_array<int32_t, 3>(std::move(s.trace), {s.n_trace, rows, k}),
+                return std::make_tuple(owned_array<int32_t, 1>(std::move(s.layers), {rows}),
+                                       owned_array<int64_t, 2>(std::move(s.counts), {rows, n_expert}),
+                                       owned_array<int64_t, 1>(std::move(s.tokens), {rows}),
+                                       owned_array<int32_t, 3>(std::move(s.trace), {s.n_trace, rows, k}),
                                       s.trace_total);
             },
             "(layers int32[rows], counts int64[rows, n_expert], tokens int64[rows], "

@@ -36,6 +36,7 @@ from llama_cpp.errors import (
     ContextBusyError,
     ContextOverflowError,
     DecodeError,
+    ExpertStatsUnavailableError,
     GenerationCancelled,
     GrammarError,
     InvalidArgumentError,
@@ -43,6 +44,7 @@ from llama_cpp.errors import (
     ModelLoadError,
     PoolBusyError,
 )
+from llama_cpp.experts import ExpertStats
 from llama_cpp.families import FAMILIES, ModelFamily, detect_family
 from llama_cpp.grammar import LlamaGrammar, UnenforcedSchemaWarning
 from llama_cpp.hooks import LogitsProcessorList, StoppingCriteriaList
@@ -69,6 +71,8 @@ __all__ = [
     "ContextParams",
     "DecodeError",
     "Device",
+    "ExpertStats",
+    "ExpertStatsUnavailableError",
     "GenerationCancelled",
     "GenerationStream",
     "GrammarError",

@@ -275,4 +275,4 @@ def test_entropy_shares_and_bad_arguments() -> None:
     with pytest.raises(ExpertStatsUnavailableError, match="profile_experts_trace=N"):
         untraced.simulate_cache("lru", 2)
     assert untraced.simulate_cache("static-hot", 1).hit_rate == 0.25
-    assert set(untraced.to_dict()["cache"]) == {"capacity", "static-hot"}  # type: ignore[arg-type]
+    assert set(untraced.to_dict()["cache"]) == {"capacity", "static-hot"}

@@ -38,7 +38,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -224,7 +224,7 @@ class ExpertStats:
             lookups=np.asarray(lookups, dtype=np.int64),
         )
 
-    def to_dict(self, *, hot: int = 4, cache_capacity: int | None = None) -> dict[str, object]:
+    def to_dict(self, *, hot: int = 4, cache_capacity: int | None = None) -> dict[str, Any]:
         """A JSON-ready summary: the counts, per-layer tokens, hot experts, entropy, and the
         hit rates of the three cache policies (LRU/LFU only with a trace).
 

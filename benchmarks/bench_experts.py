@@ -43,7 +43,7 @@ SPEC = TinyMoeSpec(
     name="bench-moe",
     context_length=2048,
 )
-CONFIGS = {
+CONFIGS: dict[str, dict[str, bool | int]] = {
     "off": {},
     "on": {"profile_experts": True},
     "on + trace": {"profile_experts": True, "profile_experts_trace": 100_000},

@@ -30,6 +30,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from llama_cpp import Llama, SamplingParams
 from llama_cpp.testing import EOS_ID, EOT_ID, TinyMoeSpec, write_tiny_moe
@@ -43,7 +44,7 @@ SPEC = TinyMoeSpec(
     name="bench-moe",
     context_length=2048,
 )
-CONFIGS: dict[str, dict[str, bool | int]] = {
+CONFIGS: dict[str, dict[str, Any]] = {
     "off": {},
     "on": {"profile_experts": True},
     "on + trace": {"profile_experts": True, "profile_experts_trace": 100_000},

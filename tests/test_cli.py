@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from llama_cpp import Llama, SamplingParams
+from llama_cpp.testing import write_tiny_moe
 
 # Renders only the contents after BOS: the tiny model then continues the last character.
 CONCAT = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -61,7 +65,7 @@ def test_console_script_is_installed() -> None:
     assert "generate" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["generate", "chat", "tokenize", "bench", "info"])
+@pytest.mark.parametrize("command", ["generate", "chat", "tokenize", "bench", "info", "profile-experts"])
 def test_each_command_has_a_description_and_examples(command: str) -> None:
     result = run_cli(command, "--help")
     assert result.returncode == 0, result.stderr
@@ -151,3 +155,75 @@ def test_bench_prints_a_table_of_positive_rates(tiny_model_path: Path) -> None:
         match = re.fullmatch(r"(\d+\.\d\d) ± (\d+\.\d\d)", row[6])
         assert match is not None, row
         assert float(match[1]) > 0
+
+
+def test_profile_experts_reports_writes_json_and_a_heatmap(tmp_path: Path) -> None:
+    model = write_tiny_moe(tmp_path / "moe.gguf")
+    prompts = ["ABCD", "EFG HI", "xyz"]
+    (tmp_path / "prompts.txt").write_text("\n".join([prompts[0], "", *prompts[1:]]) + "\n")
+    out, png = tmp_path / "stats.json", tmp_path / "heat.png"
+    args = (
+        "--prompts",
+        str(tmp_path / "prompts.txt"),
+        "-n",
+        "4",
+        "--temperature",
+        "0",
+        "--cache-capacity",
+        "3",
+    )
+    result = run_cli("profile-experts", str(model), *args, "--json", str(out), "--heatmap", str(png))
+    assert result.returncode == 0, result.stderr
+
+    # What the command decoded: each prompt whole (from an empty cache), then what it
+    # generated, as the KV cache holds it; the last layer routes only the output rows.
+    decoded = outputs = 0
+    with Llama(model, n_ctx=128, verbose=False) as llm:
+        for prompt in prompts:
+            llm.reset()
+            llm.complete(prompt, max_tokens=4, sampling=SamplingParams(temperature=0))
+            n_cached, n_prompt = len(llm.context.tokens()), len(llm.tokenize(prompt.encode()))
+            decoded += n_cached
+            outputs += n_cached - n_prompt + 1
+    stats = json.loads(out.read_text())
+    assert stats["prompts"] == 3
+    assert stats["layers"] == [0, 1, 2, 3]
+    assert stats["tokens"] == [decoded] * 3 + [outputs]
+    assert [sum(row) for row in stats["counts"]] == [2 * n for n in stats["tokens"]]
+    assert set(stats["cache"]) == {"capacity", "lru", "lfu", "static-hot"}
+    assert stats["cache"]["capacity"] == 3
+    assert 0 < stats["cache"]["lru"]["hit_rate"] <= stats["cache"]["static-hot"]["hit_rate"] <= 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    lines = result.stdout.splitlines()
+    assert lines[0] == "moe.gguf: 8 experts, top-2, 4 MoE layers; 3 prompts"
+    assert re.fullmatch(rf"\s+0\s+{decoded}\s+\d\.\d\d/3\.00 b(\s+\d\s+\d+\.\d%){{4}}", lines[2]), lines[2]
+    assert re.fullmatch(
+        r"cache hit rates, 3 experts per layer: lru \S+%  lfu \S+%  static-hot \S+%", lines[-1]
+    )
+
+
+def test_profile_experts_errors(tmp_path: Path, tiny_model_path: Path) -> None:
+    model = write_tiny_moe(tmp_path / "moe.gguf")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A\n")
+    dense = run_cli("profile-experts", str(tiny_model_path), "--prompts", str(prompts))
+    assert dense.returncode == 1
+    assert "llama-cpp: error: the model has no experts to profile" in dense.stderr
+    (tmp_path / "empty.txt").write_text("\n\n")
+    empty = run_cli("profile-experts", str(model), "--prompts", str(tmp_path / "empty.txt"))
+    assert (empty.returncode, empty.stderr.strip()) == (
+        2,
+        f"llama-cpp: error: {tmp_path / 'empty.txt'} has no prompts (one a line)",
+    )
+    # Without matplotlib: a clear error before the model is loaded.
+    argv = ["profile-experts", str(model), "--prompts", str(prompts), "--heatmap", "x.png"]
+    hide = "import sys; sys.modules['matplotlib'] = None"  # import matplotlib then raises ImportError
+    code = f"{hide}; from llama_cpp.cli import main; sys.exit(main({argv!r}))"
+    no_plot = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert no_plot.returncode == 2
+    assert no_plot.stderr.strip() == (
+        "llama-cpp: error: --heatmap needs matplotlib: pip install 'llama-cpp-nanobind[plot]'"
+    )

@@ -23,7 +23,8 @@ from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 from schemathesis.core.result import Ok
 
-from llama_cpp.server import ServerSettings, create_app, load_settings
+from llama_cpp.server import ModelSettings, ServerSettings, create_app, load_settings
+from llama_cpp.testing import write_tiny_moe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -218,3 +219,65 @@ def test_the_registry_unloads_before_it_loads(tiny_model_path: Path) -> None:
         return seen
 
     assert asyncio.run(main()) == [["a"], ["b"]]
+
+
+def test_expert_stats_per_model(tmp_path: Path, tiny_model_path: Path) -> None:
+    moe = write_tiny_moe(tmp_path / "moe.gguf")
+    settings = ServerSettings(
+        model=moe,
+        alias="moe",
+        parallel=2,
+        ctx_size=64,
+        profile_experts=True,  # --profile-experts: every generating model, the dense one too
+        models={"dense": ModelSettings(path=tiny_model_path)},
+    )
+    app = create_app(settings)
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                deadline = time.monotonic() + 60
+                while (await client.get("/health")).status_code != 200:
+                    assert time.monotonic() < deadline, "the model did not load"
+                    await asyncio.sleep(0.02)
+                for model in ("moe", "dense"):
+                    body = {"model": model, "prompt": "ABC", "max_tokens": 3, "temperature": 0}
+                    assert (await client.post("/v1/completions", json=body)).status_code == 200
+                stats = (await client.get("/api/v1/expert-stats", params={"reset": "true"})).json()
+                assert stats["available"] is True
+                assert set(stats["models"]) == {"moe", "dense"}
+                dense = (
+                    "the model has no experts to profile (a dense model: llama.expert_count is missing or 0)"
+                )
+                assert stats["models"]["dense"] == {"available": False, "reason": dense}
+                entry = stats["models"]["moe"]
+                assert entry["available"] is True
+                assert (entry["n_expert"], entry["n_expert_used"], entry["layers"]) == (8, 2, [0, 1, 2, 3])
+                assert entry["tokens"][0] > entry["tokens"][3] > 0
+                assert [sum(row) for row in entry["counts"]] == [2 * n for n in entry["tokens"]]
+                assert set(entry["cache"]) == {"capacity", "static-hot"}  # no trace asked for
+                # reset=true started the counts again.
+                again = (await client.get("/api/v1/expert-stats")).json()["models"]["moe"]
+                assert (again["layers"], again["counts"]) == ([], [])
+
+    asyncio.run(run())
+
+
+def test_expert_stats_without_profiling_says_how_to_enable_it(tiny_model_path: Path) -> None:
+    app = create_app(ServerSettings(model=tiny_model_path, alias="tiny", parallel=1, ctx_size=64))
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                deadline = time.monotonic() + 60
+                while (await client.get("/health")).status_code != 200:
+                    assert time.monotonic() < deadline, "the model did not load"
+                    await asyncio.sleep(0.02)
+                stats = (await client.get("/api/v1/expert-stats")).json()
+        assert stats["available"] is False
+        assert stats["models"]["tiny"]["available"] is False
+        assert "profile_experts=True" in stats["models"]["tiny"]["reason"]
+
+    asyncio.run(run())

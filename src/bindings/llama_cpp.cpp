@@ -1,7 +1,7 @@
 // llama_cpp._core: the native core of llama-cpp-nanobind.
 //
 // One file, in sections: errors, logging, backend, model, sampling, chat, text, decoding,
-// context, generation, engine, fit. Each section ends in a bind_* function; NB_MODULE only calls them.
+// MoE expert profiler, context, generation, engine, fit. Each section ends in a bind_* function; NB_MODULE only calls them.
 //
 // Threading rules (see ../../docs/ARCHITECTURE.md, "Threads, the GIL and ownership"):
 //   * every call that can take more than about a millisecond releases the GIL; arguments
@@ -17,7 +17,9 @@
 #include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
@@ -50,6 +52,7 @@
 #include <optional>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstdio>
 #include <cerrno>
 #ifdef __GLIBC__
@@ -69,6 +72,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -2671,6 +2675,286 @@ void bind_decoding(nb::module_ &m) {
 }
 
 // =====================================================================================
+// MoE: expert-routing profiler
+// =====================================================================================
+//
+// Counts the experts llama.cpp's router picks for every token it routes, read from the
+// `ffn_moe_topk-<layer>` tensors that build_moe_ffn names (I32, [n_expert_used, n_tokens]: a
+// view of the router's argsort) through the scheduler's eval callback
+// (llama_context_params.cb_eval). The callback asks for those tensors only, so the scheduler
+// cuts the graph just after each of them and nowhere else; it copies their rows (from the
+// device when they are not in host memory) and counts them in the decoding thread, with no
+// GIL. It only reads: outputs are unchanged.
+//
+// llama.cpp computes the last layer's feed-forward only for the rows whose outputs were asked
+// for (build_inp_out_ids: the get_rows before that layer's FFN): that layer routes fewer
+// tokens than the others, hence a token count per layer. The trace puts those rows at their
+// tokens by reading the `out_ids` input of that get_rows.
+
+// An integer of the model's GGUF metadata (`<architecture>.<name>`), or `fallback`.
+int64_t model_arch_int(const llama_model *model, const char *name, int64_t fallback) {
+    char buf[128];
+    if (llama_model_meta_val_str(model, "general.architecture", buf, sizeof(buf)) < 0) return fallback;
+    const std::string key = std::string(buf) + "." + name;
+    if (llama_model_meta_val_str(model, key.c_str(), buf, sizeof(buf)) < 0) return fallback;
+    char *end = nullptr;
+    const long long value = std::strtoll(buf, &end, 10);
+    return end == buf ? fallback : static_cast<int64_t>(value);
+}
+
+// What a profiler has counted, copied out under its lock. Rows are the MoE layers that have
+// routed tokens, in layer order.
+struct ExpertSnapshot {
+    std::vector<int32_t> layers;  // the model layer of each row
+    std::vector<int64_t> counts;  // rows x n_expert: tokens routed to each expert
+    std::vector<int64_t> tokens;  // rows: tokens routed by each layer
+    std::vector<int32_t> trace;   // n_trace x rows x n_expert_used, oldest first; -1: not routed
+    size_t n_trace = 0;
+    int64_t trace_total = 0;  // tokens that entered the trace, kept or since dropped
+};
+
+class ExpertProfiler {
+  public:
+    // `trace_capacity`: tokens the routing trace keeps (a ring buffer: the latest ones); 0: none.
+    ExpertProfiler(int32_t n_layer, int32_t n_expert, int32_t n_expert_used, size_t trace_capacity)
+        : n_layer_(n_layer), n_expert_(n_expert), n_expert_used_(n_expert_used), trace_capacity_(trace_capacity),
+          counts_(static_cast<size_t>(n_layer) * static_cast<size_t>(n_expert), 0),
+          tokens_(static_cast<size_t>(n_layer), 0), moe_layer_(static_cast<size_t>(n_layer), 0),
+          trace_(trace_capacity * static_cast<size_t>(n_layer) * static_cast<size_t>(n_expert_used), -1) {}
+
+    ExpertProfiler(const ExpertProfiler &) = delete;
+    ExpertProfiler &operator=(const ExpertProfiler &) = delete;
+
+    // The profiler of a context created with `options`, or nullptr when profiling is off or
+    // the model has no experts.
+    static std::shared_ptr<ExpertProfiler> create(const llama_model *model, bool enabled, int64_t trace_capacity) {
+        if (!enabled) return nullptr;
+        if (trace_capacity < 0) throw InvalidArgumentError("profile_experts_trace must be >= 0");
+        const int64_t n_expert = model_arch_int(model, "expert_count", 0);
+        const int64_t n_used = model_arch_int(model, "expert_used_count", 0);
+        if (n_expert <= 0 || n_used <= 0 || n_used > n_expert) return nullptr;
+        return std::make_shared<ExpertProfiler>(llama_model_n_layer(model), static_cast<int32_t>(n_expert),
+                                                static_cast<int32_t>(n_used), static_cast<size_t>(trace_capacity));
+    }
+
+    // Points llama.cpp's eval callback at `profiler` (if any); it must outlive the context.
+    static void attach(llama_context_params &params, ExpertProfiler *profiler) {
+        if (profiler == nullptr) return;
+        params.cb_eval = eval_callback;
+        params.cb_eval_user_data = profiler;
+    }
+
+    int32_t n_expert() const { return n_expert_; }
+    int32_t n_expert_used() const { return n_expert_used_; }
+    size_t trace_capacity() const { return trace_capacity_; }
+
+    ExpertSnapshot snapshot() const {
+        std::lock_guard<std::mutex> lock(mutex_);
+        ExpertSnapshot s;
+        for (int32_t l = 0; l < n_layer_; ++l) {
+            if (!moe_layer_[static_cast<size_t>(l)]) continue;
+            s.layers.push_back(l);
+            const auto row = counts_.begin() + static_cast<std::ptrdiff_t>(l) * n_expert_;
+            s.counts.insert(s.counts.end(), row, row + n_expert_);
+            s.tokens.push_back(tokens_[static_cast<size_t>(l)]);
+        }
+        s.trace_total = trace_total_;
+        if (trace_capacity_ == 0) return s;
+        const int64_t first = std::max<int64_t>(0, trace_total_ - static_cast<int64_t>(trace_capacity_));
+        s.n_trace = static_cast<size_t>(trace_total_ - first);
+        s.trace.reserve(s.n_trace * s.layers.size() * static_cast<size_t>(n_expert_used_));
+        for (int64_t g = first; g < trace_total_; ++g) {
+            for (const int32_t l : s.layers) {
+                const int32_t *slot = trace_slot(g, l);
+                s.trace.insert(s.trace.end(), slot, slot + n_expert_used_);
+            }
+        }
+        return s;
+    }
+
+    // Forgets everything counted. A ubatch being decoded meanwhile is counted from its next
+    // layer on.
+    void reset() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        std::fill(counts_.begin(), counts_.end(), 0);
+        std::fill(tokens_.begin(), tokens_.end(), 0);
+        std::fill(moe_layer_.begin(), moe_layer_.end(), 0);
+        std::fill(trace_.begin(), trace_.end(), -1);
+        trace_total_ = 0;
+        last_layer_ = -1;
+    }
+
+  private:
+    static constexpr std::string_view topk_prefix = "ffn_moe_topk-";
+
+    // The layer of a `ffn_moe_topk-<layer>` tensor, or -1 for any other tensor.
+    static int32_t topk_layer(const ggml_tensor *t) {
+        const std::string_view name(t->name);
+        if (t->type != GGML_TYPE_I32 || name.substr(0, topk_prefix.size()) != topk_prefix) return -1;
+        int32_t layer = 0;
+        for (const char c : name.substr(topk_prefix.size())) {
+            if (c < '0' || c > '9' || layer > 1'000'000) return -1;
+            layer = layer * 10 + (c - '0');
+        }
+        return name.size() > topk_prefix.size() ? layer : -1;
+    }
+
+    // ggml_backend_sched_eval_callback: `ask` asks whether the callback wants `t`'s data (then
+    // the scheduler computes up to `t` and calls again with ask=false). Returning false on the
+    // second call would stop the computation.
+    static bool eval_callback(ggml_tensor *t, bool ask, void *data) {
+        const int32_t layer = topk_layer(t);
+        if (ask) return layer >= 0;
+        if (layer >= 0) static_cast<ExpertProfiler *>(data)->add(t, layer);
+        return true;
+    }
+
+    // The `out_ids` input of the get_rows that kept only the output rows before `t`'s layer,
+    // looked for among `t`'s sources (a few nodes back: norm, router, softmax, argsort).
+    static const ggml_tensor *find_out_ids(const ggml_tensor *t) {
+        std::vector<const ggml_tensor *> todo{t};
+        std::vector<const ggml_tensor *> seen;
+        while (!todo.empty() && seen.size() < 256) {
+            const ggml_tensor *node = todo.back();
+            todo.pop_back();
+            if (node == nullptr || std::find(seen.begin(), seen.end(), node) != seen.end()) continue;
+            seen.push_back(node);
+            if (node->op == GGML_OP_GET_ROWS && node->src[1] != nullptr &&
+                std::string_view(node->src[1]->name) == "out_ids") {
+                return node->src[1];
+            }
+            for (const ggml_tensor *src : node->src) todo.push_back(src);
+        }
+        return nullptr;
+    }
+
+    // Copies `t`'s bytes unless they are in host memory; returns where to read them.
+    const char *tensor_bytes(const ggml_tensor *t, std::vector<char> &scratch) {
+        if (t->buffer == nullptr || ggml_backend_buffer_is_host(t->buffer)) {
+            return static_cast<const char *>(t->data);
+        }
+        scratch.resize(ggml_nbytes(t));
+        ggml_backend_tensor_get(t, scratch.data(), 0, scratch.size());
+        return scratch.data();
+    }
+
+    int32_t *trace_slot(int64_t token, int32_t layer) {
+        const size_t ring = static_cast<size_t>(token % static_cast<int64_t>(trace_capacity_));
+        return trace_.data() + (ring * static_cast<size_t>(n_layer_) + static_cast<size_t>(layer)) *
+                                   static_cast<size_t>(n_expert_used_);
+    }
+    const int32_t *trace_slot(int64_t token, int32_t layer) const {
+        return const_cast<ExpertProfiler *>(this)->trace_slot(token, layer);
+    }
+
+    // Runs in the decoding thread (the context's one owner), between two graph chunks.
+    void add(const ggml_tensor *t, int32_t layer) {
+        if (layer >= n_layer_ || t->ne[0] != n_expert_used_ || t->ne[2] != 1 || t->ne[3] != 1) return;
+        const int64_t n_rows = t->ne[1];
+        const char *base = tensor_bytes(t, data_);
+        if (base == nullptr) return;
+
+        std::lock_guard<std::mutex> lock(mutex_);
+        // Layers come in order within a ubatch: one not after the last seen starts the next.
+        const bool new_ubatch = last_layer_ < 0 || layer <= last_layer_;
+        last_layer_ = layer;
+        if (new_ubatch) {
+            ubatch_first_ = trace_total_;
+            ubatch_tokens_ = n_rows;
+            trace_total_ += n_rows;
+            if (trace_capacity_ > 0) {
+                const int64_t kept = std::max(ubatch_first_, trace_total_ - static_cast<int64_t>(trace_capacity_));
+                for (int64_t g = kept; g < trace_total_; ++g) {
+                    std::fill_n(trace_slot(g, 0), static_cast<size_t>(n_layer_) * static_cast<size_t>(n_expert_used_),
+                                -1);
+                }
+            }
+        }
+        // A layer that routed only the output rows: the token in the ubatch of each row.
+        const ggml_tensor *out_ids = nullptr;
+        if (trace_capacity_ > 0 && !new_ubatch && n_rows < ubatch_tokens_) {
+            out_ids = find_out_ids(t);
+            if (out_ids != nullptr && out_ids->type == GGML_TYPE_I32 && out_ids->ne[0] == n_rows) {
+                const auto *ids = reinterpret_cast<const int32_t *>(tensor_bytes(out_ids, ids_bytes_));
+                out_ids_.assign(ids, ids + n_rows);
+            } else {
+                out_ids = nullptr;  // those rows stay out of the trace
+            }
+        }
+        moe_layer_[static_cast<size_t>(layer)] = 1;
+        tokens_[static_cast<size_t>(layer)] += n_rows;
+        int64_t *counts = counts_.data() + static_cast<size_t>(layer) * static_cast<size_t>(n_expert_);
+        const int64_t oldest_kept = trace_total_ - static_cast<int64_t>(trace_capacity_);
+        for (int64_t i = 0; i < n_rows; ++i) {
+            const char *row = base + static_cast<size_t>(i) * t->nb[1];
+            int64_t token = -1;  // its index in the trace
+            if (trace_capacity_ > 0) {
+                const int64_t at = n_rows == ubatch_tokens_ ? i : (out_ids != nullptr ? out_ids_[static_cast<size_t>(i)] : -1);
+                if (at >= 0 && at < ubatch_tokens_ && ubatch_first_ + at >= oldest_kept) token = ubatch_first_ + at;
+            }
+            int32_t *slot = token >= 0 ? trace_slot(token, layer) : nullptr;
+            for (int32_t j = 0; j < n_expert_used_; ++j) {
+                int32_t expert = 0;
+                std::memcpy(&expert, row + static_cast<size_t>(j) * t->nb[0], sizeof(expert));
+                if (expert < 0 || expert >= n_expert_) continue;
+                ++counts[expert];
+                if (slot != nullptr) slot[j] = expert;
+            }
+        }
+    }
+
+    const int32_t n_layer_, n_expert_, n_expert_used_;
+    const size_t trace_capacity_;
+
+    // Decoding thread only: copies of device tensors.
+    std::vector<char> data_;
+    std::vector<char> ids_bytes_;
+    std::vector<int32_t> out_ids_;
+
+    // Written by add() in the decoding thread, read by snapshot() from any thread: `mutex_`
+    // is held to add one tensor's rows or to copy everything out, never while decoding.
+    mutable std::mutex mutex_;
+    std::vector<int64_t> counts_;     // n_layer x n_expert
+    std::vector<int64_t> tokens_;     // n_layer
+    std::vector<char> moe_layer_;     // n_layer: the layer has routed tokens
+    std::vector<int32_t> trace_;      // trace_capacity x n_layer x n_expert_used, a ring
+    int64_t trace_total_ = 0;         // the trace index of the next token
+    int32_t last_layer_ = -1;         // the layer of the last topk tensor (-1: none since reset)
+    int64_t ubatch_first_ = 0;        // the trace index of the current ubatch's first token
+    int64_t ubatch_tokens_ = 0;       // tokens in the current ubatch
+};
+
+void bind_experts(nb::module_ &m) {
+    nb::class_<ExpertProfiler>(
+        m, "ExpertProfiler",
+        "Counts of the experts a MoE model's router picks, collected during llama_decode (see llama_cpp.experts).")
+        .def_prop_ro("n_expert", &ExpertProfiler::n_expert)
+        .def_prop_ro("n_expert_used", &ExpertProfiler::n_expert_used)
+        .def_prop_ro("trace_capacity", &ExpertProfiler::trace_capacity, "Tokens the routing trace keeps (0: no trace).")
+        .def(
+            "snapshot",
+            [](const ExpertProfiler &self) {
+                ExpertSnapshot s;
+                {
+                    nb::gil_scoped_release release;
+                    s = self.snapshot();
+                }
+                const size_t rows = s.layers.size();
+                const auto n_expert = static_cast<size_t>(self.n_expert());
+                const auto k = static_cast<size_t>(self.n_expert_used());
+                return std::make_tuple(owned_array<int32_t, 1>(std::move(s.layers), {rows}),
+                                       owned_array<int64_t, 2>(std::move(s.counts), {rows, n_expert}),
+                                       owned_array<int64_t, 1>(std::move(s.tokens), {rows}),
+                                       owned_array<int32_t, 3>(std::move(s.trace), {s.n_trace, rows, k}),
+                                      s.trace_total);
+            },
+            "(layers int32[rows], counts int64[rows, n_expert], tokens int64[rows], "
+            "trace int32[n_trace, rows, n_expert_used], trace_total): copies, rows being the MoE layers "
+            "that routed tokens.")
+        .def("reset", &ExpertProfiler::reset, nb::call_guard<nb::gil_scoped_release>(), "Forget everything counted.");
+}
+
+// =====================================================================================
 // Context
 // =====================================================================================
 
@@ -2734,6 +3018,8 @@ struct ContextOptions {
     uint32_t n_seq_max = 1;
     bool kv_unified = false;
     bool verbose = true;  // false: llama.cpp logs only errors while creating the context
+    bool profile_experts = false;      // count the experts a MoE model routes tokens to
+    int64_t profile_experts_trace = 0;  // ... and keep the routing of the last N tokens
     double stream_timeout = 60.0;  // seconds a paused stream may keep other calls waiting
 };
 
@@ -2766,6 +3052,7 @@ struct ContextState {
     std::atomic<bool> abort{false};     // read by llama.cpp's abort callback
     std::shared_ptr<std::atomic<bool>> cancel;  // the running generation's flag, if any
     LoraSet loras;  // applied, with their scales
+    std::shared_ptr<ExpertProfiler> experts;  // llama.cpp's eval callback writes to it; null: off
 
     // The context refers to the adapters and the model: free it first, whatever the
     // declaration order says.
@@ -3074,6 +3361,9 @@ class Context {
         llama_context_params params = context_params(options);
         params.abort_callback = abort_callback;
         params.abort_callback_data = state_.get();
+        state_->experts =
+            ExpertProfiler::create(state_->model.get(), options.profile_experts, options.profile_experts_trace);
+        ExpertProfiler::attach(params, state_->experts.get());
 
         tl_last_errors.clear();
         llama_context *ctx = llama_init_from_model(state_->model.get(), params);
@@ -3088,6 +3378,9 @@ class Context {
     }
 
     const std::shared_ptr<ContextState> &state() const { return state_; }
+
+    // Null unless created with profile_experts on a MoE model. Stays readable after close().
+    std::shared_ptr<ExpertProfiler> expert_profiler() const { return state_->experts; }
 
     // Waits for the call in flight (asking it to stop at the next token or decode step),
     // revokes a paused stream, then frees the context. Safe to call twice and from any
@@ -3519,6 +3812,10 @@ void bind_context(nb::module_ &m) {
         .def_rw("n_seq_max", &ContextOptions::n_seq_max)
         .def_rw("kv_unified", &ContextOptions::kv_unified)
         .def_rw("verbose", &ContextOptions::verbose)
+        .def_rw("profile_experts", &ContextOptions::profile_experts,
+                "Count the experts a MoE model routes each token to (no effect on a dense model).")
+        .def_rw("profile_experts_trace", &ContextOptions::profile_experts_trace,
+                "Tokens whose routing the profiler keeps (the latest ones; 0: none).")
         .def_rw("stream_timeout", &ContextOptions::stream_timeout,
                 "Seconds a paused TokenStream may keep other calls waiting before it loses the context.");
 
@@ -3639,7 +3936,9 @@ void bind_context(nb::module_ &m) {
         .def("loras", &Context::loras, nb::call_guard<nb::gil_scoped_release>(),
              "The applied adapters and their scales, as llama.cpp was given them.")
         .def("perf", &Context::perf, nb::call_guard<nb::gil_scoped_release>())
-        .def("perf_reset", &Context::perf_reset, nb::call_guard<nb::gil_scoped_release>());
+        .def("perf_reset", &Context::perf_reset, nb::call_guard<nb::gil_scoped_release>())
+        .def("expert_profiler", &Context::expert_profiler,
+             "The expert-routing profiler (None unless created with profile_experts on a MoE model).");
 }
 
 // =====================================================================================
@@ -4137,6 +4436,8 @@ class Engine {
         llama_context_params params = context_params(copts);
         params.abort_callback = [](void *data) { return static_cast<Engine *>(data)->aborting_.load(); };
         params.abort_callback_data = this;
+        profiler_ = ExpertProfiler::create(model_.get(), copts.profile_experts, copts.profile_experts_trace);
+        ExpertProfiler::attach(params, profiler_.get());
         tl_last_errors.clear();
         llama_context *ctx = llama_init_from_model(model_.get(), params);
         if (ctx == nullptr) {
@@ -4275,6 +4576,9 @@ class Engine {
     }
 
     int32_t n_ctx_seq() const { return n_ctx_seq_; }
+
+    // Null unless created with profile_experts on a MoE model. Stays readable after close().
+    std::shared_ptr<ExpertProfiler> expert_profiler() const { return profiler_; }
 
   private:
     enum class Phase { idle, wait_prefix, prefill, decode };
@@ -4656,6 +4960,7 @@ class Engine {
     const llama_vocab *vocab_;
     EngineOptions options_;
     std::shared_ptr<EngineQueue> queue_;
+    std::shared_ptr<ExpertProfiler> profiler_;  // the context's eval callback writes to it: freed after it
     std::unique_ptr<llama_context, ContextDeleter> ctx_;
     std::unique_ptr<BatchOwner> batch_;
     LoraSet applied_;  // the adapters the context applies now (scheduler thread; it refers to them)
@@ -4743,7 +5048,9 @@ void bind_engine(nb::module_ &m) {
         .def_prop_ro("n_ctx_seq", &Engine::n_ctx_seq, "Tokens each sequence may hold.")
         .def("stats", &Engine::stats, nb::call_guard<nb::gil_scoped_release>())
         .def("memory_breakdown", &Engine::memory_use, nb::call_guard<nb::gil_scoped_release>(),
-             "llama.cpp's accounting by device: {name: {'model', 'context', 'compute': bytes}}.");
+             "llama.cpp's accounting by device: {name: {'model', 'context', 'compute': bytes}}.")
+        .def("expert_profiler", &Engine::expert_profiler,
+             "The expert-routing profiler (None unless created with profile_experts on a MoE model).");
 }
 
 // =====================================================================================
@@ -4877,6 +5184,7 @@ NB_MODULE(_core, m) {
     bind_chat(m);
     bind_text(m);
     bind_decoding(m);
+    bind_experts(m);
     bind_context(m);
     bind_generation(m);
     bind_engine(m);

@@ -36,6 +36,7 @@ from llama_cpp.errors import (
     ContextBusyError,
     ContextOverflowError,
     DecodeError,
+    ExpertStatsUnavailableError,
     GenerationCancelled,
     GrammarError,
     InvalidArgumentError,
@@ -43,6 +44,7 @@ from llama_cpp.errors import (
     ModelLoadError,
     PoolBusyError,
 )
+from llama_cpp.experts import ExpertStats
 from llama_cpp.families import FAMILIES, ModelFamily, detect_family
 from llama_cpp.grammar import LlamaGrammar, UnenforcedSchemaWarning
 from llama_cpp.hooks import LogitsProcessorList, StoppingCriteriaList
@@ -71,6 +73,8 @@ __all__ = [
     "DecodeError",
     "Device",
     "DeviceMemory",
+    "ExpertStats",
+    "ExpertStatsUnavailableError",
     "FitPlan",
     "GenerationCancelled",
     "GenerationStream",

@@ -782,6 +782,29 @@ class Chunk:
     @property
     def logprobs(self) -> list[TokenLogprob]: ...
 
+class ExpertProfiler:
+    """
+    Counts of the experts a MoE model's router picks, collected during llama_decode (see llama_cpp.experts).
+    """
+
+    @property
+    def n_expert(self) -> int: ...
+
+    @property
+    def n_expert_used(self) -> int: ...
+
+    @property
+    def trace_capacity(self) -> int:
+        """Tokens the routing trace keeps (0: no trace)."""
+
+    def snapshot(self) -> tuple[Annotated[NDArray[numpy.int32], dict(shape=(None,), order='C')], Annotated[NDArray[numpy.int64], dict(shape=(None, None), order='C')], Annotated[NDArray[numpy.int64], dict(shape=(None,), order='C')], Annotated[NDArray[numpy.int32], dict(shape=(None, None, None), order='C')], int]:
+        """
+        (layers int32[rows], counts int64[rows, n_expert], tokens int64[rows], trace int32[n_trace, rows, n_expert_used], trace_total): copies, rows being the MoE layers that routed tokens.
+        """
+
+    def reset(self) -> None:
+        """Forget everything counted."""
+
 class ContextBusyError(LlamaError):
     """
     The context is held by a stream open in the calling thread or by the generation whose hook made the call; or a stream left unread past stream_timeout lost the context to a waiting call.
@@ -925,6 +948,22 @@ class ContextOptions:
     def verbose(self, arg: bool, /) -> None: ...
 
     @property
+    def profile_experts(self) -> bool:
+        """
+        Count the experts a MoE model routes each token to (no effect on a dense model).
+        """
+
+    @profile_experts.setter
+    def profile_experts(self, arg: bool, /) -> None: ...
+
+    @property
+    def profile_experts_trace(self) -> int:
+        """Tokens whose routing the profiler keeps (the latest ones; 0: none)."""
+
+    @profile_experts_trace.setter
+    def profile_experts_trace(self, arg: int, /) -> None: ...
+
+    @property
     def stream_timeout(self) -> float:
         """
         Seconds a paused TokenStream may keep other calls waiting before it loses the context.
@@ -1051,6 +1090,11 @@ class Context:
     def perf(self) -> PerfData: ...
 
     def perf_reset(self) -> None: ...
+
+    def expert_profiler(self) -> ExpertProfiler:
+        """
+        The expert-routing profiler (None unless created with profile_experts on a MoE model).
+        """
 
     def generate(self, prompt: Sequence[int], sampling: SamplerConfig, options: GenerateOptions) -> GenerationResult:
         """Run the whole token loop in C++."""
@@ -1287,6 +1331,11 @@ class Engine:
     def memory_breakdown(self) -> dict[str, dict[str, int]]:
         """
         llama.cpp's accounting by device: {name: {'model', 'context', 'compute': bytes}}.
+        """
+
+    def expert_profiler(self) -> ExpertProfiler:
+        """
+        The expert-routing profiler (None unless created with profile_experts on a MoE model).
         """
 
 class FitDevice:

@@ -9,15 +9,18 @@ import sys
 from collections.abc import Sequence
 
 from llama_cpp import LlamaError
-from llama_cpp.commands import bench, chat, generate, info, tokenize
+from llama_cpp.commands import bench, chat, generate, info, profile_experts, tokenize
 from llama_cpp.server.cli import add_serve_command
 
-DESCRIPTION = "Run GGUF models with llama.cpp: generate text, chat, tokenize, benchmark, inspect."
+DESCRIPTION = (
+    "Run GGUF models with llama.cpp: generate text, chat, tokenize, benchmark, inspect, profile experts."
+)
 EPILOG = """examples:
   llama-cpp generate -m model.gguf "The three primary colors are"
   llama-cpp chat -m model.gguf
   llama-cpp bench -m model.gguf -p 512 -n 128
   llama-cpp serve -m model.gguf --port 8000
+  llama-cpp profile-experts moe.gguf --prompts prompts.txt --heatmap experts.png
   llama-cpp COMMAND --help     (each command's options and examples)"""
 
 
@@ -31,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each module adds its parser to `sub`, with run=(Namespace -> exit status) as a default.
-    for command in (generate, chat, tokenize, bench, info):
+    for command in (generate, chat, tokenize, bench, info, profile_experts):
         command.register(sub)
     add_serve_command(sub)
     return parser

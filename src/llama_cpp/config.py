@@ -65,6 +65,10 @@ class LlamaConfig:
     #: Seconds a paused stream may keep other calls on the model waiting before it loses the
     #: context (its next step then raises ContextBusyError).
     stream_timeout: float = 60.0
+    #: Ours: count the experts a MoE model routes each token to (``expert_stats()``), and keep
+    #: the routing of the latest ``profile_experts_trace`` tokens (0: no trace).
+    profile_experts: bool = False
+    profile_experts_trace: int = 0
     verbose: bool = field(default=True, compare=False)
     #: Ours (llama-cpp-python has no such keyword): called as ``progress_callback(fraction)``
     #: with increasing fractions in [0, 1], ending at 1.0, while the weights load (in the
@@ -102,6 +106,9 @@ class LlamaConfig:
             raise InvalidArgumentError(
                 f"stream_timeout must be a number of seconds > 0, got {self.stream_timeout!r}"
             )
+        _at_least("profile_experts_trace", self.profile_experts_trace, 0)
+        if self.profile_experts_trace and not self.profile_experts:
+            raise InvalidArgumentError("profile_experts_trace needs profile_experts=True")
         if self.split_mode not in (0, 1, 2):
             raise InvalidArgumentError(f"split_mode must be 0, 1 or 2, got {self.split_mode}")
         if self.progress_callback is not None and not callable(self.progress_callback):
@@ -187,6 +194,8 @@ class LlamaConfig:
         options.type_k = -1 if self.type_k is None else self.type_k
         options.type_v = -1 if self.type_v is None else self.type_v
         options.stream_timeout = float(self.stream_timeout)
+        options.profile_experts = self.profile_experts
+        options.profile_experts_trace = self.profile_experts_trace
         options.verbose = self.verbose
         return options
 

@@ -4,7 +4,8 @@ Every error derives from :class:`LlamaError` (a ``RuntimeError``). Errors caused
 argument or input also derive from ``ValueError``, so code written against llama-cpp-python,
 which raises ``ValueError`` for these, keeps working.
 
-The classes are created by the native module, so that C++ can raise them directly.
+The classes are created by the native module, so that C++ can raise them directly, except
+:class:`ExpertStatsUnavailableError`, which only Python raises.
 """
 
 from llama_cpp._core import (
@@ -20,11 +21,18 @@ from llama_cpp._core import (
     PoolBusyError,
 )
 
+
+class ExpertStatsUnavailableError(LlamaError):
+    """There are no expert-routing statistics to return: the model was created without
+    ``profile_experts=True``, it has no experts, or a cache simulation needs the trace."""
+
+
 __all__ = [
     "ClosedError",
     "ContextBusyError",
     "ContextOverflowError",
     "DecodeError",
+    "ExpertStatsUnavailableError",
     "GenerationCancelled",
     "GrammarError",
     "InvalidArgumentError",

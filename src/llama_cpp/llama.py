@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 import numpy as np
 import numpy.typing as npt
 
-from llama_cpp import _async, _core
+from llama_cpp import _async, _core, experts
 from llama_cpp._core import LoraAdapter
 from llama_cpp._docs import documented_by
 from llama_cpp.chat import ChatRenderer
@@ -34,6 +34,7 @@ from llama_cpp.config import (
 )
 from llama_cpp.embeddings import Embedder, EmbeddingInput, FloatArray, RerankResult
 from llama_cpp.errors import InvalidArgumentError
+from llama_cpp.experts import ExpertStats
 from llama_cpp.frontend import FrontEnd
 from llama_cpp.grammar import LlamaGrammar
 from llama_cpp.llama_types import (
@@ -110,6 +111,10 @@ class Llama(FrontEnd):
         stream_timeout: A stream owns the context from its first step until it ends or is
             closed; other threads' calls wait for it. One left unread this many seconds while
             another call waits loses the context (its next step raises ContextBusyError).
+        profile_experts: Ours: count the experts a Mixture-of-Experts model routes each token
+            to, in C++ during decoding (:meth:`expert_stats`; no effect on outputs).
+        profile_experts_trace: Ours: also keep the routing of the latest this many tokens
+            (a ring buffer) for :meth:`ExpertStats.simulate_cache` and offline analysis.
         verbose: False keeps llama.cpp quiet while this model and context are created (errors
             still reach ``logging``); llama.cpp's log otherwise goes to the ``llama_cpp`` logger.
         progress_callback: Ours, not llama-cpp-python's: called with the fraction loaded
@@ -393,6 +398,19 @@ class Llama(FrontEnd):
             eval_tokens=data.n_eval,
             eval_ms=data.t_eval_ms,
         )
+
+    def expert_stats(self) -> ExpertStats:
+        """The expert-routing counts of this MoE model so far (see :mod:`llama_cpp.experts`).
+
+        Returns:
+            A copy; its ``reset()`` resets the counting.
+
+        Raises:
+            ExpertStatsUnavailableError: The model was created without ``profile_experts=True``,
+                or it has no experts (a dense model).
+            ClosedError: The model is closed.
+        """
+        return experts.expert_stats(self.context.expert_profiler(), self.config.profile_experts, self.model)
 
     # -- state ----------------------------------------------------------------------------
 

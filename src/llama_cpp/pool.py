@@ -30,11 +30,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Self
 
-from llama_cpp import _async, _core
+from llama_cpp import _async, _core, experts
 from llama_cpp._core import LoraAdapter
 from llama_cpp.completion_output import GenerationStream, collect
 from llama_cpp.config import LlamaConfig, resolve_config
 from llama_cpp.errors import InvalidArgumentError, PoolBusyError
+from llama_cpp.experts import ExpertStats
 from llama_cpp.frontend import FrontEnd, text_pieces
 from llama_cpp.llama import Llama
 from llama_cpp.llama_types import (
@@ -68,7 +69,8 @@ class LlamaPool(FrontEnd):
             adapter that every request runs with unless it names its own (see
             :meth:`load_lora`). The placement options (``tensor_overrides``, ``cpu_moe``,
             ``n_cpu_moe``, ``fit``, ``numa``) are :class:`Llama`'s; ``fit`` sizes the context
-            of all ``pool_size`` sequences together (``n_ctx=0``: chosen per sequence).
+            of all ``pool_size`` sequences together (``n_ctx=0``: chosen per sequence);
+            ``profile_experts`` counts expert routing over all requests (:meth:`expert_stats`).
 
     Raises:
         TypeError: An unknown keyword argument.
@@ -149,6 +151,19 @@ class LlamaPool(FrontEnd):
     def stats(self) -> PoolStats:
         """Slots in use, queued requests, and counters of decoded and reused tokens."""
         return PoolStats.from_native(self._engine.stats())
+
+    def expert_stats(self) -> ExpertStats:
+        """The expert-routing counts of this MoE model over all requests so far (see
+        :mod:`llama_cpp.experts`; ``profile_experts=True``). Safe while requests run.
+
+        Returns:
+            A copy; its ``reset()`` resets the counting.
+
+        Raises:
+            ExpertStatsUnavailableError: The pool was created without ``profile_experts=True``,
+                or the model has no experts (a dense model).
+        """
+        return experts.expert_stats(self._engine.expert_profiler(), self.config.profile_experts, self._model)
 
     def n_ctx(self) -> int:
         """The window of each sequence, in tokens."""

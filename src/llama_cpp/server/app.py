@@ -29,8 +29,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from llama_cpp.errors import ClosedError, LlamaError
+from llama_cpp.errors import ClosedError, ExpertStatsUnavailableError, LlamaError
 from llama_cpp.placement import MemoryBreakdown
+from llama_cpp.pool import LlamaPool
 from llama_cpp.server.chat_call import ChatCall, CountTokens
 from llama_cpp.server.errors import APIError, from_library_error
 from llama_cpp.server.llama_routes import llama_router
@@ -238,11 +239,33 @@ def create_app(settings: ServerSettings) -> FastAPI:
         }
 
     @app.get("/api/v1/expert-stats", tags=["Server"])
-    async def expert_stats() -> dict[str, Any]:
-        """Mixture-of-experts routing statistics (not collected yet)."""
-        return {"available": False, "reason": "expert routing statistics are not collected yet"}
+    async def expert_stats(reset: bool = False) -> dict[str, Any]:
+        """Expert-routing statistics of each loaded model, by alias: those of a MoE model
+        loaded with ``profile_experts`` (``--profile-experts``, or the alias's ``options``),
+        an explicit ``{"available": false, "reason": ...}`` for the others. ``reset=true``
+        starts the counts again after reading them."""
+        models = {
+            alias: await asyncio.to_thread(_expert_stats, pool, reset)
+            for alias, pool in registry.pools().items()
+        }
+        answer: dict[str, Any] = {"available": any(m["available"] for m in models.values()), "models": models}
+        if not models:
+            answer["reason"] = "no model is loaded"
+        return answer
 
     return app
+
+
+def _expert_stats(pool: LlamaPool, reset: bool) -> dict[str, Any]:
+    """One pool's entry of /api/v1/expert-stats (in a worker thread: the cache simulations
+    replay the trace)."""
+    try:
+        stats = pool.expert_stats()
+    except ExpertStatsUnavailableError as error:
+        return {"available": False, "reason": str(error)}
+    if reset:
+        stats.reset()
+    return {"available": True, **stats.to_dict()}
 
 
 def _mount_translators(app: FastAPI, service: Service) -> None:

@@ -35,13 +35,15 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
                         help="accepted API key (repeatable); none: no authentication")  # fmt: skip
     parser.add_argument("--api-key-file", help="a file of API keys, one a line")
+    parser.add_argument("--profile-experts", action="store_true", default=None,
+                        help="count MoE expert routing (served at /api/v1/expert-stats)")  # fmt: skip
     parser.add_argument("--config", help="a JSON or TOML file of settings (see the README's table)")
     add_placement_arguments(parser)  # the default model's; merged into its options
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = ("model", "alias", "kind", "host", "port", "parallel", "ctx_size", "n_threads", "max_queue",
-             "models_max", "max_tokens_limit", "api_keys", "api_key_file")  # fmt: skip
+             "models_max", "max_tokens_limit", "api_keys", "api_key_file", "profile_experts")  # fmt: skip
     return {name: getattr(args, name) for name in names}
 
 

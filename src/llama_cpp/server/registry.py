@@ -151,6 +151,8 @@ class ModelRegistry:
             options["n_threads"] = self.settings.n_threads
         if spec.ctx_size is not None:
             options["n_ctx"] = spec.ctx_size
+        if self.settings.profile_experts and spec.kind == "generate":
+            options["profile_experts"] = True
         options.update(spec.options)
         return options
 

@@ -81,6 +81,8 @@ class ServerSettings(BaseModel):
             (400 above); also the default of a chat request that names none.
         graceful_shutdown_s: On SIGTERM, seconds in-flight requests may take to finish
             before the pools are closed (which cancels them).
+        profile_experts: Count the expert routing of every generating model (served by
+            ``/api/v1/expert-stats``); one alias alone: ``profile_experts`` in its ``options``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -102,6 +104,7 @@ class ServerSettings(BaseModel):
     max_body_bytes: int = Field(default=16 * 2**20, ge=1)
     max_tokens_limit: int = Field(default=32768, ge=1)
     graceful_shutdown_s: float = Field(default=10.0, ge=0)
+    profile_experts: bool = False
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -301,8 +301,24 @@ void set_log_callback(nb::object callback) {
     Py_XDECREF(old);
 }
 
+// ggml aborts the process on errors it cannot return (an RPC worker that vanished
+// mid-decode: "Remote RPC server crashed or returned malformed response"). Nothing can stop
+// the abort() that follows this callback; the message at least reaches Python logging (as
+// an error line of the llama_cpp logger, whose handlers flush per record) instead of bare
+// stderr, and stdio is flushed. Without a Python callback it is printed to stderr as ggml does.
+void abort_to_log(const char *message) {
+    const std::string line = std::string("ggml_abort: ") + message + " (the process aborts now)";
+    if (log_state().has_callback.load(std::memory_order_acquire) && Py_IsInitialized() && !python_is_finalizing()) {
+        emit_log_line(GGML_LOG_LEVEL_ERROR, line);
+    } else {
+        std::fprintf(stderr, "%s\n", line.c_str());
+    }
+    std::fflush(nullptr);
+}
+
 void bind_logging(nb::module_ &m) {
     llama_log_set(log_callback, nullptr);
+    ggml_set_abort_callback(abort_to_log);
     m.def("set_log_callback", &set_log_callback, "callback"_a.none(),
           "Install ``callback(level: int, line: str)`` for llama.cpp's log (None removes it).");
     m.def(
@@ -2120,6 +2136,12 @@ void bind_text(nb::module_ &m) {
         .def("flush", &StopMatcher::flush, "The end: the text held back as a possible stop-string start.");
 
     nb::class_<TokenLogprob>(m, "TokenLogprob", "log_softmax of the raw logits at a token.")
+        .def(
+            "__init__",
+            [](TokenLogprob *self, llama_token token, float logprob, std::vector<std::pair<llama_token, float>> top) {
+                new (self) TokenLogprob{token, logprob, std::move(top)};
+            },
+            "token"_a, "logprob"_a, "top"_a, "One computed elsewhere (a child process of an IsolatedPool).")
         .def_ro("token", &TokenLogprob::token)
         .def_ro("logprob", &TokenLogprob::logprob)
         .def_ro("top", &TokenLogprob::top, "The most likely tokens and their logprobs, best first.");
@@ -2449,9 +2471,18 @@ void bind_decoding(nb::module_ &m) {
                                  : std::make_shared<PyHooks>(std::move(logits_hook), std::move(stop_hook));
             },
             "logits_hook"_a.none(), "stop_hook"_a.none(),
-            "Per-token Python hooks, called as hook(token_ids, logits) over memoryviews (slow path).");
+            "Per-token Python hooks, called as hook(token_ids, logits) over memoryviews (slow path).")
+        .def_prop_ro(
+            "has_hooks", [](const GenerateOptions &self) { return self.hooks != nullptr; },
+            "Whether Python hooks are set (they cannot run in another process).");
 
     nb::class_<Chunk>(m, "Chunk", "Text released by one or more steps, with its tokens and their logprobs.")
+        .def(
+            "__init__",
+            [](Chunk *self, std::string text, std::vector<llama_token> tokens, std::vector<TokenLogprob> logprobs) {
+                new (self) Chunk{std::move(text), std::move(tokens), std::move(logprobs)};
+            },
+            "text"_a, "tokens"_a, "logprobs"_a, "One produced elsewhere (a child process of an IsolatedPool).")
         .def_ro("text", &Chunk::text)
         .def_ro("tokens", &Chunk::tokens)
         .def_ro("logprobs", &Chunk::logprobs);

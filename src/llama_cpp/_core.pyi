@@ -657,6 +657,9 @@ class StopMatcher:
 class TokenLogprob:
     """log_softmax of the raw logits at a token."""
 
+    def __init__(self, token: int, logprob: float, top: Sequence[tuple[int, float]]) -> None:
+        """One computed elsewhere (a child process of an IsolatedPool)."""
+
     @property
     def token(self) -> int: ...
 
@@ -731,10 +734,17 @@ class GenerateOptions:
         Per-token Python hooks, called as hook(token_ids, logits) over memoryviews (slow path).
         """
 
+    @property
+    def has_hooks(self) -> bool:
+        """Whether Python hooks are set (they cannot run in another process)."""
+
 class Chunk:
     """
     Text released by one or more steps, with its tokens and their logprobs.
     """
+
+    def __init__(self, text: str, tokens: Sequence[int], logprobs: Sequence[TokenLogprob]) -> None:
+        """One produced elsewhere (a child process of an IsolatedPool)."""
 
     @property
     def text(self) -> str: ...

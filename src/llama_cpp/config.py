@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 from llama_cpp import _core
+from llama_cpp.cluster import rpc_endpoints
 from llama_cpp.errors import InvalidArgumentError
 from llama_cpp.params import DEFAULT_SEED
 
@@ -104,10 +105,7 @@ class LlamaConfig:
         options.kv_overrides = list((self.kv_overrides or {}).items())
         options.verbose = self.verbose
         options.progress_callback = self.progress_callback
-        if isinstance(self.rpc_servers, str):  # llama-cpp-python's "host:port,host:port"
-            options.rpc_servers = [s.strip() for s in self.rpc_servers.split(",") if s.strip()]
-        else:
-            options.rpc_servers = list(self.rpc_servers or [])
+        options.rpc_servers = rpc_endpoints(self.rpc_servers)  # a list or "host:port,host:port"
         return options
 
     def context_options(self) -> _core.ContextOptions:

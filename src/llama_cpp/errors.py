@@ -4,7 +4,8 @@ Every error derives from :class:`LlamaError` (a ``RuntimeError``). Errors caused
 argument or input also derive from ``ValueError``, so code written against llama-cpp-python,
 which raises ``ValueError`` for these, keeps working.
 
-The classes are created by the native module, so that C++ can raise them directly.
+The classes are created by the native module, so that C++ can raise them directly; only
+:class:`WorkerLostError`, which no native code raises, is defined here.
 """
 
 from llama_cpp._core import (
@@ -20,6 +21,13 @@ from llama_cpp._core import (
     PoolBusyError,
 )
 
+
+class WorkerLostError(LlamaError):
+    """The process running the model died (an :class:`~llama_cpp.IsolatedPool`'s child,
+    typically aborted by llama.cpp when an RPC worker went away): the requests it ran are
+    lost. The pool reloads the model once its workers answer; a later request may succeed."""
+
+
 __all__ = [
     "ClosedError",
     "ContextBusyError",
@@ -31,4 +39,5 @@ __all__ = [
     "LlamaError",
     "ModelLoadError",
     "PoolBusyError",
+    "WorkerLostError",
 ]

@@ -1,0 +1,676 @@
+"""`IsolatedPool`: a :class:`~llama_cpp.LlamaPool` in a supervised child process.
+
+llama.cpp aborts the whole process on errors it cannot return, the RPC client first among
+them: a worker that dies mid-decode ends its client with ``abort()``. An isolated pool
+keeps that process apart from the application. Requests are prepared here, by the same
+:class:`~llama_cpp.request.RequestBuilder` as every front end (over a vocabulary-only copy of
+the model: tokenizer, chat templates, grammars), and only the prepared request (tokens,
+sampler settings, generation options) crosses to the child, which runs a ``LlamaPool`` and
+streams chunks back as they are decoded. When the child dies, every request in flight fails
+with :class:`WorkerLostError`, and a supervisor thread starts a new child once every RPC
+worker of the model answers a TCP probe again (retrying with backoff). Requests made while
+it reloads wait for it, up to ``ready_timeout`` seconds.
+
+The child is a fresh interpreter (``python -c``: nothing of the parent's ``__main__`` is
+imported again); the two talk over a socket pair with :mod:`multiprocessing.connection`'s
+framing (length-prefixed pickles of tuples):
+
+* parent -> child: ``(load, log_level)`` first, then ``("submit", id, tokens, sampler,
+  options)``, ``("cancel", id)``,
+  ``("stats", id)``, ``("close",)``;
+* child -> parent: ``("ready", n_ctx)`` or ``("failed", error, message)`` once, then
+  ``("chunk", id, text, tokens, logprobs)``, ``("end", id, finish_reason, n_prompt,
+  n_reused, prompt_logprobs)``, ``("error", id, error, message)``, ``("stats", id, fields)``
+  and ``("log", level, message)`` (the child's ``llama_cpp`` log, re-emitted here).
+
+Python hooks (``logits_processor``, ``stopping_criteria``) cannot run in another process and
+are refused; so are embeddings and LoRA adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
+from typing import Any, Self
+
+from llama_cpp import _async, _core, errors
+from llama_cpp.cluster import rpc_endpoints, unreachable
+from llama_cpp.completion_output import GenerationStream
+from llama_cpp.config import LlamaConfig, resolve_config
+from llama_cpp.embeddings import EmbeddingInput
+from llama_cpp.errors import InvalidArgumentError, LlamaError, WorkerLostError
+from llama_cpp.frontend import FrontEnd
+from llama_cpp.llama_types import CreateEmbeddingResponse
+from llama_cpp.request import Request, RequestBuilder
+from llama_cpp.results import PoolStats
+
+__all__ = ["IsolatedPool", "WorkerLostError"]
+
+_log = logging.getLogger("llama_cpp")
+
+#: The sampler settings that cross to the child: every property of the native config.
+_SAMPLER_FIELDS = tuple(n for n, v in vars(_core.SamplerConfig).items() if isinstance(v, property))
+#: The generation options that cross (the cancellation is the child's own, tripped by "cancel").
+_OPTION_FIELDS = ("max_tokens", "stop", "n_probs", "prompt_logprobs", "preserved_tokens")
+#: Seconds between checks of a waiting reader's cancellation flag (a flag cannot wake it).
+_CANCEL_CHECK = 0.05
+#: Backoff of the supervisor between attempts to start a new child: first, factor, last.
+_BACKOFF = (0.2, 2.0, 5.0)
+
+Logprob = tuple[int, float, list[tuple[int, float]]]
+
+
+def _logprobs(entries: list[_core.TokenLogprob]) -> list[Logprob]:
+    return [(e.token, e.logprob, list(e.top)) for e in entries]
+
+
+def _native_logprobs(entries: list[Logprob]) -> list[_core.TokenLogprob]:
+    return [_core.TokenLogprob(token, logprob, top) for token, logprob, top in entries]
+
+
+def _error(name: str, message: str) -> LlamaError:
+    """The library error named ``name`` (LlamaError for any other)."""
+    kind = getattr(errors, name, LlamaError)
+    return kind(message) if isinstance(kind, type) and issubclass(kind, LlamaError) else LlamaError(message)
+
+
+# -- the child ----------------------------------------------------------------------------
+
+
+class _PipeLogHandler(logging.Handler):
+    """Sends the child's log records to the parent, which logs them under its own logger."""
+
+    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
+        super().__init__()
+        self._send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(OSError, ValueError):  # the parent is gone: nobody to tell
+            self._send(("log", record.levelno, record.getMessage()))
+
+
+@dataclass(frozen=True, slots=True)
+class _Load:
+    """What the child loads: ``LlamaPool(path, pool_size, max_queue=..., config=...)``."""
+
+    path: str
+    pool_size: int
+    max_queue: int
+    config: LlamaConfig
+
+
+def _child_entry() -> None:
+    """The child's ``main``: its end of the socket pair is the file descriptor in argv[1]."""
+    conn = Connection(int(sys.argv[1]))
+    try:
+        load, level = conn.recv()
+    except EOFError:
+        return
+    _child_main(conn, load, level)
+
+
+def _child_main(conn: Connection, load: _Load, level: int) -> None:
+    """The child: load the pool, then serve the parent's requests until it closes the pipe."""
+    from llama_cpp import _logging
+    from llama_cpp.pool import LlamaPool
+
+    send_lock = threading.Lock()
+
+    def send(message: tuple[Any, ...]) -> None:
+        with send_lock:
+            conn.send(message)
+
+    logger = logging.getLogger("llama_cpp")
+    logger.setLevel(level)
+    logger.propagate = False
+    logger.addHandler(_PipeLogHandler(send))
+    _logging.set_native_log_level(level)
+    try:
+        pool = LlamaPool(load.path, load.pool_size, max_queue=load.max_queue, config=load.config)
+    except Exception as error:  # reported to the parent, which raises it
+        send(("failed", type(error).__name__, str(error)))
+        return
+    streams: dict[int, GenerationStream] = {}
+
+    def relay(rid: int, stream: GenerationStream) -> None:
+        try:
+            while (chunk := stream.next()) is not None:
+                send(("chunk", rid, chunk.text, list(chunk.tokens), _logprobs(chunk.logprobs)))
+            end = (stream.finish_reason, stream.n_prompt, stream.n_reused, _logprobs(stream.prompt_logprobs))
+            send(("end", rid, *end))
+        except Exception as error:
+            send(("error", rid, type(error).__name__, str(error)))
+        finally:
+            stream.close()
+            streams.pop(rid, None)
+
+    try:
+        send(("ready", pool.n_ctx()))
+        while True:
+            try:
+                message = conn.recv()
+            except EOFError:  # the parent is gone
+                break
+            if message[0] == "submit":
+                _, rid, tokens, sampler, options = message
+                try:
+                    request = _child_request(tokens, sampler, options)
+                    stream = pool.submit_request(request)
+                except Exception as error:
+                    send(("error", rid, type(error).__name__, str(error)))
+                    continue
+                streams[rid] = stream
+                threading.Thread(
+                    target=relay, args=(rid, stream), name=f"isolated-{rid}", daemon=True
+                ).start()
+            elif message[0] == "cancel":
+                if (running := streams.get(message[1])) is not None:
+                    running.cancel()
+            elif message[0] == "stats":
+                stats = pool.stats()
+                send(("stats", message[1], {f: getattr(stats, f) for f in PoolStats.__dataclass_fields__}))
+            elif message[0] == "close":
+                break
+    finally:
+        pool.close()
+
+
+def _child_request(tokens: list[int], sampler: dict[str, Any], options: dict[str, Any]) -> Request:
+    native_sampler = _core.SamplerConfig()
+    for name, value in sampler.items():
+        setattr(native_sampler, name, value)
+    native_options = _core.GenerateOptions()
+    for name, value in options.items():
+        setattr(native_options, name, value)
+    return Request(tokens, native_sampler, native_options)
+
+
+# -- the parent ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    finish_reason: str
+    n_prompt: int
+    n_reused: int
+    prompt_logprobs: list[Logprob]
+
+
+class _RemoteStream:
+    """A request running in the child, read chunk by chunk (a :class:`GenerationStream`).
+
+    The reader thread of the :class:`_Child` puts the child's messages in :attr:`inbox`; a
+    lost child puts a :class:`WorkerLostError`.
+    """
+
+    def __init__(self, child: _Child, rid: int, cancellation: _core.Cancellation) -> None:
+        self.inbox: queue.SimpleQueue[_core.Chunk | _End | BaseException] = queue.SimpleQueue()
+        self._child = child
+        self._rid = rid
+        self._cancellation = cancellation
+        self._cancel_sent = False
+        self._done = False
+        self._tokens: list[int] = []
+        self._end: _End | None = None
+
+    def next(self) -> _core.Chunk | None:
+        while not self._done:
+            if self._cancellation.cancelled:
+                self.cancel()
+            try:
+                item = self.inbox.get(timeout=None if self._cancel_sent else _CANCEL_CHECK)
+            except queue.Empty:
+                continue
+            if isinstance(item, _core.Chunk):
+                self._tokens += item.tokens
+                return item
+            self._done = True
+            self._child.forget(self._rid)
+            if isinstance(item, BaseException):
+                raise item
+            self._end = item
+        return None
+
+    def cancel(self) -> None:
+        if not self._cancel_sent and not self._done:
+            self._cancel_sent = True
+            self._child.send(("cancel", self._rid))
+
+    def close(self) -> None:
+        if not self._done:
+            self.cancel()
+            self._done = True
+            self._child.forget(self._rid)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return None if self._end is None else self._end.finish_reason
+
+    @property
+    def tokens(self) -> list[int]:
+        return list(self._tokens)
+
+    @property
+    def n_prompt(self) -> int:
+        return 0 if self._end is None else self._end.n_prompt
+
+    @property
+    def n_reused(self) -> int:
+        return 0 if self._end is None else self._end.n_reused
+
+    @property
+    def prompt_logprobs(self) -> list[_core.TokenLogprob]:
+        return [] if self._end is None else _native_logprobs(self._end.prompt_logprobs)
+
+
+class _Child:
+    """One child process and the thread that reads its pipe.
+
+    Raises (constructor): what the child's ``LlamaPool`` raised while loading, or
+    WorkerLostError if it died before it was ready.
+    """
+
+    def __init__(self, load: _Load) -> None:
+        ours, theirs = socket.socketpair()
+        self._conn = Connection(ours.detach())
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _streams and _replies
+        self._streams: dict[int, _RemoteStream] = {}
+        self._replies: dict[int, queue.SimpleQueue[dict[str, int]]] = {}
+        self._ids = itertools.count()
+        self.lost = threading.Event()
+        with theirs:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "from llama_cpp.isolated import _child_entry; _child_entry()",
+                    str(theirs.fileno()),
+                ],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        # The child's end now lives in the child only: reading here ends (EOF) when it dies.
+        self.send((load, _log.getEffectiveLevel()))
+        try:
+            first = self._receive_until_ready()
+        except BaseException:
+            self.kill()
+            raise
+        self.n_ctx: int = first[1]
+        self._reader = threading.Thread(target=self._read, name="llama-cpp-isolated-reader", daemon=True)
+        self._reader.start()
+
+    def _receive_until_ready(self) -> tuple[Any, ...]:
+        while True:
+            try:
+                message = self._conn.recv()
+            except EOFError:
+                self._wait(5)
+                raise WorkerLostError(
+                    f"the model's process died while loading (exit code {self.process.returncode})"
+                ) from None
+            if message[0] == "log":
+                _log.log(message[1], "%s", message[2])
+            elif message[0] == "failed":
+                self._wait(5)
+                raise _error(message[1], message[2])
+            else:
+                return tuple(message)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = message[0]
+            if kind == "log":
+                _log.log(message[1], "%s", message[2])
+                continue
+            with self._lock:
+                stream = self._streams.get(message[1])
+                reply = self._replies.pop(message[1], None) if kind == "stats" else None
+            if reply is not None:
+                reply.put(message[2])
+            elif stream is None:
+                continue  # a stream closed early: the rest of its messages are dropped
+            elif kind == "chunk":
+                stream.inbox.put(_core.Chunk(message[2], message[3], _native_logprobs(message[4])))
+            elif kind == "end":
+                stream.inbox.put(_End(*message[2:]))
+            elif kind == "error":
+                stream.inbox.put(_error(message[2], message[3]))
+        self._wait(5)
+        lost = WorkerLostError(
+            f"the model's process died (exit code {self.process.returncode}): a request in flight was lost; "
+            "see the llama_cpp log for why (an RPC worker that went away aborts it)"
+        )
+        with self._lock:
+            streams, self._streams = self._streams, {}
+            replies, self._replies = self._replies, {}
+            self.lost.set()
+        for stream in streams.values():
+            stream.inbox.put(lost)
+        for reply in replies.values():
+            reply.put({})
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        """Send ``message`` to the child.
+
+        Raises:
+            WorkerLostError: The child is gone.
+        """
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except (OSError, ValueError) as error:
+            raise WorkerLostError("the model's process is gone") from error
+
+    def submit(self, request: Request) -> _RemoteStream:
+        """Start ``request`` in the child.
+
+        Raises:
+            WorkerLostError: The child is gone.
+        """
+        rid = next(self._ids)
+        stream = _RemoteStream(self, rid, request.options.cancellation)
+        with self._lock:
+            if self.lost.is_set():
+                raise WorkerLostError("the model's process is gone")
+            self._streams[rid] = stream
+        sampler = {name: getattr(request.sampling, name) for name in _SAMPLER_FIELDS}
+        options = {name: getattr(request.options, name) for name in _OPTION_FIELDS}
+        try:
+            self.send(("submit", rid, list(request.tokens), sampler, options))
+        except WorkerLostError:
+            self.forget(rid)
+            raise
+        return stream
+
+    def stats(self) -> dict[str, int]:
+        """The child pool's counters ({} when the child is gone)."""
+        rid = next(self._ids)
+        reply: queue.SimpleQueue[dict[str, int]] = queue.SimpleQueue()
+        with self._lock:
+            if self.lost.is_set():
+                return {}
+            self._replies[rid] = reply
+        try:
+            self.send(("stats", rid))
+        except WorkerLostError:
+            return {}
+        return reply.get()
+
+    def forget(self, rid: int) -> None:
+        with self._lock:
+            self._streams.pop(rid, None)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Ask the child to close its pool and exit; kill it if it does not within ``timeout``."""
+        with contextlib.suppress(WorkerLostError):
+            self.send(("close",))
+        self._wait(timeout)
+        self.kill()
+        self._conn.close()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def _wait(self, timeout: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout)
+
+
+class IsolatedPool(FrontEnd):
+    """:class:`~llama_cpp.LlamaPool`'s request API, with the model in a supervised child
+    process: a crash of llama.cpp (an RPC worker lost mid-generation) fails the requests in
+    flight with :class:`WorkerLostError` instead of ending this process, and the model is
+    loaded again once its RPC workers answer.
+
+    Args:
+        model_path: Path to a GGUF file.
+        pool_size: Requests decoded concurrently (the child pool's sequences).
+        max_queue: Requests that may wait for a free sequence in the child.
+        config: The model and context settings as a :class:`LlamaConfig` (its
+            ``progress_callback`` is not called: the weights load in the child).
+        ready_timeout: Seconds a request waits for the model while it is being reloaded
+            before raising :class:`WorkerLostError`.
+        restart: Reload the model after its process died (False: stay down; every later
+            request raises :class:`WorkerLostError`).
+        **options: :class:`~llama_cpp.Llama`'s keyword arguments (set over ``config``).
+
+    Raises:
+        TypeError: An unknown keyword argument.
+        ModelLoadError: The file is missing or not a loadable GGUF model.
+        InvalidArgumentError: An argument is out of range.
+        LlamaError: An RPC worker cannot be reached.
+        WorkerLostError: The child process died while loading the model.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        pool_size: int = 4,
+        *,
+        max_queue: int = 64,
+        config: LlamaConfig | None = None,
+        ready_timeout: float = 30.0,
+        restart: bool = True,
+        **options: Any,
+    ) -> None:
+        config = resolve_config("IsolatedPool", config, options)
+        if config.embedding or config.vocab_only:
+            raise InvalidArgumentError(
+                "an IsolatedPool generates text: embedding/vocab_only are not accepted"
+            )
+        if config.lora_path is not None:
+            raise InvalidArgumentError("an IsolatedPool runs no LoRA adapters")
+        if not ready_timeout > 0:
+            raise InvalidArgumentError(f"ready_timeout must be > 0 seconds, got {ready_timeout!r}")
+        if pool_size < 1:
+            raise InvalidArgumentError(f"pool_size must be >= 1, got {pool_size}")
+        self.model_path = os.fspath(model_path)
+        self.pool_size = pool_size
+        self.config = config
+        self.ready_timeout = ready_timeout
+        self._load = _Load(self.model_path, pool_size, max_queue, replace(config, progress_callback=None))
+        self._restart = restart
+        self._closed = threading.Event()
+        self._state = threading.Condition()  # guards _child and _restarter
+        self._restarter: threading.Thread | None = None
+        self.restarts = 0
+        # The tokenizer, chat templates and grammars of the request path: the vocabulary only,
+        # loaded here without the RPC workers (it cannot crash this process).
+        vocab = replace(config, vocab_only=True, rpc_servers=None, n_gpu_layers=0, progress_callback=None)
+        self._vocab = _core.Model(self.model_path, vocab.model_options())
+        self._requests = RequestBuilder(self._vocab, config, self.model_path)
+        try:
+            self._child: _Child | None = _Child(self._load)
+        except BaseException:
+            self._requests.close()
+            self._vocab.close()
+            raise
+        self._n_ctx = self._child.n_ctx
+        threading.Thread(
+            target=self._watch, args=(self._child,), name="llama-cpp-isolated-watch", daemon=True
+        ).start()
+
+    # -- supervision ----------------------------------------------------------------------
+
+    def _watch(self, child: _Child) -> None:
+        """Wait for ``child`` to die; then reload the model (unless closed)."""
+        child.lost.wait()
+        with self._state:
+            if self._child is child:
+                self._child = None
+        if self._closed.is_set():
+            return
+        _log.error(
+            "the isolated model's process died (exit code %s)%s",
+            child.process.returncode,
+            "; reloading it once its RPC workers answer" if self._restart else "",
+        )
+        if self._restart:
+            self._reload()
+
+    def _reload(self) -> None:
+        delay, factor, longest = _BACKOFF
+        while not self._closed.is_set():
+            down = unreachable(self.config.rpc_servers, timeout=1.0)
+            if not down:
+                try:
+                    child = _Child(self._load)
+                except LlamaError as error:
+                    _log.warning("reloading the isolated model failed: %s", error)
+                else:
+                    with self._state:
+                        if self._closed.is_set():
+                            child.close()
+                            return
+                        self._child = child
+                        self.restarts += 1
+                        self._state.notify_all()
+                    _log.warning("the isolated model is loaded again (restart %d)", self.restarts)
+                    threading.Thread(
+                        target=self._watch, args=(child,), name="llama-cpp-isolated-watch", daemon=True
+                    ).start()
+                    return
+            else:
+                _log.info("waiting for RPC workers %s", ", ".join(down))
+            self._closed.wait(delay)
+            delay = min(delay * factor, longest)
+
+    def _live_child(self) -> _Child:
+        """The running child, waiting up to ``ready_timeout`` for a reload.
+
+        Raises:
+            ClosedError: The pool is closed.
+            WorkerLostError: No child is running within ``ready_timeout``.
+        """
+        deadline = time.monotonic() + self.ready_timeout
+        with self._state:
+            while True:
+                if self._closed.is_set():
+                    raise _core.ClosedError("the pool is closed")
+                child = self._child
+                if child is not None and not child.lost.is_set():
+                    return child
+                left = deadline - time.monotonic()
+                if not self._restart or left <= 0:
+                    raise WorkerLostError(
+                        "the model's process is down"
+                        + (f" and was not reloaded within {self.ready_timeout:g} s" if self._restart else "")
+                        + f" (RPC workers: {', '.join(rpc_endpoints(self.config.rpc_servers)) or 'none'})"
+                    )
+                self._state.wait(min(left, 0.5))
+
+    @property
+    def alive(self) -> bool:
+        """Whether the model's process is running now (False while it is reloaded)."""
+        with self._state:
+            return self._child is not None and not self._child.lost.is_set()
+
+    @property
+    def pid(self) -> int | None:
+        """The process id of the model's process (None while there is none)."""
+        with self._state:
+            return None if self._child is None else self._child.process.pid
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the child (its unfinished requests fail with :class:`WorkerLostError`) and
+        the supervisor, free the vocabulary. Idempotent."""
+        with self._state:
+            self._closed.set()
+            child, self._child = self._child, None
+            self._state.notify_all()
+        if child is not None:
+            child.close()
+        self._requests.close()
+        self._vocab.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await _async.call(lambda _: self.close())
+
+    def __repr__(self) -> str:
+        return f"IsolatedPool({self.model_path!r}, pool_size={self.pool_size})"
+
+    # -- facts ----------------------------------------------------------------------------
+
+    def stats(self) -> PoolStats:
+        """The child pool's slots, queue and counters (zeros, counters included, while no
+        child runs: a reloaded model starts counting again)."""
+        with self._state:
+            child = self._child
+        fields = child.stats() if child is not None else {}
+        if not fields:
+            return PoolStats(self.pool_size, 0, 0, 0, 0, 0, 0)
+        return PoolStats(**fields)
+
+    def n_ctx(self) -> int:
+        """The window of each sequence, in tokens."""
+        return self._n_ctx
+
+    @property
+    def model(self) -> _core.Model:
+        """The vocabulary-only copy of the model that prepares requests (tokenizer, chat
+        templates, metadata); raises ClosedError once closed."""
+        if self._vocab.closed:
+            raise _core.ClosedError("the pool is closed")
+        return self._vocab
+
+    def warmup(self) -> None:
+        """Run one short generation, so that the first request does not pay for setup."""
+        self.generate([max(self._vocab.token_bos, 0)], max_tokens=1)
+
+    async def warmup_async(self) -> None:
+        """:meth:`warmup` off the event loop."""
+        await _async.call(lambda _: self.warmup())
+
+    def create_embedding(
+        self,
+        input: EmbeddingInput,
+        model: str | None = None,
+        *,
+        cancellation: _core.Cancellation | None = None,
+    ) -> CreateEmbeddingResponse:
+        """Not served: an isolated pool generates text only.
+
+        Raises:
+            InvalidArgumentError: Always.
+        """
+        raise InvalidArgumentError("an IsolatedPool serves no embeddings (use a LlamaPool or Llama)")
+
+    # -- decoding (FrontEnd's request API runs on this) ------------------------------------
+
+    def _stream(self, request: Request, run: Mapping[str, Any]) -> GenerationStream:
+        if request.options.has_hooks:
+            raise InvalidArgumentError(
+                "logits_processor / stopping_criteria are Python hooks: they cannot run in an IsolatedPool's "
+                "model process"
+            )
+        return self._live_child().submit(request)

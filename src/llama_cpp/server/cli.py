@@ -33,11 +33,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="accepted API key (repeatable); none: no authentication")  # fmt: skip
     parser.add_argument("--api-key-file", help="a file of API keys, one a line")
     parser.add_argument("--config", help="a JSON or TOML file of settings (see the README's table)")
+    parser.add_argument("--isolated", action="store_const", const=True, default=None,
+                        help="models in supervised child processes (outlive lost RPC workers)")  # fmt: skip
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = ("model", "alias", "kind", "host", "port", "parallel", "ctx_size", "n_threads", "max_queue",
-             "models_max", "max_tokens_limit", "api_keys", "api_key_file")  # fmt: skip
+             "models_max", "max_tokens_limit", "api_keys", "api_key_file", "isolated")  # fmt: skip
     return {name: getattr(args, name) for name in names}
 
 

@@ -81,6 +81,10 @@ class ServerSettings(BaseModel):
             (400 above); also the default of a chat request that names none.
         graceful_shutdown_s: On SIGTERM, seconds in-flight requests may take to finish
             before the pools are closed (which cancels them).
+        isolated: Run each generating model in a supervised child process
+            (:class:`~llama_cpp.IsolatedPool`): a model process that dies (an RPC worker lost
+            mid-generation) fails its requests with 503 ``worker_lost`` and is reloaded,
+            instead of ending the server. No embeddings then.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -102,6 +106,7 @@ class ServerSettings(BaseModel):
     max_body_bytes: int = Field(default=16 * 2**20, ge=1)
     max_tokens_limit: int = Field(default=32768, ge=1)
     graceful_shutdown_s: float = Field(default=10.0, ge=0)
+    isolated: bool = False
 
     @field_validator("api_keys", mode="before")
     @classmethod

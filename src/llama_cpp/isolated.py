@@ -39,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any, Self
@@ -52,7 +52,8 @@ from llama_cpp.embeddings import EmbeddingInput
 from llama_cpp.errors import InvalidArgumentError, LlamaError, WorkerLostError
 from llama_cpp.frontend import FrontEnd
 from llama_cpp.llama_types import CreateEmbeddingResponse
-from llama_cpp.request import Request, RequestBuilder
+from llama_cpp.params import SamplingParams
+from llama_cpp.request import Prompt, Request, RequestBuilder
 from llama_cpp.results import PoolStats
 
 __all__ = ["IsolatedPool", "WorkerLostError"]
@@ -191,6 +192,8 @@ def _child_request(tokens: list[int], sampler: dict[str, Any], options: dict[str
     for name, value in sampler.items():
         setattr(native_sampler, name, value)
     native_options = _core.GenerateOptions()
+    if options.pop("cancelled"):
+        native_options.cancellation.cancel()
     for name, value in options.items():
         setattr(native_options, name, value)
     return Request(tokens, native_sampler, native_options)
@@ -392,6 +395,7 @@ class _Child:
             self._streams[rid] = stream
         sampler = {name: getattr(request.sampling, name) for name in _SAMPLER_FIELDS}
         options = {name: getattr(request.options, name) for name in _OPTION_FIELDS}
+        options["cancelled"] = request.options.cancellation.cancelled  # as a pool treats one cancelled before
         try:
             self.send(("submit", rid, list(request.tokens), sampler, options))
         except WorkerLostError:
@@ -664,6 +668,29 @@ class IsolatedPool(FrontEnd):
             InvalidArgumentError: Always.
         """
         raise InvalidArgumentError("an IsolatedPool serves no embeddings (use a LlamaPool or Llama)")
+
+    def submit(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int | None = 256,
+        sampling: SamplingParams | None = None,
+        stop: str | Sequence[str] | None = None,
+        cancellation: _core.Cancellation | None = None,
+    ) -> GenerationStream:
+        """Start a generation and return its stream, read chunk by chunk with ``next()``
+        (:meth:`LlamaPool.submit`'s, without ``wait`` and ``lora``).
+
+        Raises:
+            WorkerLostError: The model's process is down and was not reloaded in time.
+            PoolBusyError: (from ``next()``) every slot of the child is busy and its queue full.
+            ContextOverflowError: (from ``next()``) the prompt is longer than a sequence's window.
+            ClosedError: The pool is closed.
+        """
+        request = self._requests.generation(
+            prompt, max_tokens=max_tokens, sampling=sampling, stop=stop, cancellation=cancellation
+        )
+        return self._stream(request, {})
 
     # -- decoding (FrontEnd's request API runs on this) ------------------------------------
 

@@ -89,18 +89,26 @@ def run(args: argparse.Namespace) -> int:
         logger.warning(
             "rpc-worker bound to %s:%d: the RPC protocol has no authentication", args.host, args.port
         )
-    worker = subprocess.Popen(command, env=env)
+    worker: subprocess.Popen[bytes] | None = None
+    received: list[int] = []
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        worker.send_signal(signum)
+        received.append(signum)
+        if worker is not None:
+            worker.send_signal(signum)
 
+    # Installed before the worker starts, so that no signal can end this command and leave the
+    # worker running; one that arrives while it starts is passed on once it has.
     previous = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
+        worker = subprocess.Popen(command, env=env)
+        if received:
+            worker.send_signal(received[0])
         status = worker.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if worker.poll() is None:  # this command ended otherwise (an error): do not orphan it
+        if worker is not None and worker.poll() is None:  # this command ended otherwise: no orphan
             worker.terminate()
             worker.wait()
     # A worker killed by a signal exits as a shell reports it: 128 + the signal.

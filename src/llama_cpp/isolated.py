@@ -305,11 +305,12 @@ class _Child:
                 stdin=subprocess.DEVNULL,
             )
         # The child's end now lives in the child only: reading here ends (EOF) when it dies.
-        self.send((load, _log.getEffectiveLevel()))
         try:
+            self.send((load, _log.getEffectiveLevel()))
             first = self._receive_until_ready()
         except BaseException:
             self.kill()
+            self._conn.close()
             raise
         self.n_ctx: int = first[1]
         self._reader = threading.Thread(target=self._read, name="llama-cpp-isolated-reader", daemon=True)

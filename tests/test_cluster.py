@@ -4,6 +4,7 @@ surviving it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -21,6 +22,7 @@ import pytest
 
 from llama_cpp import (
     Cancellation,
+    ClosedError,
     GenerationCancelled,
     InvalidArgumentError,
     IsolatedPool,
@@ -38,8 +40,9 @@ from server_harness import KEY, serve
 GREEDY = SamplingParams.greedy()
 RPC_WORKER = [sys.executable, "-m", "llama_cpp", "rpc-worker"]
 ACCEPTED = "Accepted client connection"  # what ggml-rpc-server logs (and flushes) per client
-#: A generation long enough (the tiny model's whole window, one RPC round trip per token) to
-#: be still running when its worker is killed after its first chunk.
+#: A generation long enough (the tiny llama's whole window from "a": letters that cycle, one
+#: RPC round trip per token, seconds in all) to be still running when its worker is killed
+#: after its first chunk.
 LONG = 4000
 
 
@@ -149,12 +152,28 @@ def _log_text(caplog: pytest.LogCaptureFixture) -> str:
 # -- rpc_servers, split modes ---------------------------------------------------------------
 
 
+def greedy_16(llm: Llama, prompt: str) -> tuple[str, list[float]]:
+    """16 greedy tokens with the end of generation banned (the tiny MoE model would stop after
+    a few), and their logprobs."""
+    out = llm.create_completion(
+        prompt, max_tokens=16, temperature=0, logprobs=1, logit_bias={llm.model.token_eos: -1000.0}
+    )
+    logprobs = out["choices"][0]["logprobs"]
+    assert logprobs is not None
+    assert out["usage"]["completion_tokens"] == 16
+    return out["choices"][0]["text"], [float(x) for x in logprobs["token_logprobs"] if x is not None]
+
+
+PROMPTS = ("a", "A", "hello")
+
+
 @pytest.mark.timeout(120)
 def test_two_workers_give_the_local_greedy_output(
     moe_path: Path, workers: list[Worker], caplog: pytest.LogCaptureFixture
 ) -> None:
     with Llama(moe_path, n_ctx=256, verbose=False) as local:
-        expected = [local.generate(p, max_tokens=16, sampling=GREEDY) for p in ("a", "A", "hello")]
+        expected = [greedy_16(local, p) for p in PROMPTS]
+    assert len({text for text, _ in expected}) == 3  # three different answers
     endpoints = [w.endpoint for w in workers]
     for servers in (endpoints, ",".join(endpoints), f" {endpoints[0]} , {endpoints[1]} "):
         caplog.clear()
@@ -166,9 +185,10 @@ def test_two_workers_give_the_local_greedy_output(
             assert "offloaded 5/5 layers to GPU" in log
             for endpoint in endpoints:  # layer split: both workers hold some of the model
                 assert re.search(rf"RPC\d+\[{re.escape(endpoint)}\] model buffer size", log), log
-            assert [
-                remote.generate(p, max_tokens=16, sampling=GREEDY) for p in ("a", "A", "hello")
-            ] == expected
+            for prompt, (text, logprobs) in zip(PROMPTS, expected, strict=True):
+                got_text, got_logprobs = greedy_16(remote, prompt)
+                assert got_text == text
+                assert got_logprobs == pytest.approx(logprobs, abs=1e-4)
     for w in workers:
         assert ACCEPTED in w.log.read_text()
 
@@ -178,7 +198,7 @@ def test_tensor_split_places_the_model_by_proportion(
     moe_path: Path, workers: list[Worker], caplog: pytest.LogCaptureFixture
 ) -> None:
     with Llama(moe_path, n_ctx=256, verbose=False) as local:
-        expected = local.generate("a", max_tokens=16, sampling=GREEDY)
+        expected = greedy_16(local, "hello")[0]
     first, second = (w.endpoint for w in workers)
     with (
         caplog.at_level(logging.INFO, logger="llama_cpp"),
@@ -187,7 +207,7 @@ def test_tensor_split_places_the_model_by_proportion(
         log = _log_text(caplog)
         assert re.search(rf"RPC\d+\[{re.escape(first)}\] model buffer size", log), log
         assert not re.search(rf"RPC\d+\[{re.escape(second)}\] model buffer size", log), log
-        assert llm.generate("a", max_tokens=16, sampling=GREEDY) == expected
+        assert greedy_16(llm, "hello")[0] == expected
     # Row split needs split buffers, which RPC devices do not have: a typed load error.
     with pytest.raises(ModelLoadError, match="does not support split buffers"):
         Llama(moe_path, n_ctx=256, rpc_servers=[first, second], n_gpu_layers=-1, split_mode=2, verbose=False)
@@ -318,11 +338,11 @@ IN_PROCESS = textwrap.dedent(
 
 
 @pytest.mark.timeout(120)
-def test_in_process_a_lost_worker_is_fatal_but_logged(moe_path: Path, worker: Worker) -> None:
+def test_in_process_a_lost_worker_is_fatal_but_logged(tiny_model_path: Path, worker: Worker) -> None:
     # llama.cpp's RPC client aborts the process: fatal in-process, as docs/cluster.md says.
     # The abort message reaches Python logging before the abort.
     app = subprocess.Popen(
-        [sys.executable, "-c", IN_PROCESS, str(moe_path), worker.endpoint],
+        [sys.executable, "-c", IN_PROCESS, str(tiny_model_path), worker.endpoint],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -353,15 +373,16 @@ def test_in_process_a_lost_worker_is_fatal_but_logged(moe_path: Path, worker: Wo
 
 @pytest.mark.timeout(180)
 def test_isolated_pool_survives_a_worker_lost_mid_stream(
-    moe_path: Path, worker: Worker, caplog: pytest.LogCaptureFixture
+    tiny_model_path: Path, worker: Worker, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with Llama(moe_path, n_ctx=256, verbose=False) as local:
+    with Llama(tiny_model_path, n_ctx=256, verbose=False) as local:
         expected = local.generate("hello", max_tokens=16, sampling=GREEDY)
+    assert len(expected) == 16
     caplog.set_level(logging.INFO, logger="llama_cpp")
     with IsolatedPool(
-        moe_path, 2, n_ctx=4096, rpc_servers=worker.endpoint, n_gpu_layers=-1, ready_timeout=60
+        tiny_model_path, 2, n_ctx=4096, rpc_servers=worker.endpoint, n_gpu_layers=-1, ready_timeout=60
     ) as pool:
-        assert "offloaded 5/5 layers to GPU" in _log_text(caplog)  # the child's log, relayed
+        assert "offloaded 3/3 layers to GPU" in _log_text(caplog)  # the child's log, relayed
         assert pool.generate("hello", max_tokens=16, sampling=GREEDY) == expected
         first_pid = pool.pid
         stream = pool.generate_stream("a", max_tokens=None, sampling=GREEDY)
@@ -385,11 +406,11 @@ def test_isolated_pool_survives_a_worker_lost_mid_stream(
 
 
 @pytest.mark.timeout(120)
-def test_isolated_pool_has_the_request_api(moe_path: Path) -> None:
-    with Llama(moe_path, n_ctx=256, verbose=False) as local:
+def test_isolated_pool_has_the_request_api(tiny_model_path: Path) -> None:
+    with Llama(tiny_model_path, n_ctx=256, verbose=False) as local:
         completion = local.create_completion("a", max_tokens=8, temperature=0, logprobs=2)
         chat = local.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=8, temperature=0)
-    with IsolatedPool(moe_path, 2, n_ctx=256, verbose=False) as pool:
+    with IsolatedPool(tiny_model_path, 2, n_ctx=256, verbose=False) as pool:
         got = pool.create_completion("a", max_tokens=8, temperature=0, logprobs=2)
         assert got["choices"] == completion["choices"]
         assert got["usage"] == completion["usage"]
@@ -398,7 +419,7 @@ def test_isolated_pool_has_the_request_api(moe_path: Path) -> None:
         )
         assert got_chat["choices"] == chat["choices"]
         pieces = list(pool.generate_stream("a", max_tokens=8, sampling=GREEDY))
-        assert "".join(pieces) == local_text(moe_path, "a", 8)
+        assert "".join(pieces) == local_text(tiny_model_path, "a", 8)
         # Leaving a stream early cancels the request in the child; the pool goes on.
         stream = pool.submit("a", max_tokens=LONG)
         assert stream.next() is not None
@@ -410,7 +431,7 @@ def test_isolated_pool_has_the_request_api(moe_path: Path) -> None:
             pool.create_completion("a", logits_processor=[lambda ids, scores: scores])
         with pytest.raises(InvalidArgumentError, match="no embeddings"):
             pool.create_embedding("a")
-        assert pool.tokenize("a") == local_tokens(moe_path, "a")
+        assert pool.tokenize("a") == local_tokens(tiny_model_path, "a")
         pid = pool.pid
     assert pid is not None
     with pytest.raises(ProcessLookupError):  # the child is gone once closed
@@ -418,9 +439,9 @@ def test_isolated_pool_has_the_request_api(moe_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_isolated_pool_cancellation_reaches_the_child(moe_path: Path, worker: Worker) -> None:
+def test_isolated_pool_cancellation_reaches_the_child(tiny_model_path: Path, worker: Worker) -> None:
     with IsolatedPool(
-        moe_path, 1, n_ctx=4096, rpc_servers=worker.endpoint, n_gpu_layers=-1, verbose=False
+        tiny_model_path, 1, n_ctx=4096, rpc_servers=worker.endpoint, n_gpu_layers=-1, verbose=False
     ) as pool:
         cancelled = Cancellation()
         cancelled.cancel()
@@ -434,7 +455,35 @@ def test_isolated_pool_cancellation_reaches_the_child(moe_path: Path, worker: Wo
             for _ in stream:
                 pass
         # The one slot is free again: a request after it runs.
-        assert pool.generate("a", max_tokens=3, sampling=GREEDY) == local_text(moe_path, "a", 3)
+        assert pool.generate("a", max_tokens=3, sampling=GREEDY) == local_text(tiny_model_path, "a", 3)
+
+
+@pytest.mark.timeout(120)
+def test_isolated_pool_async_and_close(tiny_model_path: Path, worker: Worker) -> None:
+    expected = local_text(tiny_model_path, "a", 6)
+
+    async def main(pool: IsolatedPool) -> None:
+        assert await pool.generate_async("a", max_tokens=6, sampling=GREEDY) == expected
+        stream = await pool.create_completion_async("a", max_tokens=None, stream=True)
+        async for _ in stream:
+            break  # leaving early cancels the request in the child
+        assert await pool.generate_async("a", max_tokens=6, sampling=GREEDY) == expected
+
+    pool = IsolatedPool(
+        tiny_model_path, 1, n_ctx=4096, rpc_servers=worker.endpoint, n_gpu_layers=-1, verbose=False
+    )
+    try:
+        asyncio.run(main(pool))
+        running = pool.submit("a", max_tokens=None, sampling=GREEDY)
+        assert running.next() is not None
+    finally:
+        pool.close()
+        pool.close()  # idempotent
+    with pytest.raises(ClosedError):  # a request running when the pool closed
+        for _ in iter(running.next, None):
+            pass
+    with pytest.raises(ClosedError):
+        pool.generate("a", max_tokens=2)
 
 
 def local_text(path: Path, prompt: str, n: int) -> str:
@@ -448,9 +497,9 @@ def local_tokens(path: Path, text: str) -> list[int]:
 
 
 @pytest.mark.timeout(180)
-def test_server_isolated_answers_503_and_recovers(moe_path: Path, worker: Worker) -> None:
+def test_server_isolated_answers_503_and_recovers(tiny_model_path: Path, worker: Worker) -> None:
     settings = ServerSettings(
-        model=moe_path,
+        model=tiny_model_path,
         alias="moe",
         isolated=True,
         parallel=1,

@@ -229,17 +229,20 @@ class _RemoteStream:
 
     def next(self) -> _core.Chunk | None:
         while not self._done:
-            if self._cancellation.cancelled:
+            if self._cancel_sent or self._cancellation.cancelled:
+                # As a pool's stream: once cancelled, next() raises; what the child decoded
+                # meanwhile is dropped.
                 self.cancel()
+                self._finish()
+                raise _core.GenerationCancelled("the generation was cancelled")
             try:
-                item = self.inbox.get(timeout=None if self._cancel_sent else _CANCEL_CHECK)
+                item = self.inbox.get(timeout=_CANCEL_CHECK)
             except queue.Empty:
                 continue
             if isinstance(item, _core.Chunk):
                 self._tokens += item.tokens
                 return item
-            self._done = True
-            self._child.forget(self._rid)
+            self._finish()
             if isinstance(item, BaseException):
                 raise item
             self._end = item
@@ -248,13 +251,17 @@ class _RemoteStream:
     def cancel(self) -> None:
         if not self._cancel_sent and not self._done:
             self._cancel_sent = True
-            self._child.send(("cancel", self._rid))
+            with contextlib.suppress(WorkerLostError):  # a child that is gone runs nothing
+                self._child.send(("cancel", self._rid))
 
     def close(self) -> None:
         if not self._done:
             self.cancel()
-            self._done = True
-            self._child.forget(self._rid)
+            self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._child.forget(self._rid)
 
     @property
     def finish_reason(self) -> str | None:
@@ -293,6 +300,7 @@ class _Child:
         self._replies: dict[int, queue.SimpleQueue[dict[str, int]]] = {}
         self._ids = itertools.count()
         self.lost = threading.Event()
+        self.closing = False  # set by close(): the end of the pipe is then no loss
         with theirs:
             self.process = subprocess.Popen(
                 [
@@ -357,10 +365,12 @@ class _Child:
             elif kind == "error":
                 stream.inbox.put(_error(message[2], message[3]))
         self._wait(5)
-        lost = WorkerLostError(
+        lost: LlamaError = WorkerLostError(
             f"the model's process died (exit code {self.process.returncode}): a request in flight was lost; "
             "see the llama_cpp log for why (an RPC worker that went away aborts it)"
         )
+        if self.closing:
+            lost = _core.ClosedError("the pool is closed")
         with self._lock:
             streams, self._streams = self._streams, {}
             replies, self._replies = self._replies, {}
@@ -423,7 +433,9 @@ class _Child:
             self._streams.pop(rid, None)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Ask the child to close its pool and exit; kill it if it does not within ``timeout``."""
+        """Ask the child to close its pool and exit; kill it if it does not within ``timeout``.
+        Requests still running fail with ClosedError."""
+        self.closing = True
         with contextlib.suppress(WorkerLostError):
             self.send(("close",))
         self._wait(timeout)
@@ -598,8 +610,8 @@ class IsolatedPool(FrontEnd):
     # -- lifecycle ------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the child (its unfinished requests fail with :class:`WorkerLostError`) and
-        the supervisor, free the vocabulary. Idempotent."""
+        """Stop the child (its unfinished requests fail with :class:`ClosedError`) and the
+        supervisor, free the vocabulary. Idempotent."""
         with self._state:
             self._closed.set()
             child, self._child = self._child, None

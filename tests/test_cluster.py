@@ -211,8 +211,25 @@ def test_tensor_split_places_the_model_by_proportion(
     # Row split needs split buffers, which RPC devices do not have: a typed load error.
     with pytest.raises(ModelLoadError, match="does not support split buffers"):
         Llama(moe_path, n_ctx=256, rpc_servers=[first, second], n_gpu_layers=-1, split_mode=2, verbose=False)
-    with pytest.raises(InvalidArgumentError, match="split_mode must be 0, 1 or 2"):
+    with pytest.raises(InvalidArgumentError, match="split_mode must be 0, 1, 2 or 3"):
         Llama(moe_path, rpc_servers=[first], split_mode=7)
+
+
+@pytest.mark.timeout(120)
+def test_tensor_parallelism_over_two_workers(moe_path: Path, workers: list[Worker]) -> None:
+    # llama.cpp's split_mode 3 (tensor) runs with flash attention only: compare with it on.
+    with Llama(moe_path, n_ctx=256, flash_attn=True, verbose=False) as local:
+        expected = [greedy_16(local, p) for p in PROMPTS]
+    servers = [w.endpoint for w in workers]
+    with Llama(
+        moe_path, n_ctx=256, rpc_servers=servers, n_gpu_layers=-1, split_mode=3, flash_attn=True
+    ) as llm:
+        for prompt, (text, logprobs) in zip(PROMPTS, expected, strict=True):
+            got_text, got_logprobs = greedy_16(llm, prompt)
+            assert got_text == text
+            assert got_logprobs == pytest.approx(logprobs, abs=1e-4)
+    with pytest.raises(InvalidArgumentError, match=r"split_mode=3 \(tensor\) needs flash attention"):
+        Llama(moe_path, rpc_servers=servers, n_gpu_layers=-1, split_mode=3)
 
 
 def test_rpc_endpoints_and_probes() -> None:

@@ -86,8 +86,10 @@ class LlamaConfig:
             raise InvalidArgumentError(
                 f"stream_timeout must be a number of seconds > 0, got {self.stream_timeout!r}"
             )
-        if self.split_mode not in (0, 1, 2):
-            raise InvalidArgumentError(f"split_mode must be 0, 1 or 2, got {self.split_mode}")
+        if self.split_mode not in (0, 1, 2, 3):
+            raise InvalidArgumentError(f"split_mode must be 0, 1, 2 or 3, got {self.split_mode}")
+        if self.split_mode == 3 and self.flash_attn is False:  # llama.cpp refuses the context
+            raise InvalidArgumentError("split_mode=3 (tensor) needs flash attention: flash_attn=True or None")
         if self.progress_callback is not None and not callable(self.progress_callback):
             raise InvalidArgumentError(
                 f"progress_callback must be a callable or None, got {self.progress_callback!r}"
@@ -160,7 +162,7 @@ class ModelParams:
 
     Attributes:
         n_gpu_layers: Layers offloaded to the GPU (negative: all).
-        split_mode: 0 none, 1 layer, 2 row.
+        split_mode: 0 none, 1 layer, 2 row, 3 tensor.
         main_gpu: The GPU used when ``split_mode`` is 0.
         tensor_split: Proportion of the model per GPU (empty: llama.cpp decides).
         load_mode: llama.h's ``llama_load_mode``: -1 auto (mmap where possible, the default),

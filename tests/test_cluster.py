@@ -347,19 +347,26 @@ IN_PROCESS = textwrap.dedent(
     next(stream)
     print("STREAMING", flush=True)
     sys.stdin.readline()  # the test kills the worker meanwhile
-    for _ in stream:
-        pass
+    if sys.argv[3] == "generate":
+        for _ in stream:
+            pass
+    else:  # freeing the model's buffers on the worker is a call to it too
+        stream.close()
+        llm.close()
     print("FINISHED", flush=True)
     """
 )
 
 
 @pytest.mark.timeout(120)
-def test_in_process_a_lost_worker_is_fatal_but_logged(tiny_model_path: Path, worker: Worker) -> None:
+@pytest.mark.parametrize("then", ["generate", "close"])
+def test_in_process_a_lost_worker_is_fatal_but_logged(
+    tiny_model_path: Path, worker: Worker, then: str
+) -> None:
     # llama.cpp's RPC client aborts the process: fatal in-process, as docs/cluster.md says.
     # The abort message reaches Python logging before the abort.
     app = subprocess.Popen(
-        [sys.executable, "-c", IN_PROCESS, str(tiny_model_path), worker.endpoint],
+        [sys.executable, "-c", IN_PROCESS, str(tiny_model_path), worker.endpoint, then],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -72,8 +72,13 @@ def register(sub: Subcommands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     devices = [d for value in args.device for d in value.split(",")]
+    try:
+        server = bundled_rpc_server()
+    except FileNotFoundError as error:
+        print(f"llama-cpp rpc-worker: error: {error}", file=sys.stderr)
+        return 1
     command = rpc_server_command(
-        bundled_rpc_server(),
+        server,
         host=args.host,
         port=args.port,
         threads=args.threads,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import socket
 import statistics
 import subprocess
@@ -105,6 +106,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    # SIGTERM unwinds (closing the pools and stopping the workers) instead of leaving them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     results: dict[str, Any] = {"rpc": {}, "isolated": {}}
 
     with rpc_workers(1, THREADS) as one, rpc_workers(2, 1) as two:

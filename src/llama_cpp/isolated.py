@@ -39,12 +39,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any, Self
 
 from llama_cpp import _async, _core, errors
+from llama_cpp._isolated_child import Load, Logprob, logprobs_in
 from llama_cpp.cluster import rpc_endpoints, unreachable
 from llama_cpp.completion_output import GenerationStream
 from llama_cpp.config import LlamaConfig, resolve_config
@@ -69,134 +70,11 @@ _CANCEL_CHECK = 0.05
 #: Backoff of the supervisor between attempts to start a new child: first, factor, last.
 _BACKOFF = (0.2, 2.0, 5.0)
 
-Logprob = tuple[int, float, list[tuple[int, float]]]
-
-
-def _logprobs(entries: list[_core.TokenLogprob]) -> list[Logprob]:
-    return [(e.token, e.logprob, list(e.top)) for e in entries]
-
-
-def _native_logprobs(entries: list[Logprob]) -> list[_core.TokenLogprob]:
-    return [_core.TokenLogprob(token, logprob, top) for token, logprob, top in entries]
-
 
 def _error(name: str, message: str) -> LlamaError:
     """The library error named ``name`` (LlamaError for any other)."""
     kind = getattr(errors, name, LlamaError)
     return kind(message) if isinstance(kind, type) and issubclass(kind, LlamaError) else LlamaError(message)
-
-
-# -- the child ----------------------------------------------------------------------------
-
-
-class _PipeLogHandler(logging.Handler):
-    """Sends the child's log records to the parent, which logs them under its own logger."""
-
-    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
-        super().__init__()
-        self._send = send
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with contextlib.suppress(OSError, ValueError):  # the parent is gone: nobody to tell
-            self._send(("log", record.levelno, record.getMessage()))
-
-
-@dataclass(frozen=True, slots=True)
-class _Load:
-    """What the child loads: ``LlamaPool(path, pool_size, max_queue=..., config=...)``."""
-
-    path: str
-    pool_size: int
-    max_queue: int
-    config: LlamaConfig
-
-
-def _child_entry() -> None:
-    """The child's ``main``: its end of the socket pair is the file descriptor in argv[1]."""
-    conn = Connection(int(sys.argv[1]))
-    try:
-        load, level = conn.recv()
-    except EOFError:
-        return
-    _child_main(conn, load, level)
-
-
-def _child_main(conn: Connection, load: _Load, level: int) -> None:
-    """The child: load the pool, then serve the parent's requests until it closes the pipe."""
-    from llama_cpp import _logging
-    from llama_cpp.pool import LlamaPool
-
-    send_lock = threading.Lock()
-
-    def send(message: tuple[Any, ...]) -> None:
-        with send_lock:
-            conn.send(message)
-
-    logger = logging.getLogger("llama_cpp")
-    logger.setLevel(level)
-    logger.propagate = False
-    logger.addHandler(_PipeLogHandler(send))
-    _logging.set_native_log_level(level)
-    try:
-        pool = LlamaPool(load.path, load.pool_size, max_queue=load.max_queue, config=load.config)
-    except Exception as error:  # reported to the parent, which raises it
-        send(("failed", type(error).__name__, str(error)))
-        return
-    streams: dict[int, GenerationStream] = {}
-
-    def relay(rid: int, stream: GenerationStream) -> None:
-        try:
-            while (chunk := stream.next()) is not None:
-                send(("chunk", rid, chunk.text, list(chunk.tokens), _logprobs(chunk.logprobs)))
-            end = (stream.finish_reason, stream.n_prompt, stream.n_reused, _logprobs(stream.prompt_logprobs))
-            send(("end", rid, *end))
-        except Exception as error:
-            send(("error", rid, type(error).__name__, str(error)))
-        finally:
-            stream.close()
-            streams.pop(rid, None)
-
-    try:
-        send(("ready", pool.n_ctx()))
-        while True:
-            try:
-                message = conn.recv()
-            except EOFError:  # the parent is gone
-                break
-            if message[0] == "submit":
-                _, rid, tokens, sampler, options = message
-                try:
-                    request = _child_request(tokens, sampler, options)
-                    stream = pool.submit_request(request)
-                except Exception as error:
-                    send(("error", rid, type(error).__name__, str(error)))
-                    continue
-                streams[rid] = stream
-                threading.Thread(
-                    target=relay, args=(rid, stream), name=f"isolated-{rid}", daemon=True
-                ).start()
-            elif message[0] == "cancel":
-                if (running := streams.get(message[1])) is not None:
-                    running.cancel()
-            elif message[0] == "stats":
-                stats = pool.stats()
-                send(("stats", message[1], {f: getattr(stats, f) for f in PoolStats.__dataclass_fields__}))
-            elif message[0] == "close":
-                break
-    finally:
-        pool.close()
-
-
-def _child_request(tokens: list[int], sampler: dict[str, Any], options: dict[str, Any]) -> Request:
-    native_sampler = _core.SamplerConfig()
-    for name, value in sampler.items():
-        setattr(native_sampler, name, value)
-    native_options = _core.GenerateOptions()
-    if options.pop("cancelled"):
-        native_options.cancellation.cancel()
-    for name, value in options.items():
-        setattr(native_options, name, value)
-    return Request(tokens, native_sampler, native_options)
 
 
 # -- the parent ---------------------------------------------------------------------------
@@ -281,7 +159,7 @@ class _RemoteStream:
 
     @property
     def prompt_logprobs(self) -> list[_core.TokenLogprob]:
-        return [] if self._end is None else _native_logprobs(self._end.prompt_logprobs)
+        return [] if self._end is None else logprobs_in(self._end.prompt_logprobs)
 
 
 class _Child:
@@ -291,7 +169,7 @@ class _Child:
     WorkerLostError if it died before it was ready.
     """
 
-    def __init__(self, load: _Load) -> None:
+    def __init__(self, load: Load) -> None:
         ours, theirs = socket.socketpair()
         self._conn = Connection(ours.detach())
         self._send_lock = threading.Lock()
@@ -306,7 +184,7 @@ class _Child:
                 [
                     sys.executable,
                     "-c",
-                    "from llama_cpp.isolated import _child_entry; _child_entry()",
+                    "from llama_cpp._isolated_child import main; main()",
                     str(theirs.fileno()),
                 ],
                 pass_fds=(theirs.fileno(),),
@@ -359,7 +237,7 @@ class _Child:
             elif stream is None:
                 continue  # a stream closed early: the rest of its messages are dropped
             elif kind == "chunk":
-                stream.inbox.put(_core.Chunk(message[2], message[3], _native_logprobs(message[4])))
+                stream.inbox.put(_core.Chunk(message[2], message[3], logprobs_in(message[4])))
             elif kind == "end":
                 stream.inbox.put(_End(*message[2:]))
             elif kind == "error":
@@ -504,7 +382,7 @@ class IsolatedPool(FrontEnd):
         self.pool_size = pool_size
         self.config = config
         self.ready_timeout = ready_timeout
-        self._load = _Load(self.model_path, pool_size, max_queue, replace(config, progress_callback=None))
+        self._load = Load(self.model_path, pool_size, max_queue, replace(config, progress_callback=None))
         self._restart = restart
         self._closed = threading.Event()
         self._state = threading.Condition()  # guards _child and _restarter

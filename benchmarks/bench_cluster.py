@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """A cluster on one machine: RPC on loopback against local, and IsolatedPool against LlamaPool.
 
-1. RPC throughput: the default model on the CPU of this process (``Llama``, 2 threads) and with
+1. RPC throughput: the default model on the CPU of this process (``Llama``, T threads) and with
    every layer on one or two ``llama-cpp rpc-worker`` processes on 127.0.0.1
-   (``n_gpu_layers=-1``; the workers' CPU devices, 2 threads each, or 1 each for two). Prompt
+   (``n_gpu_layers=-1``; the workers' CPU devices, T threads for one, T/2 each for two). Prompt
    tokens/s (a ~200-token prompt, evaluated from an empty cache) and decode tokens/s (128
    greedy tokens), from llama.cpp's own timings (``Llama.perf``).
 2. Isolated-mode overhead: ``LlamaPool`` and ``IsolatedPool`` (``pool_size=1``, the model
@@ -11,7 +11,8 @@
    last) and time to first token (submit to first chunk), median over rounds.
 
 Every figure is the median of ``--rounds`` rounds. Usage:
-``python benchmarks/bench_cluster.py [--rounds 5] [--tokens 128] [--json FILE]``.
+``python benchmarks/bench_cluster.py [--rounds 5] [--tokens 128] [--threads T] [--json FILE]``
+(T: 2 by default, the machine's cores).
 """
 
 from __future__ import annotations
@@ -60,11 +61,11 @@ def rpc_workers(n: int, threads: int) -> Iterator[list[str]]:
             p.wait(10)
 
 
-def rpc_round(rpc_servers: list[str] | None, tokens: int) -> dict[str, float]:
+def rpc_round(rpc_servers: list[str] | None, tokens: int, threads: int) -> dict[str, float]:
     from llama_cpp import Llama, SamplingParams
 
     options: dict[str, Any] = {"rpc_servers": rpc_servers, "n_gpu_layers": -1} if rpc_servers else {}
-    with Llama(MODEL, n_ctx=1024, n_threads=THREADS, verbose=False, **options) as llm:
+    with Llama(MODEL, n_ctx=1024, n_threads=threads, verbose=False, **options) as llm:
         llm.generate("warm up", max_tokens=2)
         llm.reset()
         llm.perf(reset=True)
@@ -73,11 +74,11 @@ def rpc_round(rpc_servers: list[str] | None, tokens: int) -> dict[str, float]:
     return {"prompt_tps": perf.prompt_tokens_per_second, "decode_tps": perf.eval_tokens_per_second}
 
 
-def stream_round(isolated: bool, tokens: int) -> dict[str, float]:
+def stream_round(isolated: bool, tokens: int, threads: int) -> dict[str, float]:
     from llama_cpp import IsolatedPool, LlamaPool, SamplingParams
 
     kind = IsolatedPool if isolated else LlamaPool
-    with kind(MODEL, 1, n_ctx=1024, n_threads=THREADS, verbose=False) as pool:
+    with kind(MODEL, 1, n_ctx=1024, n_threads=threads, verbose=False) as pool:
         pool.warmup()
         start = time.perf_counter()
         stream = pool.submit(
@@ -104,13 +105,15 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     # SIGTERM unwinds (closing the pools and stopping the workers) instead of leaving them.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     results: dict[str, Any] = {"rpc": {}, "isolated": {}}
 
-    with rpc_workers(1, THREADS) as one, rpc_workers(2, 1) as two:
+    threads = args.threads
+    with rpc_workers(1, threads) as one, rpc_workers(2, max(1, threads // 2)) as two:
         setups: dict[str, list[str] | None] = {
             "local CPU (in process)": None,
             "1 rpc-worker, loopback": one,
@@ -119,8 +122,8 @@ def main() -> None:
         rows: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
         for _ in range(args.rounds):  # the setups alternate within each round
             for name, servers in setups.items():
-                rows[name].append(rpc_round(servers, args.tokens))
-    print("RPC on loopback against local (the default model, greedy)")
+                rows[name].append(rpc_round(servers, args.tokens, threads))
+    print(f"RPC on loopback against local (the default model, greedy, {threads} threads)")
     print("| setup | prompt tokens/s | decode tokens/s |\n|---|---:|---:|")
     for name, got in rows.items():
         results["rpc"][name] = {k: median(got, k) for k in ("prompt_tps", "decode_tps")}
@@ -131,8 +134,8 @@ def main() -> None:
         "IsolatedPool (child process)": [],
     }
     for _ in range(args.rounds):
-        iso["LlamaPool (in process)"].append(stream_round(False, args.tokens))
-        iso["IsolatedPool (child process)"].append(stream_round(True, args.tokens))
+        iso["LlamaPool (in process)"].append(stream_round(False, args.tokens, threads))
+        iso["IsolatedPool (child process)"].append(stream_round(True, args.tokens, threads))
     print("\nIsolated mode against in-process (pool_size 1, one stream)")
     print("| front end | decode tokens/s | time to first token (ms) |\n|---|---:|---:|")
     for name, got in iso.items():

@@ -348,10 +348,13 @@ class IsolatedPool(FrontEnd):
             request raises :class:`WorkerLostError`).
         **options: :class:`~llama_cpp.Llama`'s keyword arguments (set over ``config``).
 
+    Attributes:
+        restarts: How many times the model's process was started again after it died.
+
     Raises:
         TypeError: An unknown keyword argument.
         ModelLoadError: The file is missing or not a loadable GGUF model.
-        InvalidArgumentError: An argument is out of range.
+        InvalidArgumentError: An argument is out of range; ``lora_path``, ``embedding``.
         LlamaError: An RPC worker cannot be reached.
         WorkerLostError: The child process died while loading the model.
     """
@@ -385,8 +388,7 @@ class IsolatedPool(FrontEnd):
         self._load = Load(self.model_path, pool_size, max_queue, replace(config, progress_callback=None))
         self._restart = restart
         self._closed = threading.Event()
-        self._state = threading.Condition()  # guards _child and _restarter
-        self._restarter: threading.Thread | None = None
+        self._state = threading.Condition()  # guards _child and restarts; notified on a reload
         self.restarts = 0
         # The tokenizer, chat templates and grammars of the request path: the vocabulary only,
         # loaded here without the RPC workers (it cannot crash this process).
@@ -429,7 +431,7 @@ class IsolatedPool(FrontEnd):
             if not down:
                 try:
                     child = _Child(self._load)
-                except LlamaError as error:
+                except (LlamaError, OSError) as error:  # retried: the supervisor must not die
                     _log.warning("reloading the isolated model failed: %s", error)
                 else:
                     with self._state:

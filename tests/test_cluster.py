@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import llama_cpp
 from llama_cpp import (
     Cancellation,
     ClosedError,
@@ -260,6 +261,19 @@ def test_an_unreachable_worker_raises_and_the_process_lives(moe_path: Path) -> N
             IsolatedPool(moe_path, 1, rpc_servers=[endpoint], n_gpu_layers=-1, verbose=False)
     with Llama(moe_path, n_ctx=64, verbose=False) as llm:  # still here, still working
         assert llm.generate("a", max_tokens=2, sampling=GREEDY)
+
+
+@pytest.mark.timeout(60)
+def test_devices_survive_a_worker_that_is_gone(tiny_model_path: Path, worker: Worker) -> None:
+    with Llama(tiny_model_path, n_ctx=64, rpc_servers=worker.endpoint, n_gpu_layers=-1, verbose=False) as llm:
+        assert llm.generate("a", max_tokens=3, sampling=GREEDY) == "bcd"
+    (listed,) = [d for d in llama_cpp.devices() if d.description == worker.endpoint]
+    assert listed.memory_total > 0
+    worker.stop()
+    # Asking a dead worker for its memory would abort the process: it is not asked.
+    (gone,) = [d for d in llama_cpp.devices() if d.description == worker.endpoint]
+    assert (gone.memory_free, gone.memory_total) == (0, 0)
+    assert gone.name == listed.name
 
 
 # -- the rpc-worker command ---------------------------------------------------------------

@@ -356,6 +356,12 @@ void backend_init(const std::string &backend_dir) {
     });
 }
 
+bool rpc_endpoint_reachable(const std::string &endpoint, int timeout_ms);
+bool is_rpc_device(ggml_backend_dev_t dev);
+
+// Every device, with its memory. An RPC device's memory is asked of its worker, and ggml's
+// RPC client aborts the process when the worker is gone: a worker that does not accept a
+// TCP connection within half a second is reported with 0 bytes instead of being asked.
 std::vector<Device> list_devices() {
     std::vector<Device> devices;
     for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
@@ -370,7 +376,9 @@ std::vector<Device> list_devices() {
         case GGML_BACKEND_DEVICE_TYPE_ACCEL: d.type = "accel"; break;
         default: d.type = "other"; break;
         }
-        ggml_backend_dev_memory(dev, &d.memory_free, &d.memory_total);
+        if (!is_rpc_device(dev) || rpc_endpoint_reachable(d.description, 500)) {
+            ggml_backend_dev_memory(dev, &d.memory_free, &d.memory_total);
+        }
         devices.push_back(std::move(d));
     }
     return devices;
@@ -409,6 +417,15 @@ bool tcp_reachable(const std::string &host, const std::string &port, int timeout
     return false;
 }
 
+// Whether the worker at "host:port" ("[::1]:port" for IPv6) accepts a TCP connection.
+bool rpc_endpoint_reachable(const std::string &endpoint, int timeout_ms) {
+    const size_t colon = endpoint.rfind(':');
+    if (colon == std::string::npos || colon == 0) return false;
+    std::string host = endpoint.substr(0, colon);
+    if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+    return tcp_reachable(host, endpoint.substr(colon + 1), timeout_ms);
+}
+
 void rpc_register(const std::vector<std::string> &endpoints) {
     std::lock_guard<std::mutex> lock(rpc_mutex);
     for (const auto &endpoint : endpoints) {
@@ -420,9 +437,7 @@ void rpc_register(const std::vector<std::string> &endpoints) {
         if (std::find(rpc_endpoints.begin(), rpc_endpoints.end(), endpoint) != rpc_endpoints.end()) {
             continue;
         }
-        std::string host = endpoint.substr(0, colon);
-        if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
-        if (!tcp_reachable(host, endpoint.substr(colon + 1), 5000)) {
+        if (!rpc_endpoint_reachable(endpoint, 5000)) {
             throw LlamaError("cannot reach the RPC server at " + endpoint + " (is ggml-rpc-server running there?)");
         }
         ggml_backend_reg_t rpc = ggml_backend_reg_by_name("RPC");
@@ -472,7 +487,9 @@ void bind_backend(nb::module_ &m) {
             return "Device(name='" + d.name + "', type='" + d.type + "', description='" +
                    d.description + "')";
         });
-    m.def("devices", &list_devices, "The devices of every loaded backend.");
+    m.def("devices", &list_devices, nb::call_guard<nb::gil_scoped_release>(),
+          "The devices of every loaded backend (an RPC worker that does not answer: 0 bytes of "
+          "memory).");
     m.def("rpc_register", &rpc_register, "endpoints"_a, nb::call_guard<nb::gil_scoped_release>(),
           "Connect to ggml-rpc-server processes ('host:port') and register their devices.");
 }

@@ -102,7 +102,9 @@ class Device:
     def __repr__(self) -> str: ...
 
 def devices() -> list[Device]:
-    """The devices of every loaded backend."""
+    """
+    The devices of every loaded backend (an RPC worker that does not answer: 0 bytes of memory).
+    """
 
 def rpc_register(endpoints: Sequence[str]) -> None:
     """

@@ -36,7 +36,7 @@ from llama_cpp import (
 from llama_cpp.cluster import is_loopback, rpc_endpoints, unreachable
 from llama_cpp.server import ServerSettings
 from llama_cpp.testing import TinyMoeSpec, write_tiny_moe
-from server_harness import KEY, serve
+from server_harness import KEY, events, serve
 
 GREEDY = SamplingParams.greedy()
 RPC_WORKER = [sys.executable, "-m", "llama_cpp", "rpc-worker"]
@@ -562,3 +562,13 @@ def test_server_isolated_answers_503_and_recovers(tiny_model_path: Path, worker:
         again = server.http.post("/v1/completions", json=body)  # waits for the reload
         assert again.status_code == 200, again.text
         assert again.json()["choices"][0]["text"] == ok.json()["choices"][0]["text"]
+        # A streamed answer has started (200) before its first chunk: the loss reaches the
+        # client as OpenAI's mid-stream error event, before [DONE].
+        worker.kill()
+        with server.http.stream("POST", "/v1/completions", json={**body, "stream": True}) as streamed:
+            assert streamed.status_code == 200
+            got = list(events(streamed.iter_lines()))
+        assert got[-1]["error"]["code"] == "worker_lost", got
+        assert got[-1]["error"]["type"] == "server_error"
+        worker.start(worker.port)
+        assert server.http.post("/v1/completions", json=body).status_code == 200

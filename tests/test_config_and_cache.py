@@ -138,7 +138,7 @@ def test_model_params(tiny_model_path: Path) -> None:
         ({"n_batch": 0}, "n_batch must be an integer >= 1"),
         ({"n_threads": 0}, "n_threads must be an integer >= 1"),
         ({"pooling_type": 7}, r"pooling_type must be in \[-1, 4\]"),
-        ({"split_mode": 3}, "split_mode must be 0, 1 or 2"),
+        ({"split_mode": 4}, "split_mode must be 0, 1, 2 or 3"),
     ],
 )
 def test_invalid_options_are_named(options: dict[str, int], message: str) -> None:

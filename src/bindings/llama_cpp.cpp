@@ -313,8 +313,24 @@ void set_log_callback(nb::object callback) {
     Py_XDECREF(old);
 }
 
+// ggml aborts the process on errors it cannot return (an RPC worker that vanished
+// mid-decode: "Remote RPC server crashed or returned malformed response"). Nothing can stop
+// the abort() that follows this callback; the message at least reaches Python logging (as
+// an error line of the llama_cpp logger, whose handlers flush per record) instead of bare
+// stderr, and stdio is flushed. Without a Python callback it is printed to stderr as ggml does.
+void abort_to_log(const char *message) {
+    const std::string line = std::string("ggml_abort: ") + message + " (the process aborts now)";
+    if (log_state().has_callback.load(std::memory_order_acquire) && Py_IsInitialized() && !python_is_finalizing()) {
+        emit_log_line(GGML_LOG_LEVEL_ERROR, line);
+    } else {
+        std::fprintf(stderr, "%s\n", line.c_str());
+    }
+    std::fflush(nullptr);
+}
+
 void bind_logging(nb::module_ &m) {
     llama_log_set(log_callback, nullptr);
+    ggml_set_abort_callback(abort_to_log);
     m.def("set_log_callback", &set_log_callback, "callback"_a.none(),
           "Install ``callback(level: int, line: str)`` for llama.cpp's log (None removes it).");
     m.def(
@@ -387,6 +403,15 @@ bool tcp_reachable(const std::string &host, const std::string &port, int timeout
     return false;
 }
 
+// Whether the worker at "host:port" ("[::1]:port" for IPv6) accepts a TCP connection.
+bool rpc_endpoint_reachable(const std::string &endpoint, int timeout_ms) {
+    const size_t colon = endpoint.rfind(':');
+    if (colon == std::string::npos || colon == 0) return false;
+    std::string host = endpoint.substr(0, colon);
+    if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+    return tcp_reachable(host, endpoint.substr(colon + 1), timeout_ms);
+}
+
 void rpc_register(const std::vector<std::string> &endpoints) {
     std::lock_guard<std::mutex> lock(rpc_mutex);
     for (const auto &endpoint : endpoints) {
@@ -398,9 +423,7 @@ void rpc_register(const std::vector<std::string> &endpoints) {
         if (std::find(rpc_endpoints.begin(), rpc_endpoints.end(), endpoint) != rpc_endpoints.end()) {
             continue;
         }
-        std::string host = endpoint.substr(0, colon);
-        if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
-        if (!tcp_reachable(host, endpoint.substr(colon + 1), 5000)) {
+        if (!rpc_endpoint_reachable(endpoint, 5000)) {
             throw LlamaError("cannot reach the RPC server at " + endpoint + " (is ggml-rpc-server running there?)");
         }
         ggml_backend_reg_t rpc = ggml_backend_reg_by_name("RPC");
@@ -474,11 +497,7 @@ std::vector<Device> list_devices() {
         }
         // Asking a registered RPC server that has since gone away for its memory would abort
         // the process (llama.cpp's RPC client aborts on a failed call): probe it first.
-        if (is_rpc_device(dev)) {
-            const size_t colon = d.description.rfind(':');
-            d.available = colon != std::string::npos &&
-                          tcp_reachable(d.description.substr(0, colon), d.description.substr(colon + 1), 1000);
-        }
+        if (is_rpc_device(dev)) d.available = rpc_endpoint_reachable(d.description, 1000);
         if (d.available) ggml_backend_dev_memory(dev, &d.memory_free, &d.memory_total);
         devices.push_back(std::move(d));
     }
@@ -511,7 +530,9 @@ void bind_backend(nb::module_ &m) {
             return "Device(name='" + d.name + "', type='" + d.type + "', description='" +
                    d.description + "')";
         });
-    m.def("devices", &list_devices, "The devices of every loaded backend.");
+    m.def("devices", &list_devices, nb::call_guard<nb::gil_scoped_release>(),
+          "The devices of every loaded backend (an RPC worker that does not answer: 0 bytes of "
+          "memory).");
     m.def("rpc_register", &rpc_register, "endpoints"_a, nb::call_guard<nb::gil_scoped_release>(),
           "Connect to ggml-rpc-server processes ('host:port') and register their devices.");
     m.def("numa_init", &numa_init, "strategy"_a, nb::call_guard<nb::gil_scoped_release>(),
@@ -2331,6 +2352,12 @@ void bind_text(nb::module_ &m) {
         .def("flush", &StopMatcher::flush, "The end: the text held back as a possible stop-string start.");
 
     nb::class_<TokenLogprob>(m, "TokenLogprob", "log_softmax of the raw logits at a token.")
+        .def(
+            "__init__",
+            [](TokenLogprob *self, llama_token token, float logprob, std::vector<std::pair<llama_token, float>> top) {
+                new (self) TokenLogprob{token, logprob, std::move(top)};
+            },
+            "token"_a, "logprob"_a, "top"_a, "One computed elsewhere (a child process of an IsolatedPool).")
         .def_ro("token", &TokenLogprob::token)
         .def_ro("logprob", &TokenLogprob::logprob)
         .def_ro("top", &TokenLogprob::top, "The most likely tokens and their logprobs, best first.");
@@ -2666,9 +2693,18 @@ void bind_decoding(nb::module_ &m) {
                                  : std::make_shared<PyHooks>(std::move(logits_hook), std::move(stop_hook));
             },
             "logits_hook"_a.none(), "stop_hook"_a.none(),
-            "Per-token Python hooks, called as hook(token_ids, logits) over memoryviews (slow path).");
+            "Per-token Python hooks, called as hook(token_ids, logits) over memoryviews (slow path).")
+        .def_prop_ro(
+            "has_hooks", [](const GenerateOptions &self) { return self.hooks != nullptr; },
+            "Whether Python hooks are set (they cannot run in another process).");
 
     nb::class_<Chunk>(m, "Chunk", "Text released by one or more steps, with its tokens and their logprobs.")
+        .def(
+            "__init__",
+            [](Chunk *self, std::string text, std::vector<llama_token> tokens, std::vector<TokenLogprob> logprobs) {
+                new (self) Chunk{std::move(text), std::move(tokens), std::move(logprobs)};
+            },
+            "text"_a, "tokens"_a, "logprobs"_a, "One produced elsewhere (a child process of an IsolatedPool).")
         .def_ro("text", &Chunk::text)
         .def_ro("tokens", &Chunk::tokens)
         .def_ro("logprobs", &Chunk::logprobs);

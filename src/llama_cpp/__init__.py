@@ -43,11 +43,13 @@ from llama_cpp.errors import (
     LlamaError,
     ModelLoadError,
     PoolBusyError,
+    WorkerLostError,
 )
 from llama_cpp.experts import ExpertStats
 from llama_cpp.families import FAMILIES, ModelFamily, detect_family
 from llama_cpp.grammar import LlamaGrammar, UnenforcedSchemaWarning
 from llama_cpp.hooks import LogitsProcessorList, StoppingCriteriaList
+from llama_cpp.isolated import IsolatedPool
 from llama_cpp.llama import Llama
 from llama_cpp.llama_cpp import llama_model_get_vocab, llama_token_to_piece
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
@@ -80,6 +82,7 @@ __all__ = [
     "GenerationStream",
     "GrammarError",
     "InvalidArgumentError",
+    "IsolatedPool",
     "Llama",
     "LlamaConfig",
     "LlamaError",
@@ -104,6 +107,7 @@ __all__ = [
     "TokenLogprob",
     "UnenforcedSchemaWarning",
     "UnifiedLLM",
+    "WorkerLostError",
     "__version__",
     "build_info",
     "detect_family",

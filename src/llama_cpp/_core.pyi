@@ -108,7 +108,9 @@ class Device:
     def __repr__(self) -> str: ...
 
 def devices() -> list[Device]:
-    """The devices of every loaded backend."""
+    """
+    The devices of every loaded backend (an RPC worker that does not answer: 0 bytes of memory).
+    """
 
 def rpc_register(endpoints: Sequence[str]) -> None:
     """
@@ -694,6 +696,9 @@ class StopMatcher:
 class TokenLogprob:
     """log_softmax of the raw logits at a token."""
 
+    def __init__(self, token: int, logprob: float, top: Sequence[tuple[int, float]]) -> None:
+        """One computed elsewhere (a child process of an IsolatedPool)."""
+
     @property
     def token(self) -> int: ...
 
@@ -768,10 +773,17 @@ class GenerateOptions:
         Per-token Python hooks, called as hook(token_ids, logits) over memoryviews (slow path).
         """
 
+    @property
+    def has_hooks(self) -> bool:
+        """Whether Python hooks are set (they cannot run in another process)."""
+
 class Chunk:
     """
     Text released by one or more steps, with its tokens and their logprobs.
     """
+
+    def __init__(self, text: str, tokens: Sequence[int], logprobs: Sequence[TokenLogprob]) -> None:
+        """One produced elsewhere (a child process of an IsolatedPool)."""
 
     @property
     def text(self) -> str: ...

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from llama_cpp import LlamaError
-from llama_cpp.commands import bench, chat, generate, info, profile_experts, tokenize
+from llama_cpp.commands import bench, chat, generate, info, profile_experts, rpc_worker, tokenize
 from llama_cpp.server.cli import add_serve_command
 
 DESCRIPTION = (
@@ -21,6 +21,7 @@ EPILOG = """examples:
   llama-cpp bench -m model.gguf -p 512 -n 128
   llama-cpp serve -m model.gguf --port 8000
   llama-cpp profile-experts moe.gguf --prompts prompts.txt --heatmap experts.png
+  llama-cpp rpc-worker --port 50052
   llama-cpp COMMAND --help     (each command's options and examples)"""
 
 
@@ -34,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each module adds its parser to `sub`, with run=(Namespace -> exit status) as a default.
-    for command in (generate, chat, tokenize, bench, info, profile_experts):
+    for command in (generate, chat, tokenize, bench, info, profile_experts, rpc_worker):
         command.register(sub)
     add_serve_command(sub)
     return parser

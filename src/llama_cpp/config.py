@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 from llama_cpp import _core
+from llama_cpp.cluster import rpc_endpoints
 from llama_cpp.errors import InvalidArgumentError
 from llama_cpp.params import DEFAULT_SEED
 
@@ -109,8 +110,10 @@ class LlamaConfig:
         _at_least("profile_experts_trace", self.profile_experts_trace, 0)
         if self.profile_experts_trace and not self.profile_experts:
             raise InvalidArgumentError("profile_experts_trace needs profile_experts=True")
-        if self.split_mode not in (0, 1, 2):
-            raise InvalidArgumentError(f"split_mode must be 0, 1 or 2, got {self.split_mode}")
+        if self.split_mode not in (0, 1, 2, 3):
+            raise InvalidArgumentError(f"split_mode must be 0, 1, 2 or 3, got {self.split_mode}")
+        if self.split_mode == 3 and self.flash_attn is False:  # llama.cpp refuses the context
+            raise InvalidArgumentError("split_mode=3 (tensor) needs flash attention: flash_attn=True or None")
         if self.progress_callback is not None and not callable(self.progress_callback):
             raise InvalidArgumentError(
                 f"progress_callback must be a callable or None, got {self.progress_callback!r}"
@@ -156,10 +159,7 @@ class LlamaConfig:
         options.tensor_overrides = list(check_tensor_overrides(self.tensor_overrides or ()))
         options.cpu_moe = self.cpu_moe
         options.n_cpu_moe = self.n_cpu_moe
-        if isinstance(self.rpc_servers, str):  # llama-cpp-python's "host:port,host:port"
-            options.rpc_servers = [s.strip() for s in self.rpc_servers.split(",") if s.strip()]
-        else:
-            options.rpc_servers = list(self.rpc_servers or [])
+        options.rpc_servers = rpc_endpoints(self.rpc_servers)  # a list or "host:port,host:port"
         return options
 
     def context_options(self) -> _core.ContextOptions:
@@ -262,7 +262,7 @@ class ModelParams:
 
     Attributes:
         n_gpu_layers: Layers offloaded to the GPU (negative: all).
-        split_mode: 0 none, 1 layer, 2 row.
+        split_mode: 0 none, 1 layer, 2 row, 3 tensor.
         main_gpu: The GPU used when ``split_mode`` is 0.
         tensor_split: Proportion of the model per GPU (empty: llama.cpp decides).
         load_mode: llama.h's ``llama_load_mode``: -1 auto (mmap where possible, the default),

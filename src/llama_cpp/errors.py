@@ -5,7 +5,7 @@ argument or input also derive from ``ValueError``, so code written against llama
 which raises ``ValueError`` for these, keeps working.
 
 The classes are created by the native module, so that C++ can raise them directly, except
-:class:`ExpertStatsUnavailableError`, which only Python raises.
+:class:`ExpertStatsUnavailableError` and :class:`WorkerLostError`, which only Python raises.
 """
 
 from llama_cpp._core import (
@@ -27,6 +27,12 @@ class ExpertStatsUnavailableError(LlamaError):
     ``profile_experts=True``, it has no experts, or a cache simulation needs the trace."""
 
 
+class WorkerLostError(LlamaError):
+    """The process running the model died (an :class:`~llama_cpp.IsolatedPool`'s child,
+    typically aborted by llama.cpp when an RPC worker went away): the requests it ran are
+    lost. The pool reloads the model once its workers answer; a later request may succeed."""
+
+
 __all__ = [
     "ClosedError",
     "ContextBusyError",
@@ -39,4 +45,5 @@ __all__ = [
     "LlamaError",
     "ModelLoadError",
     "PoolBusyError",
+    "WorkerLostError",
 ]

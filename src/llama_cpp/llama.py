@@ -66,7 +66,8 @@ class Llama(FrontEnd):
         config: All of the options below as one :class:`LlamaConfig`; keywords passed
             besides it are set over it (a keyword set to its default value wins too).
         n_gpu_layers: Layers to offload to the GPU (-1: all).
-        split_mode: How to split over several GPUs (0 none, 1 layer, 2 row).
+        split_mode: How to split over several devices (0 none, 1 layer, 2 row, 3 tensor:
+            llama.cpp's tensor parallelism, which needs flash attention; docs/cluster.md).
         main_gpu: GPU for the whole model when ``split_mode`` is 0.
         tensor_split: Proportion of the model per GPU.
         vocab_only: Load only the vocabulary (tokenize/detokenize; no generation).

@@ -268,6 +268,20 @@ class LlamaPool(FrontEnd):
         )
         return self._submit(request, wait, lora)
 
+    def submit_request(
+        self, request: Request, *, wait: bool = False, lora: Lora | None = None
+    ) -> GenerationStream:
+        """Queue a request prepared by a :class:`~llama_cpp.request.RequestBuilder` (what an
+        :class:`~llama_cpp.IsolatedPool`'s model process runs for its parent).
+
+        Raises:
+            PoolBusyError: Every slot is busy and the queue is full (with ``wait=False``).
+            ContextOverflowError: The prompt is longer than a sequence's window.
+            InvalidArgumentError: A sampling value or token id is out of range.
+            ClosedError: The pool is closed.
+        """
+        return self._submit(request, wait, lora)
+
     # -- decoding (FrontEnd's request API runs on these) -----------------------------------
 
     def _stream(self, request: Request, run: Mapping[str, Any]) -> GenerationStream:

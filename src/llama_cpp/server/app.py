@@ -29,7 +29,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from llama_cpp.errors import ClosedError, ExpertStatsUnavailableError, LlamaError
+from llama_cpp.errors import ClosedError, ExpertStatsUnavailableError, LlamaError, WorkerLostError
+from llama_cpp.isolated import IsolatedPool
 from llama_cpp.placement import MemoryBreakdown
 from llama_cpp.pool import LlamaPool
 from llama_cpp.server.chat_call import ChatCall, CountTokens
@@ -83,7 +84,7 @@ def _memory_breakdowns(registry: ModelRegistry) -> dict[str, MemoryBreakdown]:
     out: dict[str, MemoryBreakdown] = {}
     for alias, model in registry.loaded().items():
         front = model.llm if isinstance(model, Reranker) else model
-        with contextlib.suppress(ClosedError):
+        with contextlib.suppress(ClosedError, WorkerLostError):  # closed, or an isolated one reloading
             out[alias] = front.memory_breakdown()
     return out
 
@@ -256,7 +257,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     return app
 
 
-def _expert_stats(pool: LlamaPool, reset: bool) -> dict[str, Any]:
+def _expert_stats(pool: LlamaPool | IsolatedPool, reset: bool) -> dict[str, Any]:
     """One pool's entry of /api/v1/expert-stats (in a worker thread: the cache simulations
     replay the trace)."""
     try:

@@ -39,11 +39,14 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="count MoE expert routing (served at /api/v1/expert-stats)")  # fmt: skip
     parser.add_argument("--config", help="a JSON or TOML file of settings (see the README's table)")
     add_placement_arguments(parser)  # the default model's; merged into its options
+    parser.add_argument("--isolated", action="store_const", const=True, default=None,
+                        help="models in supervised child processes (outlive lost RPC workers)")  # fmt: skip
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = ("model", "alias", "kind", "host", "port", "parallel", "ctx_size", "n_threads", "max_queue",
-             "models_max", "max_tokens_limit", "api_keys", "api_key_file", "profile_experts")  # fmt: skip
+             "models_max", "max_tokens_limit", "api_keys", "api_key_file", "profile_experts",
+             "isolated")  # fmt: skip
     return {name: getattr(args, name) for name in names}
 
 

@@ -18,6 +18,7 @@ from llama_cpp.errors import (
     InvalidArgumentError,
     LlamaError,
     PoolBusyError,
+    WorkerLostError,
 )
 
 __all__ = ["APIError", "from_library_error"]
@@ -58,6 +59,7 @@ _MAPPING: tuple[tuple[type[Exception], int, str, str | None, str], ...] = (
     (GrammarError, 400, "invalid_request_error", "response_format", "invalid_grammar"),
     (InvalidArgumentError, 400, "invalid_request_error", None, "invalid_value"),
     (TypeError, 400, "invalid_request_error", None, "invalid_value"),  # an unknown keyword
+    (WorkerLostError, 503, "server_error", None, "worker_lost"),
     (ClosedError, 503, "server_error", None, "unavailable"),
     (GenerationCancelled, 503, "server_error", None, "unavailable"),
     (LlamaError, 500, "server_error", None, "internal_error"),

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from llama_cpp.pool import LlamaPool
+from llama_cpp.server.registry import Pool
 
 __all__ = ["Metrics", "RequestTimer"]
 
@@ -24,7 +24,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 
 
 class _PoolCollector(Collector):
-    def __init__(self, pools: Callable[[], Mapping[str, LlamaPool]]) -> None:
+    def __init__(self, pools: Callable[[], Mapping[str, Pool]]) -> None:
         self._pools = pools
 
     def collect(self) -> Iterator[Metric]:
@@ -87,7 +87,7 @@ class _PoolCollector(Collector):
 class Metrics:
     """The app's metrics; ``pools`` lists the resident models at scrape time."""
 
-    pools: Callable[[], Mapping[str, LlamaPool]]
+    pools: Callable[[], Mapping[str, Pool]]
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:

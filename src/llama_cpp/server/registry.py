@@ -22,6 +22,7 @@ from typing import Any
 
 from llama_cpp.config import resolve_config
 from llama_cpp.embeddings import POOLING_RANK, RerankResult
+from llama_cpp.isolated import IsolatedPool
 from llama_cpp.llama import Llama
 from llama_cpp.pool import LlamaPool
 from llama_cpp.server.errors import APIError
@@ -32,11 +33,18 @@ __all__ = ["ModelRegistry", "Reranker"]
 
 _log = logging.getLogger("llama_cpp.server")
 
+#: A generating model: in this process, or in a supervised child process (``isolated``).
+Pool = LlamaPool | IsolatedPool
 
-def _open_pool(path: str, parallel: int, max_queue: int, options: dict[str, Any]) -> LlamaPool:
+
+def _open_pool(path: str, parallel: int, max_queue: int, options: dict[str, Any], isolated: bool) -> Pool:
     """A pool over ``path`` with what its model family implies (a GGUF without a chat
-    template gets its family's, as :class:`~llama_cpp.UnifiedLLM` does)."""
+    template gets its family's, as :class:`~llama_cpp.UnifiedLLM` does); with ``isolated``,
+    an :class:`~llama_cpp.IsolatedPool` (the model in a child process that is restarted when
+    it dies)."""
     _, config = family_settings(path, resolve_config("LlamaPool", None, options))
+    if isolated:
+        return IsolatedPool(path, parallel, max_queue=max_queue, config=config)
     return LlamaPool(path, parallel, max_queue=max_queue, config=config)
 
 
@@ -93,7 +101,7 @@ def _open_reranker(alias: str, path: str, options: dict[str, Any]) -> Reranker:
 
 @dataclass
 class _Resident:
-    model: LlamaPool | Reranker
+    model: Pool | Reranker
     users: int = 0
 
 
@@ -137,13 +145,13 @@ class ModelRegistry:
             )
         return name
 
-    def loaded(self) -> dict[str, LlamaPool | Reranker]:
+    def loaded(self) -> dict[str, Pool | Reranker]:
         """The resident models by alias, least recently used first."""
         return {alias: resident.model for alias, resident in self._resident.items()}
 
-    def pools(self) -> dict[str, LlamaPool]:
+    def pools(self) -> dict[str, Pool]:
         """The resident pools (the generating models) by alias, least recently used first."""
-        return {a: r.model for a, r in self._resident.items() if isinstance(r.model, LlamaPool)}
+        return {a: r.model for a, r in self._resident.items() if not isinstance(r.model, Reranker)}
 
     def _options(self, spec: ModelSettings) -> dict[str, Any]:
         options: dict[str, Any] = {"n_ctx": self.settings.ctx_size}
@@ -179,13 +187,15 @@ class ModelRegistry:
                 options = self._options(spec)
                 await self._evict(room_for=1)  # unload first: at most models_max resident
                 _log.info("loading %s from %s", name, spec.path)
-                model: LlamaPool | Reranker
+                model: Pool | Reranker
                 if spec.kind == "reranker":
                     model = await asyncio.to_thread(_open_reranker, name, str(spec.path), options)
                 else:
                     parallel = spec.parallel or self.settings.parallel
                     max_queue = self.settings.max_queue if spec.max_queue is None else spec.max_queue
-                    model = await asyncio.to_thread(_open_pool, str(spec.path), parallel, max_queue, options)
+                    model = await asyncio.to_thread(
+                        _open_pool, str(spec.path), parallel, max_queue, options, self.settings.isolated
+                    )
                 resident = self._resident[name] = _Resident(model)
             self._resident.move_to_end(name)
             resident.users += 1
@@ -205,7 +215,7 @@ class ModelRegistry:
         return True
 
     @asynccontextmanager
-    async def lease(self, alias: str | None) -> AsyncIterator[tuple[str, LlamaPool]]:
+    async def lease(self, alias: str | None) -> AsyncIterator[tuple[str, Pool]]:
         """Hold ``alias``'s pool (loading it if needed) for the duration of the block.
 
         Raises:
@@ -218,7 +228,7 @@ class ModelRegistry:
                 code="model_is_reranker",
             )  # fmt: skip
         async with self._hold(name) as model:
-            assert isinstance(model, LlamaPool)  # by its kind
+            assert not isinstance(model, Reranker)  # by its kind
             yield name, model
 
     @asynccontextmanager
@@ -241,7 +251,7 @@ class ModelRegistry:
             yield name, model
 
     @asynccontextmanager
-    async def _hold(self, alias: str) -> AsyncIterator[LlamaPool | Reranker]:
+    async def _hold(self, alias: str) -> AsyncIterator[Pool | Reranker]:
         _, resident = await self._acquire(alias)
         try:
             yield resident.model

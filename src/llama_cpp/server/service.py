@@ -23,17 +23,16 @@ from typing import Any, cast
 
 from llama_cpp.embeddings import EmbeddingInput
 from llama_cpp.errors import ContextOverflowError
-from llama_cpp.pool import LlamaPool
 from llama_cpp.server.errors import APIError, from_library_error
 from llama_cpp.server.metrics import Metrics, RequestTimer
-from llama_cpp.server.registry import ModelRegistry
+from llama_cpp.server.registry import ModelRegistry, Pool
 from llama_cpp.server.settings import ServerSettings
 
 __all__ = ["Service"]
 
 Chunk = dict[str, Any]
 #: Starts one choice's generation: ``await start(pool, keywords)``.
-_Start = Callable[[LlamaPool, dict[str, Any]], Awaitable[object]]
+_Start = Callable[[Pool, dict[str, Any]], Awaitable[object]]
 
 
 class _End:
@@ -132,7 +131,7 @@ class Service:
         if keywords.get("max_tokens") is None:
             keywords["max_tokens"] = self.settings.max_tokens_limit
 
-        def start(pool: LlamaPool, kw: dict[str, Any]) -> Awaitable[object]:
+        def start(pool: Pool, kw: dict[str, Any]) -> Awaitable[object]:
             if stream:
                 return pool.create_chat_completion_async(messages, stream=True, **kw)
             return pool.create_chat_completion_async(messages, **kw)
@@ -170,7 +169,7 @@ class Service:
         # Each prompt's n choices, one after another in the choice indices.
         per_prompt = [(p, kw) for p in prompts for kw in _seeded(keywords, n)]
 
-        def start(pool: LlamaPool, kw: dict[str, Any]) -> Awaitable[object]:
+        def start(pool: Pool, kw: dict[str, Any]) -> Awaitable[object]:
             prompt, own = per_prompt[kw.pop("_job")]
             own = {k: v for k, v in own.items() if k != "stream_options"}
             if stream:

@@ -83,6 +83,10 @@ class ServerSettings(BaseModel):
             before the pools are closed (which cancels them).
         profile_experts: Count the expert routing of every generating model (served by
             ``/api/v1/expert-stats``); one alias alone: ``profile_experts`` in its ``options``.
+        isolated: Run each generating model in a supervised child process
+            (:class:`~llama_cpp.IsolatedPool`): a model process that dies (an RPC worker lost
+            mid-generation) fails its requests with 503 ``worker_lost`` and is reloaded,
+            instead of ending the server. No embeddings then.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -105,6 +109,7 @@ class ServerSettings(BaseModel):
     max_tokens_limit: int = Field(default=32768, ge=1)
     graceful_shutdown_s: float = Field(default=10.0, ge=0)
     profile_experts: bool = False
+    isolated: bool = False
 
     @field_validator("api_keys", mode="before")
     @classmethod

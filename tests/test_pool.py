@@ -190,6 +190,25 @@ def test_a_cancelled_stream_frees_its_slot(tiny_model_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_a_reader_that_fell_behind_still_gets_one_token_per_chunk(pool: LlamaPool) -> None:
+    def run_unread(prompt: str, max_tokens: int) -> GenerationStream:
+        stream = pool.submit(prompt, max_tokens=max_tokens, sampling=GREEDY)
+        deadline = time.monotonic() + 30
+        while pool.stats().n_generated < generated + max_tokens and time.monotonic() < deadline:
+            time.sleep(0.01)  # the generation runs to its end while nobody reads it
+        return stream
+
+    generated = pool.stats().n_generated
+    stream = run_unread("a", 5)
+    assert [(c.text, len(c.tokens)) for c in iter(stream.next, None)] == [(x, 1) for x in "bcdef"]
+    # A character split across tokens comes whole, with the tokens that make it; the last
+    # token, the first byte of the next character, ends the text as U+FFFD (cut by the limit).
+    generated = pool.stats().n_generated
+    split = run_unread("A", 3)
+    assert [(c.text, len(c.tokens)) for c in iter(split.next, None)] == [("é", 2), ("\ufffd", 1)]
+
+
+@pytest.mark.timeout(60)
 def test_the_engine_measures_the_wait_for_a_slot_and_the_tokens_it_holds(tiny_model_path: Path) -> None:
     with (
         LlamaPool(tiny_model_path, pool_size=1, n_ctx=256, n_batch=64, verbose=False) as pool,

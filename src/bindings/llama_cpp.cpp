@@ -4303,7 +4303,9 @@ struct EngineRequest {
     // Output, guarded by `mutex`; `changed` is signalled on every change.
     std::mutex mutex;
     std::condition_variable changed;
-    Chunk unread;  // text, tokens and logprobs produced and not read yet
+    // What each step produced and the reader has not read yet (text, tokens, logprobs), one
+    // chunk per sampled token (the last may hold only the text flushed at the end).
+    std::deque<Chunk> unread;
     std::vector<TokenLogprob> prompt_logprobs;  // set once the prompt is evaluated, if asked for
     bool done = false;
     std::string finish_reason;
@@ -4325,7 +4327,7 @@ struct EngineRequest {
     void publish(Chunk &chunk) {
         if (chunk.empty()) return;
         std::lock_guard<std::mutex> lock(mutex);
-        unread.append(std::move(chunk));
+        unread.push_back(std::move(chunk));
         changed.notify_all();
     }
 
@@ -4375,15 +4377,24 @@ class EngineStream {
         }
     }
 
-    // Everything produced since the last call, waiting for at least a token; None once the
-    // request has ended and all was read. Raises the request's error (cancelled, closed, ...)
-    // after its last text.
+    // The next token's chunk, waiting for it: one token at a time however far the scheduler
+    // ran ahead (a reader that fell behind still streams token by token, as a context's
+    // stream does), except that tokens completing no text yet (a character split across
+    // tokens) go out with the one that completes it, when it is there. None once the request
+    // has ended and all was read. Raises the request's error (cancelled, closed, ...) after
+    // its last text.
     std::optional<Chunk> next() {
         std::unique_lock<std::mutex> lock(request_->mutex);
-        request_->changed.wait(lock, [&] { return request_->done || !request_->unread.tokens.empty(); });
-        if (!request_->unread.empty()) {
-            Chunk out;
-            std::swap(out, request_->unread);
+        auto &unread = request_->unread;
+        // A chunk without a token is only the text flushed at the end, and the end follows.
+        request_->changed.wait(lock, [&] { return request_->done || (!unread.empty() && !unread.front().tokens.empty()); });
+        if (!unread.empty()) {
+            Chunk out = std::move(unread.front());
+            unread.pop_front();
+            while (out.text.empty() && !unread.empty()) {
+                out.append(std::move(unread.front()));
+                unread.pop_front();
+            }
             tokens_.insert(tokens_.end(), out.tokens.begin(), out.tokens.end());
             return out;
         }
@@ -5053,7 +5064,7 @@ void bind_engine(nb::module_ &m) {
 
     nb::class_<EngineStream>(m, "EngineStream", "One request of an Engine, read chunk by chunk.")
         .def("next", &EngineStream::next, nb::call_guard<nb::gil_scoped_release>(),
-             "Text and tokens produced since the last call (blocks for at least one token); None at the end.")
+             "The next token's text and token (blocks for it; a character split across tokens comes whole); None at the end.")
         .def("cancel", &EngineStream::cancel, nb::call_guard<nb::gil_scoped_release>(),
              "End the request and free its slot; next() then raises GenerationCancelled.")
         .def("close", &EngineStream::close, nb::call_guard<nb::gil_scoped_release>(),

@@ -1269,7 +1269,7 @@ class EngineStream:
 
     def next(self) -> Chunk | None:
         """
-        Text and tokens produced since the last call (blocks for at least one token); None at the end.
+        The next token's text and token (blocks for it; a character split across tokens comes whole); None at the end.
         """
 
     def cancel(self) -> None:

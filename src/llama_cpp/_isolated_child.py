@@ -19,6 +19,8 @@ from llama_cpp.config import LlamaConfig
 from llama_cpp.request import Request
 from llama_cpp.results import PoolStats
 
+_log = logging.getLogger("llama_cpp")
+
 #: A token's logprob as it crosses: (token, logprob, [(alternative, logprob), ...]).
 Logprob = tuple[int, float, list[tuple[int, float]]]
 
@@ -128,12 +130,19 @@ def serve(conn: Connection, load: Load, level: int) -> None:
                 if (running := streams.get(message[1])) is not None:
                     running.cancel()
             elif message[0] == "query":
+                # Always answered (None if it fails): a monitoring call must neither end this
+                # process, and with it every request running here, nor leave the parent waiting.
                 _, rid, what = message
-                if what == "stats":
-                    stats = pool.stats()
-                    send(("reply", rid, {f: getattr(stats, f) for f in PoolStats.__dataclass_fields__}))
-                elif what == "memory":
-                    send(("reply", rid, pool.memory_breakdown()))
+                answer: object = None
+                try:
+                    if what == "stats":
+                        stats = pool.stats()
+                        answer = {f: getattr(stats, f) for f in PoolStats.__dataclass_fields__}
+                    elif what == "memory":
+                        answer = pool.memory_breakdown()
+                except Exception:
+                    _log.exception("the %s query failed", what)
+                send(("reply", rid, answer))
             elif message[0] == "close":
                 break
     finally:

@@ -73,6 +73,10 @@ _OPTION_FIELDS = ("max_tokens", "stop", "n_probs", "prompt_logprobs", "preserved
 _CANCEL_CHECK = 0.05
 #: Backoff of the supervisor between attempts to start a new child: first, factor, last.
 _BACKOFF = (0.2, 2.0, 5.0)
+#: Seconds a query (stats, memory) waits for the child's answer: the child answers between
+#: decode steps, and one that does not return (a worker that stopped answering without
+#: closing its connection) must not hold the caller, a metrics scrape, forever.
+_QUERY_TIMEOUT = 10.0
 
 
 def _error(name: str, message: str) -> LlamaError:
@@ -309,7 +313,8 @@ class _Child:
 
     def query(self, what: str) -> object:
         """The child pool's answer to ``what`` (see the module docstring); None when the
-        child is gone."""
+        child is gone, the query failed there, or no answer came within
+        :data:`_QUERY_TIMEOUT` seconds (a child stuck in a decode that does not return)."""
         rid = next(self._ids)
         reply: queue.SimpleQueue[object] = queue.SimpleQueue()
         with self._lock:
@@ -320,7 +325,15 @@ class _Child:
             self.send(("query", rid, what))
         except WorkerLostError:
             return None
-        return reply.get()
+        try:
+            return reply.get(timeout=_QUERY_TIMEOUT)
+        except queue.Empty:
+            self.forget_reply(rid)
+            return None
+
+    def forget_reply(self, rid: int) -> None:
+        with self._lock:
+            self._replies.pop(rid, None)
 
     def forget(self, rid: int) -> None:
         with self._lock:

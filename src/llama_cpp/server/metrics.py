@@ -74,8 +74,10 @@ class _PoolCollector(Collector):
                 counter.add_metric([alias], getattr(stats, name))
             capacity.add_metric([alias], stats.n_slots * pool.n_ctx())
             cached.add_metric([alias], stats.n_cached_tokens)
-            buckets = [("+Inf" if le == float("inf") else repr(le), n) for le, n in stats.queue_time_buckets]
-            queue_time.add_metric([alias], buckets, stats.queue_time_sum)
+            if stats.queue_time_buckets:  # none while an isolated pool's process is being reloaded
+                bounds = stats.queue_time_buckets
+                buckets = [("+Inf" if le == float("inf") else repr(le), n) for le, n in bounds]
+                queue_time.add_metric([alias], buckets, stats.queue_time_sum)
         yield from gauges.values()
         yield capacity
         yield cached

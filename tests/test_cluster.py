@@ -571,6 +571,15 @@ def test_server_isolated_answers_503_and_recovers(tiny_model_path: Path, worker:
         assert error["type"] == "server_error"
         assert error["code"] == "worker_lost"
         assert "the model's process died" in error["message"]
+        # While the model is down (its worker is gone, so no reload yet), the server's own
+        # endpoints still answer: metrics without that model's engine figures, memory without it.
+        scrape = server.http.get("/metrics")
+        assert scrape.status_code == 200, scrape.text
+        assert 'llamacpp_slots{model="moe"} 1.0' in scrape.text
+        assert 'llamacpp_queue_time_seconds_count{model="moe"}' not in scrape.text
+        memory = server.http.get("/api/v1/memory")
+        assert memory.status_code == 200, memory.text
+        assert "moe" not in memory.json()["per_model"]
         worker.start(worker.port)
         again = server.http.post("/v1/completions", json=body)  # waits for the reload
         assert again.status_code == 200, again.text

@@ -134,6 +134,18 @@ def test_tensor_overrides_place_what_the_regex_finds_on_the_named_device(
         memory = llm.memory_breakdown()
         assert llm.generate("abc", max_tokens=12, sampling=GREEDY) == local_text
     assert memory[rpc.device]["model"] == tensor_bytes["blk.3.ffn_down_exps.weight"]
+    # llama.cpp's --override-tensor names an RPC server's device by its buffer type: its
+    # index within that server, then the endpoint.
+    with Llama(
+        moe_path,
+        n_ctx=128,
+        rpc_servers=[rpc.endpoint],
+        n_gpu_layers=0,
+        use_mmap=False,
+        verbose=False,
+        tensor_overrides=f"blk\\.3\\.ffn_down=RPC0[{rpc.endpoint}]",
+    ) as llm:
+        assert llm.memory_breakdown()[rpc.device]["model"] == tensor_bytes["blk.3.ffn_down_exps.weight"]
     # The first matching pair wins; llama.cpp's string form works too.
     with offloaded(
         moe_path, rpc.endpoint, tensor_overrides=r"blk\.[01]\.ffn_(gate|up)_exps=CPU,blk\.[01]\.=CPU"

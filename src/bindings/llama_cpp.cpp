@@ -767,13 +767,35 @@ class ModelParams {
     // The buffer type of the device named `name` (as llama_cpp.devices() names it): the CPU or
     // one of the devices this model offloads to (a tensor on another process's device would
     // have no backend in this model's contexts).
+    // The name of device `i`'s buffer type. An RPC device's is written here, as ggml-rpc
+    // writes it (RPC<index within its server>[endpoint]): asking the backend would be a call
+    // to the server (for any RPC device, this model's or not, reachable or not).
+    static std::string buffer_type_name(size_t i) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        if (is_rpc_device(dev)) {
+            const std::string endpoint = ggml_backend_dev_description(dev);
+            size_t index = 0;
+            for (size_t j = 0; j < i; ++j) {
+                ggml_backend_dev_t other = ggml_backend_dev_get(j);
+                if (is_rpc_device(other) && endpoint == ggml_backend_dev_description(other)) ++index;
+            }
+            return "RPC" + std::to_string(index) + "[" + endpoint + "]";
+        }
+        ggml_backend_buffer_type_t buft = ggml_backend_dev_buffer_type(dev);
+        return buft != nullptr ? ggml_backend_buft_name(buft) : ggml_backend_dev_name(dev);
+    }
+
+    // `name` is a device's name as devices() lists it (CPU, CUDA0, RPC0) or the name of its
+    // buffer type, which llama.cpp's --override-tensor takes (RPC0[host:port] for an RPC
+    // server's device: the index within that server, then its endpoint).
     ggml_backend_buffer_type_t device_buffer_type(const std::string &name) const {
         std::string known;
         for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
             ggml_backend_dev_t dev = ggml_backend_dev_get(i);
             const std::string dev_name = ggml_backend_dev_name(dev);
-            known += (known.empty() ? "" : ", ") + dev_name;
-            if (dev_name != name) continue;
+            const std::string buft_name = buffer_type_name(i);
+            known += (known.empty() ? "" : ", ") + dev_name + (buft_name != dev_name ? " or " + buft_name : "");
+            if (dev_name != name && buft_name != name) continue;
             const bool usable = ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU ||
                                 std::find(devices_.begin(), devices_.end(), dev) != devices_.end();
             if (!usable) {

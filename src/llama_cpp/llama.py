@@ -77,8 +77,9 @@ class Llama(FrontEnd):
         rpc_servers: ``ggml-rpc-server`` endpoints ("host:port", a list or llama-cpp-python's
             comma-separated string) whose devices take offloaded layers (see ``n_gpu_layers``).
         tensor_overrides: Ours, llama.cpp's ``--override-tensor``: ``(regex, device)`` pairs
-            (devices as :func:`llama_cpp.devices` names them: ``"CPU"``, ``"CUDA0"``,
-            ``"RPC0[host:port]"``), or its ``"REGEX=DEVICE,..."`` string. A tensor goes to the
+            (devices as :func:`llama_cpp.devices` names them: ``"CPU"``, ``"CUDA0"``, ``"RPC0"``;
+            or as llama.cpp's buffer types: ``"RPC0[host:port]"``, the device's index within
+            its server), or its ``"REGEX=DEVICE,..."`` string. A tensor goes to the
             device of the first pair whose regex is found in its name (``std::regex``, as
             llama.cpp matches). Checked before loading.
         cpu_moe: Ours (``--cpu-moe``): every MoE expert tensor stays in host memory.

@@ -208,9 +208,11 @@ def _reason(plan: FitPlan, config: LlamaConfig, n_seq: int, *, given_overrides: 
         layers = "all" if plan.n_gpu_layers < 0 else str(plan.n_gpu_layers)
         parts.append(f"{layers} of {plan.n_layer} layers offloaded")
         if plan.tensor_overrides and not given_overrides:
-            parts.append(
-                f"{len(plan.tensor_overrides)} tensor override(s) keep expert weights in host memory"
-            )
+            by_device: dict[str, int] = {}
+            for _, device in plan.tensor_overrides:
+                by_device[device] = by_device.get(device, 0) + 1
+            placed = ", ".join(f"{n} on {device}" for device, n in by_device.items())
+            parts.append(f"tensor overrides place what does not fit by layer: {placed}")
     if config.n_ctx == 0:
         each = f" for each of {n_seq} sequences" if n_seq > 1 else ""
         if plan.n_ctx * n_seq >= plan.n_ctx_train:

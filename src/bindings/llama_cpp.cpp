@@ -318,6 +318,11 @@ void set_log_callback(nb::object callback) {
 // the abort() that follows this callback; the message at least reaches Python logging (as
 // an error line of the llama_cpp logger, whose handlers flush per record) instead of bare
 // stderr, and stdio is flushed. Without a Python callback it is printed to stderr as ggml does.
+// Exported by libggml-base without a public declaration; what ggml's own abort prints.
+extern "C" void ggml_print_backtrace(void);
+
+// ggml's abort callback: the message to the llama_cpp logger, then the backtrace ggml prints
+// when no callback is set (replacing its handler must not lose it), then ggml aborts.
 void abort_to_log(const char *message) {
     const std::string line = std::string("ggml_abort: ") + message + " (the process aborts now)";
     if (log_state().has_callback.load(std::memory_order_acquire) && Py_IsInitialized() && !python_is_finalizing()) {
@@ -326,6 +331,7 @@ void abort_to_log(const char *message) {
         std::fprintf(stderr, "%s\n", line.c_str());
     }
     std::fflush(nullptr);
+    ggml_print_backtrace();
 }
 
 void bind_logging(nb::module_ &m) {

@@ -16,9 +16,12 @@ from llama_cpp import (
     ExpertStats,
     ExpertStatsUnavailableError,
     InvalidArgumentError,
+    IsolatedPool,
     Llama,
+    LlamaConfig,
     LlamaPool,
     SamplingParams,
+    _core,
 )
 from llama_cpp.experts import simulate_cache
 from llama_cpp.testing import TinyMoeSpec, tiny_moe_experts, write_tiny_moe
@@ -38,15 +41,17 @@ def active_moe_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_moe(tmp_path_factory.mktemp("moe") / "active.gguf", ACTIVE)
 
 
-def expected_counts(all_tokens: Iterable[int], output_tokens: Iterable[int]) -> npt.NDArray[np.int64]:
+def expected_counts(
+    all_tokens: Iterable[int], output_tokens: Iterable[int], *, k: int | None = None
+) -> npt.NDArray[np.int64]:
     """Counts per layer: every layer but the last routes ``all_tokens``; llama.cpp runs the
     last layer's FFN only for the rows whose logits were asked for, ``output_tokens``."""
     counts = np.zeros((SPEC.n_layer, SPEC.n_expert), dtype=np.int64)
     for token in all_tokens:
-        for layer, experts in enumerate(tiny_moe_experts(token, SPEC)[:LAST]):
+        for layer, experts in enumerate(tiny_moe_experts(token, SPEC, k=k)[:LAST]):
             counts[layer, sorted(experts)] += 1
     for token in output_tokens:
-        counts[LAST, sorted(tiny_moe_experts(token, SPEC)[LAST])] += 1
+        counts[LAST, sorted(tiny_moe_experts(token, SPEC, k=k)[LAST])] += 1
     return counts
 
 
@@ -186,6 +191,126 @@ def test_bad_profiler_options_raise() -> None:
         Llama("unused.gguf", profile_experts=True, profile_experts_trace=-1)
 
 
+def test_a_trace_over_1_gib_is_refused_before_anything_is_allocated(moe_path: Path) -> None:
+    # Python: a plain bound on the tokens (4 bytes a token at the least), before loading.
+    with pytest.raises(
+        InvalidArgumentError, match=r"profile_experts_trace must be <= 268435456 .*got 2305843009213693952"
+    ):
+        LlamaConfig(profile_experts=True, profile_experts_trace=2**61)
+    with pytest.raises(InvalidArgumentError, match=r"must be <= 268435456"):
+        Llama("unused.gguf", profile_experts=True, profile_experts_trace=2**28 + 1)
+    # C++, the exact bound from the model: 4 layers x top-2 x 4 = 32 bytes a token.
+    limit = _core.EXPERT_TRACE_MAX_BYTES // 32
+    message = (
+        rf"profile_experts_trace={limit + 1} is too large: the trace takes 32 bytes a token \(n_layer 4 x "
+        rf"n_expert_used 2 x 4\) and is limited to 1 GiB \(1073741824 bytes\): at most {limit} tokens"
+    )
+    with pytest.raises(InvalidArgumentError, match=message):
+        Llama(moe_path, n_ctx=64, profile_experts=True, profile_experts_trace=limit + 1, verbose=False)
+    with pytest.raises(InvalidArgumentError, match=message):
+        LlamaPool(moe_path, pool_size=1, n_ctx=64, profile_experts=True, profile_experts_trace=limit + 1)
+    # Past what Python checks, at the native boundary: 2**61 x 32 bytes wraps around in size_t.
+    model = _core.Model(str(moe_path), _core.ModelOptions())
+    try:
+        options = _core.ContextOptions()
+        options.n_ctx = 64
+        options.profile_experts = True
+        options.profile_experts_trace = 2**61
+        with pytest.raises(
+            InvalidArgumentError, match=r"profile_experts_trace=2305843009213693952 is too large"
+        ):
+            _core.Context(model, options)
+    finally:
+        model.close()
+
+
+def test_an_overridden_expert_used_count_is_profiled_with_its_top_k(moe_path: Path) -> None:
+    k = 3
+    with Llama(
+        moe_path,
+        n_ctx=64,
+        kv_overrides={"llama.expert_used_count": k},
+        profile_experts=True,
+        profile_experts_trace=16,
+        verbose=False,
+    ) as llm:
+        prompt = llm.tokenize(b"ABCDE")
+        llm.eval(prompt)
+        stats = llm.expert_stats()
+    assert stats.n_expert_used == k
+    np.testing.assert_array_equal(stats.counts, expected_counts(prompt, [prompt[-1]], k=k))
+    np.testing.assert_array_equal(stats.counts.sum(axis=1), stats.tokens * k)
+    assert stats.trace.shape == (len(prompt), 4, k)
+    for row, token in zip(stats.trace, prompt, strict=True):
+        assert [set(experts.tolist()) for experts in row[:LAST]] == tiny_moe_experts(token, SPEC, k=k)[:LAST]
+
+
+def test_snapshot_and_reset_is_one_step(moe_path: Path) -> None:
+    with Llama(moe_path, n_ctx=128, profile_experts=True, profile_experts_trace=8, verbose=False) as llm:
+        prompt = llm.tokenize(b"ABCDEF")
+        llm.eval(prompt)
+        before = llm.expert_stats(reset=True)
+        after_reset = llm.expert_stats()
+        more = llm.tokenize(b"GH", add_bos=False)
+        llm.eval(more)
+        after = llm.expert_stats()
+    # The snapshot has everything before the reset; the counting starts from zero after it.
+    np.testing.assert_array_equal(before.counts, expected_counts(prompt, [prompt[-1]]))
+    assert before.trace_total == len(prompt) == before.trace.shape[0]
+    assert (after_reset.layers, after_reset.counts.shape, after_reset.trace_total) == (
+        (),
+        (0, SPEC.n_expert),
+        0,
+    )
+    np.testing.assert_array_equal(after.counts, expected_counts(more, [more[-1]]))
+    assert after.trace_total == len(more)
+
+
+@pytest.mark.timeout(120)
+def test_pool_snapshots_with_reset_lose_no_token(moe_path: Path) -> None:
+    prompts = [b"ABCD", b"EFG", b"HIJKL", b"MNO", b"PQRS", b"TUV"]
+    with LlamaPool(moe_path, pool_size=3, n_ctx=64, profile_experts=True) as pool:
+        done = threading.Event()
+        total = np.zeros((SPEC.n_layer, SPEC.n_expert), dtype=np.int64)
+        reads = 0
+
+        def add(stats: ExpertStats) -> None:
+            for row, layer in enumerate(stats.layers):
+                total[layer] += stats.counts[row]
+
+        def read_stats() -> None:
+            nonlocal reads
+            while not done.is_set():
+                add(pool.expert_stats(reset=True))
+                reads += 1
+
+        reader = threading.Thread(target=read_stats)
+        reader.start()
+        try:
+            tokenized = [pool.tokenize(p, add_bos=False) for p in prompts]
+            with ThreadPoolExecutor(len(prompts)) as executor:
+                completions = list(executor.map(lambda t: pool.complete(t, max_tokens=5), tokenized))
+        finally:
+            done.set()
+            reader.join(timeout=30)
+        add(pool.expert_stats(reset=True))
+    assert reads > 1
+    all_tokens: list[int] = []
+    outputs: list[int] = []
+    for prompt, completion in zip(tokenized, completions, strict=True):
+        generated = completion.tokens[:-1]
+        all_tokens += prompt[completion.cached_tokens :] + generated
+        outputs += [prompt[-1], *generated]
+    np.testing.assert_array_equal(total, expected_counts(all_tokens, outputs))
+
+
+def test_an_isolated_pool_refuses_profile_experts(moe_path: Path) -> None:
+    with pytest.raises(
+        InvalidArgumentError, match=r"an IsolatedPool does not profile expert routing .*use a LlamaPool"
+    ):
+        IsolatedPool(moe_path, pool_size=1, n_ctx=64, profile_experts=True)
+
+
 def synthetic(trace: list[list[int]], *, n_expert: int = 4) -> ExpertStats:
     """Stats of one layer with top-1 routing whose tokens went to ``trace``'s experts."""
     routes = np.array(trace, dtype=np.int32).reshape(len(trace), 1, -1)
@@ -235,6 +360,49 @@ def test_lfu_breaks_ties_by_recency_and_keeps_the_frequent_expert() -> None:
     assert simulate_cache(trace, "lfu", 2)[0].tolist() == [3]
 
 
+def reference_replay(experts: list[int], lfu: bool, capacity: int) -> int:
+    """The specification, one min() a miss: evict the fewest uses, ties the least recent."""
+    cache: list[int] = []  # recency order, oldest first
+    uses: dict[int, int] = {}
+    hits = 0
+    for expert in experts:
+        uses[expert] = uses.get(expert, 0) + 1
+        if expert in cache:
+            hits += 1
+            cache.remove(expert)
+        elif len(cache) >= capacity:
+            cache.remove(min(cache, key=uses.__getitem__) if lfu else cache[0])
+        cache.append(expert)
+    return hits
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_replays_match_the_specification_on_random_traces(policy: str) -> None:
+    rng = np.random.default_rng(5)
+    for capacity in (1, 2, 3, 7):
+        # Skewed routing (repeats and ties), top-2, 2 layers, some slots unrouted.
+        trace = rng.zipf(1.5, size=(3000, 2, 2)).astype(np.int64) % 16
+        trace[rng.random(trace.shape) < 0.05] = -1
+        hits, lookups = simulate_cache(trace, policy, capacity)
+        for layer in range(2):
+            experts = [int(e) for e in trace[:, layer, :].ravel() if e >= 0]
+            assert (hits[layer], lookups[layer]) == (
+                reference_replay(experts, policy == "lfu", capacity),
+                len(experts),
+            )
+
+
+@pytest.mark.timeout(10)
+def test_lfu_replays_a_long_trace_with_a_large_cache_quickly() -> None:
+    # 100k tokens x top-8 over 2048 experts, a 1024-expert cache, half the lookups missing:
+    # a min() over the cache at every miss took about 19 s here, the heap about 0.5 s.
+    rng = np.random.default_rng(0)
+    trace = rng.integers(0, 2048, size=(100_000, 1, 8)).astype(np.int32)
+    hits, lookups = simulate_cache(trace, "lfu", 1024)
+    assert lookups.tolist() == [800_000]
+    assert 0 < hits[0] < lookups[0]
+
+
 def test_top_k_lookups_skip_unrouted_slots_and_layers_are_independent() -> None:
     # Two layers, top-2. Layer 1 did not route the first token (-1, as the last layer does).
     trace = np.array(
@@ -276,3 +444,12 @@ def test_entropy_shares_and_bad_arguments() -> None:
         untraced.simulate_cache("lru", 2)
     assert untraced.simulate_cache("static-hot", 1).hit_rate == 0.25
     assert set(untraced.to_dict()["cache"]) == {"capacity", "static-hot"}
+    # Policies asked for by name: only those; one that needs the trace says why it has none.
+    asked = untraced.to_dict(simulate=["lru"], cache_capacity=2)["cache"]
+    assert asked["capacity"] == 2
+    assert asked["lru"]["available"] is False
+    assert "profile_experts_trace=N" in asked["lru"]["reason"]
+    assert set(uniform.to_dict(simulate=[])["cache"]) == {"capacity"}
+    assert set(uniform.to_dict(simulate=["lfu", "static-hot"])["cache"]) == {"capacity", "lfu", "static-hot"}
+    with pytest.raises(InvalidArgumentError, match="policy must be one of lru, lfu, static-hot; got 'fifo'"):
+        uniform.to_dict(simulate=["fifo"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import signal
 import subprocess
@@ -262,6 +263,74 @@ def test_expert_stats_per_model(tmp_path: Path, tiny_model_path: Path) -> None:
                 assert (again["layers"], again["counts"]) == ([], [])
 
     asyncio.run(run())
+
+
+def test_expert_stats_simulations_are_opt_in_and_reset_is_atomic(tmp_path: Path) -> None:
+    moe = write_tiny_moe(tmp_path / "moe.gguf")
+    traced = ModelSettings(path=moe, options={"profile_experts_trace": 64})
+    settings = ServerSettings(parallel=1, ctx_size=64, profile_experts=True, models={"traced": traced})
+    app = create_app(settings)
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                body = {"model": "traced", "prompt": "ABC", "max_tokens": 3, "temperature": 0}
+                assert (await client.post("/v1/completions", json=body)).status_code == 200
+
+                async def get(**params: str) -> dict[str, Any]:
+                    response = await client.get("/api/v1/expert-stats", params=params)
+                    assert response.status_code == 200, response.text
+                    entry: dict[str, Any] = response.json()["models"]["traced"]
+                    return entry
+
+                # Default: static-hot alone, from the counts; the trace is not replayed.
+                assert set((await get())["cache"]) == {"capacity", "static-hot"}
+                assert (await get(simulate=""))["cache"] == {"capacity": 2}
+                asked = await get(simulate="lru,lfu", capacity="3")
+                assert set(asked["cache"]) == {"capacity", "lru", "lfu"}
+                assert asked["cache"]["capacity"] == 3
+                assert 0 < asked["cache"]["lfu"]["hit_rate"] < 1
+                bad = await client.get("/api/v1/expert-stats", params={"simulate": "fifo"})
+                assert bad.status_code == 400
+                assert "'fifo' is not a policy (lru, lfu, static-hot)" in bad.json()["error"]["message"]
+                assert (await client.get("/api/v1/expert-stats", params={"capacity": "0"})).status_code == 400
+                # reset=true: this answer has every token so far, the next one none.
+                before = await get(reset="true")
+                assert before["tokens"][0] > 0
+                after = await get()
+                assert (after["layers"], after["counts"], after["trace_total"]) == ([], [], 0)
+
+    asyncio.run(run())
+
+
+@pytest.mark.timeout(120)
+def test_isolated_models_are_not_profiled(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    moe = write_tiny_moe(tmp_path / "moe.gguf")
+    settings = ServerSettings(
+        model=moe, alias="moe", parallel=1, ctx_size=64, profile_experts=True, isolated=True
+    )
+    app = create_app(settings)
+
+    async def run() -> dict[str, Any]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                deadline = time.monotonic() + 60
+                while (await client.get("/health")).status_code != 200:
+                    assert time.monotonic() < deadline, "the model did not load"
+                    await asyncio.sleep(0.05)
+                stats: dict[str, Any] = (await client.get("/api/v1/expert-stats")).json()
+                return stats
+
+    with caplog.at_level(logging.INFO, logger="llama_cpp.server"):
+        stats = asyncio.run(run())
+    # Loaded (IsolatedPool refuses profile_experts=True), without the profiler.
+    assert stats["models"]["moe"] == {
+        "available": False,
+        "reason": "an isolated pool's model runs in a child process: its expert routing is not profiled",
+    }
+    assert f"expert profiling is off for {moe}: it runs isolated, in a child process" in caplog.text
 
 
 def test_expert_stats_without_profiling_says_how_to_enable_it(tiny_model_path: Path) -> None:

@@ -965,6 +965,7 @@ class Model {
         }
         handle_ = ModelHandle(model, ModelDeleter());
         vocab_ = llama_model_get_vocab(model);
+        expert_used_override_ = arch_int_override(model, options, "expert_used_count");
     }
 
     // Every method that reads the weights or the vocabulary holds the handle this returns
@@ -995,6 +996,11 @@ class Model {
     }
 
     const std::string &path() const { return path_; }
+
+    // The kv_override of `<arch>.expert_used_count`, or -1 when it is not overridden: llama.cpp's
+    // loader reads the hparam through the overrides, while llama_model_meta_val_str returns the
+    // file's value, and nothing public returns the effective one.
+    int64_t expert_used_override() const { return expert_used_override_; }
 
     std::vector<llama_token> tokenize(const std::string &text, bool add_special,
                                       bool parse_special) const {
@@ -1114,7 +1120,19 @@ class Model {
         return n < 0 ? std::string() : std::string(buf.data(), static_cast<size_t>(n));
     }
 
+    // The integer kv_override of `<arch>.<name>` among `options`, or -1.
+    static int64_t arch_int_override(const llama_model *model, const ModelOptions &options, const char *name) {
+        char arch[128];
+        if (llama_model_meta_val_str(model, "general.architecture", arch, sizeof(arch)) < 0) return -1;
+        const std::string key = std::string(arch) + "." + name;
+        for (const auto &[k, value] : options.kv_overrides) {
+            if (k == key && std::holds_alternative<int64_t>(value)) return std::get<int64_t>(value);
+        }
+        return -1;
+    }
+
     std::string path_;
+    int64_t expert_used_override_ = -1;
     mutable std::mutex mutex_;  // guards handle_
     ModelHandle handle_;
     const llama_vocab *vocab_ = nullptr;
@@ -2748,12 +2766,19 @@ void bind_decoding(nb::module_ &m) {
 // (llama_context_params.cb_eval). The callback asks for those tensors only, so the scheduler
 // cuts the graph just after each of them and nowhere else; it copies their rows (from the
 // device when they are not in host memory) and counts them in the decoding thread, with no
-// GIL. It only reads: outputs are unchanged.
+// GIL. It only reads: outputs are unchanged on CPU (tested); on a GPU the split after the
+// router can change the kernels chosen for the MoE block (not verified there).
 //
 // llama.cpp computes the last layer's feed-forward only for the rows whose outputs were asked
 // for (build_inp_out_ids: the get_rows before that layer's FFN): that layer routes fewer
 // tokens than the others, hence a token count per layer. The trace puts those rows at their
 // tokens by reading the `out_ids` input of that get_rows.
+//
+// The trace is allocated when the context is created: N x n_layer x n_expert_used x 4 bytes,
+// at most expert_trace_max_bytes (create() refuses more before allocating anything).
+
+// The most memory a routing trace may take (profile_experts_trace), in bytes.
+constexpr uint64_t expert_trace_max_bytes = uint64_t{1} << 30;
 
 // An integer of the model's GGUF metadata (`<architecture>.<name>`), or `fallback`.
 int64_t model_arch_int(const llama_model *model, const char *name, int64_t fallback) {
@@ -2789,16 +2814,36 @@ class ExpertProfiler {
     ExpertProfiler(const ExpertProfiler &) = delete;
     ExpertProfiler &operator=(const ExpertProfiler &) = delete;
 
-    // The profiler of a context created with `options`, or nullptr when profiling is off or
-    // the model has no experts.
-    static std::shared_ptr<ExpertProfiler> create(const llama_model *model, bool enabled, int64_t trace_capacity) {
+    // The profiler of a context of `model` created with `enabled` and `trace_capacity`, or
+    // nullptr when profiling is off or the model has no experts. `expert_used_override`: the
+    // model's kv_override of expert_used_count (-1: none), which llama.cpp routes with.
+    // Throws InvalidArgumentError for a trace over expert_trace_max_bytes.
+    static std::shared_ptr<ExpertProfiler> create(const llama_model *model, int64_t expert_used_override,
+                                                  bool enabled, int64_t trace_capacity) {
         if (!enabled) return nullptr;
         if (trace_capacity < 0) throw InvalidArgumentError("profile_experts_trace must be >= 0");
-        const int64_t n_expert = model_arch_int(model, "expert_count", 0);
-        const int64_t n_used = model_arch_int(model, "expert_used_count", 0);
+        // llama_model_n_expert is the loaded hparam (overrides applied); there is no such
+        // getter for expert_used_count.
+        const int64_t n_expert = llama_model_n_expert(model);
+        const int64_t n_used =
+            expert_used_override >= 0 ? expert_used_override : model_arch_int(model, "expert_used_count", 0);
         if (n_expert <= 0 || n_used <= 0 || n_used > n_expert) return nullptr;
-        return std::make_shared<ExpertProfiler>(llama_model_n_layer(model), static_cast<int32_t>(n_expert),
-                                                static_cast<int32_t>(n_used), static_cast<size_t>(trace_capacity));
+        const int32_t n_layer = llama_model_n_layer(model);
+        // Bytes a token takes: small (layers x top-k x 4), so the division below cannot
+        // overflow where trace_capacity x token_bytes could.
+        const uint64_t token_bytes =
+            static_cast<uint64_t>(std::max(n_layer, 1)) * static_cast<uint64_t>(n_used) * sizeof(int32_t);
+        const uint64_t max_tokens = expert_trace_max_bytes / token_bytes;
+        if (static_cast<uint64_t>(trace_capacity) > max_tokens) {
+            throw InvalidArgumentError(
+                "profile_experts_trace=" + std::to_string(trace_capacity) + " is too large: the trace takes " +
+                std::to_string(token_bytes) + " bytes a token (n_layer " + std::to_string(n_layer) +
+                " x n_expert_used " + std::to_string(n_used) + " x 4) and is limited to 1 GiB (" +
+                std::to_string(expert_trace_max_bytes) + " bytes): at most " + std::to_string(max_tokens) +
+                " tokens for this model");
+        }
+        return std::make_shared<ExpertProfiler>(n_layer, static_cast<int32_t>(n_expert), static_cast<int32_t>(n_used),
+                                                static_cast<size_t>(trace_capacity));
     }
 
     // Points llama.cpp's eval callback at `profiler` (if any); it must outlive the context.
@@ -2812,8 +2857,26 @@ class ExpertProfiler {
     int32_t n_expert_used() const { return n_expert_used_; }
     size_t trace_capacity() const { return trace_capacity_; }
 
-    ExpertSnapshot snapshot() const {
+    // A copy of everything counted; with `reset`, the counters are also zeroed under the same
+    // lock, so that no token routed meanwhile is lost between the copy and the reset.
+    ExpertSnapshot snapshot(bool reset) {
         std::lock_guard<std::mutex> lock(mutex_);
+        ExpertSnapshot s = snapshot_locked();
+        if (reset) reset_locked();
+        return s;
+    }
+
+    // Forgets everything counted. A ubatch being decoded meanwhile is counted from its next
+    // layer on.
+    void reset() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        reset_locked();
+    }
+
+  private:
+    static constexpr std::string_view topk_prefix = "ffn_moe_topk-";
+
+    ExpertSnapshot snapshot_locked() const {
         ExpertSnapshot s;
         for (int32_t l = 0; l < n_layer_; ++l) {
             if (!moe_layer_[static_cast<size_t>(l)]) continue;
@@ -2836,10 +2899,7 @@ class ExpertProfiler {
         return s;
     }
 
-    // Forgets everything counted. A ubatch being decoded meanwhile is counted from its next
-    // layer on.
-    void reset() {
-        std::lock_guard<std::mutex> lock(mutex_);
+    void reset_locked() {
         std::fill(counts_.begin(), counts_.end(), 0);
         std::fill(tokens_.begin(), tokens_.end(), 0);
         std::fill(moe_layer_.begin(), moe_layer_.end(), 0);
@@ -2847,9 +2907,6 @@ class ExpertProfiler {
         trace_total_ = 0;
         last_layer_ = -1;
     }
-
-  private:
-    static constexpr std::string_view topk_prefix = "ffn_moe_topk-";
 
     // The layer of a `ffn_moe_topk-<layer>` tensor, or -1 for any other tensor.
     static int32_t topk_layer(const ggml_tensor *t) {
@@ -2913,7 +2970,16 @@ class ExpertProfiler {
 
     // Runs in the decoding thread (the context's one owner), between two graph chunks.
     void add(const ggml_tensor *t, int32_t layer) {
-        if (layer >= n_layer_ || t->ne[0] != n_expert_used_ || t->ne[2] != 1 || t->ne[3] != 1) return;
+        if (layer >= n_layer_ || t->ne[0] < 1 || t->ne[0] > n_expert_ || t->ne[2] != 1 || t->ne[3] != 1) {
+            warn_once(t, "is not [k <= n_expert, n_tokens] in a layer of the model: not counted");
+            return;
+        }
+        // The top-k llama.cpp routed with; n_expert_used_ is what create() resolved. Should they
+        // differ (an override the profiler did not see), the counts still follow the tensor
+        // and only the trace, whose slots are n_expert_used_ wide, leaves the rows out.
+        const int64_t k = t->ne[0];
+        const bool traced = k == n_expert_used_;
+        if (!traced) warn_once(t, "routes a different top-k than expert_used_count: left out of the trace");
         const int64_t n_rows = t->ne[1];
         const char *base = tensor_bytes(t, data_);
         if (base == nullptr) return;
@@ -2952,12 +3018,12 @@ class ExpertProfiler {
         for (int64_t i = 0; i < n_rows; ++i) {
             const char *row = base + static_cast<size_t>(i) * t->nb[1];
             int64_t token = -1;  // its index in the trace
-            if (trace_capacity_ > 0) {
+            if (trace_capacity_ > 0 && traced) {
                 const int64_t at = n_rows == ubatch_tokens_ ? i : (out_ids != nullptr ? out_ids_[static_cast<size_t>(i)] : -1);
                 if (at >= 0 && at < ubatch_tokens_ && ubatch_first_ + at >= oldest_kept) token = ubatch_first_ + at;
             }
             int32_t *slot = token >= 0 ? trace_slot(token, layer) : nullptr;
-            for (int32_t j = 0; j < n_expert_used_; ++j) {
+            for (int64_t j = 0; j < k; ++j) {
                 int32_t expert = 0;
                 std::memcpy(&expert, row + static_cast<size_t>(j) * t->nb[0], sizeof(expert));
                 if (expert < 0 || expert >= n_expert_) continue;
@@ -2967,8 +3033,20 @@ class ExpertProfiler {
         }
     }
 
+    // Logs (once per profiler, outside mutex_: logging may take the GIL) that `t` was not
+    // counted as it should.
+    void warn_once(const ggml_tensor *t, const char *what) {
+        if (warned_.exchange(true)) return;
+        emit_log_line(GGML_LOG_LEVEL_WARN, "expert profiler: " + std::string(t->name) + " [" +
+                                               std::to_string(t->ne[0]) + ", " + std::to_string(t->ne[1]) + ", " +
+                                               std::to_string(t->ne[2]) + ", " + std::to_string(t->ne[3]) + "] " +
+                                               what + " (n_expert " + std::to_string(n_expert_) +
+                                               ", n_expert_used " + std::to_string(n_expert_used_) + ")");
+    }
+
     const int32_t n_layer_, n_expert_, n_expert_used_;
     const size_t trace_capacity_;
+    std::atomic<bool> warned_{false};
 
     // Decoding thread only: copies of device tensors.
     std::vector<char> data_;
@@ -2989,6 +3067,7 @@ class ExpertProfiler {
 };
 
 void bind_experts(nb::module_ &m) {
+    m.attr("EXPERT_TRACE_MAX_BYTES") = expert_trace_max_bytes;
     nb::class_<ExpertProfiler>(
         m, "ExpertProfiler",
         "Counts of the experts a MoE model's router picks, collected during llama_decode (see llama_cpp.experts).")
@@ -2997,11 +3076,11 @@ void bind_experts(nb::module_ &m) {
         .def_prop_ro("trace_capacity", &ExpertProfiler::trace_capacity, "Tokens the routing trace keeps (0: no trace).")
         .def(
             "snapshot",
-            [](const ExpertProfiler &self) {
+            [](ExpertProfiler &self, bool reset) {
                 ExpertSnapshot s;
                 {
                     nb::gil_scoped_release release;
-                    s = self.snapshot();
+                    s = self.snapshot(reset);
                 }
                 const size_t rows = s.layers.size();
                 const auto n_expert = static_cast<size_t>(self.n_expert());
@@ -3012,9 +3091,11 @@ void bind_experts(nb::module_ &m) {
                                        owned_array<int32_t, 3>(std::move(s.trace), {s.n_trace, rows, k}),
                                       s.trace_total);
             },
+            "reset"_a = false,
             "(layers int32[rows], counts int64[rows, n_expert], tokens int64[rows], "
             "trace int32[n_trace, rows, n_expert_used], trace_total): copies, rows being the MoE layers "
-            "that routed tokens.")
+            "that routed tokens. reset=True also forgets everything counted, under the same lock as the "
+            "copy: no token falls between the two.")
         .def("reset", &ExpertProfiler::reset, nb::call_guard<nb::gil_scoped_release>(), "Forget everything counted.");
 }
 
@@ -3426,7 +3507,8 @@ class Context {
         params.abort_callback = abort_callback;
         params.abort_callback_data = state_.get();
         state_->experts =
-            ExpertProfiler::create(state_->model.get(), options.profile_experts, options.profile_experts_trace);
+            ExpertProfiler::create(state_->model.get(), model.expert_used_override(), options.profile_experts,
+                                   options.profile_experts_trace);
         ExpertProfiler::attach(params, state_->experts.get());
 
         tl_last_errors.clear();
@@ -3879,7 +3961,8 @@ void bind_context(nb::module_ &m) {
         .def_rw("profile_experts", &ContextOptions::profile_experts,
                 "Count the experts a MoE model routes each token to (no effect on a dense model).")
         .def_rw("profile_experts_trace", &ContextOptions::profile_experts_trace,
-                "Tokens whose routing the profiler keeps (the latest ones; 0: none).")
+                "Tokens whose routing the profiler keeps (the latest ones; 0: none); the trace takes at most "
+                "EXPERT_TRACE_MAX_BYTES (1 GiB): more raises InvalidArgumentError when the context is created.")
         .def_rw("stream_timeout", &ContextOptions::stream_timeout,
                 "Seconds a paused TokenStream may keep other calls waiting before it loses the context.");
 
@@ -4511,7 +4594,8 @@ class Engine {
         llama_context_params params = context_params(copts);
         params.abort_callback = [](void *data) { return static_cast<Engine *>(data)->aborting_.load(); };
         params.abort_callback_data = this;
-        profiler_ = ExpertProfiler::create(model_.get(), copts.profile_experts, copts.profile_experts_trace);
+        profiler_ = ExpertProfiler::create(model_.get(), model.expert_used_override(), copts.profile_experts,
+                                           copts.profile_experts_trace);
         ExpertProfiler::attach(params, profiler_.get());
         tl_last_errors.clear();
         llama_context *ctx = llama_init_from_model(model_.get(), params);

@@ -794,6 +794,8 @@ class Chunk:
     @property
     def logprobs(self) -> list[TokenLogprob]: ...
 
+EXPERT_TRACE_MAX_BYTES: int = 1073741824
+
 class ExpertProfiler:
     """
     Counts of the experts a MoE model's router picks, collected during llama_decode (see llama_cpp.experts).
@@ -809,9 +811,9 @@ class ExpertProfiler:
     def trace_capacity(self) -> int:
         """Tokens the routing trace keeps (0: no trace)."""
 
-    def snapshot(self) -> tuple[Annotated[NDArray[numpy.int32], dict(shape=(None,), order='C')], Annotated[NDArray[numpy.int64], dict(shape=(None, None), order='C')], Annotated[NDArray[numpy.int64], dict(shape=(None,), order='C')], Annotated[NDArray[numpy.int32], dict(shape=(None, None, None), order='C')], int]:
+    def snapshot(self, reset: bool = False) -> tuple[Annotated[NDArray[numpy.int32], dict(shape=(None,), order='C')], Annotated[NDArray[numpy.int64], dict(shape=(None, None), order='C')], Annotated[NDArray[numpy.int64], dict(shape=(None,), order='C')], Annotated[NDArray[numpy.int32], dict(shape=(None, None, None), order='C')], int]:
         """
-        (layers int32[rows], counts int64[rows, n_expert], tokens int64[rows], trace int32[n_trace, rows, n_expert_used], trace_total): copies, rows being the MoE layers that routed tokens.
+        (layers int32[rows], counts int64[rows, n_expert], tokens int64[rows], trace int32[n_trace, rows, n_expert_used], trace_total): copies, rows being the MoE layers that routed tokens. reset=True also forgets everything counted, under the same lock as the copy: no token falls between the two.
         """
 
     def reset(self) -> None:
@@ -970,7 +972,9 @@ class ContextOptions:
 
     @property
     def profile_experts_trace(self) -> int:
-        """Tokens whose routing the profiler keeps (the latest ones; 0: none)."""
+        """
+        Tokens whose routing the profiler keeps (the latest ones; 0: none); the trace takes at most EXPERT_TRACE_MAX_BYTES (1 GiB): more raises InvalidArgumentError when the context is created.
+        """
 
     @profile_experts_trace.setter
     def profile_experts_trace(self, arg: int, /) -> None: ...

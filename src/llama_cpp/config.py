@@ -67,7 +67,8 @@ class LlamaConfig:
     #: context (its next step then raises ContextBusyError).
     stream_timeout: float = 60.0
     #: Ours: count the experts a MoE model routes each token to (``expert_stats()``), and keep
-    #: the routing of the latest ``profile_experts_trace`` tokens (0: no trace).
+    #: the routing of the latest ``profile_experts_trace`` tokens (0: no trace; the trace takes
+    #: n_layer x n_expert_used x 4 bytes a token, at most 1 GiB).
     profile_experts: bool = False
     profile_experts_trace: int = 0
     verbose: bool = field(default=True, compare=False)
@@ -108,6 +109,13 @@ class LlamaConfig:
                 f"stream_timeout must be a number of seconds > 0, got {self.stream_timeout!r}"
             )
         _at_least("profile_experts_trace", self.profile_experts_trace, 0)
+        # The trace takes at least 4 bytes a token (one layer, top-1); the exact ceiling, from
+        # the model's layers and top-k, is checked in C++ when the context is created.
+        if self.profile_experts_trace > _core.EXPERT_TRACE_MAX_BYTES // 4:
+            raise InvalidArgumentError(
+                f"profile_experts_trace must be <= {_core.EXPERT_TRACE_MAX_BYTES // 4} (the trace is limited "
+                f"to 1 GiB, n_layer x n_expert_used x 4 bytes a token), got {self.profile_experts_trace}"
+            )
         if self.profile_experts_trace and not self.profile_experts:
             raise InvalidArgumentError("profile_experts_trace needs profile_experts=True")
         if self.split_mode not in (0, 1, 2, 3):

@@ -3,7 +3,8 @@
 A model created with ``profile_experts=True`` (:class:`~llama_cpp.Llama`,
 :class:`~llama_cpp.LlamaPool`) counts, in C++ during ``llama_decode``, the experts its router
 picks in every MoE layer for every token it routes (llama.cpp's ``ffn_moe_topk-<layer>``
-tensors, read through the eval callback: no GIL, no effect on outputs). ``expert_stats()``
+tensors, read through the eval callback: no GIL; outputs unchanged on CPU, see
+docs/expert-profiler.md for GPUs). ``expert_stats()``
 copies the counts out as an :class:`ExpertStats`, whose derived views (hot experts, routing
 entropy, simulated expert caches) are the data for deciding which experts to keep on a GPU.
 
@@ -34,9 +35,10 @@ layer, starting empty:
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -119,9 +121,15 @@ class ExpertStats:
     _reset: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def from_profiler(cls, profiler: _core.ExpertProfiler) -> ExpertStats:
-        """A copy of what ``profiler`` has counted (its :meth:`reset` resets that profiler)."""
-        layers, counts, tokens, trace, trace_total = profiler.snapshot()
+    def from_profiler(cls, profiler: _core.ExpertProfiler, *, reset: bool = False) -> ExpertStats:
+        """A copy of what ``profiler`` has counted (its :meth:`reset` resets that profiler).
+
+        Args:
+            profiler: The native collector.
+            reset: Also reset the collector, atomically with the copy: every token is either
+                in this copy or counted afterwards.
+        """
+        layers, counts, tokens, trace, trace_total = profiler.snapshot(reset=reset)
         return cls(
             counts=counts,
             tokens=tokens,
@@ -224,22 +232,39 @@ class ExpertStats:
             lookups=np.asarray(lookups, dtype=np.int64),
         )
 
-    def to_dict(self, *, hot: int = 4, cache_capacity: int | None = None) -> dict[str, Any]:
+    def to_dict(
+        self, *, hot: int = 4, cache_capacity: int | None = None, simulate: Iterable[str] | None = None
+    ) -> dict[str, Any]:
         """A JSON-ready summary: the counts, per-layer tokens, hot experts, entropy, and the
-        hit rates of the three cache policies (LRU/LFU only with a trace).
+        hit rates of simulated caches.
 
         Args:
             hot: Hot experts listed per layer.
             cache_capacity: The simulated caches' capacity (default: ``n_expert_used``).
+            simulate: The cache policies to simulate (None: all three, LRU/LFU only with a
+                trace). LRU and LFU replay the trace in Python; a policy asked for by name that
+                needs the trace when there is none has ``{"available": false, "reason": ...}``.
 
         Raises:
-            InvalidArgumentError: ``hot`` or ``cache_capacity`` is not an integer >= 1.
+            InvalidArgumentError: ``hot`` or ``cache_capacity`` is not an integer >= 1, or an
+                unknown policy.
         """
         capacity = self.n_expert_used if cache_capacity is None else cache_capacity
-        policies = POLICIES if self.trace_capacity else ("static-hot",)
-        caches = {}
+        _check_positive("cache_capacity", capacity)
+        if simulate is None:
+            policies: tuple[str, ...] = POLICIES if self.trace_capacity else ("static-hot",)
+        else:
+            policies = tuple(dict.fromkeys(simulate))
+            unknown = [p for p in policies if p not in POLICIES]
+            if unknown:
+                raise InvalidArgumentError(f"policy must be one of {', '.join(POLICIES)}; got {unknown[0]!r}")
+        caches: dict[str, Any] = {}
         for policy in policies:
-            sim = self.simulate_cache(policy, capacity)
+            try:
+                sim = self.simulate_cache(policy, capacity)
+            except ExpertStatsUnavailableError as error:
+                caches[policy] = {"available": False, "reason": str(error)}
+                continue
             caches[policy] = {"hit_rate": sim.hit_rate, "per_layer": [float(r) for r in sim.hit_rates]}
         shares = self.shares()
         return {
@@ -286,33 +311,58 @@ def simulate_cache(trace: npt.ArrayLike, policy: str, capacity: int) -> tuple[In
     n_layers = routes.shape[1]
     hits = np.zeros(n_layers, dtype=np.int64)
     lookups = np.zeros(n_layers, dtype=np.int64)
+    replay = _replay_lfu if policy == "lfu" else _replay_lru
     for layer in range(n_layers):
-        column = routes[:, layer, :].tolist()
-        hits[layer], lookups[layer] = _replay(column, policy == "lfu", capacity)
+        column = routes[:, layer, :].ravel()
+        # The lookups in order, unrouted slots (negative) dropped, as Python ints.
+        experts = column[column >= 0].tolist()
+        hits[layer], lookups[layer] = replay(experts, capacity), len(experts)
     return hits, lookups
 
 
-def _replay(tokens: list[list[int]], lfu: bool, capacity: int) -> tuple[int, int]:
-    """Hits and lookups of one layer's cache: an OrderedDict in recency order (oldest first)."""
+def _replay_lru(experts: list[int], capacity: int) -> int:
+    """Hits of one layer's LRU cache: an OrderedDict in recency order (oldest first)."""
     cache: OrderedDict[int, None] = OrderedDict()
+    hits = 0
+    for expert in experts:
+        if expert in cache:
+            hits += 1
+            cache.move_to_end(expert)
+            continue
+        if len(cache) >= capacity:
+            cache.popitem(last=False)
+        cache[expert] = None
+    return hits
+
+
+def _replay_lfu(experts: list[int], capacity: int) -> int:
+    """Hits of one layer's LFU cache, evicting the cached expert with the fewest uses so far,
+    ties to the least recently used: the smallest ``(uses, last use)``.
+
+    A heap of ``(uses, last use, expert)`` entries, one pushed at every lookup; an entry is
+    stale once its expert is looked up again or evicted, and stale entries are dropped when
+    they reach the top (or all at once when the heap outgrows the cache): O(log n) a lookup.
+    """
     uses: dict[int, int] = {}
-    hits = lookups = 0
-    for experts in tokens:
-        for expert in experts:
-            if expert < 0:
-                continue
-            lookups += 1
-            uses[expert] = uses.get(expert, 0) + 1
-            if expert in cache:
-                hits += 1
-                cache.move_to_end(expert)
-                continue
-            if len(cache) >= capacity:
-                # min() returns the first of equal keys: in recency order, the least recent.
-                victim = min(cache, key=uses.__getitem__) if lfu else next(iter(cache))
-                del cache[victim]
-            cache[expert] = None
-    return hits, lookups
+    last: dict[int, int] = {}  # the lookup index of each cached expert's latest use
+    heap: list[tuple[int, int, int]] = []
+    hits = 0
+    for now, expert in enumerate(experts):
+        n = uses[expert] = uses.get(expert, 0) + 1
+        if expert in last:
+            hits += 1
+        elif len(last) >= capacity:
+            while True:
+                _, at, victim = heapq.heappop(heap)
+                if last.get(victim) == at:  # each lookup has its own index: the latest entry
+                    break
+            del last[victim]
+        last[expert] = now
+        heapq.heappush(heap, (n, now, expert))
+        if len(heap) > 4 * capacity + 64:
+            heap = [(uses[e], at, e) for e, at in last.items()]
+            heapq.heapify(heap)
+    return hits
 
 
 def _check_positive(name: str, value: object) -> None:
@@ -321,15 +371,18 @@ def _check_positive(name: str, value: object) -> None:
 
 
 def expert_stats(
-    profiler: _core.ExpertProfiler | None, profile_experts: bool, model: _core.Model
+    profiler: _core.ExpertProfiler | None, profile_experts: bool, model: _core.Model, *, reset: bool = False
 ) -> ExpertStats:
     """What a front end's ``expert_stats()`` returns, or why there is nothing.
+
+    Args:
+        reset: Reset the collector atomically with the copy (see :meth:`ExpertStats.from_profiler`).
 
     Raises:
         ExpertStatsUnavailableError: Profiling is off, or the model has no experts.
     """
     if profiler is not None:
-        return ExpertStats.from_profiler(profiler)
+        return ExpertStats.from_profiler(profiler, reset=reset)
     if not profile_experts:
         raise ExpertStatsUnavailableError(
             "expert routing is not profiled: create the model with profile_experts=True "

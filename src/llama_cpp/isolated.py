@@ -25,8 +25,8 @@ framing (length-prefixed pickles of tuples):
   re-emitted here).
 
 Python hooks (``logits_processor``, ``stopping_criteria``) cannot run in another process and
-are refused; so are embeddings and LoRA adapters. Expert-routing statistics are counted in
-the child and not read across (``expert_stats()`` raises).
+are refused; so are embeddings, LoRA adapters and ``profile_experts=True`` (the counters would
+stay in the child; ``expert_stats()`` raises).
 """
 
 from __future__ import annotations
@@ -383,7 +383,8 @@ class IsolatedPool(FrontEnd):
     Raises:
         TypeError: An unknown keyword argument.
         ModelLoadError: The file is missing or not a loadable GGUF model.
-        InvalidArgumentError: An argument is out of range; ``lora_path``, ``embedding``.
+        InvalidArgumentError: An argument is out of range; ``lora_path``, ``embedding``,
+            ``profile_experts=True``.
         LlamaError: An RPC worker cannot be reached.
         WorkerLostError: The child process died while loading the model.
     """
@@ -406,6 +407,13 @@ class IsolatedPool(FrontEnd):
             )
         if config.lora_path is not None:
             raise InvalidArgumentError("an IsolatedPool runs no LoRA adapters")
+        if config.profile_experts:
+            # The counters would live in the child, where nobody reads them, and the profiler
+            # splits the graph after every MoE layer's router: a cost for nothing.
+            raise InvalidArgumentError(
+                "an IsolatedPool does not profile expert routing (its model runs in a child process): "
+                "profile_experts=True is not accepted; use a LlamaPool"
+            )
         if not ready_timeout > 0:
             raise InvalidArgumentError(f"ready_timeout must be > 0 seconds, got {ready_timeout!r}")
         if pool_size < 1:
@@ -573,14 +581,15 @@ class IsolatedPool(FrontEnd):
             raise WorkerLostError("the model's process is not running (it is being reloaded)")
         return cast(MemoryBreakdown, breakdown)
 
-    def expert_stats(self) -> ExpertStats:
-        """Not available: the child counts expert routing, and its counters stay there.
+    def expert_stats(self, *, reset: bool = False) -> ExpertStats:
+        """Not available: an isolated pool does not profile expert routing (``profile_experts``
+        is refused), its model running in another process. ``reset`` as :class:`LlamaPool`'s.
 
         Raises:
             ExpertStatsUnavailableError: Always.
         """
         raise ExpertStatsUnavailableError(
-            "an isolated pool's model runs in a child process: its expert statistics are not read across"
+            "an isolated pool's model runs in a child process: its expert routing is not profiled"
         )
 
     def n_ctx(self) -> int:

@@ -401,8 +401,12 @@ class Llama(FrontEnd):
             eval_ms=data.t_eval_ms,
         )
 
-    def expert_stats(self) -> ExpertStats:
+    def expert_stats(self, *, reset: bool = False) -> ExpertStats:
         """The expert-routing counts of this MoE model so far (see :mod:`llama_cpp.experts`).
+
+        Args:
+            reset: Also start the counting again, atomically with the copy (one lock in C++):
+                every routed token is either in the copy or counted afterwards.
 
         Returns:
             A copy; its ``reset()`` resets the counting.
@@ -412,7 +416,9 @@ class Llama(FrontEnd):
                 or it has no experts (a dense model).
             ClosedError: The model is closed.
         """
-        return experts.expert_stats(self.context.expert_profiler(), self.config.profile_experts, self.model)
+        return experts.expert_stats(
+            self.context.expert_profiler(), self.config.profile_experts, self.model, reset=reset
+        )
 
     # -- state ----------------------------------------------------------------------------
 

@@ -152,9 +152,13 @@ class LlamaPool(FrontEnd):
         """Slots in use, queued requests, and counters of decoded and reused tokens."""
         return PoolStats.from_native(self._engine.stats())
 
-    def expert_stats(self) -> ExpertStats:
+    def expert_stats(self, *, reset: bool = False) -> ExpertStats:
         """The expert-routing counts of this MoE model over all requests so far (see
         :mod:`llama_cpp.experts`; ``profile_experts=True``). Safe while requests run.
+
+        Args:
+            reset: Also start the counting again, atomically with the copy (one lock in C++):
+                a token routed by a running request is either in the copy or counted afterwards.
 
         Returns:
             A copy; its ``reset()`` resets the counting.
@@ -163,7 +167,9 @@ class LlamaPool(FrontEnd):
             ExpertStatsUnavailableError: The pool was created without ``profile_experts=True``,
                 or the model has no experts (a dense model).
         """
-        return experts.expert_stats(self._engine.expert_profiler(), self.config.profile_experts, self._model)
+        return experts.expert_stats(
+            self._engine.expert_profiler(), self.config.profile_experts, self._model, reset=reset
+        )
 
     def n_ctx(self) -> int:
         """The window of each sequence, in tokens."""

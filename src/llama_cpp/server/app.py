@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from llama_cpp.errors import ClosedError, ExpertStatsUnavailableError, LlamaError, WorkerLostError
+from llama_cpp.experts import POLICIES
 from llama_cpp.isolated import IsolatedPool
 from llama_cpp.placement import MemoryBreakdown
 from llama_cpp.pool import LlamaPool
@@ -242,13 +243,30 @@ def create_app(settings: ServerSettings) -> FastAPI:
         }
 
     @app.get("/api/v1/expert-stats", tags=["Server"])
-    async def expert_stats(reset: bool = False) -> dict[str, Any]:
+    async def expert_stats(
+        reset: bool = False, simulate: str = "static-hot", capacity: int | None = None
+    ) -> dict[str, Any]:
         """Expert-routing statistics of each loaded model, by alias: those of a MoE model
         loaded with ``profile_experts`` (``--profile-experts``, or the alias's ``options``),
-        an explicit ``{"available": false, "reason": ...}`` for the others. ``reset=true``
-        starts the counts again after reading them."""
+        an explicit ``{"available": false, "reason": ...}`` for the others.
+
+        ``reset=true`` starts the counts again, atomically with the reading: every routed
+        token is in this answer or in a later one. ``simulate``: the cache policies to
+        simulate, comma-separated among ``lru``, ``lfu`` and ``static-hot`` (default:
+        ``static-hot`` alone, computed from the counts; empty: none). ``lru`` and ``lfu``
+        replay the whole trace in Python, seconds of CPU for a long one: ask for them when
+        needed. ``capacity``: the simulated caches' experts per layer (default:
+        ``n_expert_used``)."""
+        policies = tuple(p.strip() for p in simulate.split(",") if p.strip())
+        unknown = [p for p in policies if p not in POLICIES]
+        if unknown:
+            raise APIError(
+                400, f"simulate: {unknown[0]!r} is not a policy (lru, lfu, static-hot)", param="simulate"
+            )
+        if capacity is not None and capacity < 1:
+            raise APIError(400, f"capacity must be >= 1, got {capacity}", param="capacity")
         models = {
-            alias: await asyncio.to_thread(_expert_stats, pool, reset)
+            alias: await asyncio.to_thread(_expert_stats, pool, reset, policies, capacity)
             for alias, pool in registry.pools().items()
         }
         answer: dict[str, Any] = {"available": any(m["available"] for m in models.values()), "models": models}
@@ -259,16 +277,16 @@ def create_app(settings: ServerSettings) -> FastAPI:
     return app
 
 
-def _expert_stats(pool: LlamaPool | IsolatedPool, reset: bool) -> dict[str, Any]:
+def _expert_stats(
+    pool: LlamaPool | IsolatedPool, reset: bool, policies: tuple[str, ...], capacity: int | None
+) -> dict[str, Any]:
     """One pool's entry of /api/v1/expert-stats (in a worker thread: the cache simulations
-    replay the trace)."""
+    may replay the trace)."""
     try:
-        stats = pool.expert_stats()
+        stats = pool.expert_stats(reset=reset)
     except ExpertStatsUnavailableError as error:
         return {"available": False, "reason": str(error)}
-    if reset:
-        stats.reset()
-    return {"available": True, **stats.to_dict()}
+    return {"available": True, **stats.to_dict(cache_capacity=capacity, simulate=policies)}
 
 
 def _mount_translators(app: FastAPI, service: Service) -> None:

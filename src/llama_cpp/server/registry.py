@@ -17,7 +17,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llama_cpp.config import resolve_config
@@ -44,6 +44,10 @@ def _open_pool(path: str, parallel: int, max_queue: int, options: dict[str, Any]
     it dies)."""
     _, config = family_settings(path, resolve_config("LlamaPool", None, options))
     if isolated:
+        if config.profile_experts:
+            # IsolatedPool refuses it: the counters would stay in the child process.
+            _log.info("expert profiling is off for %s: it runs isolated, in a child process", path)
+            config = replace(config, profile_experts=False, profile_experts_trace=0)
         return IsolatedPool(path, parallel, max_queue=max_queue, config=config)
     return LlamaPool(path, parallel, max_queue=max_queue, config=config)
 

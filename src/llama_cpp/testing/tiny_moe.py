@@ -64,18 +64,27 @@ def _routers(spec: TinyMoeSpec) -> npt.NDArray[np.float32]:
     return rng.normal(0.0, 1.0, size=(spec.n_layer, spec.n_expert, spec.n_embd)).astype(np.float32)
 
 
-def tiny_moe_experts(token: int, spec: TinyMoeSpec | None = None) -> list[set[int]]:
+def tiny_moe_experts(token: int, spec: TinyMoeSpec | None = None, *, k: int | None = None) -> list[set[int]]:
     """The experts each layer routes ``token`` to (a set per layer), for ``expert_scale=0``.
 
     The residual stream is then one-hot at every layer, and RMS normalisation scales it by
     a positive constant, so the router's logits are column ``token`` of its weights (times
     that constant) and the top-k are the largest entries of that column.
+
+    Args:
+        token: The token id.
+        spec: The model's spec (default: :class:`TinyMoeSpec`'s).
+        k: The top-k (default: ``spec.n_expert_used``; another value for a model loaded with
+            a ``kv_overrides`` of ``llama.expert_used_count``).
     """
     spec = spec or TinyMoeSpec()
     if spec.expert_scale != 0:
         raise ValueError("routing is known in advance only with expert_scale=0")
+    top = spec.n_expert_used if k is None else k
+    if not 1 <= top <= spec.n_expert:
+        raise ValueError(f"k must be in 1..{spec.n_expert}, got {top}")
     columns = _routers(spec)[:, :, token]
-    return [{int(e) for e in np.argsort(-column)[: spec.n_expert_used]} for column in columns]
+    return [{int(e) for e in np.argsort(-column)[:top]} for column in columns]
 
 
 def _tensors(spec: TinyMoeSpec) -> dict[str, Any]:

@@ -64,11 +64,15 @@ def stage_llama_cpp(variant: str) -> Path:
     return stage
 
 
-def build_wheel(variant: str, stage: Path, out: Path) -> Path:
+def build_wheel(stage: Path, out: Path) -> Path:
     env = dict(os.environ)
     env["LLAMA_CPP_LIB_DIR"] = str(stage / "lib")
     env["LLAMA_CPP_INCLUDE_DIR"] = str(stage / "include")
-    build_dir = setup_llama.cache_root() / "wheel-build" / variant
+    # One build folder for both wheels: the extension is the same, only what is bundled with
+    # it differs (CMake globs the stage again). No build isolation, so that nanobind's path,
+    # and with it every object file, stays the same from one run to the next: the build uses
+    # this interpreter's scikit-build-core and nanobind (the release extra).
+    build_dir = setup_llama.cache_root() / "wheel-build" / "portable"
     run(
         [
             sys.executable,
@@ -76,6 +80,7 @@ def build_wheel(variant: str, stage: Path, out: Path) -> Path:
             "pip",
             "wheel",
             "--no-deps",
+            "--no-build-isolation",
             "--disable-pip-version-check",
             "-w",
             str(out),
@@ -223,7 +228,7 @@ def main() -> int:
     staged = time.monotonic()
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         work = Path(tmp)
-        wheel = build_wheel(args.variant, stage, work / "raw")
+        wheel = build_wheel(stage, work / "raw")
         if args.variant == "cuda":
             wheel = add_local_version(wheel, CUDA_LOCAL_VERSION, work / "versioned")
         if args.no_repair:

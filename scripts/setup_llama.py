@@ -209,6 +209,11 @@ def cmake_args(options: dict[str, object], prefix: Path) -> list[str]:
 
 def build_key(source_id: str, options: dict[str, object], targets: tuple[str, ...]) -> str:
     compiler = shutil.which(os.environ.get("CXX", "c++")) or "c++"
+    default = shutil.which("c++")
+    if default and os.path.realpath(compiler) == os.path.realpath(default):
+        # CMake hands CXX=g++ to what it runs (pip install of the sdist): the same compiler
+        # as c++, and the same cached build.
+        compiler = default
     blob = json.dumps(
         {"source": source_id, "options": options, "targets": sorted(targets), "compiler": compiler},
         sort_keys=True,

@@ -106,6 +106,7 @@ def add_local_version(wheel: Path, label: str, out: Path) -> Path:
         dist_info.rename(unpacked / f"{name}-{version}+{label}.dist-info")
         renamed = unpacked.with_name(f"{name}-{version}+{label}")
         unpacked.rename(renamed)
+        out.mkdir(parents=True, exist_ok=True)
         run([sys.executable, "-m", "wheel", "pack", "-d", str(out), str(renamed)])
     wheel.unlink()
     (result,) = out.glob(f"*+{label}-*.whl")

@@ -501,7 +501,7 @@ def main() -> int:
     if cuda_module is not None:
         shutil.copy2(cuda_module, lib / cuda_module.name)
     current.write_text(json.dumps(info, indent=2) + "\n")
-    log(f"installed llama.cpp {commit} ({options['backend']}) into {include} and {lib}")
+    log(f"installed llama.cpp {commit} ({info['backend']}) into {include} and {lib}")
     return 0
 
 

@@ -125,9 +125,16 @@ def test_a_cuda_module_is_installed_as_the_cuda_build_says(build_wheels: ModuleT
             assert not any(d.type == "gpu" for d in llama_cpp.devices())
 
 
-def wheel_from_package(path: Path, *, version: str = "0.1.0", extra: dict[str, bytes] | None = None) -> Path:
-    """A wheel holding the installed package's native files, as the build lays them out."""
+def wheel_from_package(
+    path: Path, *, version: str | None = None, extra: dict[str, bytes] | None = None
+) -> Path:
+    """A wheel holding the installed package's native files, as the build lays them out.
+
+    ``extra`` adds files or replaces the package's (a CUDA build's libggml-cuda.so).
+    """
     package = Path(_core.__file__).parent
+    extra = extra or {}
+    version = version or llama_cpp.__version__
     metadata = f"Metadata-Version: 2.1\nName: llama-cpp-nanobind\nVersion: {version}\n"
     metadata += "".join(
         f"Requires-Dist: {name}<14,>=13.0; extra == 'cuda'\n"
@@ -136,10 +143,11 @@ def wheel_from_package(path: Path, *, version: str = "0.1.0", extra: dict[str, b
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
         archive.write(_core.__file__, f"llama_cpp/{Path(_core.__file__).name}")
         for file in sorted((package / "lib").iterdir()):
-            if file.is_file() and not file.is_symlink():
-                archive.write(file, f"llama_cpp/lib/{file.name}")
+            name = f"llama_cpp/lib/{file.name}"
+            if file.is_file() and not file.is_symlink() and name not in extra:
+                archive.write(file, name)
         archive.writestr(f"llama_cpp_nanobind-{version}.dist-info/METADATA", metadata)
-        for name, data in (extra or {}).items():
+        for name, data in extra.items():
             archive.writestr(name, data)
     return path
 
@@ -171,9 +179,8 @@ def test_the_wheel_checks_of_a_cuda_module(tmp_path: Path, build_wheels: ModuleT
 
     bad = fake_module(tmp_path, "bad.so")
     patchelf("--set-rpath", "/usr/local/cuda/lib64", str(bad))
-    wheel = wheel_from_package(
-        tmp_path / "bad.whl", extra={"llama_cpp/lib/libggml-cuda.so": bad.read_bytes()}
-    )
+    bad_cuda = {"llama_cpp/lib/libggml-cuda.so": bad.read_bytes()}
+    wheel = wheel_from_package(tmp_path / "bad.whl", version="0.1.0", extra=bad_cuda)
     assert build_wheels.check_wheel(wheel) == [
         "llama_cpp/lib/libggml-cuda.so: RPATH /usr/local/cuda/lib64 is not relative to the file",
         f"llama_cpp/lib/libggml-cuda.so: RPATH ['/usr/local/cuda/lib64'] lacks {build_wheels.CUDA_RPATH}",

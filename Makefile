@@ -11,7 +11,7 @@ MODEL := models/gemma-3-270m-q4_k_m.gguf
 INSTALLED := $(VENV)/.installed
 PROMPT ?= The three primary colors are
 
-.PHONY: demo test setup lint bench stubs clean
+.PHONY: demo test setup lint bench stubs clean wheel-cpu wheel-cuda sdist
 
 demo: setup
 	$(PY) -m llama_cpp generate -m $(MODEL) --temperature 0 -n 64 "$(PROMPT)"
@@ -49,7 +49,13 @@ bench: setup
 	$(PY) benchmarks/bench_server.py
 
 clean:
-	rm -rf build .venv lib include models
+	rm -rf build .venv lib include models dist
+
+# Release artifacts in dist/ (docs/RELEASING.md). Long builds, never part of `make test`:
+# the portable CPU llama.cpp (all CPU variants) and, for wheel-cuda, the CUDA module
+# (35-50 minutes per architecture on 2 cores). Both cached like the default build.
+wheel-cpu wheel-cuda sdist: setup
+	nice -n 19 $(PY) scripts/build_wheels.py $(patsubst wheel-%,%,$@)
 
 # Regenerate the committed type stub of the extension after changing the binding.
 stubs: setup

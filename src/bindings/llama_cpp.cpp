@@ -56,10 +56,12 @@
 #include <cstdio>
 #include <cerrno>
 #ifdef __GLIBC__
+#include <dlfcn.h>
 #include <malloc.h>
 #endif
 #include <cstring>
 #include <deque>
+#include <filesystem>
 #include <iterator>
 #include <limits>
 #include <memory>
@@ -363,13 +365,64 @@ struct Device {
 };
 
 std::once_flag backend_once;
+// Backend modules of the package's lib dir that did not load (file name, why), found once
+// by backend_init and read afterwards only.
+std::vector<std::pair<std::string, std::string>> backend_failures;
+
+// Why the backend modules (libggml-<name>[-<variant>].so) in `dir` whose backend is not
+// registered did not load. ggml_backend_load_all_from_path is silent in a release build: a
+// CUDA module without a driver or without the nvidia packages would vanish without a word.
+// Each such module is opened again here only to read dlerror(); nothing is registered.
+std::vector<std::pair<std::string, std::string>> probe_backend_modules(const std::string &dir) {
+    namespace fs = std::filesystem;
+    std::vector<std::pair<std::string, std::string>> failures;
+    std::error_code ec;
+    std::vector<fs::path> modules;
+    for (const auto &entry : fs::directory_iterator(dir, ec)) {
+        const std::string name = entry.path().filename().string();
+        if (name.rfind("libggml-", 0) == 0 && entry.path().extension() == ".so" &&
+            name.rfind("libggml-base", 0) != 0 && entry.is_regular_file(ec)) {
+            modules.push_back(entry.path());
+        }
+    }
+    std::sort(modules.begin(), modules.end());
+    for (const auto &path : modules) {
+        const std::string file = path.filename().string();
+        std::string backend = file.substr(8, file.size() - 8 - 3);  // libggml-<backend>.so
+        backend = backend.substr(0, backend.find('-'));              // cpu-haswell -> cpu
+        if (ggml_backend_reg_by_name(backend.c_str()) != nullptr) {
+            continue;  // loaded (for the CPU: its best variant)
+        }
+        std::string reason;
+        void *handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+        if (handle == nullptr) {
+            const char *error = dlerror();
+            reason = error ? error : "dlopen failed";
+        } else {
+            using score_fn = int (*)();
+            auto score = reinterpret_cast<score_fn>(dlsym(handle, "ggml_backend_score"));
+            if (dlsym(handle, "ggml_backend_init") == nullptr) {
+                reason = "not a ggml backend module (no ggml_backend_init)";
+            } else if (score != nullptr && score() == 0) {
+                reason = "not supported on this system";
+            } else {
+                reason = "its backend did not initialise (no device, or an incompatible ggml)";
+            }
+            dlclose(handle);
+        }
+        failures.emplace_back(file, std::move(reason));
+    }
+    return failures;
+}
 
 void backend_init(const std::string &backend_dir) {
-    // Backends built as loadable modules (GGML_BACKEND_DL, the portable build) live next to
-    // libggml; a regular build links them in and this loads nothing.
+    // Backends built as loadable modules (GGML_BACKEND_DL, the portable and CUDA builds) live
+    // next to libggml: llama_backend_init() would look for them next to the Python executable.
+    // A regular build links its backends in and loads nothing here.
     std::call_once(backend_once, [&] {
         if (!backend_dir.empty()) {
             ggml_backend_load_all_from_path(backend_dir.c_str());
+            backend_failures = probe_backend_modules(backend_dir);
         }
         llama_backend_init();
     });
@@ -514,6 +567,11 @@ void bind_backend(nb::module_ &m) {
     m.def("backend_init", &backend_init, "backend_dir"_a,
           "Load backend modules from ``backend_dir`` (portable builds) and initialise llama.cpp. "
           "Called once by the package on import; later calls do nothing.");
+    m.def("backend_load_errors", [] { return backend_failures; },
+          "The backend modules backend_init found but could not load: (file name, reason).");
+    m.def("probe_backend_modules", &probe_backend_modules, "directory"_a,
+          "Why the backend modules in ``directory`` whose backend is not registered fail to "
+          "load: (file name, reason) pairs. Registers nothing.");
     m.def("system_info", [] { return std::string(llama_print_system_info()); },
           "llama.cpp's system line: backends and the CPU features they were built with.");
     m.def("supports_gpu_offload", &llama_supports_gpu_offload);

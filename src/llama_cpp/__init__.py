@@ -109,6 +109,7 @@ __all__ = [
     "UnifiedLLM",
     "WorkerLostError",
     "__version__",
+    "backend_load_errors",
     "build_info",
     "detect_family",
     "devices",
@@ -152,5 +153,21 @@ def devices() -> list[Device]:
     return _core.devices()
 
 
+def backend_load_errors() -> dict[str, str]:
+    """The backend modules of :func:`lib_dir` that did not load, with the reason (dlerror()).
+
+    A CUDA wheel on a machine without an NVIDIA driver, or without the ``[cuda]`` extra,
+    reports ``libggml-cuda.so`` here and runs on the CPU. Logged at debug level on import.
+    """
+    return dict(_core.backend_load_errors())
+
+
+def _init_backends() -> None:
+    _core.backend_init(str(lib_dir()))
+    for module, reason in _core.backend_load_errors():
+        # Python's logger, not llama.cpp's: the native threshold (INFO) would drop a debug line.
+        _logging.logger.debug("backend module %s not loaded: %s", module, reason)
+
+
 _logging.install()
-_core.backend_init(str(lib_dir()))
+_init_backends()

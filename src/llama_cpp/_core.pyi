@@ -58,6 +58,16 @@ def backend_init(backend_dir: str) -> None:
     Load backend modules from ``backend_dir`` (portable builds) and initialise llama.cpp. Called once by the package on import; later calls do nothing.
     """
 
+def backend_load_errors() -> list[tuple[str, str]]:
+    """
+    The backend modules backend_init found but could not load: (file name, reason).
+    """
+
+def probe_backend_modules(directory: str) -> list[tuple[str, str]]:
+    """
+    Why the backend modules in ``directory`` whose backend is not registered fail to load: (file name, reason) pairs. Registers nothing.
+    """
+
 def system_info() -> str:
     """
     llama.cpp's system line: backends and the CPU features they were built with.

@@ -47,6 +47,8 @@ bench: setup
 	$(PY) benchmarks/bench_api.py
 	$(PY) benchmarks/bench_pool.py
 	$(PY) benchmarks/bench_server.py
+	$(PY) benchmarks/bench_experts.py
+	$(PY) benchmarks/bench_cluster.py
 
 clean:
 	rm -rf build .venv lib include models dist

@@ -150,12 +150,14 @@ class ModelRegistry:
         return name
 
     def loaded(self) -> dict[str, Pool | Reranker]:
-        """The resident models by alias, least recently used first."""
-        return {alias: resident.model for alias, resident in self._resident.items()}
+        """The resident models by alias, least recently used first. Safe from a worker thread
+        (/metrics, /api/v1/memory): the residents are copied in one step (list() of a dict
+        runs without giving up the GIL) while the loop may load or unload."""
+        return {alias: resident.model for alias, resident in list(self._resident.items())}
 
     def pools(self) -> dict[str, Pool]:
         """The resident pools (the generating models) by alias, least recently used first."""
-        return {a: r.model for a, r in self._resident.items() if not isinstance(r.model, Reranker)}
+        return {a: r.model for a, r in list(self._resident.items()) if not isinstance(r.model, Reranker)}
 
     def _options(self, spec: ModelSettings) -> dict[str, Any]:
         options: dict[str, Any] = {"n_ctx": self.settings.ctx_size}

@@ -37,23 +37,15 @@ from llama_cpp import (
 from llama_cpp.cluster import is_loopback, rpc_endpoints, unreachable
 from llama_cpp.server import ServerSettings
 from llama_cpp.testing import TinyMoeSpec, write_tiny_moe
+from rpc_harness import ACCEPTED, free_port
 from server_harness import KEY, events, serve
 
 GREEDY = SamplingParams.greedy()
 RPC_WORKER = [sys.executable, "-m", "llama_cpp", "rpc-worker"]
-ACCEPTED = "Accepted client connection"  # what ggml-rpc-server logs (and flushes) per client
 #: A generation long enough (the tiny llama's whole window from "a": letters that cycle, one
 #: RPC round trip per token, seconds in all) to be still running when its worker is killed
 #: after its first chunk.
 LONG = 4000
-
-
-def free_port() -> int:
-    """A port of 127.0.0.1 that no socket holds now (another process may take it later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Worker:

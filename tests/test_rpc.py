@@ -8,41 +8,17 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import llama_cpp
+import rpc_harness
 from llama_cpp import InvalidArgumentError, Llama, LlamaError, SamplingParams
+from rpc_harness import ACCEPTED
 
 GREEDY = SamplingParams.greedy()
-
-
-ACCEPTED = "Accepted client connection"  # what ggml-rpc-server logs (and flushes) per client
-
-
-def free_port() -> int:
-    """A port of 127.0.0.1 that no socket holds now (another process may take it later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def serving(server: subprocess.Popen[bytes], port: int, log: Path) -> bool:
-    """Wait until ``server`` accepts connections on ``port`` (True) or exits (False: it could
-    not bind the port, which another process took since it was picked)."""
-    while server.poll() is None:
-        with socket.socket() as probe:
-            listening = probe.connect_ex(("127.0.0.1", port)) == 0
-        # Someone listens: the server, which then logs the probe, or the process that took the
-        # port, and then the server fails to bind it and exits.
-        if listening and ACCEPTED in log.read_text():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -52,25 +28,8 @@ def server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def rpc_server(server_log: Path) -> Iterator[str]:
-    # ggml-rpc-server takes no port 0, so a free port is picked first: when another process
-    # takes it before the server binds it, the server exits and starts again on a new port.
-    for _ in range(10):
-        port = free_port()
-        with server_log.open("w") as log:
-            server = subprocess.Popen(
-                [str(llama_cpp.lib_dir() / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        if serving(server, port, server_log):
-            break
-    else:
-        pytest.fail(f"ggml-rpc-server could not bind a port in 10 tries:\n{server_log.read_text()}")
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(10)
+    with rpc_harness.rpc_server(server_log) as endpoint:
+        yield endpoint
 
 
 @pytest.mark.timeout(120)

@@ -145,7 +145,8 @@ def tiny_vocabulary(*, fim: bool = False) -> tuple[list[bytes], list[float], lis
     return tokens, [0.0] * len(tokens), types
 
 
-def _tensors(spec: TinyModelSpec) -> dict[str, Any]:
+def tiny_llama_tensors(spec: TinyModelSpec) -> dict[str, Any]:
+    """The tensors of the model of ``spec`` by GGUF name (see the module docstring)."""
     import numpy as np
 
     n_vocab, n_embd, n_ff = spec.n_vocab, spec.n_embd, spec.n_ff
@@ -187,9 +188,22 @@ def write_tiny_llama(path: str | os.PathLike[str], spec: TinyModelSpec | None = 
     after a lowercase letter, a space or BOS alone it cycles through the alphabet forever.
     With ``spec.fim`` the model has fill-in-the-middle tokens (see :class:`TinyModelSpec`).
     """
+    spec = spec or TinyModelSpec()
+    return write_llama_gguf(path, spec, tiny_llama_tensors(spec))
+
+
+def write_llama_gguf(
+    path: str | os.PathLike[str],
+    spec: TinyModelSpec,
+    tensors: Mapping[str, Any],
+    *,
+    n_expert: int = 0,
+    n_expert_used: int = 0,
+) -> Path:
+    """Write a llama-architecture GGUF of the tiny vocabulary, the shape of ``spec`` and
+    ``tensors`` (with ``n_expert`` > 0, a Mixtral-style MoE) to ``path``; return the path."""
     import gguf
 
-    spec = spec or TinyModelSpec()
     target = Path(path)
     writer = gguf.GGUFWriter(str(target), "llama")
     writer.add_name(spec.name)
@@ -201,6 +215,9 @@ def write_tiny_llama(path: str | os.PathLike[str], spec: TinyModelSpec | None = 
     writer.add_head_count_kv(spec.n_head)
     writer.add_rope_dimension_count(spec.n_embd // spec.n_head)
     writer.add_layer_norm_rms_eps(1e-6)
+    if n_expert > 0:
+        writer.add_expert_count(n_expert)
+        writer.add_expert_used_count(n_expert_used)
     writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
     tokens, scores, types = tiny_vocabulary(fim=spec.fim)
     writer.add_tokenizer_model("llama")
@@ -218,7 +235,7 @@ def write_tiny_llama(path: str | os.PathLike[str], spec: TinyModelSpec | None = 
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(spec.add_space_prefix)
-    for name, array in _tensors(spec).items():
+    for name, array in tensors.items():
         writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -23,14 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from llama_cpp.testing.tiny_models import (
-    BOS_ID,
-    EOS_ID,
-    EOT_ID,
-    UNK_ID,
-    TinyModelSpec,
-    tiny_vocabulary,
-)
+from llama_cpp.testing.tiny_models import TinyModelSpec, tiny_llama_tensors, write_llama_gguf
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,17 +81,10 @@ def tiny_moe_experts(token: int, spec: TinyMoeSpec | None = None, *, k: int | No
 
 
 def _tensors(spec: TinyMoeSpec) -> dict[str, Any]:
-    n_vocab, n_embd, n_ff, n_expert = spec.n_vocab, spec.n_embd, spec.n_ff, spec.n_expert
-    embedding = np.zeros((n_vocab, n_embd), dtype=np.float32)
-    embedding[np.arange(n_vocab), np.arange(n_vocab)] = 1.0
-    output = np.zeros((n_vocab, n_embd), dtype=np.float32)
-    for token in range(n_vocab):
-        output[spec.successor(token), token] = spec.logit_scale
-    tensors: dict[str, Any] = {
-        "token_embd.weight": embedding,
-        "output_norm.weight": np.ones(n_embd, dtype=np.float32),
-        "output.weight": output,
-    }
+    """The tiny llama's tensors with each layer's dense feed-forward block replaced by the
+    router and the experts."""
+    n_embd, n_ff, n_expert = spec.n_embd, spec.n_ff, spec.n_expert
+    tensors = tiny_llama_tensors(spec)
     routers = _routers(spec)
     rng = np.random.default_rng(spec.router_seed + 1)
 
@@ -109,10 +95,8 @@ def _tensors(spec: TinyMoeSpec) -> dict[str, Any]:
 
     for layer in range(spec.n_layer):
         blk = f"blk.{layer}"
-        tensors[f"{blk}.attn_norm.weight"] = np.ones(n_embd, dtype=np.float32)
-        tensors[f"{blk}.ffn_norm.weight"] = np.ones(n_embd, dtype=np.float32)
-        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            tensors[f"{blk}.{name}.weight"] = np.zeros((n_embd, n_embd), dtype=np.float32)
+        for name in ("ffn_gate", "ffn_up", "ffn_down"):
+            del tensors[f"{blk}.{name}.weight"]
         # numpy shapes are ggml's dimensions reversed: ffn_gate_exps is {n_embd, n_ff, n_expert}.
         tensors[f"{blk}.ffn_gate_inp.weight"] = routers[layer]
         tensors[f"{blk}.ffn_gate_exps.weight"] = experts(n_expert, n_ff, n_embd)
@@ -126,39 +110,7 @@ def write_tiny_moe(path: str | os.PathLike[str], spec: TinyMoeSpec | None = None
 
     See the module docstring for what it computes; :func:`tiny_moe_experts` gives its routing.
     """
-    import gguf
-
     spec = spec or TinyMoeSpec()
-    target = Path(path)
-    writer = gguf.GGUFWriter(str(target), "llama")
-    writer.add_name(spec.name)
-    writer.add_context_length(spec.context_length)
-    writer.add_embedding_length(spec.n_embd)
-    writer.add_block_count(spec.n_layer)
-    writer.add_feed_forward_length(spec.n_ff)
-    writer.add_head_count(spec.n_head)
-    writer.add_head_count_kv(spec.n_head)
-    writer.add_rope_dimension_count(spec.n_embd // spec.n_head)
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_expert_count(spec.n_expert)
-    writer.add_expert_used_count(spec.n_expert_used)
-    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-    tokens, scores, types = tiny_vocabulary(fim=spec.fim)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_unk_token_id(UNK_ID)
-    writer.add_bos_token_id(BOS_ID)
-    writer.add_eos_token_id(EOS_ID)
-    writer.add_eot_token_id(EOT_ID)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
-    writer.add_add_space_prefix(spec.add_space_prefix)
-    for name, array in _tensors(spec).items():
-        writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return target
+    return write_llama_gguf(
+        path, spec, _tensors(spec), n_expert=spec.n_expert, n_expert_used=spec.n_expert_used
+    )

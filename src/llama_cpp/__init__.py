@@ -43,6 +43,9 @@ from llama_cpp.errors import (
     LlamaError,
     ModelLoadError,
     PoolBusyError,
+    SchemaValidationError,
+    TemplateError,
+    UnsupportedSchemaError,
     WorkerLostError,
 )
 from llama_cpp.experts import ExpertStats
@@ -103,10 +106,13 @@ __all__ = [
     "RenderedChat",
     "RerankResult",
     "SamplingParams",
+    "SchemaValidationError",
     "StoppingCriteriaList",
+    "TemplateError",
     "TokenLogprob",
     "UnenforcedSchemaWarning",
     "UnifiedLLM",
+    "UnsupportedSchemaError",
     "WorkerLostError",
     "__version__",
     "backend_load_errors",

@@ -170,7 +170,8 @@ def test_the_grammar_is_schema_to_grammars(gemma_chat: Llama) -> None:
 
 
 def test_invalid_schemas_are_refused_before_generating(tiny: Llama) -> None:
-    with pytest.raises(GrammarError, match=r"invalid JSON schema \(response_format\): 5.5 is not of type 'integer'"):
+    reason = r"invalid JSON schema \(response_format\): 5.5 is not of type 'integer'"
+    with pytest.raises(GrammarError, match=reason):
         tiny.create_chat_completion(ASK, response_format=_format({"type": "object", "minProperties": 5.5}))
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}
     with pytest.raises(InvalidArgumentError, match=r"tools\[0\]\.function\.parameters"):
@@ -288,3 +289,21 @@ def test_server_answers_an_invalid_answer_with_422_or_an_error_event(server: Ser
         received = list(events(streamed.iter_lines()))
     assert received[-1]["error"]["code"] == "schema_validation_failed"
     assert all(e["choices"][0]["finish_reason"] is None for e in received[:-1] if e.get("choices"))
+
+
+def test_a_thinking_template_keeps_its_reasoning_ahead_of_the_json(
+    tiny_model_path: Path, llama_source_dir: Path
+) -> None:
+    template = (llama_source_dir / "models" / "templates" / "Qwen-Qwen3-0.6B.jinja").read_text()
+    schema_gbnf = schema_to_grammar(COLOR)
+    with Llama(tiny_model_path, n_ctx=256, chat_template=template) as llm:
+        thinking = llm.render_chat(ASK, json_schema=COLOR).grammar
+        assert thinking is not None  # LlamaGrammar checked it with llama.cpp's parser
+        assert thinking.root == "x-llama-cpp-answer"
+        assert thinking.grammar.startswith(schema_gbnf.rstrip("\n") + "\n")
+        rule = thinking.grammar.splitlines()[-1]
+        assert rule.startswith('x-llama-cpp-answer ::= ( [ \\t\\n]* "<think>" ( [^<] | "<" [^/] |')
+        assert rule.endswith('"</think>" [ \\t\\n]* )? root')
+        plain = llm.render_chat(ASK, json_schema=COLOR, chat_template_kwargs={"enable_thinking": False})
+        assert plain.grammar is not None
+        assert (plain.grammar.grammar, plain.grammar.root) == (schema_gbnf, "root")

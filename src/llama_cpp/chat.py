@@ -23,7 +23,7 @@ from llama_cpp.chat_formats import CHAT_FORMATS, ChatFormatter
 from llama_cpp.chat_output import OutputParser, PlainText, message_from_json
 from llama_cpp.chat_tools import GenericToolParser, tool_call_schema, with_tools_described
 from llama_cpp.errors import InvalidArgumentError
-from llama_cpp.grammar import LlamaGrammar, warn_unenforced
+from llama_cpp.grammar import LlamaGrammar
 from llama_cpp.llama_types import ChatCompletionChunk, ChatCompletionMessage
 
 if TYPE_CHECKING:
@@ -370,8 +370,6 @@ class ChatRenderer:
         schema = schema_for_response_format(response_format) if response_format is not None else None
         if grammar is not None and (schema is not None or offered):
             raise InvalidArgumentError("pass either grammar or a JSON response_format / tools, not both")
-        if schema is not None:
-            warn_unenforced(schema, stacklevel=5)
         variables = dict(template_kwargs or {})
         formatter = self.formatter()
         calls_tools = bool(offered) and choice != "none"

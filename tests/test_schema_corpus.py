@@ -16,9 +16,12 @@ from schema_corpus import CORPUS, KEYWORDS, keywords_of, run_ours
 # Enough for every corpus answer that the model closes; a longer one is cut and not judged.
 MAX_TOKENS = 96
 # The share of schemas that must be accepted: refusing everything would pass the rest.
-MIN_ACCEPTED = 0.75
+MIN_ACCEPTED = 0.85
 # The share of accepted schemas whose answer must complete (not cut at MAX_TOKENS).
 MIN_COMPLETED = 0.8
+# Schemas with a keyword that only validation enforces (uniqueItems over free strings): their
+# answer may break the schema, and must then raise SchemaValidationError, not be returned.
+VALIDATION_ONLY = frozenset({"arr-unique-strings"})
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +42,13 @@ def test_the_corpus_covers_every_keyword_of_draft_2020_12() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1800)  # about 5 CPU-minutes: far longer on a loaded machine
 def test_every_answer_validates_or_the_schema_is_refused(pool: LlamaPool) -> None:
     results = run_ours(pool, CORPUS, MAX_TOKENS)
     counts = Counter(r.status for r in results)
+    # "invalid": SchemaValidationError was raised (run_ours never returns an invalid answer).
     invalid = [(r.case.name, r.detail) for r in results if r.status == "invalid"]
-    assert invalid == []
+    assert [name for name, _ in invalid if name not in VALIDATION_ONLY] == [], invalid
     for result in results:
         if result.status == "refused":
             assert result.detail.startswith("#"), result  # JSON pointers of the keywords

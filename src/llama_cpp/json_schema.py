@@ -186,6 +186,11 @@ def _json_type(value: Json) -> str:
     return "array" if isinstance(value, list) else "object"
 
 
+class _NoValue(GrammarError):
+    """No value satisfies a (sub)schema: a part that may be left out (an optional property,
+    a branch, more items) is dropped; elsewhere the schema is refused."""
+
+
 class _Refused(Exception):
     """A keyword this converter cannot enforce (pointer, reason)."""
 
@@ -251,7 +256,7 @@ class _Converter:
         if schema is True or schema == {}:
             return self.primitive("value")
         if schema is False:
-            raise GrammarError(f"invalid JSON schema: {ptr} is false, which no value satisfies")
+            raise _NoValue(f"invalid JSON schema: {ptr} is false, which no value satisfies")
         schema = {k: v for k, v in schema.items() if k not in _ANNOTATIONS}
         if not schema:
             return self.primitive("value")
@@ -268,7 +273,15 @@ class _Converter:
                 return self.union(schema, key, ptr, hint)
         if "const" in schema or "enum" in schema:
             return self.enum(schema, ptr, hint)
-        alternatives = [self.typed(t, schema, ptr, hint) for t in self.types(schema)]
+        alternatives = []
+        for kind in self.types(schema):
+            try:
+                alternatives.append(self.typed(kind, schema, ptr, hint))
+            except _NoValue:
+                if len(self.types(schema)) == 1:
+                    raise
+        if not alternatives:
+            raise _NoValue(f"invalid JSON schema: {ptr}: no value of any of its types satisfies it")
         return self.rules.add(hint, " | ".join(dict.fromkeys(alternatives)))
 
     def ref(self, ref: str, ptr: str) -> str:
@@ -276,8 +289,11 @@ class _Converter:
             return self.refs[ref]  # recursion: the rule is being made
         name = self.rules.reserve("ref-" + ref.lstrip("#/"))
         self.refs[ref] = name
-        target = self.resolve(ref, ptr)
-        self.rules.define(name, self.visit(target, ref, name + "-v"))
+        try:
+            self.rules.define(name, self.visit(self.resolve(ref, ptr), ref, name + "-v"))
+        except GrammarError:
+            del self.refs[ref]  # the name stays undefined: nothing may refer to it
+            raise
         return name
 
     def resolve(self, ref: str, ptr: str) -> Json:
@@ -298,30 +314,40 @@ class _Converter:
         rest = {k: v for k, v in schema.items() if k != key}
         branches = [{"allOf": [rest, b]} if rest else b for b in schema[key] if b is not False]
         if not branches:
-            raise GrammarError(f"invalid JSON schema: {ptr}/{key}: every branch is false")
+            raise _NoValue(f"invalid JSON schema: {ptr}/{key}: every branch is false")
         if key == "oneOf" and len(branches) > 1 and not self.disjoint(branches, ptr):
             raise _Refused(f"{ptr}/oneOf", "branches that may overlap (a value valid under two fails oneOf)")
-        names = [self.visit(b, f"{ptr}/{key}/{i}", f"{hint}-{i}") for i, b in enumerate(branches)]
+        names = []
+        for i, branch in enumerate(branches):
+            try:
+                names.append(self.visit(branch, f"{ptr}/{key}/{i}", f"{hint}-{i}"))
+            except _NoValue:
+                continue  # a branch no value satisfies
+        if not names:
+            raise _NoValue(f"invalid JSON schema: {ptr}/{key}: no branch has a value")
         return self.rules.add(hint, " | ".join(dict.fromkeys(names)))
 
-    def disjoint(self, branches: list[Any], ptr: str) -> bool:
-        """Whether no value can be valid under two branches: their types differ, or they are
-        objects that require one property with distinct constant values."""
+    def disjoint(self, branches: list[Json], ptr: str) -> bool:
+        """Whether no value the grammar writes for one branch is valid under another: the
+        types written for one are not valid for the others, or all are objects that require
+        one property with distinct constant values."""
         resolved = [self.flat(b, ptr) for b in branches]
-        kinds = [set(self.value_types(b)) for b in resolved]
-        if all(a.isdisjoint(b) for i, a in enumerate(kinds) for b in kinds[i + 1 :]):
+        written = [self.value_types(b, written=True) for b in resolved]
+        valid = [self.value_types(b, written=False) for b in resolved]
+        pairs = [(i, j) for i in range(len(resolved)) for j in range(len(resolved)) if i != j]
+        if all(written[i].isdisjoint(valid[j]) for i, j in pairs):
             return True
-        if not all(isinstance(b, dict) for b in resolved):
+        if not all(isinstance(b, dict) for b in resolved) or any(w != {"object"} for w in written):
             return False
         common = set.intersection(*(set(b.get("required", ())) for b in resolved))
-        for name in common:
+        for name in sorted(common):
             seen: set[str] = set()
             for branch in resolved:
-                sub = self.flat(branch.get("properties", {}).get(name, True), ptr)
-                values = self.finite(sub)
-                if values is None or seen & {_canonical(v) for v in values}:
+                values = self.finite(self.flat(branch.get("properties", {}).get(name, True), ptr))
+                keys = {_canonical(v) for v in values or ()}
+                if values is None or seen & keys:
                     break
-                seen |= {_canonical(v) for v in values}
+                seen |= keys
             else:
                 return True
         return False
@@ -332,13 +358,16 @@ class _Converter:
             return self.merge([schema], ptr)
         return schema
 
-    def value_types(self, schema: Json) -> list[str]:
-        if not isinstance(schema, Mapping):
-            return list(_ALL_TYPES)
-        if "const" in schema or "enum" in schema:
-            values = [schema["const"]] if "const" in schema else schema["enum"]
-            return [_json_type(v) for v in values]
-        return ["number" if t == "integer" else t for t in self.types(schema)]
+    def value_types(self, schema: Json, *, written: bool) -> set[str]:
+        """The JSON types (integers count as numbers) of the values the grammar writes for
+        ``schema`` (``written``) or of those valid under it: a superset of either."""
+        kinds: list[str] = list(_ALL_TYPES)
+        if isinstance(schema, Mapping):
+            if "const" in schema or "enum" in schema:
+                kinds = [_json_type(v) for v in ([schema["const"]] if "const" in schema else schema["enum"])]
+            elif "type" in schema or (written and not {"anyOf", "oneOf"} & schema.keys()):
+                kinds = self.types(schema)  # inferred from the keywords: what is written
+        return {"number" if t == "integer" else t for t in kinds}
 
     def finite(self, schema: Json) -> list[Any] | None:
         """The values valid under ``schema`` if few are (enum, const, boolean, null)."""
@@ -364,7 +393,7 @@ class _Converter:
     def enum(self, schema: dict[str, Any], ptr: str, hint: str) -> str:
         values = self.finite(schema) or []
         if not values:
-            raise GrammarError(f"invalid JSON schema: no value of the enum/const at {ptr} satisfies it")
+            raise _NoValue(f"invalid JSON schema: no value of the enum/const at {ptr} satisfies it")
         return self.rules.add(hint, " | ".join(literal(json.dumps(v, ensure_ascii=False)) for v in values))
 
     def types(self, schema: Mapping[str, Any]) -> list[str]:
@@ -406,7 +435,7 @@ class _Converter:
         except NumberError as e:
             if "multipleOf" in str(e):
                 raise _Refused(f"{ptr}/multipleOf", str(e)) from None
-            raise GrammarError(f"invalid JSON schema: {ptr}: {e}") from None
+            raise _NoValue(f"invalid JSON schema: {ptr}: {e}") from None
 
     def string(self, schema: Mapping[str, Any], ptr: str, hint: str) -> str:
         low, high = int(schema.get("minLength", 0)), _count(schema.get("maxLength"))
@@ -415,9 +444,12 @@ class _Converter:
             try:
                 return string_rule(self.rules, f"{hint}-str", pattern, low, high)
             except PatternError as e:
-                if e.args[0].startswith("no string"):
-                    raise GrammarError(f"invalid JSON schema: {ptr}: {e}") from None
-                raise _Refused(f"{ptr}/pattern", str(e)) from None
+                if not e.args[0].startswith("no string"):
+                    raise _Refused(f"{ptr}/pattern", str(e)) from None
+                if "pattern" in schema:
+                    raise _NoValue(f"invalid JSON schema: {ptr}: {e}") from None
+                # A format's pattern and the lengths disagree: formats are annotations only
+                # (jsonschema asserts none by default), so the lengths alone hold.
         if low == 0 and high is None:
             return self.primitive("string")
         chars = _repetition("char", low, high, "", ptr=ptr, keyword="minLength")
@@ -434,19 +466,29 @@ class _Converter:
             if domain is not None and len(domain) <= MAX_UNIQUE_DOMAIN:
                 return self.unique(domain, low, high, ptr, hint)
             # Otherwise left to the validation of the answer.
-        rules = [self.visit(p, f"{ptr}/prefixItems/{i}", f"{hint}-{i}") for i, p in enumerate(prefix)]
-        tail = None if items is False else self.visit(items, f"{ptr}/items", f"{hint}-item")
+        rules: list[str] = []
+        for i, sub in enumerate(prefix):
+            try:
+                rules.append(self.visit(sub, f"{ptr}/prefixItems/{i}", f"{hint}-{i}"))
+            except _NoValue:
+                items = False  # no value at position i: the array ends before it
+                break
+        tail = None
+        if items is not False and len(rules) == len(prefix):
+            try:
+                tail = self.visit(items, f"{ptr}/items", f"{hint}-item")
+            except _NoValue:
+                tail = None
         if high is not None:
-            high = min(high, len(prefix)) if tail is None else high
+            high = min(high, len(rules)) if tail is None else high
         elif tail is None:
-            high = len(prefix)
+            high = len(rules)
         if low > (high if high is not None else low):
-            raise GrammarError(
-                f"invalid JSON schema: {ptr}: no array has between minItems and maxItems items"
-            )
+            raise _NoValue(f"invalid JSON schema: {ptr}: no array has between minItems and maxItems items")
         if not rules:
-            assert tail is not None
-            body = _repetition(tail, low, high, '"," space', ptr=ptr, keyword="minItems")
+            body = (
+                "" if tail is None else _repetition(tail, low, high, '"," space', ptr=ptr, keyword="minItems")
+            )
         else:
             # p0 ("," p1 ("," p2 (...)?)?)? with the first minItems ones required.
             rest = ""
@@ -467,7 +509,7 @@ class _Converter:
         n = len(domain)
         high = n if high is None else min(high, n)
         if low > high:
-            raise GrammarError(f"invalid JSON schema: {ptr}: fewer distinct items than minItems")
+            raise _NoValue(f"invalid JSON schema: {ptr}: fewer distinct items than minItems")
         literals = [literal(json.dumps(v, ensure_ascii=False)) for v in domain]
         made: dict[tuple[int, int], str] = {}
 
@@ -494,18 +536,18 @@ class _Converter:
         for name in required:
             if name not in props:
                 if extra is False:
-                    raise GrammarError(f"invalid JSON schema: {ptr}: required {name!r} is not allowed")
+                    raise _NoValue(f"invalid JSON schema: {ptr}: required {name!r} is not allowed")
                 props[name] = True if extra is None else extra
         props = {k: v for k, v in props.items() if v is not False or k in required}
         if any(props[k] is False for k in required):
-            raise GrammarError(f"invalid JSON schema: {ptr}: a required property's schema is false")
+            raise _NoValue(f"invalid JSON schema: {ptr}: a required property's schema is false")
         optional = [k for k in props if k not in required]
         low, high = int(schema.get("minProperties", 0)), _count(schema.get("maxProperties"))
         if props:
             extra = None  # the declared properties only: a subset
         if high is not None:
             if len(required) > high:
-                raise GrammarError(f"invalid JSON schema: {ptr}: more required properties than maxProperties")
+                raise _NoValue(f"invalid JSON schema: {ptr}: more required properties than maxProperties")
             optional = optional[: high - len(required)]
         if len(required) < low:
             if len(required) + len(optional) < low:
@@ -523,8 +565,14 @@ class _Converter:
             pairs = _repetition(kv, 0, high, '"," space', ptr=ptr, keyword="maxProperties")
             return self.rules.add(hint, f'"{{" space {pairs} space "}}"')
         kvs = {}
-        for name in props:
-            value = self.visit(props[name], f"{ptr}/properties/{_escape(name)}", f"{hint}-{name}")
+        for name in required + optional:
+            try:
+                value = self.visit(props[name], f"{ptr}/properties/{_escape(name)}", f"{hint}-{name}")
+            except _NoValue:
+                if name in required:
+                    raise
+                optional.remove(name)
+                continue
             kvs[name] = self.rules.add(
                 f"{hint}-{name}-kv",
                 f'{literal(json.dumps(name, ensure_ascii=False))} space ":" space {value}',
@@ -594,7 +642,7 @@ class _Converter:
                     out[key] = value
         if types is not None:
             if not types:
-                raise GrammarError(f"invalid JSON schema: {ptr}: allOf of types that no value has")
+                raise _NoValue(f"invalid JSON schema: {ptr}: allOf of types that no value has")
             out["type"] = sorted(types - {"integer"} if "number" in types else types)
         # Each part's additionalProperties applies to the properties that part does not declare.
         names = list(out.get("properties", {}))
@@ -617,7 +665,7 @@ class _Converter:
         if part is True:
             return []
         if part is False:
-            raise GrammarError(f"invalid JSON schema: {ptr}: allOf with false, which no value satisfies")
+            raise _NoValue(f"invalid JSON schema: {ptr}: allOf with false, which no value satisfies")
         out: list[dict[str, Any]] = []
         rest = {k: v for k, v in part.items() if k not in ("$ref", "allOf")}
         if rest:
@@ -660,7 +708,7 @@ def _repetition(item: str, low: int, high: int | None, sep: str, *, ptr: str, ke
     """``item`` ``low`` to ``high`` times (None: any), ``sep`` between; more than
     :data:`MAX_REPEAT` is cut to it (a subset), a minimum above it refused."""
     if high is not None and low > high:
-        raise GrammarError(f"invalid JSON schema: {ptr}: the minimum count is above the maximum")
+        raise _NoValue(f"invalid JSON schema: {ptr}: the minimum count is above the maximum")
     if low > MAX_REPEAT:
         raise GrammarError(f"invalid JSON schema: {ptr}/{keyword}: {low} is more than {MAX_REPEAT}")
     if high is not None and high > MAX_REPEAT:

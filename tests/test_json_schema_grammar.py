@@ -73,7 +73,7 @@ def test_number_bounds_and_precision(llm: Llama) -> None:
 
 
 def test_an_unbounded_number_is_finite(llm: Llama) -> None:
-    docs = sample(llm, {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3})
+    docs = sample(llm, {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3}, n=8)
     values = [v for doc in docs for v in doc]
     assert all(abs(v) < 10**15 for v in values)  # no 7.0e6477 (inf): no exponent, 15 digits
     assert max(abs(v) for v in values) > 10**6
@@ -85,7 +85,7 @@ def test_integer_multiple_of_with_bounds_is_exact(llm: Llama) -> None:
 
 
 def test_integer_multiple_of_without_bounds(llm: Llama) -> None:
-    docs = sample(llm, {"type": "integer", "multipleOf": 7})
+    docs = sample(llm, {"type": "integer", "multipleOf": 7}, n=12)
     assert all(d % 7 == 0 for d in docs)
     assert max(abs(d) for d in docs) > 10**6  # the digit automaton, not a short list
 

@@ -112,7 +112,9 @@ def json_chars(a: CharSet) -> str:
 #: Any one JSON string character, raw or escaped; a ``\\u`` escape is never a surrogate, so
 #: that each character is one code point (what minLength/maxLength count).
 JSON_CHAR = (
-    '[^"\\\\\\x00-\\x1F\\uD800-\\uDFFF] | "\\\\" ( ["\\\\/bfnrt] | '
+    # A positive class: llama.cpp's decoder reads bytes F5-FF as code points past U+10FFFF,
+    # which a negated class would let through.
+    '[ !#-\\[\\]-\\uD7FF\\uE000-\\U0010FFFF] | "\\\\" ( ["\\\\/bfnrt] | '
     '"u" ( [0-9a-cA-Ce-fE-F] [0-9a-fA-F]{3} | [dD] [0-7] [0-9a-fA-F]{2} ) )'
 )
 

@@ -290,7 +290,12 @@ class _Converter:
         """Whether no value the grammar writes for one branch is valid under another: the
         types written for one are not valid for the others, or all are objects that require
         one property with distinct constant values."""
-        resolved = [self.flat(b, ptr) for b in branches]
+        resolved = []
+        for branch in branches:
+            try:
+                resolved.append(self.flat(branch, ptr))
+            except NoValue:
+                continue  # a branch no value satisfies: dropped from the union too
         written = [self.value_types(b, written=True) for b in resolved]
         valid = [self.value_types(b, written=False) for b in resolved]
         pairs = [(i, j) for i in range(len(resolved)) for j in range(len(resolved)) if i != j]

@@ -61,9 +61,7 @@ def contains(a: CharSet, c: int) -> bool:
 
 
 def _class_char(c: int) -> str:
-    if chr(c) in "\\]-^[":
-        return "\\" + chr(c)
-    if 0x20 <= c < 0x7F:
+    if 0x20 <= c < 0x7F and chr(c) not in "\\]-^[":
         return chr(c)
     if c <= 0xFF:
         return f"\\x{c:02X}"
@@ -114,7 +112,9 @@ def json_chars(a: CharSet) -> str:
 #: Any one JSON string character, raw or escaped; a ``\\u`` escape is never a surrogate, so
 #: that each character is one code point (what minLength/maxLength count).
 JSON_CHAR = (
-    '[^"\\\\\\x00-\\x1F\\uD800-\\uDFFF] | "\\\\" ( ["\\\\/bfnrt] | '
+    # A positive class: llama.cpp's decoder reads bytes F5-FF as code points past U+10FFFF,
+    # which a negated class would let through.
+    '[ !#-\\[\\]-\\uD7FF\\uE000-\\U0010FFFF] | "\\\\" ( ["\\\\/bfnrt] | '
     '"u" ( [0-9a-cA-Ce-fE-F] [0-9a-fA-F]{3} | [dD] [0-7] [0-9a-fA-F]{2} ) )'
 )
 
@@ -153,5 +153,20 @@ class Rules:
         self._by_body[body] = name
         return name
 
-    def text(self) -> str:
-        return "".join(f"{name} ::= {body}\n" for name, body in self.rules.items())
+    def text(self, root: str = "root") -> str:
+        """The rules that ``root`` uses (a conversion that dropped a part may leave others)."""
+        used, todo = {root}, [root]
+        while todo:
+            for name in _names(self.rules[todo.pop()]):
+                if name not in used and name in self.rules:
+                    used.add(name)
+                    todo.append(name)
+        return "".join(f"{name} ::= {body}\n" for name, body in self.rules.items() if name in used)
+
+
+# A rule body's literals, character classes, and the names it refers to.
+_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]|([a-zA-Z0-9-]+)')
+
+
+def _names(body: str) -> list[str]:
+    return [m.group(1) for m in _TOKEN_RE.finditer(body) if m.group(1)]

@@ -15,22 +15,20 @@ are declared), required properties first, at most :data:`MAX_REPEAT` repeated it
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any, TypeAlias
+from typing import Any
 from urllib.parse import unquote
 
 from jsonschema import Draft202012Validator, SchemaError
 
 from llama_cpp import _core
 from llama_cpp._gbnf import JSON_CHAR, Rules, literal
+from llama_cpp._schema_common import ANNOTATIONS, Json, NoValue, Refused, canonical
+from llama_cpp._schema_merge import merge
 from llama_cpp._schema_numbers import Bound, NumberError, number_rule, schema_bound
 from llama_cpp._schema_strings import FORMAT_PATTERNS, PatternError, string_rule
 from llama_cpp.errors import GrammarError, UnsupportedSchemaError
-
-#: A decoded JSON value (a schema, a part of one, data): its type is checked where it matters.
-Json: TypeAlias = Any
 
 #: Keywords whose constraint no grammar here enforces: a schema using one is refused.
 UNSUPPORTED_KEYWORDS = (
@@ -55,16 +53,6 @@ MAX_REPEAT = 1000
 MAX_DEPTH = 100
 #: Most distinct values of a uniqueItems array the grammar lists in canonical order.
 MAX_UNIQUE_DOMAIN = 64
-#: Most branches an allOf of anyOfs may expand to.
-MAX_BRANCHES = 64
-
-_ANNOTATIONS = frozenset(
-    {
-        "$schema", "$id", "$comment", "$anchor", "$dynamicAnchor", "$vocabulary", "$defs",
-        "definitions", "title", "description", "default", "examples", "deprecated",
-        "readOnly", "writeOnly", "contentEncoding", "contentMediaType", "contentSchema",
-    }
-)  # fmt: skip
 _ONE_SCHEMA = ("additionalProperties", "items", "additionalItems", *UNSUPPORTED_KEYWORDS[:8])
 _SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
 _SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
@@ -75,8 +63,6 @@ _KEYWORDS_OF = {
     "number": ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"),
 }
 _ALL_TYPES = ("object", "array", "string", "number", "boolean", "null")
-_LOWER = ("minimum", "exclusiveMinimum", "minLength", "minItems", "minProperties")
-_UPPER = ("maximum", "exclusiveMaximum", "maxLength", "maxItems", "maxProperties")
 _FLOAT_EXACT_LOW: Bound = (Decimal(-(2**53)), True)
 _FLOAT_EXACT_HIGH: Bound = (Decimal(2**53), True)
 _SPACE = '| " " | "\\n"{1,2} [ \\t]{0,20}'
@@ -161,19 +147,6 @@ def _escape(name: str) -> str:
     return name.replace("~", "~0").replace("/", "~1")
 
 
-def _canonical(value: Json) -> str:
-    """Equal for values jsonschema's uniqueItems and enum treat as equal (1 == 1.0)."""
-    if isinstance(value, bool) or value is None:
-        return json.dumps(value)
-    if isinstance(value, int | float):
-        return f"n{float(value)!r}" if not (isinstance(value, int) and abs(value) > 2**53) else f"n{value}"
-    if isinstance(value, list):
-        return "[" + ",".join(_canonical(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{json.dumps(k)}:{_canonical(v)}" for k, v in sorted(value.items())) + "}"
-    return json.dumps(value)
-
-
 def _json_type(value: Json) -> str:
     if isinstance(value, bool):
         return "boolean"
@@ -186,14 +159,6 @@ def _json_type(value: Json) -> str:
     return "array" if isinstance(value, list) else "object"
 
 
-class _Refused(Exception):
-    """A keyword this converter cannot enforce (pointer, reason)."""
-
-    def __init__(self, ptr: str, reason: str) -> None:
-        super().__init__(reason)
-        self.ptr, self.reason = ptr, reason
-
-
 class _Converter:
     def __init__(self, root: Mapping[str, Any] | bool) -> None:
         self.root = root
@@ -201,7 +166,6 @@ class _Converter:
         self.refused: list[tuple[str, str]] = []
         self.validator = Draft202012Validator(root if isinstance(root, Mapping) else {})
         self.refs: dict[str, str] = {}
-        self.merging: set[str] = set()
 
     def convert(self) -> None:
         self.rules.reserve("root")
@@ -243,7 +207,7 @@ class _Converter:
         """The name of (or an expression for) a rule matching the values valid under ``schema``."""
         try:
             return self._visit(schema, ptr, hint)
-        except _Refused as e:
+        except Refused as e:
             self.refused.append((e.ptr, e.reason))
             return '"null"'
 
@@ -251,8 +215,8 @@ class _Converter:
         if schema is True or schema == {}:
             return self.primitive("value")
         if schema is False:
-            raise GrammarError(f"invalid JSON schema: {ptr} is false, which no value satisfies")
-        schema = {k: v for k, v in schema.items() if k not in _ANNOTATIONS}
+            raise NoValue(f"invalid JSON schema: {ptr} is false, which no value satisfies")
+        schema = {k: v for k, v in schema.items() if k not in ANNOTATIONS}
         if not schema:
             return self.primitive("value")
         if "$ref" in schema:
@@ -262,13 +226,21 @@ class _Converter:
             schema = {"allOf": [{"$ref": schema["$ref"]}, rest]}
         if "allOf" in schema:
             rest = {k: v for k, v in schema.items() if k != "allOf"}
-            schema = self.merge([rest, *schema["allOf"]], ptr)
+            schema = merge([rest, *schema["allOf"]], ptr, self.resolve)
         for key in ("anyOf", "oneOf"):
             if key in schema:
                 return self.union(schema, key, ptr, hint)
         if "const" in schema or "enum" in schema:
             return self.enum(schema, ptr, hint)
-        alternatives = [self.typed(t, schema, ptr, hint) for t in self.types(schema)]
+        alternatives = []
+        for kind in self.types(schema):
+            try:
+                alternatives.append(self.typed(kind, schema, ptr, hint))
+            except NoValue:
+                if len(self.types(schema)) == 1:
+                    raise
+        if not alternatives:
+            raise NoValue(f"invalid JSON schema: {ptr}: no value of any of its types satisfies it")
         return self.rules.add(hint, " | ".join(dict.fromkeys(alternatives)))
 
     def ref(self, ref: str, ptr: str) -> str:
@@ -276,13 +248,16 @@ class _Converter:
             return self.refs[ref]  # recursion: the rule is being made
         name = self.rules.reserve("ref-" + ref.lstrip("#/"))
         self.refs[ref] = name
-        target = self.resolve(ref, ptr)
-        self.rules.define(name, self.visit(target, ref, name + "-v"))
+        try:
+            self.rules.define(name, self.visit(self.resolve(ref, ptr), ref, name + "-v"))
+        except GrammarError:
+            del self.refs[ref]  # the name stays undefined: nothing may refer to it
+            raise
         return name
 
     def resolve(self, ref: str, ptr: str) -> Json:
         if not ref.startswith("#"):
-            raise _Refused(f"{ptr}/$ref", "remote $ref")
+            raise Refused(f"{ptr}/$ref", "remote $ref")
         node: Any = self.root
         for token in unquote(ref[1:]).split("/")[1:]:
             part = token.replace("~1", "/").replace("~0", "~")
@@ -298,30 +273,45 @@ class _Converter:
         rest = {k: v for k, v in schema.items() if k != key}
         branches = [{"allOf": [rest, b]} if rest else b for b in schema[key] if b is not False]
         if not branches:
-            raise GrammarError(f"invalid JSON schema: {ptr}/{key}: every branch is false")
+            raise NoValue(f"invalid JSON schema: {ptr}/{key}: every branch is false")
         if key == "oneOf" and len(branches) > 1 and not self.disjoint(branches, ptr):
-            raise _Refused(f"{ptr}/oneOf", "branches that may overlap (a value valid under two fails oneOf)")
-        names = [self.visit(b, f"{ptr}/{key}/{i}", f"{hint}-{i}") for i, b in enumerate(branches)]
+            raise Refused(f"{ptr}/oneOf", "branches that may overlap (a value valid under two fails oneOf)")
+        names = []
+        for i, branch in enumerate(branches):
+            try:
+                names.append(self.visit(branch, f"{ptr}/{key}/{i}", f"{hint}-{i}"))
+            except NoValue:
+                continue  # a branch no value satisfies
+        if not names:
+            raise NoValue(f"invalid JSON schema: {ptr}/{key}: no branch has a value")
         return self.rules.add(hint, " | ".join(dict.fromkeys(names)))
 
-    def disjoint(self, branches: list[Any], ptr: str) -> bool:
-        """Whether no value can be valid under two branches: their types differ, or they are
-        objects that require one property with distinct constant values."""
-        resolved = [self.flat(b, ptr) for b in branches]
-        kinds = [set(self.value_types(b)) for b in resolved]
-        if all(a.isdisjoint(b) for i, a in enumerate(kinds) for b in kinds[i + 1 :]):
+    def disjoint(self, branches: list[Json], ptr: str) -> bool:
+        """Whether no value the grammar writes for one branch is valid under another: the
+        types written for one are not valid for the others, or all are objects that require
+        one property with distinct constant values."""
+        resolved = []
+        for branch in branches:
+            try:
+                resolved.append(self.flat(branch, ptr))
+            except NoValue:
+                continue  # a branch no value satisfies: dropped from the union too
+        written = [self.value_types(b, written=True) for b in resolved]
+        valid = [self.value_types(b, written=False) for b in resolved]
+        pairs = [(i, j) for i in range(len(resolved)) for j in range(len(resolved)) if i != j]
+        if all(written[i].isdisjoint(valid[j]) for i, j in pairs):
             return True
-        if not all(isinstance(b, dict) for b in resolved):
+        if not all(isinstance(b, dict) for b in resolved) or any(w != {"object"} for w in written):
             return False
         common = set.intersection(*(set(b.get("required", ())) for b in resolved))
-        for name in common:
+        for name in sorted(common):
             seen: set[str] = set()
             for branch in resolved:
-                sub = self.flat(branch.get("properties", {}).get(name, True), ptr)
-                values = self.finite(sub)
-                if values is None or seen & {_canonical(v) for v in values}:
+                values = self.finite(self.flat(branch.get("properties", {}).get(name, True), ptr))
+                keys = {canonical(v) for v in values or ()}
+                if values is None or seen & keys:
                     break
-                seen |= {_canonical(v) for v in values}
+                seen |= keys
             else:
                 return True
         return False
@@ -329,16 +319,19 @@ class _Converter:
     def flat(self, schema: Json, ptr: str) -> Json:
         """``schema`` with its $ref and allOf merged in (for inspection)."""
         if isinstance(schema, Mapping) and ("$ref" in schema or "allOf" in schema):
-            return self.merge([schema], ptr)
+            return merge([schema], ptr, self.resolve)
         return schema
 
-    def value_types(self, schema: Json) -> list[str]:
-        if not isinstance(schema, Mapping):
-            return list(_ALL_TYPES)
-        if "const" in schema or "enum" in schema:
-            values = [schema["const"]] if "const" in schema else schema["enum"]
-            return [_json_type(v) for v in values]
-        return ["number" if t == "integer" else t for t in self.types(schema)]
+    def value_types(self, schema: Json, *, written: bool) -> set[str]:
+        """The JSON types (integers count as numbers) of the values the grammar writes for
+        ``schema`` (``written``) or of those valid under it: a superset of either."""
+        kinds: list[str] = list(_ALL_TYPES)
+        if isinstance(schema, Mapping):
+            if "const" in schema or "enum" in schema:
+                kinds = [_json_type(v) for v in ([schema["const"]] if "const" in schema else schema["enum"])]
+            elif "type" in schema or (written and not {"anyOf", "oneOf"} & schema.keys()):
+                kinds = self.types(schema)  # inferred from the keywords: what is written
+        return {"number" if t == "integer" else t for t in kinds}
 
     def finite(self, schema: Json) -> list[Any] | None:
         """The values valid under ``schema`` if few are (enum, const, boolean, null)."""
@@ -352,7 +345,7 @@ class _Converter:
             values = [None]
         else:
             return None
-        unique = {_canonical(v): v for v in values}
+        unique = {canonical(v): v for v in values}
         # Each value is in its enum: check it against the other keywords alone (a huge enum
         # would otherwise make this quadratic).
         rest = {k: v for k, v in schema.items() if k not in ("enum", "const")}
@@ -364,7 +357,7 @@ class _Converter:
     def enum(self, schema: dict[str, Any], ptr: str, hint: str) -> str:
         values = self.finite(schema) or []
         if not values:
-            raise GrammarError(f"invalid JSON schema: no value of the enum/const at {ptr} satisfies it")
+            raise NoValue(f"invalid JSON schema: no value of the enum/const at {ptr} satisfies it")
         return self.rules.add(hint, " | ".join(literal(json.dumps(v, ensure_ascii=False)) for v in values))
 
     def types(self, schema: Mapping[str, Any]) -> list[str]:
@@ -405,8 +398,8 @@ class _Converter:
             return number_rule(self.rules, f"{hint}-num", lo, hi, integer=integer, multiple_of=int(multiple))
         except NumberError as e:
             if "multipleOf" in str(e):
-                raise _Refused(f"{ptr}/multipleOf", str(e)) from None
-            raise GrammarError(f"invalid JSON schema: {ptr}: {e}") from None
+                raise Refused(f"{ptr}/multipleOf", str(e)) from None
+            raise NoValue(f"invalid JSON schema: {ptr}: {e}") from None
 
     def string(self, schema: Mapping[str, Any], ptr: str, hint: str) -> str:
         low, high = int(schema.get("minLength", 0)), _count(schema.get("maxLength"))
@@ -415,9 +408,12 @@ class _Converter:
             try:
                 return string_rule(self.rules, f"{hint}-str", pattern, low, high)
             except PatternError as e:
-                if e.args[0].startswith("no string"):
-                    raise GrammarError(f"invalid JSON schema: {ptr}: {e}") from None
-                raise _Refused(f"{ptr}/pattern", str(e)) from None
+                if not e.args[0].startswith("no string"):
+                    raise Refused(f"{ptr}/pattern", str(e)) from None
+                if "pattern" in schema:
+                    raise NoValue(f"invalid JSON schema: {ptr}: {e}") from None
+                # A format's pattern and the lengths disagree: formats are annotations only
+                # (jsonschema asserts none by default), so the lengths alone hold.
         if low == 0 and high is None:
             return self.primitive("string")
         chars = _repetition("char", low, high, "", ptr=ptr, keyword="minLength")
@@ -434,19 +430,29 @@ class _Converter:
             if domain is not None and len(domain) <= MAX_UNIQUE_DOMAIN:
                 return self.unique(domain, low, high, ptr, hint)
             # Otherwise left to the validation of the answer.
-        rules = [self.visit(p, f"{ptr}/prefixItems/{i}", f"{hint}-{i}") for i, p in enumerate(prefix)]
-        tail = None if items is False else self.visit(items, f"{ptr}/items", f"{hint}-item")
+        rules: list[str] = []
+        for i, sub in enumerate(prefix):
+            try:
+                rules.append(self.visit(sub, f"{ptr}/prefixItems/{i}", f"{hint}-{i}"))
+            except NoValue:
+                items = False  # no value at position i: the array ends before it
+                break
+        tail = None
+        if items is not False and len(rules) == len(prefix):
+            try:
+                tail = self.visit(items, f"{ptr}/items", f"{hint}-item")
+            except NoValue:
+                tail = None
         if high is not None:
-            high = min(high, len(prefix)) if tail is None else high
+            high = min(high, len(rules)) if tail is None else high
         elif tail is None:
-            high = len(prefix)
+            high = len(rules)
         if low > (high if high is not None else low):
-            raise GrammarError(
-                f"invalid JSON schema: {ptr}: no array has between minItems and maxItems items"
-            )
+            raise NoValue(f"invalid JSON schema: {ptr}: no array has between minItems and maxItems items")
         if not rules:
-            assert tail is not None
-            body = _repetition(tail, low, high, '"," space', ptr=ptr, keyword="minItems")
+            body = (
+                "" if tail is None else _repetition(tail, low, high, '"," space', ptr=ptr, keyword="minItems")
+            )
         else:
             # p0 ("," p1 ("," p2 (...)?)?)? with the first minItems ones required.
             rest = ""
@@ -467,7 +473,7 @@ class _Converter:
         n = len(domain)
         high = n if high is None else min(high, n)
         if low > high:
-            raise GrammarError(f"invalid JSON schema: {ptr}: fewer distinct items than minItems")
+            raise NoValue(f"invalid JSON schema: {ptr}: fewer distinct items than minItems")
         literals = [literal(json.dumps(v, ensure_ascii=False)) for v in domain]
         made: dict[tuple[int, int], str] = {}
 
@@ -494,22 +500,22 @@ class _Converter:
         for name in required:
             if name not in props:
                 if extra is False:
-                    raise GrammarError(f"invalid JSON schema: {ptr}: required {name!r} is not allowed")
+                    raise NoValue(f"invalid JSON schema: {ptr}: required {name!r} is not allowed")
                 props[name] = True if extra is None else extra
         props = {k: v for k, v in props.items() if v is not False or k in required}
         if any(props[k] is False for k in required):
-            raise GrammarError(f"invalid JSON schema: {ptr}: a required property's schema is false")
+            raise NoValue(f"invalid JSON schema: {ptr}: a required property's schema is false")
         optional = [k for k in props if k not in required]
         low, high = int(schema.get("minProperties", 0)), _count(schema.get("maxProperties"))
         if props:
             extra = None  # the declared properties only: a subset
         if high is not None:
             if len(required) > high:
-                raise GrammarError(f"invalid JSON schema: {ptr}: more required properties than maxProperties")
+                raise NoValue(f"invalid JSON schema: {ptr}: more required properties than maxProperties")
             optional = optional[: high - len(required)]
         if len(required) < low:
             if len(required) + len(optional) < low:
-                raise _Refused(f"{ptr}/minProperties", "fewer declared properties than minProperties")
+                raise Refused(f"{ptr}/minProperties", "fewer declared properties than minProperties")
             promoted = optional[: low - len(required)]
             required += promoted
             optional = [k for k in optional if k not in promoted]
@@ -517,14 +523,20 @@ class _Converter:
             if extra is None or extra is False:
                 return '"{" space "}"'
             if low > 0:
-                raise _Refused(f"{ptr}/minProperties", "minProperties without declared properties")
+                raise Refused(f"{ptr}/minProperties", "minProperties without declared properties")
             value = self.visit(extra, f"{ptr}/additionalProperties", f"{hint}-value")
             kv = self.rules.add(f"{hint}-kv", f'{self.primitive("string")} ":" space {value}')
             pairs = _repetition(kv, 0, high, '"," space', ptr=ptr, keyword="maxProperties")
             return self.rules.add(hint, f'"{{" space {pairs} space "}}"')
         kvs = {}
-        for name in props:
-            value = self.visit(props[name], f"{ptr}/properties/{_escape(name)}", f"{hint}-{name}")
+        for name in required + optional:
+            try:
+                value = self.visit(props[name], f"{ptr}/properties/{_escape(name)}", f"{hint}-{name}")
+            except NoValue:
+                if name in required:
+                    raise
+                optional.remove(name)
+                continue
             kvs[name] = self.rules.add(
                 f"{hint}-{name}-kv",
                 f'{literal(json.dumps(name, ensure_ascii=False))} space ":" space {value}',
@@ -541,104 +553,6 @@ class _Converter:
             choice = " | ".join(chains)
             body += f' ( "," space ( {choice} ) )?' if required else f" ( {choice} )?"
         return self.rules.add(hint, f'"{{" space {body} space "}}"')
-
-    # -- allOf -------------------------------------------------------------------------
-
-    def merge(self, parts: list[Any], ptr: str) -> dict[str, Any]:
-        """One schema equivalent to (or stricter than) all of ``parts``."""
-        out: dict[str, Any] = {}
-        flat: list[dict[str, Any]] = []
-        for part in parts:
-            flat.extend(self.expand(part, ptr))
-        types: set[str] | None = None
-        for part in flat:
-            for key, value in part.items():
-                if key in _ANNOTATIONS:
-                    continue
-                if key == "type":
-                    kinds = {value} if isinstance(value, str) else set(value)
-                    if "number" in kinds:
-                        kinds.add("integer")
-                    types = kinds if types is None else _meet(types, kinds)
-                elif key == "properties":
-                    props = out.setdefault("properties", {})
-                    for name, sub in value.items():
-                        props[name] = sub if name not in props else {"allOf": [props[name], sub]}
-                elif key == "required":
-                    out["required"] = list(dict.fromkeys([*out.get("required", []), *value]))
-                elif key in _LOWER or key in _UPPER:
-                    pick = max if key in _LOWER else min
-                    out[key] = pick(out[key], value) if key in out else value
-                elif key == "multipleOf":
-                    out[key] = math.lcm(int(out.get(key, 1)), int(value))
-                elif key == "uniqueItems":
-                    out[key] = out.get(key, False) or value
-                elif key == "items":
-                    out[key] = value if key not in out else {"allOf": [out[key], value]}
-                elif key == "prefixItems":
-                    old = out.get(key, [])
-                    out[key] = [
-                        {"allOf": [old[i], value[i]]} if i < len(old) and i < len(value) else (old + value)[i]
-                        for i in range(max(len(old), len(value)))
-                    ]
-                elif key == "anyOf" and "anyOf" in out:
-                    pairs = [{"allOf": [a, b]} for a in out[key] for b in value]
-                    if len(pairs) > MAX_BRANCHES:
-                        raise _Refused(f"{ptr}/allOf", f"anyOf branches multiply past {MAX_BRANCHES}")
-                    out[key] = pairs
-                elif key == "additionalProperties":
-                    continue  # below
-                elif key in out and _canonical(out[key]) != _canonical(value):
-                    raise _Refused(f"{ptr}/allOf", f"two different {key!r} in one allOf")
-                else:
-                    out[key] = value
-        if types is not None:
-            if not types:
-                raise GrammarError(f"invalid JSON schema: {ptr}: allOf of types that no value has")
-            out["type"] = sorted(types - {"integer"} if "number" in types else types)
-        # Each part's additionalProperties applies to the properties that part does not declare.
-        names = list(out.get("properties", {}))
-        extras = []
-        for part in flat:
-            if "additionalProperties" in part and part["additionalProperties"] is not True:
-                extra = part["additionalProperties"]
-                extras.append(extra)
-                for name in names:
-                    if name not in part.get("properties", {}):
-                        out["properties"][name] = (
-                            {"allOf": [out["properties"][name], extra]} if extra is not False else False
-                        )
-        if extras:
-            out["additionalProperties"] = False if False in extras else {"allOf": extras}
-        return out
-
-    def expand(self, part: Json, ptr: str) -> list[dict[str, Any]]:
-        """``part`` as a list of schemas without $ref or allOf, all to hold."""
-        if part is True:
-            return []
-        if part is False:
-            raise GrammarError(f"invalid JSON schema: {ptr}: allOf with false, which no value satisfies")
-        out: list[dict[str, Any]] = []
-        rest = {k: v for k, v in part.items() if k not in ("$ref", "allOf")}
-        if rest:
-            out.append(rest)
-        if "$ref" in part:
-            ref = part["$ref"]
-            if ref in self.merging:
-                raise _Refused(f"{ptr}/$ref", "a recursive $ref inside allOf")
-            self.merging.add(ref)
-            try:
-                out += self.expand(self.resolve(ref, ptr), ptr)
-            finally:
-                self.merging.discard(ref)
-        for sub in part.get("allOf", []):
-            out += self.expand(sub, ptr)
-        return out
-
-
-def _meet(a: set[str], b: set[str]) -> set[str]:
-    """The types in both (an integer is a number)."""
-    return a & b
 
 
 def _tighter(schema: Mapping[str, Any], inclusive: str, exclusive: str, *, lower: bool) -> Bound | None:
@@ -660,7 +574,7 @@ def _repetition(item: str, low: int, high: int | None, sep: str, *, ptr: str, ke
     """``item`` ``low`` to ``high`` times (None: any), ``sep`` between; more than
     :data:`MAX_REPEAT` is cut to it (a subset), a minimum above it refused."""
     if high is not None and low > high:
-        raise GrammarError(f"invalid JSON schema: {ptr}: the minimum count is above the maximum")
+        raise NoValue(f"invalid JSON schema: {ptr}: the minimum count is above the maximum")
     if low > MAX_REPEAT:
         raise GrammarError(f"invalid JSON schema: {ptr}/{keyword}: {low} is more than {MAX_REPEAT}")
     if high is not None and high > MAX_REPEAT:

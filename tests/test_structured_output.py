@@ -9,7 +9,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from llama_cpp import GrammarError, InvalidArgumentError, Llama, LlamaGrammar, UnenforcedSchemaWarning
+from llama_cpp import GrammarError, InvalidArgumentError, Llama, LlamaGrammar, UnsupportedSchemaError
 
 PERSON: dict[str, Any] = {
     "$defs": {
@@ -102,7 +102,7 @@ def test_from_json_schema_builds_llama_cpp_grammar() -> None:
 
 @pytest.mark.parametrize(
     ("schema", "reason"),
-    [('{"type": 5}', "type must be a string"), ("{not json", "parse error")],
+    [('{"type": 5}', "#/type: 5 is not valid"), ("{not json", "not JSON")],
 )
 def test_invalid_schemas_raise(schema: str, reason: str) -> None:
     with pytest.raises(GrammarError, match=f"(?s)invalid JSON schema.*{reason}"):
@@ -132,7 +132,7 @@ def test_tiny_model_follows_a_schema(tiny: Llama) -> None:
     jsonschema.validate(json.loads(response["choices"][0]["message"]["content"] or ""), schema)
 
 
-def test_keywords_the_converter_ignores_are_reported_not_silently_dropped() -> None:
+def test_keywords_the_converter_ignores_are_enforced_or_refused() -> None:
     schema = {
         "type": "object",
         "properties": {
@@ -143,15 +143,7 @@ def test_keywords_the_converter_ignores_are_reported_not_silently_dropped() -> N
             "count": {"type": "integer", "minimum": 0, "maximum": 9},
         },
     }
-    with pytest.warns(UnenforcedSchemaWarning) as caught:
-        LlamaGrammar.from_json_schema(schema)
-    message = str(caught[0].message)
-    for pointer in (
-        "#/properties/ratio/minimum",
-        "#/properties/ratio/maximum",
-        "#/properties/tags/uniqueItems",
-        "#/properties/code/maxLength",
-    ):
-        assert pointer in message
-    assert "choice" not in message  # enum values are data
-    assert "count" not in message  # integer bounds are enforced
+    LlamaGrammar.from_json_schema(schema)  # enforced (uniqueItems of strings: by validation)
+    with pytest.raises(UnsupportedSchemaError) as caught:
+        LlamaGrammar.from_json_schema({"properties": {"a": {"not": {"type": "string"}}}})
+    assert caught.value.keywords == ("#/properties/a/not",)

@@ -50,7 +50,7 @@ from llama_cpp.errors import (
 )
 from llama_cpp.experts import ExpertStats
 from llama_cpp.families import FAMILIES, ModelFamily, detect_family
-from llama_cpp.grammar import LlamaGrammar, UnenforcedSchemaWarning
+from llama_cpp.grammar import LlamaGrammar
 from llama_cpp.hooks import LogitsProcessorList, StoppingCriteriaList
 from llama_cpp.isolated import IsolatedPool
 from llama_cpp.llama import Llama
@@ -110,7 +110,6 @@ __all__ = [
     "StoppingCriteriaList",
     "TemplateError",
     "TokenLogprob",
-    "UnenforcedSchemaWarning",
     "UnifiedLLM",
     "UnsupportedSchemaError",
     "WorkerLostError",

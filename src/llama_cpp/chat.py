@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from llama_cpp import _core
@@ -23,8 +23,10 @@ from llama_cpp.chat_formats import CHAT_FORMATS, ChatFormatter
 from llama_cpp.chat_output import OutputParser, PlainText, message_from_json
 from llama_cpp.chat_tools import GenericToolParser, tool_call_schema, with_tools_described
 from llama_cpp.errors import InvalidArgumentError
-from llama_cpp.grammar import LlamaGrammar, warn_unenforced
+from llama_cpp.grammar import LlamaGrammar
+from llama_cpp.json_schema import schema_to_grammar
 from llama_cpp.llama_types import ChatCompletionChunk, ChatCompletionMessage
+from llama_cpp.structured import AnswerCheck
 
 if TYPE_CHECKING:
     # The openai package is optional: only create_chat_completion_openai_v1 needs it.
@@ -225,6 +227,7 @@ class PreparedChat:
     stop: list[str]  # the format's stops, besides the caller's
     preserved_tokens: list[int]  # special tokens whose text is part of the answer
     parser: OutputParser
+    check: AnswerCheck | None = None  # what the completed answer is validated against
 
 
 class ChatRenderer:
@@ -291,16 +294,19 @@ class ChatRenderer:
     ) -> _core.ChatParams:
         """Validate the request and render it with llama.cpp's templates.
 
+        ``json_schema`` is not given to the template (whose grammar would be llama.cpp's
+        converter's): the caller constrains the answer with :meth:`answer_grammar`.
+
         Raises:
             InvalidArgumentError: Malformed messages or tools, or the template rejected them.
         """
         check_messages(messages)
         offered, choice = _tool_choice(_checked_tools(tools), tool_choice)
+        del json_schema
         return self._render(
             messages=messages,
             tools=offered,
             tool_choice=choice,
-            json_schema=json_schema,
             parallel_tool_calls=parallel_tool_calls,
             reasoning_format=reasoning_format,
             add_generation_prompt=add_generation_prompt,
@@ -313,7 +319,6 @@ class ChatRenderer:
         messages: Sequence[Message],
         tools: list[Mapping[str, Any]],
         tool_choice: str,
-        json_schema: Mapping[str, Any] | None,
         parallel_tool_calls: bool,
         reasoning_format: ReasoningFormat,
         add_generation_prompt: bool,
@@ -327,7 +332,6 @@ class ChatRenderer:
         try:
             request.messages = json.dumps(list(messages))
             request.tools = json.dumps(tools) if tools else ""
-            request.json_schema = json.dumps(json_schema) if json_schema is not None else ""
             request.template_kwargs = [(k, json.dumps(v)) for k, v in template_kwargs.items()]
         except TypeError as error:
             raise InvalidArgumentError(f"chat request is not JSON-serializable: {error}") from error
@@ -353,12 +357,18 @@ class ChatRenderer:
         template_kwargs: Mapping[str, Any] | None = None,
     ) -> PreparedChat:
         """Everything a chat generation needs but the sampling values: the prompt's tokens,
-        the grammar (a JSON schema, tool calls or ``grammar``), stops, and the parser of the
-        answer. Each input is checked here, once.
+        the grammar (a JSON schema, tool calls or ``grammar``), stops, the parser of the
+        answer and what the completed answer is validated against. Each input is checked
+        here, once, before anything is generated or queued.
+
+        A JSON schema's grammar is always :func:`~llama_cpp.json_schema.schema_to_grammar`'s
+        (never the chat template's, which is llama.cpp's converter's).
 
         Raises:
-            InvalidArgumentError: Malformed messages or tools, or the template rejected them.
-            GrammarError: A ``response_format`` schema llama.cpp cannot convert.
+            InvalidArgumentError: Malformed messages or tools (a tool's ``parameters`` that is
+                not a JSON schema), or the template rejected them.
+            UnsupportedSchemaError: The schema has a keyword the grammar cannot enforce.
+            GrammarError: A ``response_format`` schema that is not a valid JSON schema.
         """
         check_messages(messages)
         _check_choices(reasoning_format, parallel_tool_calls, template_kwargs)
@@ -370,11 +380,13 @@ class ChatRenderer:
         schema = schema_for_response_format(response_format) if response_format is not None else None
         if grammar is not None and (schema is not None or offered):
             raise InvalidArgumentError("pass either grammar or a JSON response_format / tools, not both")
-        if schema is not None:
-            warn_unenforced(schema, stacklevel=5)
+        calls_tools = bool(offered) and choice != "none"
+        # The schemas are checked, and the answer's converted (or refused), first: nothing is
+        # rendered for a request that cannot be answered.
+        check = AnswerCheck.build(schema, offered if calls_tools else [])
+        schema_gbnf = schema_to_grammar(schema) if schema is not None else None
         variables = dict(template_kwargs or {})
         formatter = self.formatter()
-        calls_tools = bool(offered) and choice != "none"
         if calls_tools and (
             formatter is not None or not dict(self.templates().caps())["supports_tool_calls"]
         ):
@@ -384,12 +396,9 @@ class ChatRenderer:
                     "this chat format has no tool calls of its own: pass tools or a JSON response_format"
                 )
             messages = with_tools_described(messages, offered, choice, parallel_tool_calls)
-            tool_grammar = LlamaGrammar(
-                _core.json_schema_to_grammar(
-                    json.dumps(tool_call_schema(offered, choice, parallel_tool_calls))
-                )
-            )
-            return self._finish(
+            call_schema = tool_call_schema(offered, choice, parallel_tool_calls)
+            tool_grammar = LlamaGrammar(schema_to_grammar(call_schema))
+            prepared = self._finish(
                 messages=messages,
                 formatter=formatter,
                 grammar=tool_grammar,
@@ -397,36 +406,41 @@ class ChatRenderer:
                 variables=variables,
                 reasoning_format=reasoning_format,
             )
+            return replace(prepared, check=check)
         if formatter is not None:
-            return self._finish(
+            prepared = self._finish(
                 messages=messages,
                 formatter=formatter,
-                grammar=grammar or _schema_grammar(schema),
+                grammar=grammar or (LlamaGrammar(schema_gbnf) if schema_gbnf is not None else None),
                 parser=PlainText(),
                 variables=variables,
                 reasoning_format=reasoning_format,
             )
+            return replace(prepared, check=check)
+        thinking = variables.get("enable_thinking") is not False  # _render takes it out
         params = self._render(
             messages=messages,
             tools=offered,
             tool_choice=choice,
-            json_schema=schema,
             parallel_tool_calls=parallel_tool_calls,
             reasoning_format=reasoning_format,
             add_generation_prompt=True,
             template_kwargs=variables,
         )
         chat_grammar: ChatGrammar | None = grammar
-        if params.grammar:
+        if schema_gbnf is not None:
+            # Ours replaces the template's tool-call grammar too: a JSON answer was asked for
+            # (llama.cpp's templates give the response format the same precedence).
+            chat_grammar = answer_grammar(schema_gbnf, params, reasoning_format, thinking)
+        elif params.grammar:
             chat_grammar = params
-        elif schema is not None:  # the format left the schema to us
-            chat_grammar = _schema_grammar(schema)
         return PreparedChat(
             prompt=self._model.tokenize(params.prompt.encode("utf-8"), True, True),
             grammar=chat_grammar,
             stop=list(params.additional_stops),
             preserved_tokens=list(params.preserved_tokens),
             parser=_core.ChatParser(params),
+            check=check,
         )
 
     def _finish(
@@ -454,7 +468,6 @@ class ChatRenderer:
             messages=messages,
             tools=[],
             tool_choice="auto",
-            json_schema=None,
             parallel_tool_calls=False,
             reasoning_format=reasoning_format,
             add_generation_prompt=True,
@@ -469,10 +482,53 @@ class ChatRenderer:
         )
 
 
-def _schema_grammar(schema: Mapping[str, Any] | None) -> LlamaGrammar | None:
-    if schema is None:
-        return None
-    return LlamaGrammar(_core.json_schema_to_grammar(json.dumps(schema)))
+# Why a start symbol of our own: the schema's GBNF keeps its ``root``, and the reasoning
+# that may come first is a rule around it (no renaming inside a grammar we did not write).
+_ANSWER_ROOT = "x-llama-cpp-answer"
+_WS = "[ \\t\\n]*"
+
+
+def _gbnf_literal(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _gbnf_char_class_not(char: str) -> str:
+    escaped = "\\" + char if char in "\\]^-[" else json.dumps(char, ensure_ascii=False)[1:-1]
+    return f"[^{escaped}]"
+
+
+def _gbnf_until(end: str) -> str:
+    """GBNF for any text that does not contain ``end`` (llama.cpp's gbnf_excluding_pattern)."""
+    alternatives = [
+        (_gbnf_literal(end[:i]) + " " if i else "") + _gbnf_char_class_not(end[i]) for i in range(len(end))
+    ]
+    return "( " + " | ".join(alternatives) + " )*"
+
+
+def answer_grammar(
+    schema_gbnf: str,
+    params: _core.ChatParams,
+    reasoning_format: ReasoningFormat,
+    thinking: bool,
+) -> LlamaGrammar:
+    """The grammar of a JSON answer to a rendered chat: the schema's, after the model's
+    reasoning where the template has a reasoning block that is on (as llama.cpp's own
+    response-format grammar allows it; ``reasoning_format="none"`` leaves reasoning in the
+    content, so there is none). A generation prompt that opens the block already (a
+    thinking model forced to think) makes the reasoning compulsory. ``thinking``: the
+    ``enable_thinking`` the chat was rendered with.
+    """
+    start = params.thinking_start_tag.strip()
+    ends = [e.strip() for e in params.thinking_end_tags if e.strip()]
+    if not (params.supports_thinking and thinking and reasoning_format != "none" and start and ends):
+        return LlamaGrammar(schema_gbnf)
+    end = ends[0]
+    reasoning = f"{_gbnf_until(end)} {_gbnf_literal(end)} {_WS}"
+    if params.generation_prompt.rstrip().endswith(start):
+        rule = f"{_ANSWER_ROOT} ::= {reasoning} root"
+    else:
+        rule = f"{_ANSWER_ROOT} ::= ( {_WS} {_gbnf_literal(start)} {reasoning} )? root"
+    return LlamaGrammar(schema_gbnf.rstrip("\n") + "\n" + rule + "\n", root=_ANSWER_ROOT)
 
 
 def openai_chunks(

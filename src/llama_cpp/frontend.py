@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Generator, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from llama_cpp import _async, _core
-from llama_cpp.chat import RenderedChat, openai_chunks
+from llama_cpp.chat import RenderedChat, answer_grammar, openai_chunks
 from llama_cpp.completion_output import GenerationStream, Outcome, collect
 from llama_cpp.embeddings import EmbeddingInput
 from llama_cpp.errors import InvalidArgumentError
+from llama_cpp.json_schema import schema_to_grammar
 from llama_cpp.llama_types import (
     ChatCompletionChunk,
     CreateChatCompletionResponse,
@@ -131,9 +133,14 @@ class FrontEnd(ABC):
         (``enable_thinking=False`` turns a hybrid model's thinking off; ``reasoning_effort``
         for GPT-OSS).
 
+        ``json_schema``'s grammar is :func:`~llama_cpp.json_schema.schema_to_grammar`'s (as
+        :meth:`create_chat_completion` uses it), not the template's.
+
         Raises:
             InvalidArgumentError: Malformed messages or tools, or the template rejected them.
+            UnsupportedSchemaError: ``json_schema`` has a keyword the grammar cannot enforce.
         """
+        schema_gbnf = schema_to_grammar(json_schema) if json_schema is not None else None
         params = self._requests.renderer.render(
             messages,
             tools=tools,
@@ -143,7 +150,11 @@ class FrontEnd(ABC):
             add_generation_prompt=add_generation_prompt,
             template_kwargs=chat_template_kwargs,
         )
-        return RenderedChat.from_native(params)
+        rendered = RenderedChat.from_native(params)
+        if schema_gbnf is None:
+            return rendered
+        thinking = (chat_template_kwargs or {}).get("enable_thinking") is not False
+        return replace(rendered, grammar=answer_grammar(schema_gbnf, params, "auto", thinking))
 
     # -- the native generation API --------------------------------------------------------
 
@@ -342,7 +353,9 @@ class FrontEnd(ABC):
         ``bind_tools`` passes it; a forced call is constrained by a grammar so that it always
         parses, and under ``"auto"`` the grammar takes over once the model starts a call.
         ``response_format`` (``json_object``, with or without ``schema``, or OpenAI's
-        ``json_schema``) constrains the answer to the schema. With ``stream=True``:
+        ``json_schema``) constrains the answer to the schema (the grammar of
+        :func:`~llama_cpp.json_schema.schema_to_grammar`), and the completed answer is
+        validated against it with ``jsonschema``. With ``stream=True``:
         ``chat.completion.chunk`` dicts, the role first, then content, reasoning and tool-call
         deltas, ``finish_reason`` last. ``cancellation`` lets another thread stop the
         generation. A :class:`~llama_cpp.LlamaPool` also takes ``lora=``, as
@@ -352,7 +365,12 @@ class FrontEnd(ABC):
             PoolBusyError: A pool's slots and queue are all taken.
             TypeError: An unknown keyword argument (a template variable passed as one).
             InvalidArgumentError: Malformed messages or tools, or the template rejected them.
-            GrammarError: A ``response_format`` schema llama.cpp cannot convert.
+            UnsupportedSchemaError: A ``response_format`` schema with a keyword the grammar
+                cannot enforce (named in ``.keywords``), before anything is generated.
+            GrammarError: A ``response_format`` schema that is not a valid JSON schema.
+            SchemaValidationError: The completed answer (``finish_reason`` ``"stop"``) breaks
+                its schema, or a tool call's arguments its tool's ``parameters``; in a stream,
+                raised at its end in place of the finish reason's chunk.
         """
         run = self._run_options(kwargs)
         request = self._requests.chat(messages, kwargs, cancellation=cancellation or _core.Cancellation())

@@ -4,75 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llama_cpp import _core
 from llama_cpp.errors import GrammarError
-
-
-class UnenforcedSchemaWarning(UserWarning):
-    """A JSON schema keyword that the generated grammar does not enforce."""
-
-
-# Keywords llama.cpp's converter (json-schema-to-grammar.cpp at the pinned commit) ignores.
-_IGNORED_KEYWORDS = frozenset(
-    {
-        "multipleOf",
-        "uniqueItems",
-        "minProperties",
-        "maxProperties",
-        "not",
-        "if",
-        "then",
-        "else",
-        "contains",
-        "minContains",
-        "maxContains",
-        "patternProperties",
-        "dependentRequired",
-        "dependentSchemas",
-        "propertyNames",
-        "unevaluatedProperties",
-        "unevaluatedItems",
-    }
-)
-_NUMBER_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
-_VALUE_KEYWORDS = frozenset({"enum", "const", "default", "examples"})  # hold data, not schemas
-
-
-def _unenforced(schema: object, path: str) -> Iterator[str]:
-    """``path/keyword`` of every keyword in ``schema`` that the converter ignores."""
-    if isinstance(schema, list):
-        for i, item in enumerate(schema):
-            yield from _unenforced(item, f"{path}/{i}")
-        return
-    if not isinstance(schema, Mapping):
-        return
-    for keyword in sorted(_IGNORED_KEYWORDS & schema.keys()):
-        yield f"{path}/{keyword}"
-    if schema.get("type") == "number":
-        yield from (f"{path}/{keyword}" for keyword in _NUMBER_BOUNDS if keyword in schema)
-    if "pattern" in schema:  # a pattern replaces the length limits
-        yield from (f"{path}/{keyword}" for keyword in ("minLength", "maxLength") if keyword in schema)
-    for key, value in schema.items():
-        if key not in _VALUE_KEYWORDS:
-            yield from _unenforced(value, f"{path}/{key}")
-
-
-def warn_unenforced(schema: object, *, stacklevel: int = 2) -> None:
-    """Warn (:class:`UnenforcedSchemaWarning`) about each keyword of ``schema`` that llama.cpp's
-    converter ignores; ``stacklevel`` as for :func:`warnings.warn`, counted from here."""
-    unenforced = list(_unenforced(schema, "#"))
-    if unenforced:
-        warnings.warn(
-            "llama.cpp's JSON schema converter does not enforce: " + ", ".join(unenforced),
-            UnenforcedSchemaWarning,
-            stacklevel=stacklevel,
-        )
+from llama_cpp.json_schema import schema_to_grammar
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,26 +67,35 @@ class LlamaGrammar:
 
     @classmethod
     def from_json_schema(cls, json_schema: str | Mapping[str, Any], verbose: bool = True) -> LlamaGrammar:
-        """A grammar that accepts exactly the JSON documents valid under ``json_schema``.
+        """A grammar that accepts only JSON documents valid under ``json_schema``.
 
-        Converted by llama.cpp's own converter (the one llama-server uses): required and
-        optional properties, enum, const, arrays with min/maxItems, nested objects,
-        ``$ref``/``$defs``, anyOf/oneOf, string lengths, patterns and formats, integer bounds,
-        integer vs number, additionalProperties.
-
-        The converter ignores some keywords (bounds of non-integer numbers, multipleOf,
-        uniqueItems, min/maxProperties, not/if/then/else, ...): output can then parse but break
-        them. Rather than let that pass silently, a :class:`UnenforcedSchemaWarning` names each.
+        Converted by :func:`llama_cpp.json_schema.schema_to_grammar`: properties (required
+        and optional), ``additionalProperties``, ``min/maxProperties``, ``enum``, ``const``,
+        arrays (``items``, ``prefixItems``, ``min/maxItems``, ``uniqueItems`` over a small
+        set of values), strings (lengths, ``pattern`` and lengths together, formats date,
+        time, date-time and uuid), integers and numbers (bounds, exclusive bounds, integral
+        ``multipleOf``), ``$ref``/``$defs`` (recursion too), ``anyOf``, ``oneOf`` with
+        disjoint branches, ``allOf``. Every document the grammar accepts validates under the
+        schema (draft 2020-12), except ``uniqueItems`` on other items, left to the validation
+        of the answer. A keyword it cannot enforce (``not``, ``if``/``then``/``else``,
+        ``patternProperties``, a fractional ``multipleOf``, a backreference in a pattern, ...)
+        refuses the schema up front.
 
         Raises:
-            GrammarError: The schema is not valid JSON or cannot be converted (with the reason).
+            UnsupportedSchemaError: The schema uses keywords the grammar cannot enforce
+                (``keywords`` names each as a JSON pointer).
+            GrammarError: The schema is not valid JSON, is invalid, or cannot be converted
+                (with the reason).
         """
         del verbose
-        text = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
-        grammar = cls(grammar=_core.json_schema_to_grammar(text))
-        schema = json.loads(text) if isinstance(json_schema, str) else json_schema
-        warn_unenforced(schema, stacklevel=3)
-        return grammar
+        if isinstance(json_schema, str):
+            try:
+                schema = json.loads(json_schema)
+            except (ValueError, RecursionError) as e:
+                raise GrammarError(f"invalid JSON schema: not JSON ({e})") from None
+        else:
+            schema = json_schema
+        return cls(grammar=schema_to_grammar(schema))
 
     @classmethod
     def from_file(

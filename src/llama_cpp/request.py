@@ -30,6 +30,7 @@ from llama_cpp.llama_types import (
     CreateCompletionResponse,
 )
 from llama_cpp.params import DEFAULT_SEED, SamplingParams
+from llama_cpp.structured import AnswerCheck, StreamedAnswer
 
 __all__ = ["CHAT_KEYWORDS", "COMPLETION_KEYWORDS", "SAMPLING_KEYWORDS", "ChatRequest", "CompletionRequest"]
 
@@ -128,21 +129,35 @@ class ChatRequest:
 
     completion: CompletionRequest
     parser: OutputParser
+    check: AnswerCheck | None = None
 
     @property
     def request(self) -> Request:
         return self.completion.request
 
     def response(self, outcome: Outcome) -> CreateChatCompletionResponse:
-        """The ``chat.completion`` dict of a finished generation, parsed by the chat format."""
+        """The ``chat.completion`` dict of a finished generation, parsed by the chat format.
+
+        Raises:
+            SchemaValidationError: A completed answer breaks its ``response_format`` schema,
+                or a tool call's arguments its tool's ``parameters``.
+        """
         response = chat_response(self.completion.response(outcome), self.parser)
         if getattr(self.parser, "fell_back", False):
             _log.warning("the model's answer did not follow its chat format; it is returned as plain content")
+        if self.check is not None:
+            choice = response["choices"][0]
+            self.check.check(choice["message"], choice["finish_reason"])
         return response
 
     def chunks(self, stream: GenerationStream) -> Iterator[ChatCompletionChunk]:
-        """The ``chat.completion.chunk`` dicts of a native stream."""
-        return chat_chunks(self.completion.chunks(stream), self.parser)
+        """The ``chat.completion.chunk`` dicts of a native stream; with a schema or tools,
+        SchemaValidationError is raised in place of the finish reason's chunk when the
+        completed answer is invalid (see :meth:`response`)."""
+        chunks = chat_chunks(self.completion.chunks(stream), self.parser)
+        if self.check is None:
+            return chunks
+        return StreamedAnswer(self.check).chunks(chunks)
 
 
 class RequestBuilder:
@@ -284,7 +299,9 @@ class RequestBuilder:
         Raises:
             TypeError: An unknown keyword (template variables go in ``chat_template_kwargs``).
             InvalidArgumentError: Malformed messages, tools or values.
-            GrammarError: A ``response_format`` schema llama.cpp cannot convert.
+            UnsupportedSchemaError: A ``response_format`` schema with a keyword the grammar
+                cannot enforce (raised before anything is generated or queued).
+            GrammarError: A ``response_format`` schema that is not a valid JSON schema.
         """
         check_keywords(where, keywords, CHAT_KEYWORDS | SAMPLING_KEYWORDS | REMOVED_KEYWORDS.keys())
         given = {**_CHAT_DEFAULTS, **keywords}
@@ -322,7 +339,7 @@ class RequestBuilder:
         )
         if prepared.grammar is not None:
             _set_grammar(completion.request.sampling, prepared.grammar)
-        return ChatRequest(completion, prepared.parser)
+        return ChatRequest(completion, prepared.parser, prepared.check)
 
 
 def _include_usage(stream_options: object) -> bool:

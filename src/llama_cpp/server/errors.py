@@ -18,6 +18,8 @@ from llama_cpp.errors import (
     InvalidArgumentError,
     LlamaError,
     PoolBusyError,
+    SchemaValidationError,
+    UnsupportedSchemaError,
     WorkerLostError,
 )
 
@@ -53,9 +55,15 @@ class APIError(Exception):
 
 
 #: The library's typed errors, most specific first: status, OpenAI type, param, code.
+#: A structured answer that breaks its schema is a 422, not a 500: the model answered, but
+#: the schema asks for what only validation enforces, and a retry with the same settings
+#: gives the same answer (OpenAI's client retries 5xx on its own, not 422). Its ``param`` is
+#: None: the answer broke either the response format's schema or a tool's parameters.
 _MAPPING: tuple[tuple[type[Exception], int, str, str | None, str], ...] = (
     (PoolBusyError, 429, "rate_limit_error", None, "queue_full"),
     (ContextOverflowError, 400, "invalid_request_error", "messages", "context_length_exceeded"),
+    (UnsupportedSchemaError, 400, "invalid_request_error", "response_format", "unsupported_schema"),
+    (SchemaValidationError, 422, "invalid_request_error", None, "schema_validation_failed"),
     (GrammarError, 400, "invalid_request_error", "response_format", "invalid_grammar"),
     (InvalidArgumentError, 400, "invalid_request_error", None, "invalid_value"),
     (TypeError, 400, "invalid_request_error", None, "invalid_value"),  # an unknown keyword
@@ -66,10 +74,17 @@ _MAPPING: tuple[tuple[type[Exception], int, str, str | None, str], ...] = (
 )
 
 
-def from_library_error(error: Exception) -> APIError:
-    """The HTTP answer to a typed error of the library (or TypeError for an unknown keyword)."""
+def from_library_error(error: Exception, schema_param: str = "response_format") -> APIError:
+    """The HTTP answer to a typed error of the library (or TypeError for an unknown keyword).
+
+    Args:
+        error: The library's error.
+        schema_param: The request field that holds the JSON schema, the ``param`` of a
+            schema's errors (``text.format`` on the Responses API).
+    """
     for kind, status, type_, param, code in _MAPPING:
         if isinstance(error, kind):
             headers = {"Retry-After": "1"} if status == 429 else None
-            return APIError(status, str(error), type_, param, code, headers)
+            field = schema_param if param == "response_format" else param
+            return APIError(status, str(error), type_, field, code, headers)
     return APIError(500, "internal error", "server_error", code="internal_error")

@@ -20,6 +20,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
+from llama_cpp.errors import GrammarError
 from llama_cpp.server.chat_call import ChatCall, CountTokens
 from llama_cpp.server.errors import APIError, from_library_error
 from llama_cpp.server.protocols import Lenient, SSEResponse, new_id, protocol_route, sse_event, text_of
@@ -464,7 +465,7 @@ async def _sse(
             for event in stream.feed(chunk):
                 yield sse_event(event)
     except Exception as failure:  # the status was sent: the client reads an error event
-        error = failure if isinstance(failure, APIError) else from_library_error(failure)
+        error = failure if isinstance(failure, APIError) else from_library_error(failure, "text.format")
         yield sse_event(stream.failed(error))
         return
     for event in stream.finish():
@@ -488,7 +489,10 @@ def responses_router(chat: ChatCall, count_tokens: CountTokens) -> APIRouter:
         messages, keywords = chat_request(request)
         if body.stream:
             keywords["stream_options"] = {"include_usage": True}
-        answer = await chat(body.model, messages, keywords, body.stream)
+        try:
+            answer = await chat(body.model, messages, keywords, body.stream)
+        except GrammarError as error:  # the schema is text.format's here, not response_format's
+            raise from_library_error(error, "text.format") from error
         model = body.model or ""
         if isinstance(answer, dict):
             return response_object(answer, request, model or None)

@@ -30,10 +30,9 @@ from llama_cpp.testing import EOS_ID, EOT_ID, SPACE_ID, TinyModelSpec, byte_toke
 
 
 def examples(n: int) -> settings:
-    """At most ``n`` examples, or the profile's count when it asks for more (fuzz)."""
-    return settings(
-        max_examples=max(n, settings.default.max_examples) if settings.default.max_examples > 50 else n
-    )
+    """``n`` examples, or the profile's count when it asks for more (``fuzz``)."""
+    profile = settings().max_examples  # the loaded profile's
+    return settings(max_examples=n if profile <= 50 else max(n, profile))
 
 
 # -- the tokenizer ---------------------------------------------------------------------------
@@ -250,11 +249,13 @@ def tiny_front(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FrontEnd]:
     path = write_tiny_llama(tmp_path_factory.mktemp("props") / "tiny.gguf", SPEC)
+    # One thread: a tiny model's decode is microseconds, and ggml's threads spin-waiting on a
+    # loaded machine made each completion 15 times slower (every fixture here does the same).
     target: FrontEnd
     if request.param == "llama":
-        target = Llama(path, n_ctx=256, n_batch=64, verbose=False)
+        target = Llama(path, n_ctx=256, n_batch=64, n_threads=1, verbose=False)
     else:
-        target = LlamaPool(path, pool_size=2, n_ctx=256, n_batch=64, verbose=False)
+        target = LlamaPool(path, pool_size=2, n_ctx=256, n_batch=64, n_threads=1, verbose=False)
     with target:
         yield target
 
@@ -339,6 +340,61 @@ def test_stop_strings_never_leak(
     assert native == text
 
 
+GENERATION_VALUES: dict[str, st.SearchStrategy[Any]] = {
+    "max_tokens": st.none()
+    | st.integers(-(2**70), 2**70)
+    | st.integers(-2, 8)
+    | st.floats()
+    | st.text(max_size=2),
+    "stop": st.none()
+    | st.text(max_size=3)
+    | st.lists(st.text(max_size=3) | st.none() | st.integers(), max_size=3)
+    | st.integers()
+    | st.just("\ud800"),
+    "logprobs": st.none() | st.integers(-(2**70), 2**70) | st.integers(-1, 5) | st.floats(),
+}
+
+
+@examples(100)
+@given(values=st.fixed_dictionaries({}, optional=GENERATION_VALUES))
+def test_generation_options_work_or_raise_invalid_argument(
+    tiny_front: FrontEnd, values: dict[str, Any]
+) -> None:
+    try:
+        answer = tiny_front.create_completion([byte_token(ord("a"))], temperature=0.0, **values)
+    except InvalidArgumentError:
+        return
+    # What came back is the letters' cycle, cut by the limit or a stop, whatever the values.
+    assert expected_text(walk(byte_token(ord("a")), 300)).startswith(answer["choices"][0]["text"])
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"max_tokens": "8"}, "max_tokens must be an int or None, got '8'"),
+        ({"max_tokens": 8.0}, "max_tokens must be an int or None, got 8.0"),
+        ({"stop": 5}, "stop must be a str or a list of str, got 5"),
+        ({"stop": ["b", None]}, "stop must be a str or a list of str, got ['b', None]"),
+        ({"stop": "\ud800"}, "stop '\\ud800' has no UTF-8 form (surrogates not allowed)"),
+        ({"logprobs": 1.5}, "logprobs must be an int or None, got 1.5"),
+    ],
+)
+def test_unrepresentable_generation_options_raise_invalid_argument(
+    tiny_front: FrontEnd, values: dict[str, Any], message: str
+) -> None:
+    # Regression: these raised TypeError (from a comparison or from nanobind) or were ignored.
+    with pytest.raises(InvalidArgumentError) as e:
+        tiny_front.create_completion("a", **values)
+    assert str(e.value) == message
+
+
+def test_a_limit_beyond_int32_is_no_limit(tiny_front: FrontEnd) -> None:
+    # Regression: max_tokens=2**40 raised nanobind's TypeError; it now runs to a stop (or the
+    # context's end), and logprobs beyond int32 are llama.cpp's cap (the vocabulary).
+    answer = tiny_front.create_completion("a", max_tokens=2**40, stop="z", logprobs=2**40)
+    assert answer["choices"][0]["text"] == "bcdefghijklmnopqrstuvwxy"
+
+
 # -- sampling parameters ---------------------------------------------------------------------
 
 FLOATS = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(
@@ -391,7 +447,7 @@ def noisy_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def noisy(noisy_model: Path) -> Iterator[Llama]:
-    with Llama(noisy_model, n_ctx=128, n_batch=32, verbose=False) as llm:
+    with Llama(noisy_model, n_ctx=128, n_batch=32, n_threads=1, verbose=False) as llm:
         yield llm
 
 
@@ -486,7 +542,7 @@ class Stateful(NamedTuple):
 @pytest.fixture(scope="module")
 def stateful(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stateful]:
     path = write_tiny_llama(tmp_path_factory.mktemp("props") / "tiny.gguf", SPEC)
-    with Llama(path, n_ctx=64, n_batch=32, verbose=False) as llm:
+    with Llama(path, n_ctx=64, n_batch=32, n_threads=1, verbose=False) as llm:
         llm.create_completion("abc", max_tokens=4, temperature=0.0)
         yield Stateful(llm, llm.save_state())
 
@@ -537,6 +593,22 @@ def test_load_state_of_damaged_data_raises_llama_error(
     assert_usable(llm)
 
 
+@pytest.mark.parametrize("length", [2**32 - 1, 2**31, 15_000])
+def test_load_state_with_a_damaged_header_raises_llama_error(stateful: Stateful, length: int) -> None:
+    # Regression: llama.cpp allocated (and zeroed) the architecture name's length as read,
+    # up to 4 GiB, before checking it against the data: seconds per damaged state.
+    llm, good = stateful
+    data = length.to_bytes(4, "little") + good.data[4:]
+    with pytest.raises(LlamaError) as e:
+        llm.load_state(LlamaState(good.model_path, good.n_ctx, good.tokens, data))
+    assert (
+        str(e.value)
+        == "the state could not be loaded: it is truncated or damaged (its header runs past its end)"
+    )
+    assert llm.n_tokens == 0
+    assert_usable(llm)
+
+
 def test_load_state_of_another_model_raises_llama_error(
     stateful: Stateful, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -564,7 +636,7 @@ def test_load_state_larger_than_the_window_raises_context_overflow(
     stateful: Stateful, tiny_model_path: Path
 ) -> None:
     llm, _ = stateful
-    with Llama(tiny_model_path, n_ctx=1024, n_batch=64, verbose=False) as big:
+    with Llama(tiny_model_path, n_ctx=1024, n_batch=64, n_threads=1, verbose=False) as big:
         big.create_completion("a", max_tokens=llm.n_ctx() + 8, temperature=0.0)
         large = big.save_state()
     assert len(large.tokens) > llm.n_ctx()

@@ -30,10 +30,9 @@ from llama_cpp.grammar import UnenforcedSchemaWarning
 
 
 def examples(n: int) -> settings:
-    """At most ``n`` examples, or the profile's count when it asks for more (fuzz)."""
-    return settings(
-        max_examples=max(n, settings.default.max_examples) if settings.default.max_examples > 50 else n
-    )
+    """``n`` examples, or the profile's count when it asks for more (``fuzz``)."""
+    profile = settings().max_examples  # the loaded profile's
+    return settings(max_examples=n if profile <= 50 else max(n, profile))
 
 
 def compiles(gbnf: str) -> LlamaGrammar | None:
@@ -116,7 +115,7 @@ def test_real_grammars_compile(real_grammars: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_llm(tiny_model_path: Path) -> Iterator[Llama]:
-    with Llama(tiny_model_path, n_ctx=256, n_batch=64, verbose=False) as llm:
+    with Llama(tiny_model_path, n_ctx=256, n_batch=64, n_threads=1, verbose=False) as llm:
         yield llm
 
 

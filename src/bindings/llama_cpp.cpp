@@ -1539,7 +1539,8 @@ constexpr size_t MAX_SCHEMA_NESTING = 512;
 // What in the GBNF `grammar` would hang or crash llama.cpp's parser, described, or "":
 // - a repetition `{m,n}` with n < m: handle_repetitions counts the optional copies as n - m in
 //   uint64_t, which wraps around, and appends rules until memory runs out;
-// - parentheses nested deeper than MAX_GRAMMAR_NESTING (a stack overflow).
+// - parentheses nested deeper than MAX_GRAMMAR_NESTING (a stack overflow);
+// - a NUL character (the parser stops there: the rest would be ignored, not refused).
 // String literals, character classes and comments are skipped, as the parser reads them; a
 // count too long for uint64_t saturates (the parser rejects it as too large).
 std::string grammar_hazard(const std::string &grammar) {
@@ -1548,6 +1549,10 @@ std::string grammar_hazard(const std::string &grammar) {
     auto line_at = [&](size_t offset) {
         return std::to_string(1 + std::count(grammar.begin(), grammar.begin() + static_cast<std::ptrdiff_t>(offset), '\n'));
     };
+    // llama.cpp reads the grammar as a C string: it would silently ignore all after a NUL.
+    if (const size_t nul = grammar.find('\0'); nul != std::string::npos) {
+        return "the grammar contains a NUL character, at line " + line_at(nul);
+    }
     auto skip_space = [&](size_t i) {
         while (i < size && (grammar[i] == ' ' || grammar[i] == '\t' || grammar[i] == '\r' || grammar[i] == '\n')) ++i;
         return i;
@@ -3982,6 +3987,17 @@ class Context {
             throw ContextOverflowError("the state holds " + std::to_string(toks.size()) +
                                        " tokens, more than the context window of " +
                                        std::to_string(state_->n_ctx()));
+        }
+        // The state opens with the architecture's name, as a uint32 length and the bytes.
+        // llama.cpp allocates (and zeroes) that length before it checks it against the data
+        // left: a damaged length cost up to 4 GiB and seconds before the error.
+        uint32_t arch_size = 0;
+        if (size >= sizeof(arch_size)) std::memcpy(&arch_size, data, sizeof(arch_size));
+        if (size < sizeof(arch_size) || arch_size > size - sizeof(arch_size)) {
+            state_->logits_ready = false;
+            state_->clear();  // as a state llama.cpp refuses leaves it: an empty KV cache
+            throw LlamaError("the state could not be loaded: it is truncated or damaged (its header runs past its "
+                             "end)");
         }
         tl_last_errors.clear();
         const size_t read = llama_state_set_data(state_->get(), reinterpret_cast<const uint8_t *>(data), size);

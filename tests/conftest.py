@@ -31,6 +31,13 @@ settings.register_profile("fuzz", deadline=None, database=None, max_examples=100
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "llama_cpp"))
 
 
+def examples(n: int) -> settings:
+    """Hypothesis settings of ``n`` examples, or of the profile's count when it asks for
+    more (``fuzz``): a test bounds its own examples to stay within a few seconds."""
+    profile = settings().max_examples  # the loaded profile's
+    return settings(max_examples=n if profile <= 50 else max(n, profile))
+
+
 def llama_build() -> dict[str, object]:
     """The record scripts/setup_llama.py left in lib/ (where the pinned source lives, etc.)."""
     info: dict[str, object] = json.loads((ROOT / "lib" / "llama-build.json").read_text())

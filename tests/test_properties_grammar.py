@@ -22,17 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import examples
 from llama_cpp import GrammarError, Llama, LlamaGrammar, SamplingParams
 from llama_cpp.grammar import UnenforcedSchemaWarning
-
-
-def examples(n: int) -> settings:
-    """``n`` examples, or the profile's count when it asks for more (``fuzz``)."""
-    profile = settings().max_examples  # the loaded profile's
-    return settings(max_examples=n if profile <= 50 else max(n, profile))
 
 
 def compiles(gbnf: str) -> LlamaGrammar | None:

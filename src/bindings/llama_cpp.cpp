@@ -1091,7 +1091,7 @@ class Model {
             try {
                 return llama_tokenize(vocab, text.data(), len, tokens.data(), static_cast<int32_t>(tokens.size()),
                                       add_special, parse_special);
-            } catch (const std::exception &e) {
+            } catch (const std::invalid_argument &e) {
                 throw InvalidArgumentError(std::string("this tokenizer cannot tokenize the text (") + e.what() +
                                            "): it must be valid UTF-8");
             }

@@ -14,12 +14,28 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from hypothesis import settings
 
 from llama_cpp import Llama, LlamaPool
 from llama_cpp.testing import write_tiny_llama
 from llama_cpp.testing.default_model import ensure_default_model
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Property tests (hypothesis): no deadline (one example may wait for a shared CPU; each test
+# bounds its examples instead), no example database written into the tree, and the same
+# examples every run, so that a failure reproduces. HYPOTHESIS_PROFILE=fuzz explores more,
+# with fresh random examples each run.
+settings.register_profile("llama_cpp", deadline=None, database=None, derandomize=True, max_examples=50)
+settings.register_profile("fuzz", deadline=None, database=None, max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "llama_cpp"))
+
+
+def examples(n: int) -> settings:
+    """Hypothesis settings of ``n`` examples, or of the profile's count when it asks for
+    more (``fuzz``): a test bounds its own examples to stay within a few seconds."""
+    profile = settings().max_examples  # the loaded profile's
+    return settings(max_examples=n if profile <= 50 else max(n, profile))
 
 
 def llama_build() -> dict[str, object]:

@@ -148,6 +148,18 @@ PyObject *new_exception(nb::module_ &m, const char *name, PyObject *bases, const
     return type;
 }
 
+// Raises `type` with the message `what`. Messages may quote bytes from files and input (a
+// damaged state's architecture name, a grammar cut mid-character): they are decoded with
+// U+FFFD for invalid UTF-8, where PyErr_SetString would raise UnicodeDecodeError instead.
+void set_error(PyObject *type, const char *what) {
+    PyObject *message = PyUnicode_DecodeUTF8(what, static_cast<Py_ssize_t>(std::strlen(what)), "replace");
+    if (message == nullptr) {
+        return;  // MemoryError is set
+    }
+    PyErr_SetObject(type, message);
+    Py_DECREF(message);
+}
+
 void bind_errors(nb::module_ &m) {
     py_llama_error = new_exception(m, "LlamaError", PyExc_RuntimeError,
                                    "Base class of every error raised by llama_cpp.");
@@ -174,21 +186,21 @@ void bind_errors(nb::module_ &m) {
         try {
             std::rethrow_exception(p);
         } catch (const ModelLoadError &e) {
-            PyErr_SetString(py_model_load_error, e.what());
+            set_error(py_model_load_error, e.what());
         } catch (const ContextOverflowError &e) {
-            PyErr_SetString(py_context_overflow_error, e.what());
+            set_error(py_context_overflow_error, e.what());
         } catch (const DecodeError &e) {
-            PyErr_SetString(py_decode_error, e.what());
+            set_error(py_decode_error, e.what());
         } catch (const ClosedError &e) {
-            PyErr_SetString(py_closed_error, e.what());
+            set_error(py_closed_error, e.what());
         } catch (const GrammarError &e) {
-            PyErr_SetString(py_grammar_error, e.what());
+            set_error(py_grammar_error, e.what());
         } catch (const InvalidArgumentError &e) {
-            PyErr_SetString(py_invalid_argument_error, e.what());
+            set_error(py_invalid_argument_error, e.what());
         } catch (const CancelledError &e) {
-            PyErr_SetString(py_cancelled_error, e.what());
+            set_error(py_cancelled_error, e.what());
         } catch (const LlamaError &e) {
-            PyErr_SetString(py_llama_error, e.what());
+            set_error(py_llama_error, e.what());
         }
     });
 }
@@ -1073,15 +1085,24 @@ class Model {
         }
         const auto len = static_cast<int32_t>(text.size());
         std::vector<llama_token> tokens(static_cast<size_t>(len) + 2);
-        int32_t n = llama_tokenize(vocab, text.data(), len, tokens.data(),
-                                   static_cast<int32_t>(tokens.size()), add_special, parse_special);
+        // Some pre-tokenizers (MPT's, Qwen 3.5's) decode the text as UTF-8 and throw
+        // std::invalid_argument ("invalid codepoint") through the C API on invalid bytes.
+        auto run = [&]() {
+            try {
+                return llama_tokenize(vocab, text.data(), len, tokens.data(), static_cast<int32_t>(tokens.size()),
+                                      add_special, parse_special);
+            } catch (const std::invalid_argument &e) {
+                throw InvalidArgumentError(std::string("this tokenizer cannot tokenize the text (") + e.what() +
+                                           "): it must be valid UTF-8");
+            }
+        };
+        int32_t n = run();
         if (n == INT32_MIN) {
             throw InvalidArgumentError("tokenization overflowed int32");
         }
         if (n < 0) {
             tokens.resize(static_cast<size_t>(-n));
-            n = llama_tokenize(vocab, text.data(), len, tokens.data(),
-                               static_cast<int32_t>(tokens.size()), add_special, parse_special);
+            n = run();
             if (n < 0) {
                 throw LlamaError("llama_tokenize failed");
             }
@@ -1508,6 +1529,101 @@ struct SamplerDeleter {
 };
 using SamplerPtr = std::unique_ptr<llama_sampler, SamplerDeleter>;
 
+// Deepest nesting of parentheses in a GBNF grammar, and of arrays and objects in a JSON
+// schema, that reaches llama.cpp: its grammar parser, JSON parser and schema converter recurse
+// once (or more) per level and overflow the stack, killing the process, from about 20000
+// levels on. Real grammars and schemas nest a few dozen levels.
+constexpr size_t MAX_GRAMMAR_NESTING = 1000;
+constexpr size_t MAX_SCHEMA_NESTING = 512;
+
+// What in the GBNF `grammar` would hang or crash llama.cpp's parser, described, or "":
+// - a repetition `{m,n}` with n < m: handle_repetitions counts the optional copies as n - m in
+//   uint64_t, which wraps around, and appends rules until memory runs out;
+// - parentheses nested deeper than MAX_GRAMMAR_NESTING (a stack overflow);
+// - a NUL character (the parser stops there: the rest would be ignored, not refused).
+// String literals, character classes and comments are skipped, as the parser reads them; a
+// count too long for uint64_t saturates (the parser rejects it as too large).
+std::string grammar_hazard(const std::string &grammar) {
+    const size_t size = grammar.size();
+    size_t depth = 0;
+    auto line_at = [&](size_t offset) {
+        return std::to_string(1 + std::count(grammar.begin(), grammar.begin() + static_cast<std::ptrdiff_t>(offset), '\n'));
+    };
+    // llama.cpp reads the grammar as a C string: it would silently ignore all after a NUL.
+    if (const size_t nul = grammar.find('\0'); nul != std::string::npos) {
+        return "the grammar contains a NUL character, at line " + line_at(nul);
+    }
+    auto skip_space = [&](size_t i) {
+        while (i < size && (grammar[i] == ' ' || grammar[i] == '\t' || grammar[i] == '\r' || grammar[i] == '\n')) ++i;
+        return i;
+    };
+    auto read_count = [&](size_t &i, uint64_t &value) {
+        const size_t start = i;
+        value = 0;
+        for (; i < size && grammar[i] >= '0' && grammar[i] <= '9'; ++i) {
+            const uint64_t digit = static_cast<uint64_t>(grammar[i] - '0');
+            value = value > (UINT64_MAX - digit) / 10 ? UINT64_MAX : value * 10 + digit;
+        }
+        return i > start;
+    };
+    for (size_t i = 0; i < size;) {
+        const char c = grammar[i];
+        if (c == '"' || c == '[') {
+            const char close = c == '"' ? '"' : ']';
+            for (++i; i < size && grammar[i] != close; ++i) {
+                if (grammar[i] == '\\') ++i;  // an escape: the next character is literal
+            }
+            ++i;
+        } else if (c == '#') {
+            while (i < size && grammar[i] != '\r' && grammar[i] != '\n') ++i;
+        } else if (c == '{') {
+            const size_t open = i;
+            uint64_t min_times = 0, max_times = 0;
+            i = skip_space(i + 1);
+            if (!read_count(i, min_times)) continue;
+            i = skip_space(i);
+            if (i >= size || grammar[i] != ',') continue;
+            i = skip_space(i + 1);
+            if (!read_count(i, max_times)) continue;
+            if (max_times < min_times) {
+                return "repetition {" + std::to_string(min_times) + "," + std::to_string(max_times) +
+                       "} has its maximum below its minimum, at line " + line_at(open);
+            }
+        } else if (c == '(') {
+            if (++depth > MAX_GRAMMAR_NESTING) {
+                return "parentheses nested deeper than " + std::to_string(MAX_GRAMMAR_NESTING) + " levels, at line " +
+                       line_at(i);
+            }
+            ++i;
+        } else {
+            if (c == ')' && depth > 0) --depth;
+            ++i;
+        }
+    }
+    return "";
+}
+
+// Throws GrammarError if the JSON text `schema` nests arrays and objects deeper than
+// MAX_SCHEMA_NESTING (see there); strings are skipped. Malformed JSON is left to the parser.
+void check_schema_nesting(const std::string &schema) {
+    size_t depth = 0;
+    for (size_t i = 0; i < schema.size(); ++i) {
+        const char c = schema[i];
+        if (c == '"') {
+            for (++i; i < schema.size() && schema[i] != '"'; ++i) {
+                if (schema[i] == '\\') ++i;
+            }
+        } else if (c == '[' || c == '{') {
+            if (++depth > MAX_SCHEMA_NESTING) {
+                throw GrammarError("invalid JSON schema: arrays and objects nested deeper than " +
+                                   std::to_string(MAX_SCHEMA_NESTING) + " levels");
+            }
+        } else if ((c == ']' || c == '}') && depth > 0) {
+            --depth;
+        }
+    }
+}
+
 // Why llama.cpp's grammar parser rejects the GBNF `grammar`, or "" if it parses. `vocab` may
 // be null (no model at hand): a token literal such as <end_of_turn> then cannot be resolved,
 // and the text is reported as parsing, with *needs_vocab set (the model checks it when a
@@ -1516,6 +1632,9 @@ using SamplerPtr = std::unique_ptr<llama_sampler, SamplerDeleter>;
 // llama_grammar_parser::parse catches its parse error and prints it to stderr; its parse_rule,
 // which throws it, is called here rule by rule instead, and the reason becomes the message.
 std::string grammar_syntax_error(const llama_vocab *vocab, const std::string &grammar, bool *needs_vocab = nullptr) {
+    if (std::string reason = grammar_hazard(grammar); !reason.empty()) {
+        return reason;
+    }
 #ifdef LLAMA_CPP_GRAMMAR_PARSER
     // Blanks and comments between rules, as the parser skips them before the first rule (it
     // skips them itself after each).
@@ -1905,6 +2024,7 @@ void bind_sampling(nb::module_ &m) {
     m.def(
         "json_schema_to_grammar",
         [](const std::string &schema) {
+            check_schema_nesting(schema);
             try {
                 return json_schema_to_grammar(common_json::parse(schema));
             } catch (const std::exception &e) {
@@ -3867,6 +3987,17 @@ class Context {
             throw ContextOverflowError("the state holds " + std::to_string(toks.size()) +
                                        " tokens, more than the context window of " +
                                        std::to_string(state_->n_ctx()));
+        }
+        // The state opens with the architecture's name, as a uint32 length and the bytes.
+        // llama.cpp allocates (and zeroes) that length before it checks it against the data
+        // left: a damaged length cost up to 4 GiB and seconds before the error.
+        uint32_t arch_size = 0;
+        if (size >= sizeof(arch_size)) std::memcpy(&arch_size, data, sizeof(arch_size));
+        if (size < sizeof(arch_size) || arch_size > size - sizeof(arch_size)) {
+            state_->logits_ready = false;
+            state_->clear();  // as a state llama.cpp refuses leaves it: an empty KV cache
+            throw LlamaError("the state could not be loaded: it is truncated or damaged (its header runs past its "
+                             "end)");
         }
         tl_last_errors.clear();
         const size_t read = llama_state_set_data(state_->get(), reinterpret_cast<const uint8_t *>(data), size);

@@ -20,19 +20,47 @@ def generate_options(
     """The native options of one generation.
 
     Raises:
-        InvalidArgumentError: ``logprobs`` is negative.
+        InvalidArgumentError: ``max_tokens`` or ``logprobs`` is not an int, ``logprobs`` is
+            negative, a stop is not a str or has no UTF-8 form (a lone surrogate).
     """
     options = _core.GenerateOptions()
-    options.max_tokens = 0 if max_tokens is None or max_tokens <= 0 else max_tokens
-    options.stop = [stop] if isinstance(stop, str) else [s for s in stop or () if s]
+    max_tokens = _int_or_none("max_tokens", max_tokens)
+    # Past int32, a limit is no limit: no context window holds that many tokens.
+    options.max_tokens = 0 if max_tokens is None or not 0 < max_tokens < _INT32_END else max_tokens
+    options.stop = _stops(stop)
+    logprobs = _int_or_none("logprobs", logprobs)
     if logprobs is not None:
         if logprobs < 0:
             raise InvalidArgumentError(f"logprobs must be >= 0 (top alternatives per token), got {logprobs}")
-        options.n_probs = logprobs
+        options.n_probs = min(logprobs, _INT32_END - 1)  # llama.cpp caps it at the vocabulary
         options.prompt_logprobs = prompt_logprobs
     if cancellation is not None:
         options.cancellation = cancellation
     return options
+
+
+_INT32_END = 2**31
+
+
+def _int_or_none(name: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"{name} must be an int or None, got {value!r}")
+    return value
+
+
+def _stops(stop: object) -> list[str]:
+    """The non-empty stop strings of ``stop`` (a str, a sequence of str, or None)."""
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, Sequence) or not all(isinstance(s, str) for s in stops):
+        raise InvalidArgumentError(f"stop must be a str or a list of str, got {stop!r}")
+    for s in stops:
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidArgumentError(f"stop {s!r} has no UTF-8 form ({e.reason})") from None
+    return [s for s in stops if s]
 
 
 def finish_reason(reason: str | None) -> FinishReason:

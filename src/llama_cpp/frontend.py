@@ -82,13 +82,43 @@ class FrontEnd(ABC):
             text: UTF-8 bytes or str.
             add_bos: Add the BOS (and EOS) tokens the model asks for.
             special: Parse special-token text such as ``<start_of_turn>`` as special tokens.
+
+        Raises:
+            InvalidArgumentError: ``text`` is neither str nor bytes-like, a str holds a lone
+                surrogate (it has no UTF-8 form), or the tokenizer needs valid UTF-8 (some
+                BPE pre-tokenizers) and the bytes are not.
         """
-        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        if isinstance(text, str):
+            try:
+                data = text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InvalidArgumentError(f"tokenize: the text has no UTF-8 form ({e.reason})") from None
+        elif isinstance(text, bytes | bytearray | memoryview):
+            # Not bytes(x) on anything: bytes(5) is five NUL bytes, a silently wrong answer.
+            data = bytes(text)
+        else:
+            raise InvalidArgumentError(f"tokenize expects str or bytes, got {type(text).__name__}")
         return self.model.tokenize(data, add_bos, special)
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
-        """The bytes of ``tokens`` (may end inside a multi-byte character)."""
-        return self.model.detokenize(list(tokens), special)
+        """The bytes of ``tokens`` (may end inside a multi-byte character).
+
+        Raises:
+            InvalidArgumentError: A token id is not an int or is outside the vocabulary.
+        """
+        ids = list(tokens)
+        try:
+            return self.model.detokenize(ids, special)
+        except TypeError:
+            # The native call takes int32 ids: find the one that is not, for the message.
+            for token in ids:
+                if isinstance(token, bool) or not hasattr(token, "__index__"):
+                    raise InvalidArgumentError(f"token ids must be ints, got {token!r}") from None
+                if not 0 <= int(token) < self.n_vocab():
+                    raise InvalidArgumentError(
+                        f"token id {int(token)} is out of range [0, {self.n_vocab()})"
+                    ) from None
+            raise
 
     @abstractmethod
     def create_embedding(

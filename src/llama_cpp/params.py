@@ -6,10 +6,37 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from llama_cpp import _core
+from llama_cpp.errors import InvalidArgumentError
 from llama_cpp.grammar import LlamaGrammar
 
 #: A random seed is drawn for each generation when ``seed`` is this value (or None).
 DEFAULT_SEED: int = _core.DEFAULT_SEED
+
+_FLOAT = "a float"
+_INT32 = "an int in [-2**31, 2**31)"
+#: The fields copied as they are into the native config, with what it can hold.
+_NATIVE_FIELDS: dict[str, str] = {
+    "temperature": _FLOAT,
+    "top_k": _INT32,
+    "top_p": _FLOAT,
+    "min_p": _FLOAT,
+    "typical_p": _FLOAT,
+    "repeat_penalty": _FLOAT,
+    "frequency_penalty": _FLOAT,
+    "presence_penalty": _FLOAT,
+    "penalty_last_n": _INT32,
+    "mirostat_mode": _INT32,
+    "mirostat_tau": _FLOAT,
+    "mirostat_eta": _FLOAT,
+    "dry_multiplier": _FLOAT,
+    "dry_base": _FLOAT,
+    "dry_allowed_length": _INT32,
+    "dry_penalty_last_n": _INT32,
+    "dry_sequence_breakers": "a sequence of str",
+    "xtc_probability": _FLOAT,
+    "xtc_threshold": _FLOAT,
+    "top_n_sigma": _FLOAT,
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,35 +113,33 @@ class SamplingParams:
         return cls(temperature=0.0)
 
     def to_native(self) -> _core.SamplerConfig:
-        """The native form; raises InvalidArgumentError for a seed out of range."""
+        """The native form.
+
+        Raises:
+            InvalidArgumentError: A value the native config cannot hold (a float that is not a
+                number, an int beyond 32 bits, a logit bias that is not token id -> number) or
+                a seed out of range; the other ranges are checked when a generation starts.
+        """
         config = _core.SamplerConfig()
-        config.temperature = self.temperature
-        config.top_k = self.top_k
-        config.top_p = self.top_p
-        config.min_p = self.min_p
-        config.typical_p = self.typical_p
-        config.repeat_penalty = self.repeat_penalty
-        config.frequency_penalty = self.frequency_penalty
-        config.presence_penalty = self.presence_penalty
-        config.penalty_last_n = self.penalty_last_n
-        config.mirostat_mode = self.mirostat_mode
-        config.mirostat_tau = self.mirostat_tau
-        config.mirostat_eta = self.mirostat_eta
-        config.dry_multiplier = self.dry_multiplier
-        config.dry_base = self.dry_base
-        config.dry_allowed_length = self.dry_allowed_length
-        config.dry_penalty_last_n = self.dry_penalty_last_n
-        config.dry_sequence_breakers = list(self.dry_sequence_breakers)
-        config.xtc_probability = self.xtc_probability
-        config.xtc_threshold = self.xtc_threshold
-        config.top_n_sigma = self.top_n_sigma
+        for name, holds in _NATIVE_FIELDS.items():
+            value = getattr(self, name)
+            try:
+                setattr(config, name, list(value) if name == "dry_sequence_breakers" else value)
+            except TypeError:
+                # nanobind's message ("incompatible function arguments") names no field.
+                raise InvalidArgumentError(f"{name} must be {holds}, got {value!r}") from None
         if self.seed is None or self.seed == -1:
             config.seed = DEFAULT_SEED
-        elif 0 <= self.seed <= 0xFFFFFFFF:
+        elif isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= 0xFFFFFFFF:
             config.seed = self.seed
         else:
-            raise _core.InvalidArgumentError(f"seed must be in [0, 2**32) or None, got {self.seed}")
-        config.logit_bias = [(int(token), float(bias)) for token, bias in self.logit_bias.items()]
+            raise InvalidArgumentError(f"seed must be in [0, 2**32) or None, got {self.seed!r}")
+        try:
+            config.logit_bias = [(int(token), float(bias)) for token, bias in self.logit_bias.items()]
+        except (TypeError, ValueError, OverflowError, AttributeError):
+            raise InvalidArgumentError(
+                f"logit_bias must map token ids (int32) to numbers, got {self.logit_bias!r}"
+            ) from None
         if self.grammar is not None:
             config.grammar = self.grammar.grammar
             config.grammar_root = self.grammar.root

@@ -1,0 +1,317 @@
+"""Property tests (hypothesis) of grammars and JSON schemas: they compile or raise
+GrammarError, never crash nor hang.
+
+GBNF comes from hypothesis text, from fragments of GBNF syntax, and from mutations of
+llama.cpp's own grammars; schemas from a strategy of the converter's keywords with sensible
+and hostile values. (hypothesis-jsonschema 0.23.1 cannot draw objects under hypothesis
+6.170: its from_object_schema calls ``many.more()``, which hypothesis removed.)
+
+Hostile inputs that crashed (a stack overflow) or hung (an endless loop) llama.cpp run in a
+subprocess, so that a regression fails the test instead of killing the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import examples
+from llama_cpp import GrammarError, Llama, LlamaGrammar, SamplingParams
+from llama_cpp.grammar import UnenforcedSchemaWarning
+
+
+def compiles(gbnf: str) -> LlamaGrammar | None:
+    """The grammar, or None if llama.cpp rejects it (GrammarError, and nothing else)."""
+    try:
+        return LlamaGrammar.from_string(gbnf)
+    except GrammarError as e:
+        error = str(e)
+    assert error.startswith("invalid grammar: "), error
+    return None
+
+
+def schema_compiles(schema: str | dict[str, Any]) -> LlamaGrammar | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnenforcedSchemaWarning)
+        try:
+            return LlamaGrammar.from_json_schema(schema)
+        except GrammarError as e:
+            error = str(e)
+    assert error.startswith(("invalid JSON schema: ", "invalid grammar: ")), error
+    return None
+
+
+# -- GBNF ------------------------------------------------------------------------------------
+
+#: Pieces of GBNF syntax, valid and not, that random sequences of make grammar-like text.
+GBNF_PIECES = [
+    "root", "item", "x-y", " ::= ", "::=", " ", "\n", "\t", "|", "(", ")", "*", "+", "?", ".",
+    "{", "}", ",", "{2}", "{0,3}", "{2,}", "{5,2}", "{ 3 , 1 }", "{0,0}", "{99999999999999999999}",
+    '"a"', '"é😀"', '""', '"\\x41"', '"\\u00e9"', '"\\"', '"unterminated', "[a-z]", "[^\"]",
+    "[\\]]", "[]", "[z-a]", "<eos>", "<[1]>", "<[999999999]>", "!<[1]>", "# comment\n", "\\",
+    "\x00", "root ::= root", 'root ::= "x"\n',
+]  # fmt: skip
+
+gbnf_like = st.lists(st.sampled_from(GBNF_PIECES) | st.text(max_size=3), max_size=30).map("".join)
+
+
+@pytest.fixture(scope="module")
+def real_grammars(llama_source_dir: Path) -> list[str]:
+    found = sorted((llama_source_dir / "grammars").glob("*.gbnf"))
+    assert len(found) >= 8
+    return [p.read_text(encoding="utf-8") for p in found]
+
+
+@examples(300)
+@given(text=st.text() | gbnf_like | gbnf_like.map(lambda g: "root ::= " + g))
+def test_any_text_compiles_or_raises_grammar_error(text: str) -> None:
+    grammar = compiles(text)
+    if grammar is not None:
+        assert grammar.grammar == text
+
+
+@examples(150)
+@given(data=st.data())
+def test_mutated_real_grammars_compile_or_raise_grammar_error(
+    real_grammars: list[str], data: st.DataObject
+) -> None:
+    text = data.draw(st.sampled_from(real_grammars), label="grammar")
+    for _ in range(data.draw(st.integers(1, 4), label="edits")):
+        at = data.draw(st.integers(0, len(text)), label="at")
+        end = data.draw(st.integers(at, min(len(text), at + 20)), label="end")
+        edit = data.draw(st.sampled_from(["delete", "insert", "duplicate"]), label="edit")
+        if edit == "delete":
+            text = text[:at] + text[end:]
+        elif edit == "insert":
+            text = (
+                text[:at]
+                + data.draw(st.sampled_from(GBNF_PIECES) | st.text(max_size=4), label="piece")
+                + text[at:]
+            )
+        else:
+            text = text[:end] + text[at:end] + text[end:]
+    compiles(text)
+
+
+def test_real_grammars_compile(real_grammars: list[str]) -> None:
+    for text in real_grammars:
+        assert compiles(text) is not None
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_model_path: Path) -> Iterator[Llama]:
+    with Llama(tiny_model_path, n_ctx=256, n_batch=64, n_threads=1, verbose=False) as llm:
+        yield llm
+
+
+@examples(60)
+@given(text=gbnf_like.map(lambda g: "root ::= " + g), temperature=st.sampled_from([0.0, 1.0]))
+def test_grammars_that_compile_generate_or_raise_grammar_error(
+    tiny_llm: Llama, text: str, temperature: float
+) -> None:
+    # A grammar that llama.cpp accepts also runs: token literals are resolved against the
+    # vocabulary, and a grammar the model cannot continue ends in GrammarError, not a crash.
+    grammar = compiles(text)
+    if grammar is None:
+        return
+    sampling = SamplingParams(temperature=temperature, seed=1, grammar=grammar)
+    try:
+        out = tiny_llm.generate("a", max_tokens=6, sampling=sampling)
+    except GrammarError:
+        return
+    assert isinstance(out, str)
+
+
+@pytest.mark.parametrize(
+    ("gbnf", "reason"),
+    [
+        # llama.cpp's parser looped (nearly) forever appending rules: max - min wrapped around.
+        ('root ::= "a"{5,2}', "repetition {5,2} has its maximum below its minimum, at line 1"),
+        (
+            'root ::= "x"\nitem ::= [a-z]{ 3 , 1 }',
+            "repetition {3,1} has its maximum below its minimum, at line 2",
+        ),
+        # Its recursive descent overflowed the stack.
+        (
+            "root ::= " + "(" * 100_000 + '"a"' + ")" * 100_000,
+            "parentheses nested deeper than 1000 levels, at line 1",
+        ),
+    ],
+)
+def test_grammars_that_hung_or_crashed_llama_cpp_raise_grammar_error(gbnf: str, reason: str) -> None:
+    result = run_isolated(
+        """
+        import sys
+        from llama_cpp import GrammarError, LlamaGrammar
+        try:
+            LlamaGrammar.from_string(sys.stdin.read())
+        except GrammarError as e:
+            print(e)
+        """,
+        gbnf,
+    )
+    assert result == f"invalid grammar: {reason}"
+
+
+def test_braces_and_parentheses_inside_literals_are_not_syntax() -> None:
+    text = 'root ::= "{5,2}" [{5,2}(] "((" # {5,2} (((\n'
+    assert compiles(text) is not None
+    assert compiles("root ::= " + "(" * 1000 + '"a"' + ")" * 1000) is not None
+
+
+def run_isolated(code: str, stdin: str, timeout: float = 60.0) -> str:
+    """The output of ``code`` in a fresh interpreter: a crash or a hang fails the test."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip()
+
+
+# -- JSON schemas ----------------------------------------------------------------------------
+
+NUMBERS = (
+    st.integers(-(2**70), 2**70) | st.integers(-2, 12) | st.floats(allow_nan=False, allow_infinity=False)
+)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | NUMBERS | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
+TYPES = st.sampled_from(["string", "integer", "number", "boolean", "null", "object", "array", "bogus"])
+REFS = st.sampled_from(
+    ["#", "#/$defs/a", "#/$defs/b", "#/$defs/missing", "#/definitions/a", "http://x/y", "#/$defs/a/0"]
+)
+
+
+def schema_keywords(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
+    """Keywords of the converter, each with sensible and hostile values."""
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "type": TYPES | st.lists(TYPES, max_size=3),
+            "properties": st.dictionaries(st.text(max_size=4), inner, max_size=3),
+            "required": st.lists(st.text(max_size=4), max_size=3),
+            "additionalProperties": st.booleans() | inner,
+            "items": inner | st.booleans(),
+            "prefixItems": st.lists(inner, max_size=3),
+            "enum": st.lists(JSON_VALUES, max_size=4),
+            "const": JSON_VALUES,
+            "anyOf": st.lists(inner, max_size=3),
+            "oneOf": st.lists(inner, max_size=3),
+            "allOf": st.lists(inner, max_size=3),
+            "$ref": REFS,
+            "$defs": st.fixed_dictionaries({}, optional={"a": inner, "b": inner}),
+            "minLength": NUMBERS,
+            "maxLength": NUMBERS,
+            "minItems": NUMBERS,
+            "maxItems": NUMBERS,
+            "minimum": NUMBERS,
+            "maximum": NUMBERS,
+            "exclusiveMinimum": NUMBERS,
+            "exclusiveMaximum": NUMBERS,
+            "pattern": st.sampled_from(["^a+$", "((", "[", "a{3,1}", "^(a|b)*c?$", "\\d{2,4}", ".*"])
+            | st.text(max_size=6),
+            "format": st.sampled_from(["date", "time", "date-time", "uuid", "email", "bogus"]),
+        },
+    )
+
+
+schemas = st.recursive(st.booleans() | schema_keywords(st.just({})), schema_keywords, max_leaves=8)
+
+
+@examples(300)
+@given(schema=schemas)
+def test_generated_schemas_compile_or_raise_grammar_error(schema: Any) -> None:
+    grammar = schema_compiles(json.dumps(schema))
+    if grammar is not None and isinstance(schema, dict):
+        assert schema_compiles(schema) is not None  # a dict and its JSON text agree
+
+
+TOO_MANY_REPETITIONS = (
+    "invalid grammar: number of repetitions exceeds sane defaults, please reduce the number of repetitions"
+)
+TREE = {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}
+MANY_PROPERTIES = {f"p{i}": {"type": "string"} for i in range(5000)}
+HOSTILE_SCHEMAS: dict[str, tuple[str, str | None]] = {
+    # name: (schema as JSON text, GrammarError message or None if it compiles)
+    "objects nested 1000 deep": (
+        '{"type":"object","properties":{"a":' * 1000 + "{}" + "}}" * 1000,
+        "invalid JSON schema: arrays and objects nested deeper than 512 levels",
+    ),
+    "anyOf nested 10000 deep (crashed)": (
+        '{"anyOf":[' * 10_000 + "{}" + "]}" * 10_000,
+        "invalid JSON schema: arrays and objects nested deeper than 512 levels",
+    ),
+    "arrays nested 100000 deep (crashed)": (
+        '{"type":"array","items":' * 100_000 + "{}" + "}" * 100_000,
+        "invalid JSON schema: arrays and objects nested deeper than 512 levels",
+    ),
+    "objects nested 100 deep": ('{"type":"object","properties":{"a":' * 100 + "{}" + "}}" * 100, None),
+    "enum of 10000 values": (json.dumps({"enum": list(range(10_000))}), None),
+    "$ref to itself": (
+        json.dumps({"$ref": "#"}),
+        "invalid JSON schema: JSON schema conversion failed:\n"
+        "JSON schema error at #: unsupported $ref #, only references into the same document are supported",
+    ),
+    "$ref cycle": (
+        json.dumps({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}),
+        "invalid grammar: unsupported grammar, left recursion detected for nonterminal at index 0",
+    ),
+    "recursive tree": (json.dumps({"$defs": {"node": TREE}, "$ref": "#/$defs/node"}), None),
+    "minLength 10**9": (
+        json.dumps({"type": "string", "minLength": 10**9}),
+        TOO_MANY_REPETITIONS,
+    ),
+    "maxLength 10**9": (json.dumps({"type": "string", "maxLength": 10**9}), None),
+    "minLength above maxLength (hung)": (
+        json.dumps({"type": "string", "minLength": 5, "maxLength": 2}),
+        "invalid grammar: repetition {5,2} has its maximum below its minimum, at line 2",
+    ),
+    "minItems 10**9": (
+        json.dumps({"type": "array", "minItems": 10**9}),
+        TOO_MANY_REPETITIONS,
+    ),
+    "5000 required properties": (
+        json.dumps({"type": "object", "properties": MANY_PROPERTIES, "required": list(MANY_PROPERTIES)}),
+        None,
+    ),
+}  # fmt: skip
+
+
+def test_hostile_schemas_compile_or_raise_grammar_error() -> None:
+    # All in one fresh interpreter (one start-up), each result a JSON line; a crash or hang
+    # fails the test with the cases that had passed in its output.
+    output = run_isolated(
+        """
+        import json, sys, warnings
+        from llama_cpp import GrammarError, LlamaGrammar
+        warnings.simplefilter("ignore")
+        for name, text in json.loads(sys.stdin.read()).items():
+            try:
+                LlamaGrammar.from_json_schema(text)
+                result = None
+            except GrammarError as e:
+                result = str(e)
+            print(json.dumps([name, result]), flush=True)
+        """,
+        json.dumps({name: text for name, (text, _) in HOSTILE_SCHEMAS.items()}),
+        timeout=120,
+    )
+    results = dict(json.loads(line) for line in output.splitlines())
+    assert results == {name: expected for name, (_, expected) in HOSTILE_SCHEMAS.items()}

@@ -40,7 +40,7 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--minutes", type=float, default=None, help="stop after this long")
-    parser.add_argument("--timeout", type=float, default=20.0, help="seconds one case may take")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds one case may take")
     parser.add_argument("--no-default-model", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="write every finding's recipe here")
     args = parser.parse_args()

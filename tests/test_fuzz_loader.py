@@ -67,12 +67,12 @@ def test_corpus_case_is_refused(
 
 def test_bounded_fuzzing_run(bases: dict[str, Base], fuzzer: Fuzzer) -> None:
     chosen = [bases[n] for n in ("tiny-llama", "tiny-moe", "tiny-reranker", *BOUNDED_VOCABS)]
-    report = fuzzer.run(make_cases(chosen, 240, seed=14), chosen)
+    report = fuzzer.run(make_cases(chosen, 200, seed=14), chosen)
     failures = "\n".join(f"{r.outcome}: {r.case.label()}: {r.detail}" for r in report.failures)
     assert not report.failures, f"{report.summary()}\n{failures}"
     # Both outcomes occur: the mutations reach past the header checks, and some files survive.
     assert report.counts[CLEAN] >= 10, report.summary()
-    assert report.counts[TYPED] >= 100, report.summary()
+    assert report.counts[TYPED] >= 80, report.summary()
 
 
 def test_real_files_still_load(llama_source_dir: Path, default_model_path: Path, tmp_path: Path) -> None:

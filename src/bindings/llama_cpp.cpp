@@ -44,8 +44,8 @@
 #include <llama-internal/llama-ext.h>
 
 #include <algorithm>
-#include <cctype>
 #include <array>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -175,7 +175,8 @@ void bind_errors(nb::module_ &m) {
     // PyErr_SetString decodes the message strictly: one quoting bytes of a hostile file (a
     // tokenizer name, a token) that are not UTF-8 would raise UnicodeDecodeError instead.
     static constexpr auto set_error = [](PyObject *type, const char *what) {
-        PyObject *message = PyUnicode_DecodeUTF8(what, static_cast<Py_ssize_t>(std::strlen(what)), "backslashreplace");
+        PyObject *message =
+            PyUnicode_DecodeUTF8(what, static_cast<Py_ssize_t>(std::strlen(what)), "backslashreplace");
         if (message == nullptr) {
             return;  // the decoding error (a MemoryError) is pending
         }
@@ -624,12 +625,17 @@ void bind_backend(nb::module_ &m) {
 // llama.cpp's loader trusts parts of a GGUF file's metadata that it cannot afford to trust:
 // a vocabulary in which two tokens are equal (or empty, or cut short by a NUL byte, which
 // llama.cpp reads as the end of the string) trips GGML_ASSERT(id_to_token.size() ==
-// token_to_id.size()), an empty one and some malformed BPE tokens abort while the tokenizer
-// is built. An abort takes the whole process down, so validate_gguf reads the metadata (gguf,
-// no tensor data) and refuses these with a ModelLoadError naming the key and the index
-// before llama_model_load_from_file runs. Damage that gguf and llama.cpp already refuse
-// cleanly (truncation, counts and lengths past the end of the file, unknown types, tensor
-// extents past the end) is left to them, so that their messages stay what they were.
+// token_to_id.size()); an empty one, some malformed BPE tokens and misplaced byte tokens
+// abort while the tokenizer is built; layer and expert counts out of range trip the asserts
+// of load_hparams; a SentencePiece vocabulary without byte tokens raises IndexError, and an
+// RWKV one without single-byte tokens loops forever, at tokenization. An abort takes the
+// whole process down, so validate_gguf reads the metadata (gguf, no tensor data) and refuses
+// these with a ModelLoadError naming the key and the index before llama_model_load_from_file
+// runs. Damage that gguf and llama.cpp already refuse cleanly (truncation, counts and
+// lengths past the end of the file, unknown types, tensor extents past the end) is left to
+// them, so that their messages stay what they were. tests/test_fuzz_loader.py holds a
+// recipe of each input that crashed, and llama_cpp.testing.fuzz_gguf the fuzzer that found
+// most of them.
 
 // Whether `text` is well-formed UTF-8 (no overlong forms, no surrogates, nothing past U+10FFFF).
 bool is_valid_utf8(std::string_view text) {
@@ -756,8 +762,8 @@ void validate_gguf_vocab(const gguf_context *gguf, const std::string &path) {
     }
     constexpr int32_t byte_type = 6;  // LLAMA_TOKEN_TYPE_BYTE
     auto is_byte_spelling = [](std::string_view t) {
-        return t.size() == 6 && t.substr(0, 3) == "<0x" && t[5] == '>' && std::isxdigit(static_cast<unsigned char>(t[3])) &&
-               std::isxdigit(static_cast<unsigned char>(t[4]));
+        return t.size() == 6 && t.substr(0, 3) == "<0x" && t[5] == '>' &&
+               std::isxdigit(static_cast<unsigned char>(t[3])) && std::isxdigit(static_cast<unsigned char>(t[4]));
     };
 
     // llama.cpp builds its token -> id map from each token read as a C string (up to the
@@ -776,7 +782,8 @@ void validate_gguf_vocab(const gguf_context *gguf, const std::string &path) {
         if (types != nullptr && types[i] == byte_type) {
             if (model == "bert") {
                 throw ModelLoadError("invalid vocabulary in '" + path + "': tokenizer.ggml.token_type[" +
-                                     std::to_string(i) + "] is 6 (byte), which a WordPiece ('bert') vocabulary cannot have");
+                                     std::to_string(i) +
+                                     "] is 6 (byte), which a WordPiece ('bert') vocabulary cannot have");
             }
             if (!is_byte_spelling(token)) {
                 throw ModelLoadError(where + "[" + std::to_string(i) + "] " + quote_token(token) +

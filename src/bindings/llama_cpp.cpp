@@ -940,6 +940,32 @@ void validate_gguf_hparams(const gguf_context *gguf, const std::string &path, co
     }
 }
 
+// Refuses a loaded vocabulary whose tokenizer must add a special token it does not have: a
+// BOS or EOS id missing or out of range (llama.cpp then disables it, with a warning) while
+// tokenizer.ggml.add_bos_token / add_eos_token (or the tokenizer's default) asks for it, or
+// a WordPiece vocabulary without [CLS] and [SEP]. llama.cpp asserts on them at the first
+// tokenization with special tokens, so they are checked after the load, where llama.cpp's
+// own defaults for each tokenizer have been applied.
+void validate_loaded_vocab(const llama_vocab *vocab, const std::string &path) {
+    const std::string where = "invalid vocabulary in '" + path + "': ";
+    auto require = [&](llama_token id, const char *what, const char *why) {
+        if (id == LLAMA_TOKEN_NULL) {
+            throw ModelLoadError(where + "no " + what + " token (its id is missing or out of range), but " + why);
+        }
+    };
+    if (llama_vocab_type(vocab) == LLAMA_VOCAB_TYPE_WPM) {
+        require(llama_vocab_bos(vocab), "BOS ([CLS])", "a WordPiece tokenizer adds it");
+        require(llama_vocab_sep(vocab), "SEP", "a WordPiece tokenizer adds it");
+        return;
+    }
+    if (llama_vocab_get_add_bos(vocab)) {
+        require(llama_vocab_bos(vocab), "BOS", "the tokenizer adds one (tokenizer.ggml.add_bos_token)");
+    }
+    if (llama_vocab_get_add_eos(vocab)) {
+        require(llama_vocab_eos(vocab), "EOS", "the tokenizer adds one (tokenizer.ggml.add_eos_token)");
+    }
+}
+
 // Checks the GGUF file at `path` before llama.cpp loads it (see the section's comment); the
 // hyperparameters only for a full load, as llama.cpp reads none for a vocabulary. Raises
 // ModelLoadError; a file gguf cannot parse is left to llama.cpp's loader, which refuses it
@@ -1377,6 +1403,7 @@ class Model {
         }
         handle_ = ModelHandle(model, ModelDeleter());
         vocab_ = llama_model_get_vocab(model);
+        validate_loaded_vocab(vocab_, path);  // frees the model (handle_) if it throws
         expert_used_override_ = arch_int_override(model, options, "expert_used_count");
     }
 

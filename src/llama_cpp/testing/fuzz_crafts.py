@@ -9,6 +9,8 @@ the end of the file, bad alignments. The file is written here rather than with
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import random
 import struct
 from collections.abc import Callable
@@ -352,15 +354,31 @@ CRAFTS: dict[str, _Edit] = {
 }
 
 
+@functools.lru_cache(maxsize=4)
+def _parsed(source: Path, mtime_ns: int) -> Gguf:
+    return parse(source)
+
+
+def _fresh(source: Path) -> Gguf:
+    """A parse of ``source`` that the caller may edit: a copy of a cached parse (the arrays
+    and tensor infos copied, the rest shared), since parsing a 262k-token vocabulary in
+    Python takes seconds."""
+    g = _parsed(source, source.stat().st_mtime_ns)
+    kv = {k: (t, (v[0], list(v[1])) if t == ARRAY else v) for k, (t, v) in g.kv.items()}
+    tensors = [dataclasses.replace(t, dims=list(t.dims)) for t in g.tensors]
+    return Gguf(g.version, kv, tensors, g.data, g.data_size)
+
+
 def patch(source: Path, target: Path, what: str, *args: Any) -> Path:
     """Write ``source`` with one explicit edit to ``target``: the recipes of the regression
     corpus, which must not depend on how :data:`CRAFTS` draw their edits.
 
     ``what`` is ``token`` (args: index, new text as hex, optionally repeated this many
-    times), ``empty_vocab`` (no args), ``kv_string`` (args: key, new string value as hex) or
+    times), ``empty_vocab`` (no args), ``vocab_size`` (args: how many tokens to keep, with
+    their scores and types), ``kv_string`` (args: key, new string value as hex) or
     ``kv_uint32`` (args: key, value).
     """
-    g = parse(source)
+    g = _fresh(source)
     if what == "token":
         _tokens(g)[int(args[0])] = bytes.fromhex(args[1]) * (int(args[2]) if len(args) > 2 else 1)
     elif what == "empty_vocab":
@@ -369,6 +387,10 @@ def patch(source: Path, target: Path, what: str, *args: Any) -> Path:
         g.kv[args[0].encode()] = (STRING, bytes.fromhex(args[1]))
     elif what == "kv_uint32":
         g.kv[args[0].encode()] = (UINT32, int(args[1]))
+    elif what == "vocab_size":
+        for key in (b"tokenizer.ggml.tokens", b"tokenizer.ggml.scores", b"tokenizer.ggml.token_type"):
+            if key in g.kv:
+                del g.kv[key][1][1][int(args[0]) :]
     else:
         raise ValueError(f"unknown patch: {what}")
     return write(g, target)
@@ -376,6 +398,6 @@ def patch(source: Path, target: Path, what: str, *args: Any) -> Path:
 
 def craft(source: Path, target: Path, name: str, rng: random.Random) -> Path:
     """Write ``source`` edited by the craft ``name`` (drawing from ``rng``) to ``target``."""
-    g = parse(source)
+    g = _fresh(source)
     CRAFTS[name](g, rng)
     return write(g, target)

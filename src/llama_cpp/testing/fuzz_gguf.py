@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 #: Outcomes of a case; only the first two are acceptable.
 CLEAN, TYPED, UNTYPED, CRASH, HANG = "clean", "typed", "untyped", "crash", "hang"
@@ -392,10 +392,15 @@ class Fuzzer:
         self.workdir = workdir
         self.timeout_s = timeout_s
         self._proc: subprocess.Popen[str] | None = None
-        self._results: Any = None
+        self._results: TextIO | None = None
 
     def __enter__(self) -> Fuzzer:
         return self
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The process id of the worker (None until a case runs, or after a crash or hang)."""
+        return None if self._proc is None else self._proc.pid
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -421,6 +426,7 @@ class Fuzzer:
             self._proc.kill()
             self._proc.wait()
             assert self._proc.stdin is not None
+            assert self._results is not None
             self._proc.stdin.close()
             self._results.close()
             self._proc = None
@@ -431,6 +437,7 @@ class Fuzzer:
             self._start()
         assert self._proc is not None
         assert self._proc.stdin is not None
+        assert self._results is not None
         try:
             self._proc.stdin.write(json.dumps({"path": str(path), "full": full}) + "\n")
             self._proc.stdin.flush()
@@ -477,19 +484,9 @@ class Fuzzer:
         return report
 
 
-def replay(case: Case, base: Base, workdir: Path, *, timeout_s: float = 20.0) -> Result:
-    """Run one case in a fresh worker (a regression test of a stored recipe)."""
-    with Fuzzer(workdir, timeout_s=timeout_s) as fuzzer:
-        report = fuzzer.run([case], [base])
-    return report.results[0]
-
-
 def case_to_json(case: Case) -> dict[str, Any]:
+    """``case`` as a JSON object (a finding's recipe)."""
     return asdict(case)
-
-
-def case_from_json(obj: dict[str, Any]) -> Case:
-    return Case(obj["base"], obj["kind"], tuple(obj["args"]), bool(obj["full"]))
 
 
 if __name__ == "__main__":

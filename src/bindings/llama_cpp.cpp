@@ -966,6 +966,24 @@ void validate_loaded_vocab(const llama_vocab *vocab, const std::string &path) {
     }
 }
 
+// Refuses tensors that start at a file offset that is not a multiple of 32 bytes (ggml's
+// TENSOR_ALIGNMENT). A file whose general.alignment is a smaller power of two (1, 2, 8) is
+// valid GGUF, but llama.cpp maps its weights in place and the CPU backend asserts that the
+// mapped pointer is aligned. Files written with the default alignment (32) always pass.
+void validate_gguf_tensor_alignment(const gguf_context *gguf, const std::string &path) {
+    constexpr size_t tensor_alignment = 32;
+    const size_t data_offset = gguf_get_data_offset(gguf);
+    for (int64_t i = 0; i < gguf_get_n_tensors(gguf); ++i) {
+        const size_t offset = data_offset + gguf_get_tensor_offset(gguf, i);
+        if (offset % tensor_alignment != 0) {
+            throw ModelLoadError("invalid tensor layout in '" + path + "': tensor '" + gguf_get_tensor_name(gguf, i) +
+                                 "' starts at file offset " + std::to_string(offset) +
+                                 ", not a multiple of 32 bytes (general.alignment is " +
+                                 std::to_string(gguf_get_alignment(gguf)) + "), which llama.cpp needs to map it");
+        }
+    }
+}
+
 // Checks the GGUF file at `path` before llama.cpp loads it (see the section's comment); the
 // hyperparameters only for a full load, as llama.cpp reads none for a vocabulary. Raises
 // ModelLoadError; a file gguf cannot parse is left to llama.cpp's loader, which refuses it
@@ -978,6 +996,9 @@ void validate_gguf(const std::string &path, bool vocab_only) {
         return;
     }
     validate_gguf_vocab(gguf.get(), path);
+    if (!vocab_only) {
+        validate_gguf_tensor_alignment(gguf.get(), path);
+    }
     const int64_t arch_id = gguf_find_key(gguf.get(), "general.architecture");
     if (!vocab_only && arch_id >= 0 && gguf_get_kv_type(gguf.get(), arch_id) == GGUF_TYPE_STRING) {
         validate_gguf_hparams(gguf.get(), path, gguf_get_val_str(gguf.get(), arch_id));

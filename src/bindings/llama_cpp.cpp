@@ -45,6 +45,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -73,6 +74,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <thread>
 #include <tuple>
 #include <utility>
@@ -182,6 +184,17 @@ void bind_errors(nb::module_ &m) {
     py_cancelled_error = new_exception(m, "GenerationCancelled", py_llama_error,
                                        "The generation was cancelled (Cancellation.cancel()).");
 
+    // PyErr_SetString decodes the message strictly: one quoting bytes of a hostile file (a
+    // tokenizer name, a token) that are not UTF-8 would raise UnicodeDecodeError instead.
+    static constexpr auto set_error = [](PyObject *type, const char *what) {
+        PyObject *message =
+            PyUnicode_DecodeUTF8(what, static_cast<Py_ssize_t>(std::strlen(what)), "backslashreplace");
+        if (message == nullptr) {
+            return;  // the decoding error (a MemoryError) is pending
+        }
+        PyErr_SetObject(type, message);
+        Py_DECREF(message);
+    };
     nb::register_exception_translator([](const std::exception_ptr &p, void *) {
         try {
             std::rethrow_exception(p);
@@ -618,6 +631,393 @@ void bind_backend(nb::module_ &m) {
 }
 
 // =====================================================================================
+// GGUF validation
+// =====================================================================================
+//
+// llama.cpp's loader trusts parts of a GGUF file's metadata that it cannot afford to trust:
+// a vocabulary in which two tokens are equal (or empty, or cut short by a NUL byte, which
+// llama.cpp reads as the end of the string) trips GGML_ASSERT(id_to_token.size() ==
+// token_to_id.size()); an empty one, some malformed BPE tokens and misplaced byte tokens
+// abort while the tokenizer is built; layer and expert counts out of range trip the asserts
+// of load_hparams; a SentencePiece vocabulary without byte tokens raises IndexError, and an
+// RWKV one without single-byte tokens loops forever, at tokenization. An abort takes the
+// whole process down, so validate_gguf reads the metadata (gguf, no tensor data) and refuses
+// these with a ModelLoadError naming the key and the index before llama_model_load_from_file
+// runs. Damage that gguf and llama.cpp already refuse cleanly (truncation, counts and
+// lengths past the end of the file, unknown types, tensor extents past the end) is left to
+// them, so that their messages stay what they were. tests/test_fuzz_loader.py holds a
+// recipe of each input that crashed, and llama_cpp.testing.fuzz_gguf the fuzzer that found
+// most of them.
+
+// Whether `text` is well-formed UTF-8 (no overlong forms, no surrogates, nothing past U+10FFFF).
+bool is_valid_utf8(std::string_view text) {
+    size_t i = 0;
+    while (i < text.size()) {
+        const auto c = static_cast<unsigned char>(text[i]);
+        size_t n = 0;
+        uint32_t cp = 0;
+        if (c < 0x80) {
+            ++i;
+            continue;
+        } else if ((c & 0xE0) == 0xC0) {
+            n = 1;
+            cp = c & 0x1F;
+        } else if ((c & 0xF0) == 0xE0) {
+            n = 2;
+            cp = c & 0x0F;
+        } else if ((c & 0xF8) == 0xF0) {
+            n = 3;
+            cp = c & 0x07;
+        } else {
+            return false;
+        }
+        if (i + n >= text.size()) {
+            return false;  // cut short
+        }
+        for (size_t k = 1; k <= n; ++k) {
+            const auto cc = static_cast<unsigned char>(text[i + k]);
+            if ((cc & 0xC0) != 0x80) {
+                return false;
+            }
+            cp = (cp << 6) | (cc & 0x3F);
+        }
+        static constexpr uint32_t min_cp[] = {0, 0x80, 0x800, 0x10000};
+        if (cp < min_cp[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
+            return false;
+        }
+        i += n + 1;
+    }
+    return true;
+}
+
+// A token for a message: printable ASCII as is, anything else as \xNN, at most 40 bytes.
+std::string quote_token(std::string_view token) {
+    std::string out = "'";
+    for (size_t i = 0; i < token.size() && i < 40; ++i) {
+        const auto c = static_cast<unsigned char>(token[i]);
+        if (c >= 0x20 && c < 0x7F && c != '\\' && c != '\'') {
+            out += static_cast<char>(c);
+        } else {
+            char buf[8];
+            std::snprintf(buf, sizeof(buf), "\\x%02x", c);
+            out += buf;
+        }
+    }
+    return out + (token.size() > 40 ? "...'" : "'");
+}
+
+// The first byte of an RWKV token once unescaped (\t, \n, \r, \xHH, \<c>), and whether it
+// is the token's only byte; nullopt for a token that unescapes to nothing.
+std::optional<std::pair<uint8_t, bool>> rwkv_first_byte(std::string_view escaped) {
+    std::vector<uint8_t> bytes;
+    for (size_t i = 0; i < escaped.size() && bytes.size() < 2; ++i) {
+        char c = escaped[i];
+        if (c == '\\' && i + 1 < escaped.size()) {
+            c = escaped[++i];
+            if (c == 'x') {  // as llama.cpp: two digits, lowercase hex, no checking
+                if (i + 2 >= escaped.size()) {
+                    break;  // cut short: llama.cpp drops it
+                }
+                uint8_t value = 0;
+                for (int k = 0; k < 2; ++k) {
+                    const char h = escaped[++i];
+                    value = static_cast<uint8_t>((value << 4) + (h >= 'a' ? h - 'a' + 10 : h - '0'));
+                }
+                bytes.push_back(value);
+                continue;
+            }
+            c = c == 't' ? '\t' : c == 'n' ? '\n' : c == 'r' ? '\r' : c;
+        } else if (c == '\\') {
+            continue;  // a trailing backslash: nothing
+        }
+        bytes.push_back(static_cast<uint8_t>(c));
+    }
+    if (bytes.empty()) {
+        return std::nullopt;
+    }
+    return std::make_pair(bytes[0], bytes.size() == 1);
+}
+
+// Refuses the vocabulary of `gguf` (if it has one) where llama.cpp's vocabulary loader would
+// abort. `path` is for the messages.
+void validate_gguf_vocab(const gguf_context *gguf, const std::string &path) {
+    const int64_t tokens_id = gguf_find_key(gguf, "tokenizer.ggml.tokens");
+    if (tokens_id < 0 || gguf_get_kv_type(gguf, tokens_id) != GGUF_TYPE_ARRAY ||
+        gguf_get_arr_type(gguf, tokens_id) != GGUF_TYPE_STRING) {
+        return;  // llama.cpp refuses a missing or mistyped token list with an exception
+    }
+    const std::string where = "invalid vocabulary in '" + path + "': tokenizer.ggml.tokens";
+    const size_t n_tokens = gguf_get_arr_n(gguf, tokens_id);
+    if (n_tokens == 0) {
+        throw ModelLoadError(where + " is empty");
+    }
+    // llama.cpp keeps token ids in int32 and reads the count as uint32.
+    if (n_tokens > static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
+        throw ModelLoadError(where + " has " + std::to_string(n_tokens) + " tokens, more than int32 ids can hold");
+    }
+    std::string model;
+    if (const int64_t model_id = gguf_find_key(gguf, "tokenizer.ggml.model");
+        model_id >= 0 && gguf_get_kv_type(gguf, model_id) == GGUF_TYPE_STRING) {
+        model = gguf_get_val_str(gguf, model_id);
+    }
+    // GPT-2 style byte-level BPE spells every byte as a code point; llama.cpp decodes the
+    // tokens as UTF-8 and aborts on some malformed ones.
+    const bool byte_level_bpe = model == "gpt2";
+
+    // Detokenizing a byte token (type 6) parses the byte from its text, "<0xHH>", and aborts
+    // for a WordPiece vocabulary, which has no byte tokens.
+    const int32_t *types = nullptr;
+    if (const int64_t types_id = gguf_find_key(gguf, "tokenizer.ggml.token_type");
+        types_id >= 0 && gguf_get_kv_type(gguf, types_id) == GGUF_TYPE_ARRAY &&
+        gguf_get_arr_type(gguf, types_id) == GGUF_TYPE_INT32 && gguf_get_arr_n(gguf, types_id) >= n_tokens) {
+        types = static_cast<const int32_t *>(gguf_get_arr_data(gguf, types_id));
+    }
+    constexpr int32_t byte_type = 6;  // LLAMA_TOKEN_TYPE_BYTE
+    auto is_byte_spelling = [](std::string_view t) {
+        return t.size() == 6 && t.substr(0, 3) == "<0x" && t[5] == '>' &&
+               std::isxdigit(static_cast<unsigned char>(t[3])) && std::isxdigit(static_cast<unsigned char>(t[4]));
+    };
+
+    // llama.cpp builds its token -> id map from each token read as a C string (up to the
+    // first NUL), an empty one renamed "[EMPTY_<id>]", and asserts that no two collide.
+    std::unordered_map<std::string_view, uint32_t> seen;
+    seen.reserve(n_tokens);
+    std::deque<std::string> renamed;  // stable storage for the views of renamed tokens
+    for (size_t i = 0; i < n_tokens; ++i) {
+        std::string_view token = gguf_get_arr_str(gguf, tokens_id, i);
+        if (token.empty()) {
+            token = renamed.emplace_back("[EMPTY_" + std::to_string(i) + "]");
+        } else if (byte_level_bpe && !is_valid_utf8(token)) {
+            throw ModelLoadError(where + "[" + std::to_string(i) + "] " + quote_token(token) +
+                                 " is not valid UTF-8, as a byte-level BPE token must be");
+        }
+        if (types != nullptr && types[i] == byte_type) {
+            if (model == "bert") {
+                throw ModelLoadError("invalid vocabulary in '" + path + "': tokenizer.ggml.token_type[" +
+                                     std::to_string(i) +
+                                     "] is 6 (byte), which a WordPiece ('bert') vocabulary cannot have");
+            }
+            if (!is_byte_spelling(token)) {
+                throw ModelLoadError(where + "[" + std::to_string(i) + "] " + quote_token(token) +
+                                     " is a byte token (tokenizer.ggml.token_type 6) but not spelled <0xHH>");
+            }
+        }
+        const auto [it, inserted] = seen.emplace(token, static_cast<uint32_t>(i));
+        if (!inserted) {
+            throw ModelLoadError(where + "[" + std::to_string(i) + "] " + quote_token(token) +
+                                 " is the same token as [" + std::to_string(it->second) + "]" +
+                                 " (read up to its first NUL byte, as llama.cpp does)");
+        }
+    }
+    // llama.cpp's RWKV tokenizer takes the longest token matching at each position; where a
+    // token starts with a byte that is no token by itself, it finds no match of length one and
+    // loops forever, appending to its output until memory runs out.
+    if (model == "rwkv") {
+        std::array<bool, 256> starts{}, alone{};
+        for (const auto &[token, id] : seen) {
+            if (const auto first = rwkv_first_byte(token)) {
+                starts[first->first] = true;
+                alone[first->first] = alone[first->first] || first->second;
+            }
+        }
+        for (int byte = 0; byte < 256; ++byte) {
+            if (starts[byte] && !alone[byte]) {
+                char hex[8];
+                std::snprintf(hex, sizeof(hex), "0x%02x", byte);
+                throw ModelLoadError(where + ": tokens start with the byte " + hex +
+                                     " but none is that byte alone, which the RWKV tokenizer needs");
+            }
+        }
+    }
+    // SentencePiece falls back to the byte tokens (<0x41>, else the byte itself) for any text
+    // its pieces do not cover, and llama.cpp looks them up with unordered_map::at: a missing
+    // one would raise IndexError at tokenization.
+    if (model == "llama") {
+        for (int byte = 0; byte < 256; ++byte) {
+            char name[8];
+            std::snprintf(name, sizeof(name), "<0x%02X>", byte);
+            const char raw[2] = {static_cast<char>(byte), 0};
+            if (seen.find(name) == seen.end() && seen.find(raw) == seen.end()) {
+                throw ModelLoadError(where + " has no byte token " + name +
+                                     ", which a SentencePiece ('llama') vocabulary needs");
+            }
+        }
+    }
+}
+
+// The integer at `key` (the largest element of an integer array), or nullopt if the key is
+// missing or not an integer (llama.cpp refuses a mistyped key with an exception).
+std::optional<int64_t> gguf_int(const gguf_context *gguf, const std::string &key) {
+    const int64_t id = gguf_find_key(gguf, key.c_str());
+    if (id < 0) {
+        return std::nullopt;
+    }
+    auto read = [](gguf_type type, const void *data) -> std::optional<int64_t> {
+        switch (type) {
+            case GGUF_TYPE_UINT8: return *static_cast<const uint8_t *>(data);
+            case GGUF_TYPE_INT8: return *static_cast<const int8_t *>(data);
+            case GGUF_TYPE_UINT16: return *static_cast<const uint16_t *>(data);
+            case GGUF_TYPE_INT16: return *static_cast<const int16_t *>(data);
+            case GGUF_TYPE_UINT32: return *static_cast<const uint32_t *>(data);
+            case GGUF_TYPE_INT32: return *static_cast<const int32_t *>(data);
+            case GGUF_TYPE_UINT64: {
+                const uint64_t v = *static_cast<const uint64_t *>(data);
+                return v > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())
+                           ? std::numeric_limits<int64_t>::max()
+                           : static_cast<int64_t>(v);
+            }
+            case GGUF_TYPE_INT64: return *static_cast<const int64_t *>(data);
+            default: return std::nullopt;
+        }
+    };
+    const gguf_type type = gguf_get_kv_type(gguf, id);
+    if (type != GGUF_TYPE_ARRAY) {
+        return read(type, gguf_get_val_data(gguf, id));
+    }
+    const gguf_type element = gguf_get_arr_type(gguf, id);
+    size_t size = 0;
+    switch (element) {
+        case GGUF_TYPE_UINT8: case GGUF_TYPE_INT8: size = 1; break;
+        case GGUF_TYPE_UINT16: case GGUF_TYPE_INT16: size = 2; break;
+        case GGUF_TYPE_UINT32: case GGUF_TYPE_INT32: size = 4; break;
+        case GGUF_TYPE_UINT64: case GGUF_TYPE_INT64: size = 8; break;
+        default: return std::nullopt;  // not integers
+    }
+    std::optional<int64_t> largest;
+    const auto *data = static_cast<const char *>(gguf_get_arr_data(gguf, id));
+    for (size_t i = 0; i < gguf_get_arr_n(gguf, id); ++i) {
+        const auto v = read(element, data + i * size);
+        if (!v) {
+            return std::nullopt;
+        }
+        largest = largest ? std::max(*largest, *v) : *v;
+    }
+    return largest;
+}
+
+// Refuses the hyperparameters llama.cpp's llama_model::load_hparams asserts on (layer and
+// expert counts), in its order. `arch` is general.architecture.
+void validate_gguf_hparams(const gguf_context *gguf, const std::string &path, const std::string &arch) {
+    constexpr int64_t max_layers = 512;    // LLAMA_MAX_LAYERS at the pinned llama.cpp
+    constexpr int64_t max_experts = 1024;  // LLAMA_MAX_EXPERTS
+    const std::string where = "invalid hyperparameters in '" + path + "': ";
+    auto key = [&](const char *name) { return arch + "." + name; };
+    auto refuse = [&](const std::string &name, int64_t value, const std::string &rule) {
+        throw ModelLoadError(where + name + " is " + std::to_string(value) + "; " + rule);
+    };
+
+    const auto n_layer = gguf_int(gguf, key("block_count"));
+    if (!n_layer) {
+        return;  // llama.cpp refuses a missing or mistyped block_count with an exception
+    }
+    if (*n_layer < 1 || *n_layer > max_layers) {
+        refuse(key("block_count"), *n_layer, "llama.cpp takes 1 to " + std::to_string(max_layers));
+    }
+    if (const auto nextn = gguf_int(gguf, key("nextn_predict_layers")); nextn && (*nextn < 0 || *nextn > *n_layer)) {
+        refuse(key("nextn_predict_layers"), *nextn, "it must be 0 to block_count (" + std::to_string(*n_layer) + ")");
+    }
+    // Hunyuan models write expert_count 1 for a dense model; llama.cpp resets it to 0.
+    if (arch == "hunyuan-vl" || arch == "hunyuan-dense") {
+        return;
+    }
+    const int64_t n_expert = gguf_int(gguf, key("expert_count")).value_or(0);
+    const int64_t n_used = gguf_int(gguf, key("expert_used_count")).value_or(0);
+    const int64_t n_groups = gguf_int(gguf, key("expert_group_count")).value_or(0);
+    const int64_t n_group_used = gguf_int(gguf, key("expert_group_used_count")).value_or(0);
+    if (n_expert < 0 || n_expert > max_experts) {
+        refuse(key("expert_count"), n_expert, "llama.cpp takes 0 to " + std::to_string(max_experts));
+    }
+    if (n_used < 0 || n_used > n_expert) {
+        refuse(key("expert_used_count"), n_used,
+               "it must be 0 to expert_count (" + std::to_string(n_expert) + ")");
+    }
+    if (n_expert > 0) {
+        if (n_used == 0) {
+            refuse(key("expert_used_count"), n_used, "a model with experts must use at least one");
+        }
+        if (n_groups < 0 || n_groups >= n_expert) {
+            refuse(key("expert_group_count"), n_groups,
+                   "it must be below expert_count (" + std::to_string(n_expert) + ")");
+        }
+        if (n_groups > 1 && n_expert % n_groups != 0) {
+            refuse(key("expert_group_count"), n_groups,
+                   "it must divide expert_count (" + std::to_string(n_expert) + ")");
+        }
+        if (n_groups > 1 && (n_group_used <= 0 || n_group_used >= n_groups)) {
+            refuse(key("expert_group_used_count"), n_group_used,
+                   "it must be 1 to expert_group_count - 1 (" + std::to_string(n_groups - 1) + ")");
+        }
+    } else if (n_groups != 0) {
+        refuse(key("expert_group_count"), n_groups, "a model without experts has no expert groups");
+    }
+}
+
+// Refuses a loaded vocabulary whose tokenizer must add a special token it does not have: a
+// BOS or EOS id missing or out of range (llama.cpp then disables it, with a warning) while
+// tokenizer.ggml.add_bos_token / add_eos_token (or the tokenizer's default) asks for it, or
+// a WordPiece vocabulary without [CLS] and [SEP]. llama.cpp asserts on them at the first
+// tokenization with special tokens, so they are checked after the load, where llama.cpp's
+// own defaults for each tokenizer have been applied.
+void validate_loaded_vocab(const llama_vocab *vocab, const std::string &path) {
+    const std::string where = "invalid vocabulary in '" + path + "': ";
+    auto require = [&](llama_token id, const char *what, const char *why) {
+        if (id == LLAMA_TOKEN_NULL) {
+            throw ModelLoadError(where + "no " + what + " token (its id is missing or out of range), but " + why);
+        }
+    };
+    if (llama_vocab_type(vocab) == LLAMA_VOCAB_TYPE_WPM) {
+        require(llama_vocab_bos(vocab), "BOS ([CLS])", "a WordPiece tokenizer adds it");
+        require(llama_vocab_sep(vocab), "SEP", "a WordPiece tokenizer adds it");
+        return;
+    }
+    if (llama_vocab_get_add_bos(vocab)) {
+        require(llama_vocab_bos(vocab), "BOS", "the tokenizer adds one (tokenizer.ggml.add_bos_token)");
+    }
+    if (llama_vocab_get_add_eos(vocab)) {
+        require(llama_vocab_eos(vocab), "EOS", "the tokenizer adds one (tokenizer.ggml.add_eos_token)");
+    }
+}
+
+// Refuses tensors that start at a file offset that is not a multiple of 32 bytes (ggml's
+// TENSOR_ALIGNMENT). A file whose general.alignment is a smaller power of two (1, 2, 8) is
+// valid GGUF, but llama.cpp maps its weights in place and the CPU backend asserts that the
+// mapped pointer is aligned. Files written with the default alignment (32) always pass.
+void validate_gguf_tensor_alignment(const gguf_context *gguf, const std::string &path) {
+    constexpr size_t tensor_alignment = 32;
+    const size_t data_offset = gguf_get_data_offset(gguf);
+    for (int64_t i = 0; i < gguf_get_n_tensors(gguf); ++i) {
+        const size_t offset = data_offset + gguf_get_tensor_offset(gguf, i);
+        if (offset % tensor_alignment != 0) {
+            throw ModelLoadError("invalid tensor layout in '" + path + "': tensor '" + gguf_get_tensor_name(gguf, i) +
+                                 "' starts at file offset " + std::to_string(offset) +
+                                 ", not a multiple of 32 bytes (general.alignment is " +
+                                 std::to_string(gguf_get_alignment(gguf)) + "), which llama.cpp needs to map it");
+        }
+    }
+}
+
+// Checks the GGUF file at `path` before llama.cpp loads it (see the section's comment); the
+// hyperparameters only for a full load, as llama.cpp reads none for a vocabulary. Raises
+// ModelLoadError; a file gguf cannot parse is left to llama.cpp's loader, which refuses it
+// with gguf's own message.
+void validate_gguf(const std::string &path, bool vocab_only) {
+    gguf_init_params params{/*no_alloc=*/true, /*ctx=*/nullptr};
+    const std::unique_ptr<gguf_context, decltype(&gguf_free)> gguf(gguf_init_from_file(path.c_str(), params),
+                                                                   &gguf_free);
+    if (!gguf) {
+        return;
+    }
+    validate_gguf_vocab(gguf.get(), path);
+    if (!vocab_only) {
+        validate_gguf_tensor_alignment(gguf.get(), path);
+    }
+    const int64_t arch_id = gguf_find_key(gguf.get(), "general.architecture");
+    if (!vocab_only && arch_id >= 0 && gguf_get_kv_type(gguf.get(), arch_id) == GGUF_TYPE_STRING) {
+        validate_gguf_hparams(gguf.get(), path, gguf_get_val_str(gguf.get(), arch_id));
+    }
+}
+
+// =====================================================================================
 // Model
 // =====================================================================================
 
@@ -751,6 +1151,7 @@ class ModelParams {
   public:
     ModelParams(const std::string &path, const ModelOptions &options) {
         check_file(path);
+        validate_gguf(path, options.vocab_only);
         params = llama_model_default_params();
         params.n_gpu_layers = options.n_gpu_layers;
         params.split_mode = static_cast<llama_split_mode>(options.split_mode);
@@ -1035,6 +1436,7 @@ class Model {
         }
         handle_ = ModelHandle(model, ModelDeleter());
         vocab_ = llama_model_get_vocab(model);
+        validate_loaded_vocab(vocab_, path);  // frees the model (handle_) if it throws
         expert_used_override_ = arch_int_override(model, options, "expert_used_count");
     }
 

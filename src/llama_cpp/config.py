@@ -190,6 +190,16 @@ class LlamaConfig:
             # in one physical batch.
             options.n_seq_max = EMBEDDING_SEQUENCES
             options.kv_unified = True
+            # llama.cpp reserves its worst-case graph with the batch rounded up to a multiple
+            # of n_seq_max but as many outputs as the batch: mean pooling (also the model's
+            # default, or a ranking head's) multiplies the two sizes together, and a batch of,
+            # say, 300 aborts the process (GGML_ASSERT(ggml_can_mul_mat(a, b))). The batch is
+            # at most the window, so both are rounded up; llama.cpp pads the window to a
+            # multiple of 256 regardless.
+            if self.pooling_type in _MAY_POOL_MEAN:
+                options.n_batch = _round_up(options.n_batch, EMBEDDING_SEQUENCES)
+                if options.n_ctx:
+                    options.n_ctx = _round_up(options.n_ctx, EMBEDDING_SEQUENCES)
             options.n_ubatch = options.n_batch
         options.rope_scaling_type = self.rope_scaling_type
         options.rope_freq_base = self.rope_freq_base
@@ -423,6 +433,15 @@ def resolve_config(where: str, config: LlamaConfig | None, options: Mapping[str,
         warnings.warn(f"{where}() ignores the keyword argument {name!r} (no effect here)", stacklevel=3)
     given = {name: value for name, value in options.items() if name in DEFAULTS}
     return replace(config, **given) if config is not None else LlamaConfig(**given)  # type: ignore[arg-type]
+
+
+#: pooling_type values that may pool by mean: the model's own (-1), mean (1), rank (4: a
+#: ModernBERT-style head pools by mean first).
+_MAY_POOL_MEAN = (-1, 1, 4)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def _at_least(name: str, value: int, minimum: int) -> None:

@@ -100,6 +100,8 @@ class TinyModelSpec:
             vocabulary and name them in the ``tokenizer.ggml.fim_*_token_id`` metadata.
         add_space_prefix: The tokenizer prepends a space (``▁``) to the text it is given, as
             SentencePiece models such as Code Llama do.
+        chat_template: ``tokenizer.chat_template`` (None: the file has none), e.g. a hostile
+            one for the template-limit tests.
     """
 
     successors: Mapping[int, int] = field(default_factory=_default_successors)
@@ -114,6 +116,7 @@ class TinyModelSpec:
     name: str = "tiny-successor-llama"
     fim: bool = False
     add_space_prefix: bool = False
+    chat_template: str | None = None
 
     @property
     def n_vocab(self) -> int:
@@ -235,6 +238,8 @@ def write_llama_gguf(
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(spec.add_space_prefix)
+    if spec.chat_template is not None:
+        writer.add_chat_template(spec.chat_template)
     for name, array in tensors.items():
         writer.add_tensor(name, array)
     writer.write_header_to_file()

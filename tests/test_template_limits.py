@@ -214,6 +214,26 @@ def test_recursion_through_a_parameter_stops_at_the_macro_depth_limit(tmp_path: 
     assert result.stdout.splitlines() == ["raised: True", "alive"]
 
 
+def test_the_render_stack_holds_the_deepest_macro_at_the_deepest_recursion(tmp_path: Path) -> None:
+    # A macro body 250 syntax-tree levels deep (the limit is 256), calling itself at the
+    # bottom of it 300 times: about 70 MiB of stack, which overflowed a fixed 64 MiB stack.
+    body = "{% if n > 0 %}{{ (f(n - 1) | length)" + " + 1" * 245 + " }}{% endif %}"
+    template = "{% macro f(n) %}" + body + "{% endmacro %}{{ f(300) }}"
+    path = model_with_template(tmp_path, template)
+    result = run_python(
+        """
+        import sys
+        from llama_cpp import Llama
+
+        with Llama(sys.argv[1], n_ctx=64, verbose=False, chat_template_max_depth=301) as llm:
+            print(llm.render_chat([{"role": "user", "content": "hi"}]).prompt)
+        """,
+        str(path),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "248\n"  # the innermost call renders "", each level adds 245
+
+
 def test_legitimate_recursion_within_the_depth_limit_renders(vocab: _core.Model) -> None:
     # Real templates recurse over tool schemas: depth follows the data, and the data is finite.
     template = (
@@ -355,6 +375,7 @@ def test_the_default_and_tiny_models_templates_render_unchanged(
         ),
         ("chat_template_max_output", 0, "chat_template_max_output must be an integer >= 1, got 0"),
         ("chat_template_max_depth", -1, "chat_template_max_depth must be an integer >= 0, got -1"),
+        ("chat_template_max_depth", 513, "chat_template_max_depth must be <= 512, got 513"),
     ],
 )
 def test_the_limits_are_checked(tiny_model_path: Path, option: str, value: float, message: str) -> None:

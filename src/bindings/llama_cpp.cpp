@@ -1994,13 +1994,16 @@ struct ChatDelta {
 // memory or overflow the stack (a self-recursive macro). We cannot change the engine, so:
 //   1. before llama.cpp sees a template (its init already renders it, to detect capabilities),
 //      we parse it with llama.cpp's own lexer and parser and refuse what is certainly abuse:
-//      oversized source, an AST nested too deep, macros that call themselves (directly,
-//      mutually, through caller() or as values), constant range()s, loop products and string
+//      oversized source, brackets/blocks/an AST nested too deep, macros that always call
+//      themselves (directly or mutually), constant range()s, loop products and string
 //      repetitions past a limit;
-//   2. every render (and llama.cpp's init) runs on a thread of its own with a large stack and
-//      a deadline, and its output is capped: past the deadline the caller gets TemplateError
-//      and the templates are refused for good (the runaway thread cannot be stopped; it runs
-//      on until the render ends, holding a core and what it allocated).
+//   2. recursion itself cannot be refused (12 of llama.cpp's 71 sample templates recurse over
+//      tool schemas), so we rewrite the source: each macro body counts the depth of nested
+//      macro calls in a namespace and raises past max_macro_depth; the output is unchanged;
+//   3. every render (and llama.cpp's init) runs on a thread of its own with a stack sized for
+//      that depth and a deadline, and its output is capped: past the deadline the caller gets
+//      TemplateError and the templates are refused for good (the runaway thread cannot be
+//      stopped; it runs on until the render ends, holding a core and what it allocated).
 // The engine has no include/import/extends (the parser rejects them) and no file or network
 // access; strftime_now reads the clock only.
 
@@ -2010,21 +2013,29 @@ struct TemplateRefused : InvalidArgumentError {
 };
 
 // Static limits. Real templates are far below them: llama.cpp's models/templates/ are at most
-// 17 KB, nest their AST under 40 deep and their loops 3 deep, and call range() on message
-// counts only (tests/test_template_limits.py checks each of them renders unchanged).
+// 17 KB and call range() on message counts only; each of them renders unchanged under these
+// limits (tests/test_template_limits.py).
 constexpr size_t kTemplateMaxSourceBytes = 1 << 20;
 constexpr size_t kTemplateMaxAstDepth = 256;  // also bounds the stack the render needs
 constexpr size_t kTemplateMaxLoopNesting = 8;
 constexpr int64_t kTemplateMaxConstIterations = 100000;  // one constant range(), or a product
 constexpr int64_t kTemplateMaxConstRepeat = 100000;      // 'x' * N
-// The render thread's stack: with the AST depth bounded and recursion refused, a render needs
-// a few MiB at most; the rest is reserve (address space, touched only if used).
-constexpr size_t kTemplateStackBytes = 64u << 20;
 constexpr double kTemplateDefaultTimeLimit = 5.0;
 constexpr size_t kTemplateDefaultMaxOutputBytes = 32u << 20;
 // Macro calls nested in one another (recursion included): real templates recurse over tool
 // schemas, a few levels deep.
 constexpr size_t kTemplateDefaultMaxMacroDepth = 64;
+constexpr size_t kTemplateMaxMacroDepth = 512;
+
+// The render thread's stack. With the AST at most kTemplateMaxAstDepth deep, one macro call
+// (its body, and a caller() body it runs) takes at most ~0.5 MiB of stack: measured, a macro
+// 250 nodes deep overflows 64 MiB at between 64 and 300 nested calls. 1 MiB per allowed
+// level, and 32 MiB for the rest; address space only, touched as used. max_macro_depth 0
+// (no guard, for trusted templates) gets the most.
+size_t template_stack_bytes(size_t max_macro_depth) {
+    const size_t levels = max_macro_depth == 0 ? kTemplateMaxMacroDepth : max_macro_depth;
+    return (32u << 20) + levels * (1u << 20);
+}
 
 // The children of an AST node, read from its fields (statement::visit skips those of literals).
 std::vector<const jinja::statement *> template_children(const jinja::statement *node) {
@@ -2447,18 +2458,18 @@ class TemplateChecker {
     std::map<std::string, Macro> macros_;
 };
 
-// Runs `work` on a detached thread of its own (kTemplateStackBytes of stack) and waits for it
+// Runs `work` on a detached thread of its own (`stack_bytes` of stack) and waits for it
 // until `time_limit` seconds have passed. Returns true when it finished (rethrowing what it
 // threw), false at the deadline: the thread is then left running, holding only what `work`
 // captured (shared pointers), and ends when the render does.
 class BoundedRun {
   public:
-    static bool run(std::function<void()> work, double time_limit) {
+    static bool run(std::function<void()> work, double time_limit, size_t stack_bytes) {
         auto job = std::make_shared<Job>();
         job->work = std::move(work);
         pthread_attr_t attr;
         pthread_attr_init(&attr);
-        pthread_attr_setstacksize(&attr, kTemplateStackBytes);
+        pthread_attr_setstacksize(&attr, stack_bytes);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
         auto *arg = new std::shared_ptr<Job>(job);
         pthread_t thread;
@@ -2551,6 +2562,10 @@ class ChatTemplates {
             throw InvalidArgumentError("time_limit must be a number of seconds > 0, got " + std::to_string(time_limit));
         }
         if (max_output_bytes == 0) throw InvalidArgumentError("max_output_bytes must be > 0");
+        if (max_macro_depth > kTemplateMaxMacroDepth) {
+            throw InvalidArgumentError("max_macro_depth must be <= " + std::to_string(kTemplateMaxMacroDepth) +
+                                       ", got " + std::to_string(max_macro_depth));
+        }
         // Which sources llama.cpp would use, as common_chat_templates_init chooses them:
         // given them explicitly (instrumented), it reads nothing from the model.
         std::string main = override_template, tool_use;
@@ -2584,7 +2599,7 @@ class ChatTemplates {
                 loaded->main = load(main, "chat template");
                 if (!tool_use.empty()) loaded->tool_use = load(tool_use, "tool_use chat template");
             },
-            time_limit);
+            time_limit, template_stack_bytes(max_macro_depth));
         if (!finished) {
             throw TemplateRefused("refused chat template: loading it (llama.cpp renders it to detect its "
                                   "capabilities) ran past the time limit of " + format_seconds(time_limit) +
@@ -2736,7 +2751,7 @@ class ChatTemplates {
             const auto &templates = tool_use_ && !inputs.tools.empty() ? tool_use_ : templates_;
             finished = BoundedRun::run(
                 [params, templates, inputs] { *params = common_chat_templates_apply(templates.get(), inputs); },
-                time_limit_);
+                time_limit_, template_stack_bytes(max_macro_depth_));
         } catch (const LlamaError &) {
             throw;
         } catch (const std::exception &e) {
@@ -2926,6 +2941,7 @@ void bind_chat(nb::module_ &m) {
     m.attr("TEMPLATE_DEFAULT_TIME_LIMIT") = kTemplateDefaultTimeLimit;
     m.attr("TEMPLATE_DEFAULT_MAX_OUTPUT_BYTES") = kTemplateDefaultMaxOutputBytes;
     m.attr("TEMPLATE_DEFAULT_MAX_MACRO_DEPTH") = kTemplateDefaultMaxMacroDepth;
+    m.attr("TEMPLATE_MAX_MACRO_DEPTH") = kTemplateMaxMacroDepth;
     // TemplateRefused becomes llama_cpp.errors.TemplateError, a Python class (an
     // InvalidArgumentError): looked up when first raised, once llama_cpp is imported.
     nb::register_exception_translator([](const std::exception_ptr &p, void *) {

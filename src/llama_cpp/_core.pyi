@@ -693,6 +693,8 @@ TEMPLATE_DEFAULT_MAX_OUTPUT_BYTES: int = 33554432
 
 TEMPLATE_DEFAULT_MAX_MACRO_DEPTH: int = 64
 
+TEMPLATE_MAX_MACRO_DEPTH: int = 512
+
 class ChatParser:
     """Parses generated text in a chat format into an OpenAI message."""
 

@@ -121,6 +121,11 @@ class LlamaConfig:
             )
         _at_least("chat_template_max_output", self.chat_template_max_output, 1)
         _at_least("chat_template_max_depth", self.chat_template_max_depth, 0)
+        if self.chat_template_max_depth > _core.TEMPLATE_MAX_MACRO_DEPTH:
+            raise InvalidArgumentError(
+                f"chat_template_max_depth must be <= {_core.TEMPLATE_MAX_MACRO_DEPTH}, "
+                f"got {self.chat_template_max_depth}"
+            )
         _at_least("profile_experts_trace", self.profile_experts_trace, 0)
         # The trace takes at least 4 bytes a token (one layer, top-1); the exact ceiling, from
         # the model's layers and top-k, is checked in C++ when the context is created.

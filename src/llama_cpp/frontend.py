@@ -133,6 +133,9 @@ class FrontEnd(ABC):
 
         Raises:
             InvalidArgumentError: Malformed messages or tools, or the template rejected them.
+            TemplateError: The template was refused, failed, or ran past its limits
+                (``chat_template_timeout``, ``chat_template_max_output``,
+                ``chat_template_max_depth``; docs/hardening.md).
         """
         params = self._requests.renderer.render(
             messages,

@@ -231,7 +231,7 @@ def test_the_render_stack_holds_the_deepest_macro_at_the_deepest_recursion(tmp_p
         str(path),
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "248\n"  # the innermost call renders "", each level adds 245
+    assert result.stdout == "248\n"  # f(0) renders "", f(1) "245", each level above len("245") + 245
 
 
 def test_legitimate_recursion_within_the_depth_limit_renders(vocab: _core.Model) -> None:

@@ -2587,12 +2587,15 @@ class ChatTemplates {
         const bool finished = BoundedRun::run(
             [loaded, model_ref, main, tool_use, max_macro_depth] {
                 auto load = [&](const std::string &src, const char *what) {
-                    // Empty or "chatml": llama.cpp's own ChatML, nothing to check.
-                    const std::string guarded =
-                        src.empty() || src == "chatml" ? src : TemplateChecker(what, max_macro_depth).prepare(src);
                     try {
+                        // Empty or "chatml": llama.cpp's own ChatML, nothing to check.
+                        const std::string guarded = src.empty() || src == "chatml"
+                                                        ? src
+                                                        : TemplateChecker(what, max_macro_depth).prepare(src);
                         return common_chat_templates_init(model_ref.get(), guarded);
-                    } catch (const std::exception &e) {
+                    } catch (const LlamaError &) {
+                        throw;
+                    } catch (const std::exception &e) {  // a parse error, bad_alloc, ...
                         throw TemplateRefused(std::string("invalid ") + what + ": " + e.what());
                     }
                 };
@@ -2920,14 +2923,16 @@ void bind_chat(nb::module_ &m) {
         .def_ro("tool_call_id", &ChatDelta::tool_call_id)
         .def_ro("tool_call_name", &ChatDelta::tool_call_name)
         .def_ro("tool_call_arguments", &ChatDelta::tool_call_arguments);
-    nb::class_<ChatTemplates>(m, "ChatTemplates", "A model's chat templates, rendered by llama.cpp's Jinja engine.")
+    nb::class_<ChatTemplates>(m, "ChatTemplates",
+                              "A model's chat templates, rendered by llama.cpp's Jinja engine within limits "
+                              "(docs/hardening.md, \"Hostile chat templates\"): TemplateError past them.")
         .def(nb::init<const Model &, const std::string &, double, size_t, size_t>(), "model"_a,
              "override_template"_a = "", nb::kw_only(), "time_limit"_a = kTemplateDefaultTimeLimit,
              "max_output_bytes"_a = kTemplateDefaultMaxOutputBytes,
              "max_macro_depth"_a = kTemplateDefaultMaxMacroDepth, nb::call_guard<nb::gil_scoped_release>())
         .def("apply", &ChatTemplates::apply, "request"_a, nb::call_guard<nb::gil_scoped_release>())
         .def("source", &ChatTemplates::source)
-        .def("supports_thinking", &ChatTemplates::supports_thinking)
+        .def("supports_thinking", &ChatTemplates::supports_thinking, nb::call_guard<nb::gil_scoped_release>())
         .def("caps", &ChatTemplates::caps)
         .def_prop_ro("time_limit", &ChatTemplates::time_limit)
         .def_prop_ro("max_output_bytes", &ChatTemplates::max_output_bytes)

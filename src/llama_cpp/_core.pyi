@@ -653,7 +653,9 @@ class ChatDelta:
     def tool_call_arguments(self) -> str: ...
 
 class ChatTemplates:
-    """A model's chat templates, rendered by llama.cpp's Jinja engine."""
+    """
+    A model's chat templates, rendered by llama.cpp's Jinja engine within limits (docs/hardening.md, "Hostile chat templates"): TemplateError past them.
+    """
 
     def __init__(self, model: Model, override_template: str = '', *, time_limit: float = 5.0, max_output_bytes: int = 33554432, max_macro_depth: int = 64) -> None: ...
 

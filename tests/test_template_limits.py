@@ -309,6 +309,34 @@ def test_loading_past_the_time_limit_is_refused_once(tmp_path: Path) -> None:
     assert result.stdout.splitlines() == [refusal, refusal]
 
 
+def test_a_models_tool_use_template_is_checked_and_used_for_requests_with_tools(tmp_path: Path) -> None:
+    plain = "{% for m in messages %}plain:{{ m.content }}{% endfor %}"
+    tool_use = (
+        "{% macro schema(s) %}{{ s.type }}{% if s.properties %}("
+        "{% for k, v in s.properties | items %}{{ k }}:{{ schema(v) }},{% endfor %}){% endif %}{% endmacro %}"
+        "{% for t in tools or [] %}{{ t.function.name }}({{ schema(t.function.parameters) }}) {% endfor %}"
+        "{% for m in messages %}tools:{{ m.content }}{% endfor %}"
+    )
+    spec = TinyModelSpec(chat_template=plain, tool_use_template=tool_use)
+    with Llama(write_tiny_llama(tmp_path / "tools.gguf", spec), vocab_only=True, verbose=False) as llm:
+        assert llm.render_chat(MESSAGES).prompt == "plain:hi"
+        assert llm.render_chat(MESSAGES, tools=TOOLS).prompt == (
+            "get_weather(object(city:string,units:string,options:object(days:integer,tags:array,),)) tools:hi"
+        )
+        assert llm.chat_templates().source() == plain
+    hostile = TinyModelSpec(chat_template=plain, tool_use_template=SELF_RECURSIVE)
+    hostile_path = write_tiny_llama(tmp_path / "hostile.gguf", hostile)
+    with Llama(hostile_path, vocab_only=True, verbose=False) as llm, pytest.raises(TemplateError) as caught:
+        llm.render_chat(MESSAGES)
+    assert str(caught.value) == (
+        "refused tool_use chat template: macro 'f' always calls itself (f -> f), without end"
+    )
+    # As llama.cpp: one that does not parse is ignored, and the default template renders all.
+    broken = TinyModelSpec(chat_template=plain, tool_use_template="{% for %}")
+    with Llama(write_tiny_llama(tmp_path / "broken.gguf", broken), vocab_only=True, verbose=False) as llm:
+        assert llm.render_chat(MESSAGES, tools=TOOLS).prompt == "plain:hi"
+
+
 def test_output_past_max_output_bytes_is_refused(vocab: _core.Model) -> None:
     # Doubling a 1 KiB string 10 times: 1 MiB from a small template, invisible to static checks.
     template = (

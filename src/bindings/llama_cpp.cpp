@@ -2011,6 +2011,10 @@ struct ChatDelta {
 struct TemplateRefused : InvalidArgumentError {
     using InvalidArgumentError::InvalidArgumentError;
 };
+// A template that does not parse (also a TemplateError).
+struct TemplateInvalid : TemplateRefused {
+    using TemplateRefused::TemplateRefused;
+};
 
 // Static limits. Real templates are far below them: llama.cpp's models/templates/ are at most
 // 17 KB and call range() on message counts only; each of them renders unchanged under these
@@ -2149,7 +2153,9 @@ std::optional<int64_t> template_const_length(const jinja::statement *node) {
         if (!v) return std::nullopt;
         a.push_back(*v);
     }
-    const __int128 start = a.size() == 1 ? 0 : a[0], stop = a.size() == 1 ? a[0] : a[1], step = a.size() == 3 ? a[2] : 1;
+    const __int128 start = a.size() == 1 ? 0 : a[0];
+    const __int128 stop = a.size() == 1 ? a[0] : a[1];
+    const __int128 step = a.size() == 3 ? a[2] : 1;
     if (step == 0) return 0;  // range() raises
     const __int128 n = step > 0 ? (stop - start + step - 1) / step : (start - stop - step - 1) / -step;
     return n < 0 ? 0 : saturate(n);
@@ -2182,7 +2188,7 @@ class TemplateChecker {
         } catch (const TemplateRefused &) {
             throw;
         } catch (const std::exception &e) {
-            throw TemplateRefused("invalid " + what_ + ": " + e.what());
+            throw TemplateInvalid("invalid " + what_ + ": " + e.what());
         }
         check_depth(prog);  // first, iteratively: the checks below recurse over the AST
         collect(&prog, nullptr, 0, 1);
@@ -2596,11 +2602,21 @@ class ChatTemplates {
                     } catch (const LlamaError &) {
                         throw;
                     } catch (const std::exception &e) {  // a parse error, bad_alloc, ...
-                        throw TemplateRefused(std::string("invalid ") + what + ": " + e.what());
+                        throw TemplateInvalid(std::string("invalid ") + what + ": " + e.what());
                     }
                 };
                 loaded->main = load(main, "chat template");
-                if (!tool_use.empty()) loaded->tool_use = load(tool_use, "tool_use chat template");
+                if (!tool_use.empty()) {
+                    try {
+                        loaded->tool_use = load(tool_use, "tool_use chat template");
+                    } catch (const TemplateInvalid &e) {
+                        // As llama.cpp: a tool_use template that does not parse is ignored
+                        // (the default one renders requests with tools too). One that is
+                        // refused as abuse refuses the model's templates.
+                        emit_log_line(GGML_LOG_LEVEL_WARN,
+                                      std::string("ignoring the model's tool_use chat template: ") + e.what());
+                    }
+                }
             },
             time_limit, template_stack_bytes(max_macro_depth));
         if (!finished) {

@@ -102,6 +102,8 @@ class TinyModelSpec:
             SentencePiece models such as Code Llama do.
         chat_template: ``tokenizer.chat_template`` (None: the file has none), e.g. a hostile
             one for the template-limit tests.
+        tool_use_template: ``tokenizer.chat_template.tool_use``, the template llama.cpp uses
+            instead when a request has tools (None: none).
     """
 
     successors: Mapping[int, int] = field(default_factory=_default_successors)
@@ -117,6 +119,7 @@ class TinyModelSpec:
     fim: bool = False
     add_space_prefix: bool = False
     chat_template: str | None = None
+    tool_use_template: str | None = None
 
     @property
     def n_vocab(self) -> int:
@@ -240,6 +243,8 @@ def write_llama_gguf(
     writer.add_add_space_prefix(spec.add_space_prefix)
     if spec.chat_template is not None:
         writer.add_chat_template(spec.chat_template)
+    if spec.tool_use_template is not None:
+        writer.add_string("tokenizer.chat_template.tool_use", spec.tool_use_template)
     for name, array in tensors.items():
         writer.add_tensor(name, array)
     writer.write_header_to_file()

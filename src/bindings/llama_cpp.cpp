@@ -82,6 +82,7 @@
 #include <vector>
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <netdb.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -2505,22 +2506,669 @@ struct ChatDelta {
     std::string tool_call_arguments;
 };
 
-class ChatTemplates {
+// =====================================================================================
+// Chat templates: static checks and a bounded render
+// =====================================================================================
+//
+// A chat template comes from the GGUF's metadata, so from whoever made the file. llama.cpp's
+// Jinja engine has no step counter, deadline or recursion limit, and `range()` is eager
+// (range(10**8) builds 10**8 values, gigabytes), so a template can loop for hours, exhaust
+// memory or overflow the stack (a self-recursive macro). We cannot change the engine, so:
+//   1. before llama.cpp sees a template (its init already renders it, to detect capabilities),
+//      we parse it with llama.cpp's own lexer and parser and refuse what is certainly abuse:
+//      oversized source, brackets/blocks/an AST nested too deep, macros that always call
+//      themselves (directly or mutually), constant range()s, loop products and string
+//      repetitions past a limit;
+//   2. recursion itself cannot be refused (12 of llama.cpp's 71 sample templates recurse over
+//      tool schemas), so we rewrite the source: each macro body counts the depth of nested
+//      macro calls in a namespace and raises past max_macro_depth; the output is unchanged;
+//   3. every render (and llama.cpp's init) runs on a thread of its own with a stack sized for
+//      that depth and a deadline, and its output is capped: past the deadline the caller gets
+//      TemplateError and the templates are refused for good (the runaway thread cannot be
+//      stopped; it runs on until the render ends, holding a core and what it allocated).
+// The engine has no include/import/extends (the parser rejects them) and no file or network
+// access; strftime_now reads the clock only.
+
+// Refused or failed chat template: llama_cpp.errors.TemplateError (an InvalidArgumentError).
+struct TemplateRefused : InvalidArgumentError {
+    using InvalidArgumentError::InvalidArgumentError;
+};
+// A template that does not parse (also a TemplateError).
+struct TemplateInvalid : TemplateRefused {
+    using TemplateRefused::TemplateRefused;
+};
+
+// Static limits. Real templates are far below them: llama.cpp's models/templates/ are at most
+// 17 KB and call range() on message counts only; each of them renders unchanged under these
+// limits (tests/test_template_limits.py).
+constexpr size_t kTemplateMaxSourceBytes = 1 << 20;
+constexpr size_t kTemplateMaxAstDepth = 256;  // also bounds the stack the render needs
+constexpr size_t kTemplateMaxLoopNesting = 8;
+constexpr int64_t kTemplateMaxConstIterations = 100000;  // one constant range(), or a product
+constexpr int64_t kTemplateMaxConstRepeat = 100000;      // 'x' * N
+constexpr double kTemplateDefaultTimeLimit = 5.0;
+constexpr size_t kTemplateDefaultMaxOutputBytes = 32u << 20;
+// Macro calls nested in one another (recursion included): real templates recurse over tool
+// schemas, a few levels deep.
+constexpr size_t kTemplateDefaultMaxMacroDepth = 64;
+constexpr size_t kTemplateMaxMacroDepth = 512;
+
+// The render thread's stack. With the AST at most kTemplateMaxAstDepth deep, one macro call
+// (its body, and a caller() body it runs) takes at most ~0.5 MiB of stack: measured, a macro
+// 250 nodes deep overflows 64 MiB at between 64 and 300 nested calls. 1 MiB per allowed
+// level, and 32 MiB for the rest; address space only, touched as used. max_macro_depth 0
+// (no guard, for trusted templates) gets the most.
+size_t template_stack_bytes(size_t max_macro_depth) {
+    const size_t levels = max_macro_depth == 0 ? kTemplateMaxMacroDepth : max_macro_depth;
+    return (32u << 20) + levels * (1u << 20);
+}
+
+// The children of an AST node, read from its fields (statement::visit skips those of literals).
+std::vector<const jinja::statement *> template_children(const jinja::statement *node) {
+    using namespace jinja;
+    std::vector<const statement *> out;
+    auto add = [&out](const statement_ptr &p) {
+        if (p) out.push_back(p.get());
+    };
+    auto add_all = [&add](const statements &list) {
+        for (const auto &p : list) add(p);
+    };
+    if (auto *n = dynamic_cast<const program *>(node)) {
+        add_all(n->body);
+    } else if (auto *n = dynamic_cast<const if_statement *>(node)) {
+        add(n->test), add_all(n->body), add_all(n->alternate);
+    } else if (auto *n = dynamic_cast<const for_statement *>(node)) {
+        add(n->loopvar), add(n->iterable), add_all(n->body), add_all(n->default_block);
+    } else if (auto *n = dynamic_cast<const set_statement *>(node)) {
+        add(n->assignee), add(n->val), add_all(n->body);
+    } else if (auto *n = dynamic_cast<const macro_statement *>(node)) {
+        add(n->name), add_all(n->args), add_all(n->body);
+    } else if (auto *n = dynamic_cast<const member_expression *>(node)) {
+        add(n->object), add(n->property);
+    } else if (auto *n = dynamic_cast<const call_expression *>(node)) {
+        add(n->callee), add_all(n->args);
+    } else if (auto *n = dynamic_cast<const array_literal *>(node)) {
+        add_all(n->val);
+    } else if (auto *n = dynamic_cast<const tuple_literal *>(node)) {
+        add_all(n->val);
+    } else if (auto *n = dynamic_cast<const object_literal *>(node)) {
+        for (const auto &[key, value] : n->val) add(key), add(value);
+    } else if (auto *n = dynamic_cast<const binary_expression *>(node)) {
+        add(n->left), add(n->right);
+    } else if (auto *n = dynamic_cast<const filter_expression *>(node)) {
+        add(n->operand), add(n->filter);
+    } else if (auto *n = dynamic_cast<const filter_statement *>(node)) {
+        add(n->filter), add_all(n->body);
+    } else if (auto *n = dynamic_cast<const select_expression *>(node)) {
+        add(n->lhs), add(n->test);
+    } else if (auto *n = dynamic_cast<const test_expression *>(node)) {
+        add(n->operand), add(n->test);
+    } else if (auto *n = dynamic_cast<const unary_expression *>(node)) {
+        add(n->argument);
+    } else if (auto *n = dynamic_cast<const slice_expression *>(node)) {
+        add(n->start_expr), add(n->stop_expr), add(n->step_expr);
+    } else if (auto *n = dynamic_cast<const keyword_argument_expression *>(node)) {
+        add(n->key), add(n->val);
+    } else if (auto *n = dynamic_cast<const spread_expression *>(node)) {
+        add(n->argument);
+    } else if (auto *n = dynamic_cast<const call_statement *>(node)) {
+        add(n->call), add_all(n->caller_args), add_all(n->body);
+    } else if (auto *n = dynamic_cast<const ternary_expression *>(node)) {
+        add(n->condition), add(n->true_expr), add(n->false_expr);
+    }
+    return out;
+}
+
+const std::string *template_identifier(const jinja::statement *node) {
+    auto *id = dynamic_cast<const jinja::identifier *>(node);
+    return id ? &id->val : nullptr;
+}
+
+// Saturating integer arithmetic for constant folding: a product past int64 is "huge", not UB.
+int64_t saturate(__int128 v) {
+    constexpr int64_t hi = std::numeric_limits<int64_t>::max(), lo = std::numeric_limits<int64_t>::min();
+    return v > hi ? hi : v < lo ? lo : static_cast<int64_t>(v);
+}
+
+// The value of a constant integer expression (literals, unary +/-, + - * // % **), if it is one.
+std::optional<int64_t> template_const_int(const jinja::statement *node) {
+    using namespace jinja;
+    if (auto *n = dynamic_cast<const integer_literal *>(node)) return n->val;
+    if (auto *n = dynamic_cast<const unary_expression *>(node)) {
+        auto v = template_const_int(n->argument.get());
+        if (!v) return std::nullopt;
+        if (n->op.value == "-") return saturate(-static_cast<__int128>(*v));
+        if (n->op.value == "+") return v;
+        return std::nullopt;
+    }
+    if (auto *n = dynamic_cast<const binary_expression *>(node)) {
+        auto a = template_const_int(n->left.get()), b = template_const_int(n->right.get());
+        if (!a || !b) return std::nullopt;
+        const __int128 x = *a, y = *b;
+        const std::string &op = n->op.value;
+        if (op == "+") return saturate(x + y);
+        if (op == "-") return saturate(x - y);
+        if (op == "*") return saturate(x * y);
+        if ((op == "//" || op == "/") && y != 0) return saturate(x / y);
+        if (op == "%" && y != 0) return saturate(x % y);
+        if (op == "**" && y >= 0) {
+            __int128 r = 1;
+            for (__int128 i = 0; i < y && r <= std::numeric_limits<int64_t>::max() && r >= -r - 1; ++i) r *= x;
+            return saturate(r);
+        }
+    }
+    return std::nullopt;
+}
+
+// How many items a loop's iterable has when that is known statically: range() of constants
+// or a literal list; nullopt otherwise.
+std::optional<int64_t> template_const_length(const jinja::statement *node) {
+    using namespace jinja;
+    if (auto *n = dynamic_cast<const array_literal *>(node)) return static_cast<int64_t>(n->val.size());
+    if (auto *n = dynamic_cast<const tuple_literal *>(node)) return static_cast<int64_t>(n->val.size());
+    auto *call = dynamic_cast<const call_expression *>(node);
+    const std::string *callee = call ? template_identifier(call->callee.get()) : nullptr;
+    if (!callee || *callee != "range" || call->args.empty() || call->args.size() > 3) return std::nullopt;
+    std::vector<int64_t> a;
+    for (const auto &arg : call->args) {
+        auto v = template_const_int(arg.get());
+        if (!v) return std::nullopt;
+        a.push_back(*v);
+    }
+    const __int128 start = a.size() == 1 ? 0 : a[0];
+    const __int128 stop = a.size() == 1 ? a[0] : a[1];
+    const __int128 step = a.size() == 3 ? a[2] : 1;
+    if (step == 0) return 0;  // range() raises
+    const __int128 n = step > 0 ? (stop - start + step - 1) / step : (start - stop - step - 1) / -step;
+    return n < 0 ? 0 : saturate(n);
+}
+
+// Parses a template with llama.cpp's own lexer and parser, throws TemplateRefused at the
+// first sign of abuse, and instruments its macros. `what` names the template in messages
+// ("chat template", "tool_use chat template").
+class TemplateChecker {
   public:
-    // `override_template`: Jinja source to use instead of the model's; empty: the model's
-    // (llama.cpp falls back to ChatML when the model has none).
-    ChatTemplates(const Model &model, const std::string &override_template) : model_(model.handle()) {
+    TemplateChecker(std::string what, size_t max_macro_depth)
+        : what_(std::move(what)), max_macro_depth_(max_macro_depth) {}
+
+    // The source llama.cpp should render: `source` with a depth guard in each macro (unless
+    // max_macro_depth is 0), which renders exactly as `source` until a chain of macro calls
+    // nests deeper than max_macro_depth, and then raises.
+    std::string prepare(const std::string &source) {
+        if (source.size() > kTemplateMaxSourceBytes) {
+            refuse("is " + std::to_string(source.size()) + " bytes, more than the limit of " +
+                   std::to_string(kTemplateMaxSourceBytes));
+        }
+        if (source.find(kGuardName) != std::string::npos) refuse(std::string("uses the reserved name ") + kGuardName);
+        jinja::program prog;
+        jinja::lexer_result tokens;
         try {
-            templates_ = common_chat_templates_init(model_.get(), override_template);
+            jinja::lexer lexer;
+            tokens = lexer.tokenize(source);
+            check_nesting(tokens.tokens);
+            prog = jinja::parse_from_tokens(tokens);
+        } catch (const TemplateRefused &) {
+            throw;
         } catch (const std::exception &e) {
-            throw InvalidArgumentError(std::string("invalid chat template: ") + e.what());
+            throw TemplateInvalid("invalid " + what_ + ": " + e.what());
+        }
+        check_depth(prog);  // first, iteratively: the checks below recurse over the AST
+        collect(&prog, nullptr, 0, 1);
+        check_recursion();
+        return max_macro_depth_ > 0 ? instrument(tokens) : source;
+    }
+
+  private:
+    static constexpr const char *kGuardName = "__llama_cpp_macro_depth";
+
+    struct Macro {
+        // The macros it calls outside any condition, loop or caller() body: if they lead
+        // back to it, every call recurses without end.
+        std::vector<std::string> always_calls;
+    };
+
+    [[noreturn]] void refuse(const std::string &why) const { throw TemplateRefused("refused " + what_ + ": " + why); }
+
+    // llama.cpp's parser is recursive descent: it recurses once per bracket, block, elif,
+    // unary operator, `not`, chained ternary and chained call. Counted on the tokens, before
+    // parsing, so that a source of nothing but '(' cannot overflow the parser's stack.
+    void check_nesting(const std::vector<jinja::token> &tokens) const {
+        using jinja::token;
+        size_t brackets = 0, chained = 0;  // chained: within the current tag
+        std::vector<size_t> blocks;        // per open block: 1 + its elifs
+        size_t in_blocks = 0;
+        for (size_t i = 0; i < tokens.size(); ++i) {
+            const token &t = tokens[i];
+            const token *prev = i > 0 ? &tokens[i - 1] : nullptr;
+            switch (t.t) {
+                case token::open_paren:
+                case token::open_square_bracket:
+                case token::open_curly_bracket:
+                    ++brackets;
+                    if (t.t == token::open_paren && prev &&
+                        (prev->t == token::close_paren || prev->t == token::close_square_bracket)) {
+                        ++chained;
+                    }
+                    break;
+                case token::close_paren:
+                case token::close_square_bracket:
+                case token::close_curly_bracket:
+                    brackets -= brackets > 0;
+                    break;
+                case token::unary_operator:
+                    ++chained;
+                    break;
+                case token::open_statement:
+                case token::open_expression:
+                case token::close_statement:
+                case token::close_expression:
+                    chained = 0;
+                    break;
+                case token::identifier:
+                    if (t.value == "not" || (t.value == "else" && !(prev && prev->t == token::open_statement))) {
+                        ++chained;
+                    } else if (prev && prev->t == token::open_statement) {
+                        const std::string &k = t.value;
+                        if (k == "if" || k == "for" || k == "macro" || k == "call" || k == "filter" ||
+                            (k == "set" && !tag_has(tokens, i, token::equals))) {
+                            blocks.push_back(1), ++in_blocks;
+                        } else if (k == "elif" && !blocks.empty()) {
+                            ++blocks.back(), ++in_blocks;
+                        } else if (k.rfind("end", 0) == 0 && !blocks.empty()) {
+                            in_blocks -= blocks.back();
+                            blocks.pop_back();
+                        }
+                    }
+                    break;
+                default:
+                    break;
+            }
+            if (brackets + in_blocks + chained > kTemplateMaxAstDepth) {
+                refuse("it nests brackets, blocks or operators more than " + std::to_string(kTemplateMaxAstDepth) +
+                       " deep");
+            }
         }
     }
 
-    std::string source() const { return common_chat_templates_source(templates_.get()); }
-    bool supports_thinking() const { return common_chat_templates_support_enable_thinking(templates_.get()); }
+    // Whether the tag around tokens[i] (up to its %}) has a token of type `type`.
+    static bool tag_has(const std::vector<jinja::token> &tokens, size_t i, jinja::token::type type) {
+        for (; i < tokens.size() && tokens[i].t != jinja::token::close_statement; ++i) {
+            if (tokens[i].t == type) return true;
+        }
+        return false;
+    }
+
+    void check_depth(const jinja::program &prog) const {
+        std::vector<std::pair<const jinja::statement *, size_t>> stack{{&prog, 1}};
+        while (!stack.empty()) {
+            auto [node, depth] = stack.back();
+            stack.pop_back();
+            if (depth > kTemplateMaxAstDepth) {
+                refuse("its syntax tree is nested more than " + std::to_string(kTemplateMaxAstDepth) + " deep");
+            }
+            for (const jinja::statement *child : template_children(node)) stack.emplace_back(child, depth + 1);
+        }
+    }
+
+    // Records which macros each macro always calls, and checks loops and repetitions.
+    // `macro`: the innermost macro this node is in (null at top level), or null where it may
+    // not run (under a condition); `loops`: enclosing for-loops; `iterations`: the product
+    // of their statically known lengths.
+    void collect(const jinja::statement *node, Macro *macro, size_t loops, int64_t iterations) {
+        using namespace jinja;
+        auto each = [&](const statements &list, Macro *m, size_t l, int64_t n) {
+            for (const auto &stmt : list) collect(stmt.get(), m, l, n);
+        };
+        if (auto *m = dynamic_cast<const macro_statement *>(node)) {
+            const std::string *name = template_identifier(m->name.get());
+            Macro *entry = name ? &macros_[*name] : nullptr;
+            each(m->args, nullptr, 0, 1);  // defaults: evaluated only when an argument is missing
+            each(m->body, entry, 0, 1);
+            return;
+        }
+        if (auto *call = dynamic_cast<const call_expression *>(node)) {
+            const std::string *callee = template_identifier(call->callee.get());
+            if (callee && *callee == "range") {
+                auto n = template_const_length(call);
+                if (n && *n > kTemplateMaxConstIterations) {
+                    refuse("range() of " + std::to_string(*n) + " items, more than the limit of " +
+                           std::to_string(kTemplateMaxConstIterations));
+                }
+            }
+            if (callee && macro) macro->always_calls.push_back(*callee);
+            if (!callee) collect(call->callee.get(), macro, loops, iterations);
+            each(call->args, macro, loops, iterations);
+            return;
+        }
+        if (auto *call = dynamic_cast<const call_statement *>(node)) {
+            collect(call->call.get(), macro, loops, iterations);
+            each(call->caller_args, nullptr, loops, iterations);
+            each(call->body, nullptr, loops, iterations);  // runs only if the macro calls caller()
+            return;
+        }
+        if (auto *branch = dynamic_cast<const if_statement *>(node)) {
+            collect(branch->test.get(), macro, loops, iterations);
+            each(branch->body, nullptr, loops, iterations);
+            each(branch->alternate, nullptr, loops, iterations);
+            return;
+        }
+        if (auto *ternary = dynamic_cast<const ternary_expression *>(node)) {
+            collect(ternary->condition.get(), macro, loops, iterations);
+            collect(ternary->true_expr.get(), nullptr, loops, iterations);
+            collect(ternary->false_expr.get(), nullptr, loops, iterations);
+            return;
+        }
+        if (auto *select = dynamic_cast<const select_expression *>(node)) {
+            collect(select->test.get(), macro, loops, iterations);
+            collect(select->lhs.get(), nullptr, loops, iterations);
+            return;
+        }
+        if (auto *bin = dynamic_cast<const binary_expression *>(node)) {
+            if (bin->op.value == "and" || bin->op.value == "or") {  // short-circuit
+                collect(bin->left.get(), macro, loops, iterations);
+                collect(bin->right.get(), nullptr, loops, iterations);
+                return;
+            }
+            if (bin->op.value == "*") {
+                auto a = template_const_int(bin->left.get()), b = template_const_int(bin->right.get());
+                const auto n = a ? a : b;
+                if (!(a && b) && n && *n > kTemplateMaxConstRepeat) {  // both constant: arithmetic
+                    refuse("repeats a value " + std::to_string(*n) + " times, more than the limit of " +
+                           std::to_string(kTemplateMaxConstRepeat));
+                }
+            }
+        }
+        if (auto *loop = dynamic_cast<const for_statement *>(node)) {
+            if (loops + 1 > kTemplateMaxLoopNesting) {
+                refuse("nests loops more than " + std::to_string(kTemplateMaxLoopNesting) + " deep");
+            }
+            const int64_t n = template_const_length(loop->iterable.get()).value_or(1);
+            const int64_t inner = saturate(static_cast<__int128>(iterations) * std::max<int64_t>(n, 1));
+            if (inner > kTemplateMaxConstIterations) {
+                refuse("nested loops run " + std::to_string(inner) + " iterations, more than the limit of " +
+                       std::to_string(kTemplateMaxConstIterations));
+            }
+            collect(loop->iterable.get(), macro, loops, iterations);
+            each(loop->body, nullptr, loops + 1, inner);
+            each(loop->default_block, nullptr, loops, iterations);
+            return;
+        }
+        for (const jinja::statement *child : template_children(node)) collect(child, macro, loops, iterations);
+    }
+
+    // A macro that always calls itself, directly or through other macros that always call
+    // the next, recurses until the stack overflows whenever it is called: refused.
+    void check_recursion() const {
+        std::map<std::string, int> state;  // 0 new, 1 on the path, 2 done
+        for (const auto &[start, unused] : macros_) {
+            if (state[start] != 0) continue;
+            std::vector<std::pair<std::string, size_t>> path{{start, 0}};
+            state[start] = 1;
+            while (!path.empty()) {
+                auto &[name, next] = path.back();
+                const auto &out = macros_.at(name).always_calls;
+                if (next == out.size()) {
+                    state[name] = 2;
+                    path.pop_back();
+                    continue;
+                }
+                const std::string target = out[next++];
+                if (!macros_.count(target)) continue;
+                if (state[target] == 1) {
+                    std::string cycle;
+                    bool on = false;
+                    for (const auto &step : path) {
+                        on = on || step.first == target;
+                        if (on) cycle += step.first + " -> ";
+                    }
+                    refuse("macro '" + target + "' always calls itself (" + cycle + target + "), without end");
+                }
+                if (state[target] == 0) {
+                    state[target] = 1;
+                    path.emplace_back(target, 0);
+                }
+            }
+        }
+    }
+
+    // The lexer's (normalized) source with a depth guard around each macro's body:
+    //   {% set G = namespace(n=0) %}\n       (first; trim_blocks eats the \n)
+    //   {% macro m() %}{% set G.n = G.n + 1 %}{% if G.n > N %}{{ raise_exception(...) }}{% endif %}
+    //   ...body...{% set G.n = G.n - 1 %}{% endmacro %}
+    // Whitespace control is copied from the macro's own tags (`-%}` after the macro tag,
+    // `{%-` before endmacro), so that the body's text is trimmed exactly as before. A
+    // namespace is shared by reference with the macros' scopes, so one counter counts the
+    // depth of nested macro calls.
+    std::string instrument(const jinja::lexer_result &lexed) const {
+        using jinja::token;
+        const std::string &src = lexed.source;
+        const auto &tokens = lexed.tokens;
+        const std::string g = kGuardName, limit = std::to_string(max_macro_depth_);
+        std::vector<std::pair<size_t, std::string>> inserts;
+        std::vector<std::string> open;  // names of the macros being defined
+        for (size_t i = 1; i < tokens.size(); ++i) {
+            if (tokens[i].t != token::identifier || tokens[i - 1].t != token::open_statement) continue;
+            const size_t tag = tokens[i - 1].pos;
+            if (src.compare(tag, 2, "{%") != 0) throw std::logic_error("unexpected token position in a template");
+            if (tokens[i].value == "macro") {
+                size_t close = i;
+                while (close < tokens.size() && tokens[close].t != token::close_statement) ++close;
+                const size_t end = close < tokens.size() ? src.find("%}", tokens[close].pos) : std::string::npos;
+                if (end == std::string::npos) throw std::logic_error("macro tag without %} in a template");
+                const bool rstrip = end > 0 && src[end - 1] == '-';
+                const std::string name = i + 1 < tokens.size() ? tokens[i + 1].value : "?";
+                open.push_back(name);
+                inserts.emplace_back(end + 2, "{% set " + g + ".n = " + g + ".n + 1 %}{% if " + g + ".n > " + limit +
+                                                  " %}{{ raise_exception(\"macro '" + name +
+                                                  "' called with more than " + limit +
+                                                  " macro calls nested\") }}{% endif " + (rstrip ? "-%}" : "%}"));
+            } else if (tokens[i].value == "endmacro" && !open.empty()) {
+                open.pop_back();
+                const bool lstrip = src.compare(tag, 3, "{%-") == 0;
+                inserts.emplace_back(tag, std::string(lstrip ? "{%-" : "{%") + " set " + g + ".n = " + g + ".n - 1 %}");
+            }
+        }
+        std::string out = "{% set " + g + " = namespace(n=0) %}\n";
+        size_t from = 0;
+        for (const auto &[at, text] : inserts) {
+            out.append(src, from, at - from);
+            out += text;
+            from = at;
+        }
+        out.append(src, from, std::string::npos);
+        // The lexer strips one trailing newline, which it already did for `src`.
+        out += '\n';
+        return out;
+    }
+
+    std::string what_;
+    size_t max_macro_depth_;
+    std::map<std::string, Macro> macros_;
+};
+
+// Runs `work` on a detached thread of its own (`stack_bytes` of stack) and waits for it
+// until `time_limit` seconds have passed. Returns true when it finished (rethrowing what it
+// threw), false at the deadline: the thread is then left running, holding only what `work`
+// captured (shared pointers), and ends when the render does.
+class BoundedRun {
+  public:
+    static bool run(std::function<void()> work, double time_limit, size_t stack_bytes) {
+        auto job = std::make_shared<Job>();
+        job->work = std::move(work);
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setstacksize(&attr, stack_bytes);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        auto *arg = new std::shared_ptr<Job>(job);
+        pthread_t thread;
+        const int rc = pthread_create(&thread, &attr, &BoundedRun::main, arg);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) {
+            delete arg;
+            throw LlamaError(std::string("cannot start a thread to render the chat template: ") + std::strerror(rc));
+        }
+        std::unique_lock<std::mutex> lock(job->mutex);
+        const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(time_limit);
+        if (!job->done_cv.wait_until(lock, deadline, [&job] { return job->done; })) {
+            job->abandoned = true;
+            abandon();
+            return false;
+        }
+        if (job->error) std::rethrow_exception(job->error);
+        return true;
+    }
+
+    // Renders left running past their deadline, and not finished yet.
+    static int running_abandoned() { return abandoned_.load(); }
+
+  private:
+    struct Job {
+        std::function<void()> work;
+        std::mutex mutex;
+        std::condition_variable done_cv;
+        bool done = false;
+        bool abandoned = false;
+        std::exception_ptr error;
+    };
+
+    static inline std::atomic<int> abandoned_{0};
+
+    // A render left running must not meet the process's exit: exit() runs the static
+    // destructors of llama.cpp's common library (its table of Jinja builtins, ...) while
+    // the render still uses them, and the process crashes on its way out. So, from the
+    // first abandoned render on, an exit handler ends the process with _Exit (the same
+    // status, stdio flushed) while one is still running. It is registered after those
+    // statics were built (a render built them), so it runs before their destructors.
+    static void abandon() {
+        ++abandoned_;
+        static std::once_flag registered;
+        std::call_once(registered, [] {
+            on_exit(
+                [](int status, void *) {
+                    if (abandoned_.load() > 0) {
+                        std::fflush(nullptr);
+                        std::_Exit(status);
+                    }
+                },
+                nullptr);
+        });
+    }
+
+    static void *main(void *arg) {
+        std::shared_ptr<Job> job = std::move(*static_cast<std::shared_ptr<Job> *>(arg));
+        delete static_cast<std::shared_ptr<Job> *>(arg);
+        std::exception_ptr error;
+        try {
+            job->work();
+        } catch (...) {
+            error = std::current_exception();
+        }
+        job->work = nullptr;  // drop what it captured (the templates, the model) on this thread
+        {
+            std::lock_guard<std::mutex> lock(job->mutex);
+            job->error = error;
+            job->done = true;
+            if (job->abandoned) --abandoned_;
+        }
+        job->done_cv.notify_all();
+        return nullptr;
+    }
+};
+
+class ChatTemplates {
+  public:
+    // `override_template`: Jinja source to use instead of the model's; empty: the model's
+    // (llama.cpp falls back to ChatML when the model has none). Each template is checked and
+    // instrumented (TemplateChecker), then loaded by llama.cpp within `time_limit` seconds;
+    // renders run within it too, their macro calls nest at most `max_macro_depth` deep (0:
+    // no guard), and a prompt longer than `max_output_bytes` is refused.
+    ChatTemplates(const Model &model, const std::string &override_template, double time_limit,
+                  size_t max_output_bytes, size_t max_macro_depth)
+        : model_(model.handle()), time_limit_(time_limit), max_output_bytes_(max_output_bytes),
+          max_macro_depth_(max_macro_depth) {
+        if (!(time_limit > 0) || !std::isfinite(time_limit)) {
+            throw InvalidArgumentError("time_limit must be a number of seconds > 0, got " + std::to_string(time_limit));
+        }
+        if (max_output_bytes == 0) throw InvalidArgumentError("max_output_bytes must be > 0");
+        if (max_macro_depth > kTemplateMaxMacroDepth) {
+            throw InvalidArgumentError("max_macro_depth must be <= " + std::to_string(kTemplateMaxMacroDepth) +
+                                       ", got " + std::to_string(max_macro_depth));
+        }
+        // Which sources llama.cpp would use, as common_chat_templates_init chooses them:
+        // given them explicitly (instrumented), it reads nothing from the model.
+        std::string main = override_template, tool_use;
+        if (main.empty()) {
+            const char *tmpl = llama_model_chat_template(model_.get(), nullptr);
+            const char *tools = llama_model_chat_template(model_.get(), "tool_use");
+            main = tmpl ? tmpl : "";
+            tool_use = tools ? tools : "";
+            if ((main.empty() || main == "chatml") && !tool_use.empty()) main = std::move(tool_use), tool_use.clear();
+        }
+        source_ = main;
+        // Checked and loaded on the render thread: parsing recurses as deep as the source
+        // nests, and llama.cpp's init renders each template to detect its capabilities.
+        struct Loaded {
+            common_chat_templates_ptr main, tool_use;
+        };
+        auto loaded = std::make_shared<Loaded>();
+        const ModelHandle model_ref = model_;
+        const bool finished = BoundedRun::run(
+            [loaded, model_ref, main, tool_use, max_macro_depth] {
+                auto load = [&](const std::string &src, const char *what) {
+                    try {
+                        // Empty or "chatml": llama.cpp's own ChatML, nothing to check.
+                        const std::string guarded = src.empty() || src == "chatml"
+                                                        ? src
+                                                        : TemplateChecker(what, max_macro_depth).prepare(src);
+                        return common_chat_templates_init(model_ref.get(), guarded);
+                    } catch (const LlamaError &) {
+                        throw;
+                    } catch (const std::exception &e) {  // a parse error, bad_alloc, ...
+                        throw TemplateInvalid(std::string("invalid ") + what + ": " + e.what());
+                    }
+                };
+                loaded->main = load(main, "chat template");
+                if (!tool_use.empty()) {
+                    try {
+                        loaded->tool_use = load(tool_use, "tool_use chat template");
+                    } catch (const TemplateInvalid &e) {
+                        // As llama.cpp: a tool_use template that does not parse is ignored
+                        // (the default one renders requests with tools too). One that is
+                        // refused as abuse refuses the model's templates.
+                        emit_log_line(GGML_LOG_LEVEL_WARN,
+                                      std::string("ignoring the model's tool_use chat template: ") + e.what());
+                    }
+                }
+            },
+            time_limit, template_stack_bytes(max_macro_depth));
+        if (!finished) {
+            throw TemplateRefused("refused chat template: loading it (llama.cpp renders it to detect its "
+                                  "capabilities) ran past the time limit of " + format_seconds(time_limit) +
+                                  " s; the render could not be stopped and runs on in the background");
+        }
+        templates_ = std::shared_ptr<common_chat_templates>(std::move(loaded->main));
+        if (loaded->tool_use) tool_use_ = std::shared_ptr<common_chat_templates>(std::move(loaded->tool_use));
+    }
+
+    // The template as given (the model's or the override; llama.cpp's ChatML if neither),
+    // without the depth guards.
+    std::string source() const {
+        return source_.empty() || source_ == "chatml" ? common_chat_templates_source(templates_.get()) : source_;
+    }
+    bool supports_thinking() const {
+        // llama.cpp finds out by rendering a conversation: bounded like any other render.
+        common_chat_templates_inputs inputs;
+        inputs.messages = {common_chat_msg{}};
+        inputs.messages[0].role = "user";
+        inputs.messages[0].content = "test";
+        inputs.enable_thinking = true;
+        inputs.add_generation_prompt = true;
+        inputs.reasoning_format = COMMON_REASONING_FORMAT_DEEPSEEK;
+        return render(inputs).supports_thinking;
+    }
     std::vector<std::pair<std::string, bool>> caps() const {
-        auto caps = common_chat_templates_get_caps(templates_.get());
+        // As common_chat_templates_get_caps: the tool_use template's when there is one.
+        auto caps = common_chat_templates_get_caps((tool_use_ ? tool_use_ : templates_).get());
         return {caps.begin(), caps.end()};
     }
 
@@ -2543,12 +3191,7 @@ class ChatTemplates {
         for (const auto &[name, value] : request.template_kwargs) {
             inputs.chat_template_kwargs[name] = value;
         }
-        common_chat_params params;
-        try {
-            params = common_chat_templates_apply(templates_.get(), inputs);
-        } catch (const std::exception &e) {
-            throw InvalidArgumentError(std::string("the chat template failed: ") + e.what());
-        }
+        common_chat_params params = render(inputs);
         const llama_vocab *vocab = llama_model_get_vocab(model_.get());
         ChatParams out;
         out.prompt = std::move(params.prompt);
@@ -2616,7 +3259,61 @@ class ChatTemplates {
         return out;
     }
 
+    double time_limit() const { return time_limit_; }
+    size_t max_output_bytes() const { return max_output_bytes_; }
+    size_t max_macro_depth() const { return max_macro_depth_; }
+
+    // Why these templates are refused for good (a render ran past its deadline); empty if not.
+    std::string refused() const {
+        std::lock_guard<std::mutex> lock(refusal_->mutex);
+        return refusal_->reason;
+    }
+
   private:
+    struct Refusal {
+        std::mutex mutex;
+        std::string reason;
+    };
+
+    static std::string format_seconds(double s) {
+        char buf[32];
+        std::snprintf(buf, sizeof buf, "%g", s);
+        return buf;
+    }
+
+    // common_chat_templates_apply on the render thread, within the time and output limits.
+    common_chat_params render(const common_chat_templates_inputs &inputs) const {
+        if (std::string reason = refused(); !reason.empty()) throw TemplateRefused(reason);
+        auto params = std::make_shared<common_chat_params>();
+        bool finished = false;
+        try {
+            // The thread gets its own copies: it may outlive this call (and these templates).
+            // As llama.cpp picks: the tool_use template when there are tools and one.
+            const auto &templates = tool_use_ && !inputs.tools.empty() ? tool_use_ : templates_;
+            finished = BoundedRun::run(
+                [params, templates, inputs] { *params = common_chat_templates_apply(templates.get(), inputs); },
+                time_limit_, template_stack_bytes(max_macro_depth_));
+        } catch (const LlamaError &) {
+            throw;
+        } catch (const std::exception &e) {
+            throw TemplateRefused(std::string("the chat template failed: ") + e.what());
+        }
+        if (!finished) {
+            const std::string reason = "refused chat template: a render ran past the time limit of " +
+                                       format_seconds(time_limit_) +
+                                       " s (it could not be stopped and runs on in the background); these "
+                                       "templates are refused from now on";
+            std::lock_guard<std::mutex> lock(refusal_->mutex);
+            refusal_->reason = reason;
+            throw TemplateRefused(reason);
+        }
+        if (params->prompt.size() > max_output_bytes_) {
+            throw TemplateRefused("the chat template's output is " + std::to_string(params->prompt.size()) +
+                                  " bytes, more than max_output_bytes=" + std::to_string(max_output_bytes_));
+        }
+        return std::move(*params);
+    }
+
     static common_reasoning_format reasoning_format(const std::string &name) {
         if (name == "none") return COMMON_REASONING_FORMAT_NONE;
         if (name == "auto") return COMMON_REASONING_FORMAT_AUTO;
@@ -2632,7 +3329,14 @@ class ChatTemplates {
     }
 
     ModelHandle model_;  // the templates hold the model's BOS/EOS text; the vocab is used by apply
-    common_chat_templates_ptr templates_;
+    // Shared with render threads, which may outlive a call that timed out.
+    std::shared_ptr<const common_chat_templates> templates_;
+    std::shared_ptr<const common_chat_templates> tool_use_;  // the model's tool_use template, if any
+    std::string source_;
+    double time_limit_;
+    size_t max_output_bytes_;
+    size_t max_macro_depth_;
+    std::shared_ptr<Refusal> refusal_ = std::make_shared<Refusal>();
 };
 
 // Parses a chat format's generated text into an OpenAI message, whole or as it streams.
@@ -2757,13 +3461,46 @@ void bind_chat(nb::module_ &m) {
         .def_ro("tool_call_id", &ChatDelta::tool_call_id)
         .def_ro("tool_call_name", &ChatDelta::tool_call_name)
         .def_ro("tool_call_arguments", &ChatDelta::tool_call_arguments);
-    nb::class_<ChatTemplates>(m, "ChatTemplates", "A model's chat templates, rendered by llama.cpp's Jinja engine.")
-        .def(nb::init<const Model &, const std::string &>(), "model"_a, "override_template"_a = "",
-             nb::call_guard<nb::gil_scoped_release>())
+    nb::class_<ChatTemplates>(m, "ChatTemplates",
+                              "A model's chat templates, rendered by llama.cpp's Jinja engine within limits "
+                              "(docs/hardening.md, \"Hostile chat templates\"): TemplateError past them.")
+        .def(nb::init<const Model &, const std::string &, double, size_t, size_t>(), "model"_a,
+             "override_template"_a = "", nb::kw_only(), "time_limit"_a = kTemplateDefaultTimeLimit,
+             "max_output_bytes"_a = kTemplateDefaultMaxOutputBytes,
+             "max_macro_depth"_a = kTemplateDefaultMaxMacroDepth, nb::call_guard<nb::gil_scoped_release>())
         .def("apply", &ChatTemplates::apply, "request"_a, nb::call_guard<nb::gil_scoped_release>())
         .def("source", &ChatTemplates::source)
-        .def("supports_thinking", &ChatTemplates::supports_thinking)
-        .def("caps", &ChatTemplates::caps);
+        .def("supports_thinking", &ChatTemplates::supports_thinking, nb::call_guard<nb::gil_scoped_release>())
+        .def("caps", &ChatTemplates::caps)
+        .def_prop_ro("time_limit", &ChatTemplates::time_limit)
+        .def_prop_ro("max_output_bytes", &ChatTemplates::max_output_bytes)
+        .def_prop_ro("max_macro_depth", &ChatTemplates::max_macro_depth)
+        .def_prop_ro("refused", &ChatTemplates::refused);
+    m.attr("TEMPLATE_MAX_SOURCE_BYTES") = kTemplateMaxSourceBytes;
+    m.attr("TEMPLATE_MAX_AST_DEPTH") = kTemplateMaxAstDepth;
+    m.attr("TEMPLATE_MAX_LOOP_NESTING") = kTemplateMaxLoopNesting;
+    m.attr("TEMPLATE_MAX_CONST_ITERATIONS") = kTemplateMaxConstIterations;
+    m.attr("TEMPLATE_MAX_CONST_REPEAT") = kTemplateMaxConstRepeat;
+    m.attr("TEMPLATE_DEFAULT_TIME_LIMIT") = kTemplateDefaultTimeLimit;
+    m.attr("TEMPLATE_DEFAULT_MAX_OUTPUT_BYTES") = kTemplateDefaultMaxOutputBytes;
+    m.attr("TEMPLATE_DEFAULT_MAX_MACRO_DEPTH") = kTemplateDefaultMaxMacroDepth;
+    m.attr("TEMPLATE_MAX_MACRO_DEPTH") = kTemplateMaxMacroDepth;
+    // TemplateRefused becomes llama_cpp.errors.TemplateError, a Python class (an
+    // InvalidArgumentError): looked up when first raised, once llama_cpp is imported.
+    nb::register_exception_translator([](const std::exception_ptr &p, void *) {
+        try {
+            std::rethrow_exception(p);
+        } catch (const TemplateRefused &e) {
+            static PyObject *template_error = [] {
+                PyObject *errors = PyImport_ImportModule("llama_cpp.errors");
+                PyObject *type = errors ? PyObject_GetAttrString(errors, "TemplateError") : nullptr;
+                Py_XDECREF(errors);
+                if (type == nullptr) PyErr_Clear();
+                return type;  // kept for the process's life
+            }();
+            PyErr_SetString(template_error ? template_error : py_invalid_argument_error, e.what());
+        }
+    });
     nb::class_<ChatParser>(m, "ChatParser", "Parses generated text in a chat format into an OpenAI message.")
         .def(nb::init<const ChatParams &>(), "params"_a)
         .def("parse", &ChatParser::parse, "text"_a, "is_partial"_a = false, nb::call_guard<nb::gil_scoped_release>())

@@ -653,9 +653,11 @@ class ChatDelta:
     def tool_call_arguments(self) -> str: ...
 
 class ChatTemplates:
-    """A model's chat templates, rendered by llama.cpp's Jinja engine."""
+    """
+    A model's chat templates, rendered by llama.cpp's Jinja engine within limits (docs/hardening.md, "Hostile chat templates"): TemplateError past them.
+    """
 
-    def __init__(self, model: Model, override_template: str = '') -> None: ...
+    def __init__(self, model: Model, override_template: str = '', *, time_limit: float = 5.0, max_output_bytes: int = 33554432, max_macro_depth: int = 64) -> None: ...
 
     def apply(self, request: ChatRequest) -> ChatParams: ...
 
@@ -664,6 +666,36 @@ class ChatTemplates:
     def supports_thinking(self) -> bool: ...
 
     def caps(self) -> list[tuple[str, bool]]: ...
+
+    @property
+    def time_limit(self) -> float: ...
+
+    @property
+    def max_output_bytes(self) -> int: ...
+
+    @property
+    def max_macro_depth(self) -> int: ...
+
+    @property
+    def refused(self) -> str: ...
+
+TEMPLATE_MAX_SOURCE_BYTES: int = 1048576
+
+TEMPLATE_MAX_AST_DEPTH: int = 256
+
+TEMPLATE_MAX_LOOP_NESTING: int = 8
+
+TEMPLATE_MAX_CONST_ITERATIONS: int = 100000
+
+TEMPLATE_MAX_CONST_REPEAT: int = 100000
+
+TEMPLATE_DEFAULT_TIME_LIMIT: float = 5.0
+
+TEMPLATE_DEFAULT_MAX_OUTPUT_BYTES: int = 33554432
+
+TEMPLATE_DEFAULT_MAX_MACRO_DEPTH: int = 64
+
+TEMPLATE_MAX_MACRO_DEPTH: int = 512
 
 class ChatParser:
     """Parses generated text in a chat format into an OpenAI message."""

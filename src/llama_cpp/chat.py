@@ -22,7 +22,7 @@ from llama_cpp import _core
 from llama_cpp.chat_formats import CHAT_FORMATS, ChatFormatter
 from llama_cpp.chat_output import OutputParser, PlainText, message_from_json
 from llama_cpp.chat_tools import GenericToolParser, tool_call_schema, with_tools_described
-from llama_cpp.errors import InvalidArgumentError
+from llama_cpp.errors import InvalidArgumentError, TemplateError
 from llama_cpp.grammar import LlamaGrammar
 from llama_cpp.json_schema import schema_to_grammar
 from llama_cpp.llama_types import ChatCompletionChunk, ChatCompletionMessage
@@ -238,13 +238,29 @@ class ChatRenderer:
         model: The model (its vocabulary and GGUF template).
         chat_template: A Jinja template of the caller's (wins over everything).
         chat_format: A built-in format by name instead of the model's template.
+        time_limit: Seconds loading the templates, or one render, may take.
+        max_output_bytes: The longest prompt a render may produce.
+        max_macro_depth: How deep macro calls may nest while rendering (0: no limit).
     """
 
-    def __init__(self, model: _core.Model, chat_template: str | None, chat_format: str | None) -> None:
+    def __init__(
+        self,
+        model: _core.Model,
+        chat_template: str | None,
+        chat_format: str | None,
+        *,
+        time_limit: float = _core.TEMPLATE_DEFAULT_TIME_LIMIT,
+        max_output_bytes: int = _core.TEMPLATE_DEFAULT_MAX_OUTPUT_BYTES,
+        max_macro_depth: int = _core.TEMPLATE_DEFAULT_MAX_MACRO_DEPTH,
+    ) -> None:
         self._model = model
         self._chat_template = chat_template
         self._chat_format = chat_format
+        self._time_limit = time_limit
+        self._max_output_bytes = max_output_bytes
+        self._max_macro_depth = max_macro_depth
         self._templates: _core.ChatTemplates | None = None
+        self._refused: TemplateError | None = None
 
     def close(self) -> None:
         """Drop the templates (they hold a reference to the model)."""
@@ -252,13 +268,28 @@ class ChatRenderer:
 
     def templates(self) -> _core.ChatTemplates:
         """llama.cpp's templates: ``chat_template`` if given, else the GGUF's (llama.cpp falls
-        back to ChatML for a model without one).
+        back to ChatML for a model without one), checked and bounded as docs/hardening.md
+        ("Hostile chat templates") says.
 
         Raises:
-            InvalidArgumentError: The template does not parse.
+            TemplateError: The template does not parse, is refused, or took too long to load;
+                the same error again on every later call (a load past its deadline still
+                runs in the background: it is not started twice).
         """
+        if self._refused is not None:
+            raise TemplateError(str(self._refused))
         if self._templates is None:
-            self._templates = _core.ChatTemplates(self._model, self._chat_template or "")
+            try:
+                self._templates = _core.ChatTemplates(
+                    self._model,
+                    self._chat_template or "",
+                    time_limit=self._time_limit,
+                    max_output_bytes=self._max_output_bytes,
+                    max_macro_depth=self._max_macro_depth,
+                )
+            except TemplateError as error:
+                self._refused = error
+                raise
         return self._templates
 
     def formatter(self) -> ChatFormatter | None:

@@ -63,6 +63,12 @@ class LlamaConfig:
     lora_scale: float = 1.0
     chat_format: str | None = None
     chat_template: str | None = None
+    #: Ours: bounds on rendering the chat template, which comes from the GGUF file (see
+    #: docs/hardening.md, "Hostile chat templates"): seconds a render (or loading the template)
+    #: may take, the longest prompt it may produce, and how deep macro calls may nest.
+    chat_template_timeout: float = _core.TEMPLATE_DEFAULT_TIME_LIMIT
+    chat_template_max_output: int = _core.TEMPLATE_DEFAULT_MAX_OUTPUT_BYTES
+    chat_template_max_depth: int = _core.TEMPLATE_DEFAULT_MAX_MACRO_DEPTH
     #: Seconds a paused stream may keep other calls on the model waiting before it loses the
     #: context (its next step then raises ContextBusyError).
     stream_timeout: float = 60.0
@@ -107,6 +113,18 @@ class LlamaConfig:
         if not (isinstance(self.stream_timeout, int | float) and self.stream_timeout > 0):
             raise InvalidArgumentError(
                 f"stream_timeout must be a number of seconds > 0, got {self.stream_timeout!r}"
+            )
+        timeout = self.chat_template_timeout
+        if isinstance(timeout, bool) or not (isinstance(timeout, int | float) and 0 < timeout < float("inf")):
+            raise InvalidArgumentError(
+                f"chat_template_timeout must be a number of seconds > 0, got {timeout!r}"
+            )
+        _at_least("chat_template_max_output", self.chat_template_max_output, 1)
+        _at_least("chat_template_max_depth", self.chat_template_max_depth, 0)
+        if self.chat_template_max_depth > _core.TEMPLATE_MAX_MACRO_DEPTH:
+            raise InvalidArgumentError(
+                f"chat_template_max_depth must be <= {_core.TEMPLATE_MAX_MACRO_DEPTH}, "
+                f"got {self.chat_template_max_depth}"
             )
         _at_least("profile_experts_trace", self.profile_experts_trace, 0)
         # The trace takes at least 4 bytes a token (one layer, top-1); the exact ceiling, from

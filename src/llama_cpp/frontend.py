@@ -169,6 +169,9 @@ class FrontEnd(ABC):
         Raises:
             InvalidArgumentError: Malformed messages or tools, or the template rejected them.
             UnsupportedSchemaError: ``json_schema`` has a keyword the grammar cannot enforce.
+            TemplateError: The template was refused, failed, or ran past its limits
+                (``chat_template_timeout``, ``chat_template_max_output``,
+                ``chat_template_max_depth``; docs/hardening.md).
         """
         schema_gbnf = schema_to_grammar(json_schema) if json_schema is not None else None
         params = self._requests.renderer.render(

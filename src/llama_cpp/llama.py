@@ -110,6 +110,14 @@ class Llama(FrontEnd):
         chat_format: A built-in chat format by name ("llama-2", "chatml") instead of the
             model's template.
         chat_template: A Jinja chat template of your own (wins over both).
+        chat_template_timeout: Ours: seconds loading the chat template, or one render of it,
+            may take (default 5). Past it, TemplateError, and the template is refused from
+            then on (a render cannot be stopped: it runs on in the background).
+        chat_template_max_output: Ours: the longest prompt, in bytes, a render may produce
+            (default 32 MiB); a longer one raises TemplateError.
+        chat_template_max_depth: Ours: how deep macro calls may nest in one another while the
+            template renders, recursion included (default 64; 0: no limit, for a template you
+            trust); deeper raises TemplateError.
         stream_timeout: A stream owns the context from its first step until it ends or is
             closed; other threads' calls wait for it. One left unread this many seconds while
             another call waits loses the context (its next step raises ContextBusyError).

@@ -165,8 +165,8 @@ class RequestBuilder:
 
     Args:
         model: The model (tokenizer, chat templates).
-        config: Its settings: ``seed`` (the default sampling seed), ``chat_template`` and
-            ``chat_format``.
+        config: Its settings: ``seed`` (the default sampling seed), ``chat_template``,
+            ``chat_format`` and the ``chat_template_*`` limits.
         name: The ``model`` field of the answers, unless a request names one.
     """
 
@@ -174,7 +174,14 @@ class RequestBuilder:
         self._model = model
         self._name = name
         self.seed = config.seed
-        self.renderer = ChatRenderer(model, config.chat_template, config.chat_format)
+        self.renderer = ChatRenderer(
+            model,
+            config.chat_template,
+            config.chat_format,
+            time_limit=config.chat_template_timeout,
+            max_output_bytes=config.chat_template_max_output,
+            max_macro_depth=config.chat_template_max_depth,
+        )
 
     def close(self) -> None:
         """Drop what holds the model (the chat templates)."""

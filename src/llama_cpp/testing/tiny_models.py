@@ -100,6 +100,10 @@ class TinyModelSpec:
             vocabulary and name them in the ``tokenizer.ggml.fim_*_token_id`` metadata.
         add_space_prefix: The tokenizer prepends a space (``▁``) to the text it is given, as
             SentencePiece models such as Code Llama do.
+        chat_template: ``tokenizer.chat_template`` (None: the file has none), e.g. a hostile
+            one for the template-limit tests.
+        tool_use_template: ``tokenizer.chat_template.tool_use``, the template llama.cpp uses
+            instead when a request has tools (None: none).
     """
 
     successors: Mapping[int, int] = field(default_factory=_default_successors)
@@ -114,6 +118,8 @@ class TinyModelSpec:
     name: str = "tiny-successor-llama"
     fim: bool = False
     add_space_prefix: bool = False
+    chat_template: str | None = None
+    tool_use_template: str | None = None
 
     @property
     def n_vocab(self) -> int:
@@ -235,6 +241,10 @@ def write_llama_gguf(
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(spec.add_space_prefix)
+    if spec.chat_template is not None:
+        writer.add_chat_template(spec.chat_template)
+    if spec.tool_use_template is not None:
+        writer.add_string("tokenizer.chat_template.tool_use", spec.tool_use_template)
     for name, array in tensors.items():
         writer.add_tensor(name, array)
     writer.write_header_to_file()

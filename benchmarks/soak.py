@@ -4,16 +4,16 @@ of ``Llama`` and ``LlamaPool``, and server requests whose HTTP clients disconnec
 in rounds, reporting what the process holds as it goes: resident memory (VmRSS), OS threads
 and open file descriptors, at the start, after the warm-up rounds and at the end.
 
-Each round is self-contained (``llama_cpp.testing.soak.soak_round``): it opens a ``Llama``, a
-4-slot ``LlamaPool`` and the server (``create_app`` under uvicorn, in this process, on
-127.0.0.1), splits the generations (1-16 tokens, greedy or seeded sampling, complete and
-streamed) and the cancelled streams (unbounded streams stopped after 0-8 pieces by closing,
-dropping, or ``Cancellation.cancel()``) between the two front ends, creates and closes
-``--cycles`` models (a ``Llama`` and a 2-slot ``LlamaPool`` in turn), sends ``--server-requests``
-streamed completions from fresh ``httpx`` clients (about half hang up after 1-4 events), and
-closes everything. What a round leaves behind is a leak: after the warm-up, RSS, threads and
-descriptors should stay flat. The model is the tiny test model (``write_tiny_llama``): the
-figures are about this package's code, not about a model's weights.
+The server (``create_app`` under uvicorn, in this process, on 127.0.0.1, 2 slots) runs over
+all the rounds, as a deployed one does. Each round (``llama_cpp.testing.soak.soak_round``)
+opens a ``Llama`` and a 4-slot ``LlamaPool``, splits the generations (1-16 tokens, greedy or
+seeded sampling, complete and streamed) and the cancelled streams (unbounded streams stopped
+after 0-8 pieces by closing, dropping, or ``Cancellation.cancel()``) between the two, closes
+them, creates and closes ``--cycles`` models (a ``Llama`` and a 2-slot ``LlamaPool`` in turn)
+and sends ``--server-requests`` streamed completions from fresh ``httpx`` clients (about half
+hang up after 1-4 events). What a round leaves behind is a leak: after the warm-up, RSS,
+threads and descriptors should stay flat. The model is the tiny test model
+(``write_tiny_llama``): the figures are about this package's code, not a model's weights.
 
 The same workload, a few hundred operations long, is asserted by ``tests/test_soak.py``.
 
@@ -23,7 +23,9 @@ Usage::
         [--generations 100] [--cancelled-streams 50] [--cycles 6] [--server-requests 20]
         [--report-every 5] [--seed 0] [--json FILE]
 
-The exit status is 1 when threads or descriptors at the end differ from after the warm-up.
+Rows: ``start`` (nothing loaded), ``served`` (the server up), ``warm`` (after the warm-up
+rounds), every ``--report-every`` rounds, ``end`` (the server still up) and ``stopped``. The exit
+status is 1 when threads or descriptors at ``end`` differ from ``warm``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_cpp.testing import write_tiny_llama
-from llama_cpp.testing.soak import SoakCounts, SoakSizes, settled_usage, soak_round
+from llama_cpp.testing.soak import SoakCounts, SoakSizes, settled_usage, soak_round, soak_server
 
 #: The table's columns: name, width, and the format of a float (None: as it is).
 COLUMNS = (
@@ -109,27 +111,33 @@ def main() -> int:
     counts = SoakCounts()
     rows: list[dict[str, Any]] = []
     print_row(None)
+    start = time.monotonic()
+    rows.append(row("start", 0, start, counts, None))
+    print_row(rows[-1])
     with tempfile.TemporaryDirectory() as tmp:
         model = write_tiny_llama(Path(tmp) / "tiny.gguf")
-        start = time.monotonic()
-        rows.append(row("start", 0, start, counts, None))
-        print_row(rows[-1])
-        for _ in range(args.warmup_rounds):
-            soak_round(model, sizes, rng, counts)
-        rows.append(row("warm", args.warmup_rounds, start, counts, None))
-        print_row(rows[-1])
-        warm = rows[-1]
-        done = 0
-        deadline = None if args.duration is None else time.monotonic() + args.duration
-        while done < args.rounds if deadline is None else time.monotonic() < deadline:
-            soak_round(model, sizes, rng, counts)
-            done += 1
-            if done % args.report_every == 0:
-                rows.append(row(f"round {done}", args.warmup_rounds + done, start, counts, None))
-                print_row(rows[-1])
-        rows.append(row("end", args.warmup_rounds + done, start, counts, warm["threads"]))
-        print_row(rows[-1])
-    end = rows[-1]
+        with soak_server(model) as url:
+            rows.append(row("served", 0, start, counts, None))
+            print_row(rows[-1])
+            for _ in range(args.warmup_rounds):
+                soak_round(model, url, sizes, rng, counts)
+            warm = row("warm", args.warmup_rounds, start, counts, None)
+            rows.append(warm)
+            print_row(warm)
+            done = 0
+            deadline = None if args.duration is None else time.monotonic() + args.duration
+            while done < args.rounds if deadline is None else time.monotonic() < deadline:
+                soak_round(model, url, sizes, rng, counts)
+                done += 1
+                if done % args.report_every == 0:
+                    rows.append(row(f"round {done}", args.warmup_rounds + done, start, counts, None))
+                    print_row(rows[-1])
+            end = row("end", args.warmup_rounds + done, start, counts, warm["threads"])
+            rows.append(end)
+            print_row(end)
+    # The server stopped: what it held beyond the process's start is what it did not give back.
+    rows.append(row("stopped", args.warmup_rounds + done, start, counts, None))
+    print_row(rows[-1])
     print(
         f"drift after warm-up: RSS {end['rss_mib'] - warm['rss_mib']:+.1f} MiB, "
         f"threads {end['threads'] - warm['threads']:+d}, fds {end['fds'] - warm['fds']:+d} "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_cpp.testing.soak import SoakCounts, SoakSizes, settled_usage, soak_round
+from llama_cpp.testing.soak import SoakCounts, SoakSizes, settled_usage, soak_round, soak_server
 
 SIZES = SoakSizes(generations=60, cancelled_streams=30, create_close_cycles=4, server_requests=12)
 #: The first rounds grow the heap to its working size (glibc arenas of the threads that ran,
@@ -29,12 +29,13 @@ RSS_GROWTH_BOUND_KIB = 16 * 1024
 def test_threads_fds_and_memory_are_flat_after_warm_up(tiny_model_path: Path) -> None:
     rng = random.Random(14)
     counts = SoakCounts()
-    for _ in range(WARMUP_ROUNDS):
-        soak_round(tiny_model_path, SIZES, rng, counts)
-    warm = settled_usage()
-    for _ in range(MEASURED_ROUNDS):
-        soak_round(tiny_model_path, SIZES, rng, counts)
-    end = settled_usage(warm.threads)
+    with soak_server(tiny_model_path) as url:
+        for _ in range(WARMUP_ROUNDS):
+            soak_round(tiny_model_path, url, SIZES, rng, counts)
+        warm = settled_usage()
+        for _ in range(MEASURED_ROUNDS):
+            soak_round(tiny_model_path, url, SIZES, rng, counts)
+        end = settled_usage(warm.threads)
 
     rounds = WARMUP_ROUNDS + MEASURED_ROUNDS
     assert counts.generations == rounds * SIZES.generations

@@ -30,7 +30,7 @@ from llama_cpp import (
     SamplingParams,
 )
 from llama_cpp.frontend import FrontEnd
-from llama_cpp.testing.soak import process_usage, settled_usage
+from llama_cpp.testing.soak import settled_usage
 
 GREEDY = SamplingParams.greedy()
 MAX_TOKENS = 24
@@ -119,7 +119,7 @@ def one_call(frontend: FrontEnd, rng: random.Random, outcomes: Outcomes, live: l
 def test_threads_share_one_front_end_with_cancellation_and_close_racing_in(
     tiny_model_path: Path, kind: str, seed: int
 ) -> None:
-    baseline = process_usage().threads
+    baseline = settled_usage().threads
     rng = random.Random(seed)
     outcomes = Outcomes()
     live: list[Cancellation] = []
@@ -162,7 +162,7 @@ def test_threads_share_one_front_end_with_cancellation_and_close_racing_in(
     assert outcomes.kinds["ClosedError"] > 0, outcomes.kinds  # the calls after close()
     with pytest.raises(ClosedError):
         frontend.generate("a", max_tokens=1)
-    assert settled_usage(baseline).threads == baseline
+    assert settled_usage(baseline).threads <= baseline
 
 
 async def one_task(frontend: FrontEnd, rng: random.Random) -> str:
@@ -194,7 +194,7 @@ async def one_task(frontend: FrontEnd, rng: random.Random) -> str:
 def test_asyncio_tasks_share_one_front_end_with_cancellation_and_close_racing_in(
     tiny_model_path: Path, kind: str
 ) -> None:
-    baseline = process_usage().threads
+    baseline = settled_usage().threads
     frontend = FRONT_ENDS[kind](tiny_model_path)
     rng = random.Random(7)
 
@@ -229,4 +229,4 @@ def test_asyncio_tasks_share_one_front_end_with_cancellation_and_close_racing_in
     with pytest.raises(ClosedError):
         frontend.generate("a", max_tokens=1)
     # The worker threads end at their stream's next token once cancelled or closed.
-    assert settled_usage(baseline).threads == baseline
+    assert settled_usage(baseline).threads <= baseline

@@ -43,6 +43,7 @@ __all__ = [
     "serving",
     "settled_usage",
     "soak_round",
+    "soak_server",
 ]
 
 
@@ -272,23 +273,30 @@ class SoakSizes:
     server_requests: int = 20
 
 
+def soak_server(model_path: str | os.PathLike[str]) -> contextlib.AbstractContextManager[str]:
+    """:func:`serving` the soak's server: ``model_path`` as ``"soak"``, 2 slots of 256 tokens.
+
+    It stays up over all the rounds, as a deployed server does; starting and stopping it is
+    not part of a round (see the notes in docs/hardening.md on what each start costs).
+    """
+    from llama_cpp.server import ServerSettings
+
+    return serving(ServerSettings(model=Path(model_path), alias="soak", parallel=2, ctx_size=256))
+
+
 def soak_round(
-    model_path: str | os.PathLike[str], sizes: SoakSizes, rng: random.Random, counts: SoakCounts
+    model_path: str | os.PathLike[str], url: str, sizes: SoakSizes, rng: random.Random, counts: SoakCounts
 ) -> None:
-    """One self-contained round: open a :class:`Llama`, a 4-slot :class:`LlamaPool` and a
-    server (a 2-slot pool of its own), split the generations and cancelled streams between
-    the two front ends, run the create/close cycles and the server requests, close it all.
+    """One round: open a :class:`Llama` and a 4-slot :class:`LlamaPool`, split the generations
+    and cancelled streams between them, run the create/close cycles, send the requests to the
+    server at ``url`` (:func:`soak_server`), close both.
 
     Whatever a round leaves behind once it returns (threads, descriptors, memory) is a leak:
     rounds are what the soak test and benchmark compare.
     """
-    from llama_cpp.server import ServerSettings
-
-    settings = ServerSettings(model=Path(model_path), alias="soak", parallel=2, ctx_size=256)
     with (
         Llama(model_path, n_ctx=256, n_batch=64, verbose=False) as llm,
         LlamaPool(model_path, 4, n_ctx=256, n_batch=64, verbose=False) as pool,
-        serving(settings) as url,
     ):
         half = sizes.generations // 2
         generations(llm, sizes.generations - half, rng, counts)
@@ -296,5 +304,5 @@ def soak_round(
         half = sizes.cancelled_streams // 2
         cancelled_streams(llm, sizes.cancelled_streams - half, rng, counts)
         cancelled_streams(pool, half, rng, counts)
-        create_close_cycles(model_path, sizes.create_close_cycles, rng, counts)
-        server_requests(url, sizes.server_requests, rng, counts, model="soak")
+    create_close_cycles(model_path, sizes.create_close_cycles, rng, counts)
+    server_requests(url, sizes.server_requests, rng, counts, model="soak")

@@ -15,9 +15,12 @@ Three steps, each cached (a second run takes seconds unless the Python sources c
    (CMakeLists.txt): ``_core`` compiled and linked with ``-fsanitize=address``, against step 1.
 
 Running under it (the script prints the exact line): the ASan runtime must be loaded first,
-before the interpreter (which is not instrumented) allocates anything::
+before the interpreter (which is not instrumented) allocates anything, and libstdc++ with it:
+the interpreter does not link libstdc++, so ASan would find no ``__cxa_throw`` to intercept at
+start-up and abort at the first C++ exception ("CHECK failed: ... real___cxa_throw")::
 
-    LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \\
+    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" \\
+        ASAN_OPTIONS=detect_leaks=0 \\
         <cache>/build/asan-<key>/venv/bin/python -m pytest -p no:cacheprovider tests/test_pool.py
 
 ``detect_leaks=0``: CPython keeps interned objects and module state alive until exit on purpose,
@@ -152,15 +155,16 @@ def main() -> int:
     if args.print_python:
         print(python)
         return 0
-    libasan = subprocess.run(
-        [os.environ.get("CC") or shutil.which("gcc") or "gcc", "-print-file-name=libasan.so"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    print(
-        f"LD_PRELOAD={libasan} ASAN_OPTIONS=detect_leaks=0 {python} -m pytest -p no:cacheprovider tests/..."
+    preload = " ".join(
+        subprocess.run(
+            [os.environ.get("CC") or shutil.which("gcc") or "gcc", f"-print-file-name={name}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for name in ("libasan.so", "libstdc++.so")
     )
+    print(f'LD_PRELOAD="{preload}" ASAN_OPTIONS=detect_leaks=0 {python} -m pytest tests/...')
     return 0
 
 

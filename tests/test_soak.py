@@ -6,7 +6,10 @@ memory than the bound below."""
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ MEASURED_ROUNDS = 3
 #: model left open costs 5.5 MiB, so that 3 leaked ones out of the 12 created and closed in
 #: the measured rounds fail this, as does 50 KiB lost per operation (~320 of them).
 RSS_GROWTH_BOUND_KIB = 16 * 1024
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.timeout(300)
@@ -47,3 +51,32 @@ def test_threads_fds_and_memory_are_flat_after_warm_up(tiny_model_path: Path) ->
     assert end.threads == warm.threads
     assert end.fds == warm.fds
     assert end.rss_kib - warm.rss_kib < RSS_GROWTH_BOUND_KIB, (warm, end)
+
+
+@pytest.mark.timeout(300)
+def test_the_soak_benchmark_runs_and_reports_its_table(tmp_path: Path) -> None:
+    # benchmarks/soak.py at its smallest, as a user runs it: the rows it prints and writes.
+    out = tmp_path / "soak.json"
+    args = ["--rounds", "2", "--warmup-rounds", "1", "--generations", "4", "--cancelled-streams", "2"]
+    args += ["--cycles", "2", "--server-requests", "2", "--report-every", "1", "--json", str(out)]
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = json.loads(out.read_text())["rows"]
+    checkpoints = ["start", "served", "warm", "round 1", "round 2", "end", "stopped"]
+    assert [r["checkpoint"] for r in rows] == checkpoints
+    assert [r["generations"] for r in rows] == [0, 0, 4, 8, 12, 12, 12]
+    assert [r["cancelled"] for r in rows] == [0, 0, 2, 4, 6, 6, 6]
+    assert rows[-2]["llama_cycles"] + rows[-2]["pool_cycles"] == 6
+    assert rows[-2]["requests"] == 6
+    assert (rows[-2]["threads"], rows[-2]["fds"]) == (rows[2]["threads"], rows[2]["fds"])
+    assert run.stdout.splitlines()[0].split() == [
+        "checkpoint", "rounds", "seconds", "generations", "cancelled", "llama_cycles",
+        "pool_cycles", "requests", "disconnects", "rss_mib", "threads", "fds",
+    ]  # fmt: skip
+    assert run.stdout.splitlines()[-1].startswith("drift after warm-up: RSS ")

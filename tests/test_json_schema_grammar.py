@@ -117,11 +117,27 @@ def test_unanchored_pattern_and_classes(llm: Llama) -> None:
 def test_format_with_lengths(llm: Llama) -> None:
     for doc in sample(llm, {"type": "string", "format": "date"}, n=8):
         assert len(doc) == 10
-    # Formats are annotations (jsonschema asserts none by default): lengths that no date
-    # has leave the lengths alone; a pattern is a constraint.
-    assert all(len(d) <= 9 for d in sample(llm, {"type": "string", "format": "date", "maxLength": 9}, n=8))
+    # The answers' validation asserts the formats jsonschema can check (date): lengths that
+    # no date has leave no value. An unchecked format (time, here) is an annotation only:
+    # the lengths alone hold. A pattern is a constraint.
+    with pytest.raises(GrammarError, match="no string matches"):
+        schema_to_grammar({"type": "string", "format": "date", "maxLength": 9})
+    assert all(len(d) <= 5 for d in sample(llm, {"type": "string", "format": "time", "maxLength": 5}, n=8))
     with pytest.raises(GrammarError, match="no string matches"):
         schema_to_grammar({"type": "string", "pattern": "^[0-9]{4}$", "maxLength": 3})
+
+
+def test_formats_checked_by_validation_are_enforced_or_refused(llm: Llama) -> None:
+    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
+    for fmt in ("ipv4", "email", "json-pointer", "uuid"):
+        for doc in sample(llm, {"type": "string", "format": fmt}, n=6):
+            assert checker.conforms(doc, fmt), (fmt, doc)
+    for fmt in ("ipv6", "regex", "relative-json-pointer", "idn-hostname"):
+        with pytest.raises(UnsupportedSchemaError, match=f"format {fmt} has no grammar") as refused:
+            schema_to_grammar({"type": "object", "properties": {"a": {"type": "string", "format": fmt}}})
+        assert refused.value.keywords == ("#/properties/a/format",)
+    with pytest.raises(UnsupportedSchemaError, match="format ipv4 beside a pattern"):
+        schema_to_grammar({"type": "string", "format": "ipv4", "pattern": "^1"})
 
 
 def test_min_and_max_properties(llm: Llama) -> None:
@@ -242,8 +258,12 @@ def test_hostile_schemas_convert_in_bounded_time_or_raise() -> None:
         deep = {"type": "array", "items": deep}
     with pytest.raises(GrammarError, match="nested deeper"):
         schema_to_grammar(deep)
+    with pytest.raises(GrammarError, match="nested deeper"):
+        LlamaGrammar.from_json_schema("[" * 100_000)  # refused before json.loads recurses
     with pytest.raises(GrammarError, match="not JSON"):
-        LlamaGrammar.from_json_schema("[" * 100_000)
+        LlamaGrammar.from_json_schema('{"type": "string"')
+    with pytest.raises(GrammarError, match="expected an object, got list"):
+        LlamaGrammar.from_json_schema("[]")
     schema_to_grammar({"enum": [f"value-{i}" for i in range(20_000)]})
     grammar = schema_to_grammar({"type": "string", "maxLength": 10**9})
     assert f"{{0,{MAX_REPEAT}}}" in grammar  # cut to a subset
@@ -268,7 +288,7 @@ def test_unsatisfiable_schemas_raise() -> None:
         False,
     ):
         with pytest.raises(GrammarError):
-            schema_to_grammar(schema)  # type: ignore[arg-type]
+            schema_to_grammar(schema)
 
 
 def _random_schema(rng: random.Random, depth: int = 0) -> Any:  # noqa: PLR0911 - a return per kind

@@ -29,6 +29,13 @@ FORMAT_PATTERNS = {
     "time": _TIME,
     "date-time": _DATE + "T" + _TIME,
     "uuid": r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+    # Dotted quads without leading zeros, as ipaddress.IPv4Address reads them.
+    "ipv4": r"((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+    r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])",
+    # jsonschema asks only for an "@": a plain address is a subset.
+    "email": r"[a-zA-Z0-9._%+-]{1,64}@[a-zA-Z0-9-]{1,63}(\.[a-zA-Z0-9-]{1,63}){1,3}",
+    "idn-email": r"[a-zA-Z0-9._%+-]{1,64}@[a-zA-Z0-9-]{1,63}(\.[a-zA-Z0-9-]{1,63}){1,3}",
+    "json-pointer": r"(/([^~/]|~[01])*)*",
 }
 
 

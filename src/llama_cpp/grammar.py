@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from typing import Any
 
 from llama_cpp import _core
 from llama_cpp.errors import GrammarError
-from llama_cpp.json_schema import schema_to_grammar
+from llama_cpp.json_schema import load_schema, schema_to_grammar
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,13 +87,7 @@ class LlamaGrammar:
                 (with the reason).
         """
         del verbose
-        if isinstance(json_schema, str):
-            try:
-                schema = json.loads(json_schema)
-            except (ValueError, RecursionError) as e:
-                raise GrammarError(f"invalid JSON schema: not JSON ({e})") from None
-        else:
-            schema = json_schema
+        schema = load_schema(json_schema) if isinstance(json_schema, str) else json_schema
         return cls(grammar=schema_to_grammar(schema))
 
     @classmethod

@@ -15,6 +15,7 @@ are declared), required properties first, at most :data:`MAX_REPEAT` repeated it
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -51,6 +52,9 @@ UNSUPPORTED_KEYWORDS = (
 #: Most items or characters one repetition may need (more is cut: a subset), deepest nesting.
 MAX_REPEAT = 1000
 MAX_DEPTH = 100
+#: Formats the validation of answers asserts (jsonschema's checker, with the packages it
+#: found installed): each must have a pattern in FORMAT_PATTERNS, or the schema is refused.
+CHECKED_FORMATS = frozenset(Draft202012Validator.FORMAT_CHECKER.checkers)
 #: Most distinct values of a uniqueItems array the grammar lists in canonical order.
 MAX_UNIQUE_DOMAIN = 64
 _ONE_SCHEMA = ("additionalProperties", "items", "additionalItems", *UNSUPPORTED_KEYWORDS[:8])
@@ -68,7 +72,7 @@ _FLOAT_EXACT_HIGH: Bound = (Decimal(2**53), True)
 _SPACE = '| " " | "\\n"{1,2} [ \\t]{0,20}'
 
 
-def schema_to_grammar(schema: Mapping[str, Any]) -> str:
+def schema_to_grammar(schema: Mapping[str, Any] | bool) -> str:
     """GBNF (start symbol ``root``) accepting only JSON documents valid under ``schema``.
 
     Args:
@@ -87,6 +91,37 @@ def schema_to_grammar(schema: Mapping[str, Any]) -> str:
         raise GrammarError(f"invalid JSON schema: expected an object, got {type(schema).__name__}")
     _check_depth(schema)
     try:
+        return _to_grammar(schema)
+    except RecursionError:  # a wide schema whose references nest deeper than MAX_DEPTH
+        raise GrammarError("invalid JSON schema: nested too deeply to convert") from None
+
+
+def load_schema(text: str) -> Mapping[str, Any] | bool:
+    """The schema a JSON text holds, its nesting checked before it is parsed.
+
+    Raises:
+        GrammarError: The text is not JSON or nests deeper than :data:`MAX_DEPTH`.
+    """
+    depth = 0
+    for token in _JSON_TOKENS.finditer(text):
+        bracket = token.group()
+        if bracket in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise GrammarError(f"invalid JSON schema: nested deeper than {MAX_DEPTH} levels")
+        elif bracket in "]}":
+            depth -= 1
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise GrammarError(f"invalid JSON schema: not JSON ({e})") from None
+    if not isinstance(schema, dict | bool):
+        raise GrammarError(f"invalid JSON schema: expected an object, got {type(schema).__name__}")
+    return schema
+
+
+def _to_grammar(schema: Mapping[str, Any] | bool) -> str:
+    try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as e:
         where = "".join(f"/{_escape(str(part))}" for part in e.absolute_path)
@@ -104,6 +139,9 @@ def schema_to_grammar(schema: Mapping[str, Any]) -> str:
     grammar = converter.rules.text()
     _core.validate_grammar(grammar, "root")
     return grammar
+
+
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
 def _check_depth(schema: object) -> None:
@@ -403,17 +441,24 @@ class _Converter:
 
     def string(self, schema: Mapping[str, Any], ptr: str, hint: str) -> str:
         low, high = int(schema.get("minLength", 0)), _count(schema.get("maxLength"))
-        pattern = schema.get("pattern", FORMAT_PATTERNS.get(schema.get("format", "")))
+        fmt = schema.get("format", "")
+        if fmt in CHECKED_FORMATS:
+            # The answer's validation asserts the format: the grammar must enforce it too.
+            if fmt not in FORMAT_PATTERNS:
+                raise Refused(f"{ptr}/format", f"format {fmt} has no grammar")
+            if "pattern" in schema:
+                raise Refused(f"{ptr}/format", f"format {fmt} beside a pattern")
+        pattern = schema.get("pattern", FORMAT_PATTERNS.get(fmt))
         if pattern is not None:
             try:
                 return string_rule(self.rules, f"{hint}-str", pattern, low, high)
             except PatternError as e:
                 if not e.args[0].startswith("no string"):
                     raise Refused(f"{ptr}/pattern", str(e)) from None
-                if "pattern" in schema:
+                if "pattern" in schema or fmt in CHECKED_FORMATS:
                     raise NoValue(f"invalid JSON schema: {ptr}: {e}") from None
-                # A format's pattern and the lengths disagree: formats are annotations only
-                # (jsonschema asserts none by default), so the lengths alone hold.
+                # An unchecked format's pattern and the lengths disagree: such a format is an
+                # annotation only, so the lengths alone hold.
         if low == 0 and high is None:
             return self.primitive("string")
         chars = _repetition("char", low, high, "", ptr=ptr, keyword="minLength")

@@ -5,14 +5,42 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
-import numpy
+from packaging.requirements import Requirement
 
 import llama_cpp
 from llama_cpp import _core
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def runtime_dependencies(name: str) -> set[str]:
+    """The distributions ``name`` needs at run time (no extras), transitively."""
+    found: set[str] = set()
+    todo = [name]
+    while todo:
+        for line in metadata.requires(todo.pop()) or []:
+            requirement = Requirement(line)
+            if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+                continue
+            if requirement.name not in found:
+                found.add(requirement.name)
+                todo.append(requirement.name)
+    return found
+
+
+def top_level(dist: str) -> set[Path]:
+    """The importable packages and modules a distribution installed (absolute paths)."""
+    distribution = metadata.distribution(dist)
+    site = Path(str(distribution.locate_file("")))
+    names = {
+        f.parts[0]
+        for f in distribution.files or []
+        if f.parts[0] != ".." and (len(f.parts) > 1 or f.suffix in {".py", ".so"})
+    }
+    return {site / n for n in names if not n.endswith(".dist-info") and n != "__pycache__"}
 
 
 def test_import_and_version() -> None:
@@ -96,16 +124,17 @@ def test_wheel_is_self_contained(tmp_path: Path, default_model_path: Path) -> No
     subprocess.run(
         [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True
     )
-    # numpy, the wheel's one dependency, is not installed by --no-deps (nothing is downloaded):
-    # the fresh venv borrows this interpreter's numpy, and nothing else of its site-packages.
+    # Its dependencies (numpy, jsonschema and theirs) are not installed by --no-deps (nothing
+    # is downloaded): the fresh venv borrows this interpreter's copies of them, and nothing
+    # else of its site-packages.
     borrowed = tmp_path / "borrowed"
     borrowed.mkdir()
-    numpy_dir = Path(numpy.__file__).parent
-    for name in (numpy_dir.name, f"{numpy_dir.name}.libs"):
-        if (numpy_dir.parent / name).exists():
-            (borrowed / name).symlink_to(numpy_dir.parent / name)
+    for top in sorted(
+        {top for dist in runtime_dependencies("llama-cpp-nanobind") for top in top_level(dist)}
+    ):
+        (borrowed / top.name).symlink_to(top)
     (site_packages,) = (venv / "lib").glob("python*/site-packages")
-    (site_packages / "borrowed-numpy.pth").write_text(f"{borrowed}\n")
+    (site_packages / "borrowed-dependencies.pth").write_text(f"{borrowed}\n")
     script = "\n".join(
         [
             "import llama_cpp, pathlib",

@@ -317,14 +317,13 @@ def test_unrepresentable_sampling_values_raise_invalid_argument(
         assert str(e.value) == message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="request.py's RequestBuilder.sampler calls tuple() on dry_sequence_breakers before validating it",
-)
-def test_dry_sequence_breakers_that_are_not_a_sequence_raise_invalid_argument(noisy: Llama) -> None:
-    with pytest.raises(InvalidArgumentError):
-        noisy.create_completion("a", max_tokens=1, dry_sequence_breakers=5)
+@pytest.mark.parametrize("breakers", [5, "ab", b"ab", {"a": 1}, ["a", 1], [None]])
+def test_dry_sequence_breakers_that_are_not_strings_raise_invalid_argument(
+    noisy: Llama, breakers: Any
+) -> None:
+    with pytest.raises(InvalidArgumentError, match="dry_sequence_breakers must be a sequence of str"):
+        noisy.create_completion("a", max_tokens=1, dry_sequence_breakers=breakers)
+    assert noisy.create_completion("a", max_tokens=1, dry_sequence_breakers=["a", "\n"])["choices"]
 
 
 @examples(100)

@@ -8,10 +8,13 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
+import numpy
 import pytest
 
-from llama_cpp import ClosedError, InvalidArgumentError, Llama, LlamaState, _core
+from llama_cpp import ClosedError, GrammarError, InvalidArgumentError, Llama, LlamaGrammar, LlamaState, _core
+from llama_cpp.frontend import FrontEnd
 
 
 def run_python(code: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
@@ -146,3 +149,59 @@ def test_load_state_wants_a_llama_state(tiny: Llama) -> None:
     state = tiny.save_state()
     assert isinstance(state, LlamaState)
     tiny.load_state(state)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        (None, "prompt must be str, bytes or a sequence of token ids, got NoneType"),
+        (5, "prompt must be str, bytes or a sequence of token ids, got int"),
+        ({1: 2}, "prompt must be str, bytes or a sequence of token ids, got dict"),
+        ("a\ud800", r"prompt has no UTF-8 form \(surrogates not allowed\)"),
+        ([1, 2**40], "token id 1099511627776 is out of range"),
+        ([1, -1], "token id -1 is out of range"),
+        ([1, True], "token ids must be ints, got True"),
+        ([1, 2.0], "token ids must be ints, got 2.0"),
+        (["a"], "token ids must be ints, got 'a'"),
+    ],
+)
+def test_hostile_prompts_raise_invalid_argument(front: FrontEnd, prompt: Any, message: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        front.create_completion(prompt, max_tokens=1)
+    with pytest.raises(InvalidArgumentError, match=message):
+        front.create_completion(prompt, max_tokens=1, stream=True)
+    # Token ids from numpy are ids (typed as Sequence[int], which an array is not).
+    ids: Any = numpy.array([1, 2], dtype=numpy.int32)
+    assert front.create_completion(ids, max_tokens=1)["choices"]
+
+
+def test_hostile_chat_messages_raise_invalid_argument(front: FrontEnd) -> None:
+    with pytest.raises(
+        InvalidArgumentError, match=r"messages\[1\] is not JSON with a UTF-8 form: .*surrogates not allowed"
+    ):
+        front.create_chat_completion(
+            [
+                {"role": "user", "content": "hi"},
+                {"role": "user", "content": [{"type": "text", "text": "\udc00"}]},
+            ],
+            max_tokens=1,
+        )
+    deep: list[Any] = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(
+        InvalidArgumentError, match=r"tools\[0\] is not JSON with a UTF-8 form: maximum recursion"
+    ):
+        front.create_chat_completion(
+            [{"role": "user", "content": "hi"}],
+            max_tokens=1,
+            tools=[
+                {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "x": deep}}}
+            ],
+        )
+
+
+def test_grammar_from_what_is_not_text_raises_grammar_error() -> None:
+    for value in (None, 5, b'root ::= "a"'):
+        with pytest.raises(GrammarError, match="expected GBNF text"):
+            LlamaGrammar.from_string(value)  # type: ignore[arg-type]

@@ -52,6 +52,16 @@ def check_messages(messages: Sequence[Message]) -> None:
             raise InvalidArgumentError(f"messages[{i}]: an assistant message needs content or tool_calls")
         if message["role"] != "assistant" and "content" not in message:
             raise InvalidArgumentError(f"messages[{i}] ({message['role']}) has no content")
+        _check_json(message, f"messages[{i}]")
+
+
+def _check_json(value: object, where: str) -> None:
+    """Raise InvalidArgumentError unless ``value`` serializes to JSON with a UTF-8 form, as
+    the template and the tokenizer need it (no lone surrogate, no cycle, not too deep)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as e:  # UnicodeEncodeError is a ValueError
+        raise InvalidArgumentError(f"{where} is not JSON with a UTF-8 form: {e}") from None
 
 
 def schema_for_response_format(response_format: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -162,6 +172,7 @@ def _checked_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[Mapping[st
             )
         if not isinstance(function.get("name"), str) or not function["name"]:
             raise InvalidArgumentError(f"tools[{i}].function needs a name")
+        _check_json(tool, f"tools[{i}]")
     return checked
 
 
@@ -364,8 +375,8 @@ class ChatRenderer:
             request.messages = json.dumps(list(messages))
             request.tools = json.dumps(tools) if tools else ""
             request.template_kwargs = [(k, json.dumps(v)) for k, v in template_kwargs.items()]
-        except TypeError as error:
-            raise InvalidArgumentError(f"chat request is not JSON-serializable: {error}") from error
+        except (TypeError, ValueError, RecursionError) as error:  # not JSON, circular, too deep
+            raise InvalidArgumentError(f"chat request is not JSON-serializable: {error}") from None
         request.tool_choice = tool_choice if tools else "auto"
         request.parallel_tool_calls = parallel_tool_calls
         request.add_generation_prompt = add_generation_prompt

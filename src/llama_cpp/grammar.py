@@ -60,6 +60,8 @@ class LlamaGrammar:
             GrammarError: The text is empty, or llama.cpp rejects it (with its reason).
         """
         del verbose
+        if not isinstance(grammar, str):
+            raise GrammarError(f"invalid grammar: expected GBNF text, got {type(grammar).__name__}")
         if not grammar.strip():
             raise GrammarError("invalid grammar: the grammar is empty")
         return cls(grammar=grammar, root=root)

@@ -124,7 +124,7 @@ class SamplingParams:
         for name, holds in _NATIVE_FIELDS.items():
             value = getattr(self, name)
             try:
-                setattr(config, name, list(value) if name == "dry_sequence_breakers" else value)
+                setattr(config, name, list(value) if isinstance(value, tuple) else value)
             except TypeError:
                 # nanobind's message ("incompatible function arguments") names no field.
                 raise InvalidArgumentError(f"{name} must be {holds}, got {value!r}") from None

@@ -12,7 +12,8 @@ are the fields of :class:`~llama_cpp.SamplingParams`, listed there and nowhere e
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+import operator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -192,10 +193,27 @@ class RequestBuilder:
     def prompt_tokens(self, prompt: Prompt) -> list[int]:
         """Text tokenized as llama-cpp-python does (BOS/EOS where the model asks, special
         tokens parsed), or token ids as they are."""
-        if isinstance(prompt, str | bytes):
-            data = prompt.encode("utf-8") if isinstance(prompt, str) else prompt
-            return self._model.tokenize(data, True, True)
-        return list(prompt)
+        if isinstance(prompt, str):
+            try:
+                return self._model.tokenize(prompt.encode("utf-8"), True, True)
+            except UnicodeEncodeError as e:
+                raise InvalidArgumentError(f"prompt has no UTF-8 form ({e.reason})") from None
+        if isinstance(prompt, bytes | bytearray):
+            return self._model.tokenize(bytes(prompt), True, True)
+        if not isinstance(prompt, Iterable) or isinstance(prompt, Mapping):
+            raise InvalidArgumentError(
+                f"prompt must be str, bytes or a sequence of token ids, got {type(prompt).__name__}"
+            )
+        ids: list[int] = []
+        for token in prompt:  # numpy integers too; not bools, floats or strings
+            if isinstance(token, bool) or not hasattr(token, "__index__"):
+                raise InvalidArgumentError(f"token ids must be ints, got {token!r}")
+            ids.append(operator.index(token))
+        n_vocab = self._model.n_vocab
+        if ids and not (min(ids) >= 0 and max(ids) < n_vocab):
+            bad = next(t for t in ids if not 0 <= t < n_vocab)
+            raise InvalidArgumentError(f"token id {bad} is out of range [0, {n_vocab})")
+        return ids
 
     def piece(self, token: int) -> str:
         """The text of one token (special tokens as nothing)."""
@@ -212,7 +230,8 @@ class RequestBuilder:
         params = sampling or SamplingParams()
         if "logit_bias" in overrides and overrides["logit_bias"] is None:
             overrides["logit_bias"] = {}
-        if overrides.get("dry_sequence_breakers") is not None:
+        if isinstance(overrides.get("dry_sequence_breakers"), list):
+            # A tuple, as the frozen dataclass holds it; anything else is refused by to_native.
             overrides["dry_sequence_breakers"] = tuple(overrides["dry_sequence_breakers"])
         if overrides.get("seed", params.seed) is None and self.seed != DEFAULT_SEED:
             overrides["seed"] = self.seed

@@ -11,7 +11,7 @@ MODEL := models/gemma-3-270m-q4_k_m.gguf
 INSTALLED := $(VENV)/.installed
 PROMPT ?= The three primary colors are
 
-.PHONY: demo test setup lint bench stubs clean wheel-cpu wheel-cuda sdist
+.PHONY: demo test setup lint bench hardening asan stubs clean wheel-cpu wheel-cuda sdist
 
 demo: setup
 	$(PY) -m llama_cpp generate -m $(MODEL) --temperature 0 -n 64 "$(PROMPT)"
@@ -49,6 +49,23 @@ bench: setup
 	$(PY) benchmarks/bench_server.py
 	$(PY) benchmarks/bench_experts.py
 	$(PY) benchmarks/bench_cluster.py
+
+# The long hardening runs of the README's table (docs/hardening.md): about 15 minutes.
+hardening: setup
+	$(PY) benchmarks/fuzz_loader.py --cases 3000
+	$(PY) benchmarks/bench_schemas.py
+	$(PY) benchmarks/soak.py
+
+# The test suite's C++-heavy files under AddressSanitizer. The first build of the sanitized
+# llama.cpp takes about 40 minutes on 2 cores (cached like the default build).
+ASAN_TESTS ?= tests/test_generation.py tests/test_pool.py tests/test_safety.py tests/test_state.py \
+	tests/test_stress.py tests/test_template_limits.py tests/test_fuzz_loader.py \
+	tests/test_properties.py tests/test_properties_tokenizer.py tests/test_properties_grammar.py \
+	tests/test_chat.py tests/test_schema_validation.py
+asan: setup
+	python="$$($(PY) scripts/build_sanitized.py --print-python)" && \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0 "$$python" -m pytest -p no:cacheprovider $(ASAN_TESTS)
 
 clean:
 	rm -rf build .venv lib include models dist

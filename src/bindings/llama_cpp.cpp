@@ -73,6 +73,7 @@
 #include <regex>
 #include <stdexcept>
 #include <string>
+#include <set>
 #include <string_view>
 #include <unordered_map>
 #include <thread>
@@ -896,6 +897,75 @@ std::optional<int64_t> gguf_int(const gguf_context *gguf, const std::string &key
     return largest;
 }
 
+// Architectures whose graph (src/models/<arch>.cpp at the pinned llama.cpp) asserts that the
+// head sizes agree, GGML_ASSERT(n_embd_head_v == n_embd_head_k), and that the rotary dimension
+// is the head size, GGML_ASSERT(n_embd_head == n_rot): the assert fires at the first decode,
+// after a load that went well. Listed by scripts/graph_asserts.py from the pinned source.
+const std::set<std::string> kArchsHeadSizesEqual = {
+    "afmoe", "apertus", "arcee", "arctic", "baichuan", "bailingmoe2", "bert", "bitnet", "bloom",
+    "chameleon", "chatglm", "codeshell", "cogvlm", "cohere2", "cohere2moe", "command-r", "dbrx",
+    "deci", "deepseek", "dflash", "dots1", "dream", "eagle3", "ernie4_5", "ernie4_5-moe",
+    "eurobert", "exaone", "falcon", "glm4", "glm4moe", "gpt2", "gptneox", "granite", "granite_swa",
+    "granitehybrid", "graniteswitch", "grok", "grovemoe", "hunyuan-moe", "hunyuan_vl", "hy_v3",
+    "internlm2", "jais", "jais2", "laguna", "llada", "llada-moe", "llama", "llama4", "maincoder",
+    "mellum", "minimax-01", "minimax-m2", "minimax-m3", "mistral3", "modern-bert", "mpt",
+    "muse-glimmer", "nanbeige", "nemotron", "nemotron_h", "neo-bert", "olmo", "olmo2", "olmoe",
+    "openelm", "orion", "paddleocr", "pangu-embedded", "phi2", "phi3", "plamo", "pockettts", "qwen",
+    "qwen2", "qwen2moe", "qwen2vl", "qwen3", "qwen35", "qwen35moe", "qwen3moe", "qwen3next",
+    "qwen3vl", "qwen3vlmoe", "qwen4exp", "refact", "rnd1", "seed_oss", "smallthinker", "smollm3",
+    "spark2_5", "stablelm", "starcoder", "starcoder2", "t5", "xverse",
+};
+const std::set<std::string> kArchsRotIsHeadSize = {
+    "apertus", "arcee", "arctic", "baichuan", "chameleon", "codeshell", "cogvlm", "cohere2moe",
+    "dbrx", "deci", "deepseek", "dots1", "dream", "ernie4_5", "ernie4_5-moe", "exaone",
+    "exaone-moe", "exaone4", "falcon", "granite", "granite_swa", "graniteswitch", "grok",
+    "grovemoe", "hunyuan-moe", "hunyuan_vl", "hy_v3", "internlm2", "jais2", "llada", "llada-moe",
+    "llama", "llama4", "maincoder", "mellum", "mistral3", "olmo", "olmo2", "olmoe", "orion",
+    "paddleocr", "pangu-embedded", "plamo", "pockettts", "qwen2", "qwen2moe", "qwen2vl", "qwen3",
+    "qwen3moe", "qwen3vl", "qwen3vlmoe", "rnd1", "seed_oss", "smallthinker", "smollm3",
+    "starcoder2", "talkie", "xverse",
+};
+
+// Refuses head sizes (attention.key_length, attention.value_length, rope.dimension_count; the
+// first two default to embedding_length / head_count as llama.cpp reads them) that the
+// architecture's graph asserts on.
+void validate_gguf_head_sizes(const gguf_context *gguf, const std::string &path, const std::string &arch) {
+    const bool sizes_equal = kArchsHeadSizesEqual.count(arch) > 0;
+    const bool rot_is_size = kArchsRotIsHeadSize.count(arch) > 0;
+    if (!sizes_equal && !rot_is_size) {
+        return;
+    }
+    auto key = [&](const char *name) { return arch + "." + name; };
+    std::optional<int64_t> fallback;  // n_embd / n_head, with one head count for every layer
+    const int64_t head_id = gguf_find_key(gguf, key("attention.head_count").c_str());
+    const auto n_embd = gguf_int(gguf, key("embedding_length"));
+    const auto n_head = gguf_int(gguf, key("attention.head_count"));
+    if (head_id >= 0 && gguf_get_kv_type(gguf, head_id) != GGUF_TYPE_ARRAY && n_embd && n_head && *n_head > 0) {
+        fallback = *n_embd / *n_head;
+    }
+    auto size = [&](const char *name) {
+        const auto given = gguf_int(gguf, key(name));
+        return given ? given : fallback;
+    };
+    const auto size_k = size("attention.key_length");
+    const auto size_v = size("attention.value_length");
+    if (!size_k || !size_v) {
+        return;  // llama.cpp reads them otherwise, or refuses the file itself
+    }
+    const std::string where = "invalid hyperparameters in '" + path + "': ";
+    if (sizes_equal && *size_k != *size_v) {
+        throw ModelLoadError(where + "the key head size (" + key("attention.key_length") + ") is " +
+                             std::to_string(*size_k) + " and the value head size (" + key("attention.value_length") +
+                             ") " + std::to_string(*size_v) + "; llama.cpp's " + arch + " graph needs them equal");
+    }
+    const auto n_rot = gguf_int(gguf, key("rope.dimension_count")).value_or(*size_k);
+    if (rot_is_size && n_rot != *size_v) {
+        throw ModelLoadError(where + key("rope.dimension_count") + " is " + std::to_string(n_rot) +
+                             "; llama.cpp's " + arch + " graph needs it equal to the head size (" +
+                             std::to_string(*size_v) + ")");
+    }
+}
+
 // Refuses the hyperparameters llama.cpp's llama_model::load_hparams asserts on (layer and
 // expert counts), in its order. `arch` is general.architecture.
 void validate_gguf_hparams(const gguf_context *gguf, const std::string &path, const std::string &arch) {
@@ -1015,6 +1085,7 @@ void validate_gguf(const std::string &path, bool vocab_only) {
     const int64_t arch_id = gguf_find_key(gguf.get(), "general.architecture");
     if (!vocab_only && arch_id >= 0 && gguf_get_kv_type(gguf.get(), arch_id) == GGUF_TYPE_STRING) {
         validate_gguf_hparams(gguf.get(), path, gguf_get_val_str(gguf.get(), arch_id));
+        validate_gguf_head_sizes(gguf.get(), path, gguf_get_val_str(gguf.get(), arch_id));
     }
 }
 
@@ -2557,10 +2628,16 @@ constexpr size_t kTemplateMaxMacroDepth = 512;
 // (its body, and a caller() body it runs) takes at most ~0.5 MiB of stack: measured, a macro
 // 250 nodes deep overflows 64 MiB at between 64 and 300 nested calls. 1 MiB per allowed
 // level, and 32 MiB for the rest; address space only, touched as used. max_macro_depth 0
-// (no guard, for trusted templates) gets the most.
+// (no guard, for trusted templates) gets the most. Under AddressSanitizer every frame carries
+// redzones: the same render needs several times the stack (scripts/build_sanitized.py).
+#if defined(__SANITIZE_ADDRESS__)
+constexpr size_t kTemplateStackScale = 4;
+#else
+constexpr size_t kTemplateStackScale = 1;
+#endif
 size_t template_stack_bytes(size_t max_macro_depth) {
     const size_t levels = max_macro_depth == 0 ? kTemplateMaxMacroDepth : max_macro_depth;
-    return (32u << 20) + levels * (1u << 20);
+    return kTemplateStackScale * ((32u << 20) + levels * (1u << 20));
 }
 
 // The children of an AST node, read from its fields (statement::visit skips those of literals).

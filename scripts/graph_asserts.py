@@ -1,0 +1,61 @@
+"""List the architectures whose graph, at the pinned llama.cpp, asserts on head sizes.
+
+The binding's GGUF validation (``kArchsHeadSizesEqual`` and ``kArchsRotIsHeadSize`` in
+``src/bindings/llama_cpp.cpp``) refuses a file whose head sizes would fail these asserts at
+the first decode. Rerun this after moving the pin and update the two lists::
+
+    python scripts/graph_asserts.py ~/.cache/llama-cpp-nanobind/src/llama.cpp-<commit>
+
+An architecture is listed when the source file that defines its graph's constructor
+(``llama_model_<name>::graph::graph``) has the assert; the name comes from the model
+factory (``llama-model.cpp``) and ``llama-arch.cpp``.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+HEAD_SIZES_EQUAL = re.compile(r"^\s*GGML_ASSERT\(n_embd_head == hparams\.n_embd_head_k\(\)\);", re.M)
+ROT_IS_HEAD_SIZE = re.compile(r"^\s*GGML_ASSERT\(n_embd_head == n_rot\);", re.M)
+GRAPH_CONSTRUCTOR = re.compile(r"\b(llama_model_\w+)::graph(?:<[^>]*>)?::graph\(")
+
+
+def archs_of_classes(src: Path) -> dict[str, list[str]]:
+    """Model class -> the architecture names the factory builds it for."""
+    names = dict(
+        re.findall(r"\{\s*(LLM_ARCH_\w+),\s*\"([^\"]+)\"\s*\}", (src / "llama-arch.cpp").read_text())
+    )
+    classes: dict[str, list[str]] = {}
+    pending: list[str] = []
+    for line in (src / "llama-model.cpp").read_text().splitlines():
+        if case := re.match(r"\s*case (LLM_ARCH_\w+):", line):
+            pending.append(case.group(1))
+        elif (made := re.search(r"return new (llama_model_\w+)\(params\)", line)) and pending:
+            classes.setdefault(made.group(1), []).extend(names[a] for a in pending)
+            pending = []
+        elif line.strip() and not line.strip().startswith("//"):
+            pending = []
+    return classes
+
+
+def main() -> int:
+    src = Path(sys.argv[1]) / "src"
+    classes = archs_of_classes(src)
+    equal: set[str] = set()
+    rot: set[str] = set()
+    for path in sorted((src / "models").glob("*.cpp")):
+        text = path.read_text()
+        for cls in set(GRAPH_CONSTRUCTOR.findall(text)):
+            if HEAD_SIZES_EQUAL.search(text):
+                equal.update(classes.get(cls, []))
+            if ROT_IS_HEAD_SIZE.search(text):
+                rot.update(classes.get(cls, []))
+    print("kArchsHeadSizesEqual:", ", ".join(f'"{a}"' for a in sorted(equal)))
+    print("kArchsRotIsHeadSize:", ", ".join(f'"{a}"' for a in sorted(rot)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -349,3 +349,22 @@ def test_random_schemas(llm: Llama) -> None:
         converted += 1
         sample(llm, schema, n=2, max_tokens=200)
     assert converted >= 15
+
+
+@pytest.mark.timeout(120)
+def test_large_enums_become_a_prefix_tree(llm: Llama) -> None:
+    # Values that are prefixes of one another, escapes, non-ASCII, and every JSON type.
+    values: list[Any] = ["a" * i for i in range(1, 40)] + ["ab", "abc", "b", "", 'x"y', "é", "😀", "a\\b"]
+    values += [1, 12, 123, -1, 2.5, None, True, False, {"k": [1]}, [1, 2]]
+    grammar = schema_to_grammar({"enum": values})
+    assert '"\\"" (' in grammar  # shared prefixes, not one alternative per value
+    seen = {json.dumps(d) for d in sample(llm, {"enum": values}, n=24)}
+    assert seen <= {json.dumps(v) for v in values}
+    assert len(seen) > 3
+    # llama.cpp keeps a stack per alternative it may be in and compares each new one with all
+    # the others: 100,000 flat alternatives took 10 s to compile here, the tree well under 1.
+    grammar = schema_to_grammar({"enum": list(range(100_000))})
+    docs = sample(llm, {"enum": list(range(100_000))}, n=4)
+    assert all(isinstance(d, int) and 0 <= d < 100_000 for d in docs)
+    assert '"99998" | "99999"' not in grammar  # what one alternative per value would hold
+    assert grammar.startswith('root ::= root-2\nroot-2 ::= "0" | "1" ("0" ("0" ("0" ("0" | "1" |')

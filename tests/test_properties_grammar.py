@@ -149,6 +149,11 @@ def test_grammars_that_compile_generate_or_raise_grammar_error(
             "root ::= " + "(" * 100_000 + '"a"' + ")" * 100_000,
             "parentheses nested deeper than 1000 levels, at line 1",
         ),
+        # Quadratic in the alternatives of one group: 10 s for 100,000, a hang for a million.
+        (
+            'root ::= "x" ("y" | ' + " | ".join(f'"v{i}"' for i in range(1_000_000)) + ")",
+            "a rule or group with more than 20000 alternatives, at line 1",
+        ),
     ],
 )
 def test_grammars_that_hung_or_crashed_llama_cpp_raise_grammar_error(gbnf: str, reason: str) -> None:

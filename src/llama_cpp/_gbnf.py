@@ -3,8 +3,9 @@ character classes, and the JSON string characters of a set of code points."""
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 #: Sorted, disjoint, inclusive code point ranges.
 CharSet = tuple[tuple[int, int], ...]
@@ -76,6 +77,48 @@ def char_class(a: CharSet) -> str:
     for lo, hi in a:
         parts.append(_class_char(lo) if lo == hi else f"{_class_char(lo)}-{_class_char(hi)}")
     return "[" + "".join(parts) + "]"
+
+
+#: Alternatives above which :func:`choice` shares prefixes, and the deepest it nests groups.
+_FLAT_CHOICE = 32
+_MAX_TRIE_DEPTH = 24
+
+
+def choice(texts: Sequence[str]) -> str:
+    """A GBNF expression matching exactly one of ``texts`` (non-empty strings).
+
+    A few become a flat alternation. Many become a prefix tree (``"1" ("2" | "3")``), so that
+    no group has more alternatives than there are distinct next characters: llama.cpp's
+    grammar keeps one stack per alternative it may be in, and compares each new stack with
+    all the others, so a flat alternation of 100,000 values takes seconds to compile and to
+    sample from, a tree milliseconds.
+    """
+    unique = list(dict.fromkeys(texts))
+    if len(unique) <= _FLAT_CHOICE:
+        return " | ".join(literal(t) for t in unique)
+    return _tree(sorted(unique), 0)
+
+
+def _tree(texts: list[str], depth: int) -> str:
+    """Sorted, distinct ``texts`` as a prefix tree; "" among them is an empty alternative."""
+    rest = [t for t in texts if t]
+    if depth >= _MAX_TRIE_DEPTH:
+        alternatives = [literal(t) for t in rest]
+    else:
+        alternatives = []
+        for _, group in itertools.groupby(rest, key=lambda t: t[0]):
+            members = list(group)
+            first, last = members[0], members[-1]  # sorted: their common prefix is everyone's
+            n = next((i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b), len(first))
+            prefix = first[:n]
+            if len(members) == 1:
+                alternatives.append(literal(prefix))
+            else:
+                tails = [m[len(prefix) :] for m in members]
+                alternatives.append(f"{literal(prefix)} ({_tree(tails, depth + 1)})")
+    # An empty alternative, not "(...)?": llama.cpp's parser counts every rule made so far
+    # against a limit each time it expands a repetition.
+    return " | ".join(alternatives + ([""] if len(rest) < len(texts) else []))
 
 
 def literal(text: str) -> str:

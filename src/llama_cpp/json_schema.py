@@ -24,7 +24,7 @@ from urllib.parse import unquote
 from jsonschema import Draft202012Validator, SchemaError
 
 from llama_cpp import _core
-from llama_cpp._gbnf import JSON_CHAR, Rules, literal
+from llama_cpp._gbnf import JSON_CHAR, Rules, choice, literal
 from llama_cpp._schema_common import ANNOTATIONS, Json, NoValue, Refused, canonical
 from llama_cpp._schema_merge import merge
 from llama_cpp._schema_numbers import Bound, NumberError, number_rule, schema_bound
@@ -396,7 +396,7 @@ class _Converter:
         values = self.finite(schema) or []
         if not values:
             raise NoValue(f"invalid JSON schema: no value of the enum/const at {ptr} satisfies it")
-        return self.rules.add(hint, " | ".join(literal(json.dumps(v, ensure_ascii=False)) for v in values))
+        return self.rules.add(hint, choice([json.dumps(v, ensure_ascii=False) for v in values]))
 
     def types(self, schema: Mapping[str, Any]) -> list[str]:
         declared = schema.get("type")

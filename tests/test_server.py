@@ -240,6 +240,29 @@ def test_malformed_and_invalid_requests(server: Server) -> None:
     )
     assert malformed.status_code == 400
     assert set(malformed.json()["error"]) == {"message", "type", "param", "code"}
+    # JSON nested deeper than the parser's recursion: Starlette's 400, in OpenAI's body.
+    deep = server.http.post(
+        "/v1/chat/completions",
+        content=b'{"model": "gemma", "messages": ' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+        headers={"content-type": "application/json"},
+    )
+    assert deep.status_code == 400, deep.text
+    assert deep.json()["error"]["type"] == "invalid_request_error"
+    nested: dict[str, Any] = {}
+    for _ in range(150):
+        nested = {"type": "array", "items": nested}
+    deep_schema = server.http.post(
+        "/v1/chat/completions",
+        json={"model": "gemma", "messages": MESSAGES, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "deep", "schema": nested}}},
+    )  # fmt: skip
+    assert deep_schema.status_code == 400, deep_schema.text
+    assert deep_schema.json()["error"]["param"] == "response_format"
+    assert "nested deeper than 100 levels" in deep_schema.json()["error"]["message"]
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)):
+        answer = server.http.request(method, path)
+        assert answer.status_code == status
+        assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
     with pytest.raises(openai.BadRequestError) as caught:
         server.openai.chat.completions.create(model="gemma", messages=MESSAGES, temperature=-1)
     assert caught.value.body["param"] == "temperature"  # type: ignore[index]

@@ -89,7 +89,7 @@ def schema_to_grammar(schema: Mapping[str, Any] | bool) -> str:
     """
     if not isinstance(schema, Mapping | bool):
         raise GrammarError(f"invalid JSON schema: expected an object, got {type(schema).__name__}")
-    _check_depth(schema)
+    check_depth(schema)
     try:
         return _to_grammar(schema)
     except RecursionError:  # a wide schema whose references nest deeper than MAX_DEPTH
@@ -144,7 +144,9 @@ def _to_grammar(schema: Mapping[str, Any] | bool) -> str:
 _JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
-def _check_depth(schema: object) -> None:
+def check_depth(schema: object) -> None:
+    """Raise GrammarError if ``schema`` (dicts and lists) nests deeper than :data:`MAX_DEPTH`:
+    the converter and jsonschema recurse once or more per level."""
     todo = [(schema, 0)]
     while todo:
         node, depth = todo.pop()

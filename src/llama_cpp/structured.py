@@ -19,6 +19,7 @@ from typing import Any
 import jsonschema
 
 from llama_cpp.errors import GrammarError, InvalidArgumentError, SchemaValidationError
+from llama_cpp.json_schema import check_depth
 from llama_cpp.llama_types import ChatCompletionChunk, ChatCompletionMessage
 
 __all__ = ["AnswerCheck", "StreamedAnswer", "schema_validator"]
@@ -39,11 +40,14 @@ def schema_validator(schema: Mapping[str, Any], where: str = "JSON schema") -> V
     """
     if not isinstance(schema, Mapping):
         raise GrammarError(f"invalid JSON schema: {where} must be an object, got {type(schema).__name__}")
+    check_depth(schema)
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         cls.check_schema(schema)
     except jsonschema.SchemaError as error:
         raise GrammarError(f"invalid JSON schema ({where}): {error.message}") from error
+    except RecursionError:  # $refs that nest deeper than the schema's own depth
+        raise GrammarError(f"invalid JSON schema ({where}): nested too deeply to check") from None
     # Why the format checker: llama.cpp's grammar enforces some formats (date, uuid, ...);
     # validation asserts every format jsonschema knows, so that none passes by unchecked.
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
@@ -58,9 +62,11 @@ def _check_document(validator: Validator, text: str, what: str) -> None:
     """Raise SchemaValidationError unless ``text`` is JSON valid under ``validator``."""
     try:
         document = json.loads(text)
+        failure = jsonschema.exceptions.best_match(validator.iter_errors(document))
     except json.JSONDecodeError as error:
         raise _invalid(what, text, f"not JSON: {error}") from None
-    failure = jsonschema.exceptions.best_match(validator.iter_errors(document))
+    except RecursionError:  # a recursive schema lets an answer nest as deep as max_tokens
+        raise _invalid(what, text, "nested too deeply to validate") from None
     if failure is not None:
         where = "/".join(str(p) for p in failure.absolute_path)
         raise _invalid(what, text, f"at '/{where}': {failure.message}")

@@ -28,6 +28,7 @@ from typing import Any, cast
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama_cpp.errors import ClosedError, ExpertStatsUnavailableError, LlamaError, WorkerLostError
 from llama_cpp.experts import POLICIES
@@ -154,6 +155,16 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         return _error_response(_validation_error(error))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own: an unknown route (404), a wrong method (405), a body that is not
+        # JSON or nests too deeply to parse (400). OpenAI's body instead of {"detail": ...}.
+        kind = {401: "authentication_error", 404: "not_found_error"}.get(error.status_code)
+        if kind is None:
+            kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+        api = APIError(error.status_code, str(error.detail), kind, headers=dict(error.headers or {}) or None)
+        return _error_response(api)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -6,9 +6,9 @@ the first decode. Rerun this after moving the pin and update the two lists::
 
     python scripts/graph_asserts.py ~/.cache/llama-cpp-nanobind/src/llama.cpp-<commit>
 
-An architecture is listed when the source file that defines its graph's constructor
-(``llama_model_<name>::graph::graph``) has the assert; the name comes from the model
-factory (``llama-model.cpp``) and ``llama-arch.cpp``.
+An architecture is listed when its graph's constructor (``llama_model_<name>::graph::graph``)
+opens with the assert; the name comes from the model factory (``llama-model.cpp``) and
+``llama-arch.cpp``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,15 @@ import re
 import sys
 from pathlib import Path
 
-HEAD_SIZES_EQUAL = re.compile(r"^\s*GGML_ASSERT\(n_embd_head == hparams\.n_embd_head_k\(\)\);", re.M)
+# n_embd_head is one head size and the assert compares it with the other (either way round).
+HEAD_SIZES_EQUAL = re.compile(
+    r"^\s*GGML_ASSERT\((?:n_embd_head == hparams\.n_embd_head_[kv]\(\)"
+    r"|hparams\.n_embd_head_v\(\) == hparams\.n_embd_head_k\(\))\);",
+    re.M,
+)
+#: How far into a graph's constructor the asserts are looked for: they open it, where every
+#: model of the architecture meets them (asserts further down may sit in a variant's branch).
+OPENING_LINES = 12
 ROT_IS_HEAD_SIZE = re.compile(r"^\s*GGML_ASSERT\(n_embd_head == n_rot\);", re.M)
 GRAPH_CONSTRUCTOR = re.compile(r"\b(llama_model_\w+)::graph(?:<[^>]*>)?::graph\(")
 
@@ -47,11 +55,13 @@ def main() -> int:
     rot: set[str] = set()
     for path in sorted((src / "models").glob("*.cpp")):
         text = path.read_text()
-        for cls in set(GRAPH_CONSTRUCTOR.findall(text)):
-            if HEAD_SIZES_EQUAL.search(text):
-                equal.update(classes.get(cls, []))
-            if ROT_IS_HEAD_SIZE.search(text):
-                rot.update(classes.get(cls, []))
+        for constructor in GRAPH_CONSTRUCTOR.finditer(text):
+            opening = "\n".join(text[constructor.start() :].splitlines()[:OPENING_LINES])
+            archs = classes.get(constructor.group(1), [])
+            if HEAD_SIZES_EQUAL.search(opening):
+                equal.update(archs)
+            if ROT_IS_HEAD_SIZE.search(opening):
+                rot.update(archs)
     print("kArchsHeadSizesEqual:", ", ".join(f'"{a}"' for a in sorted(equal)))
     print("kArchsRotIsHeadSize:", ", ".join(f'"{a}"' for a in sorted(rot)))
     return 0

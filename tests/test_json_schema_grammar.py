@@ -117,21 +117,30 @@ def test_unanchored_pattern_and_classes(llm: Llama) -> None:
 def test_format_with_lengths(llm: Llama) -> None:
     for doc in sample(llm, {"type": "string", "format": "date"}, n=8):
         assert len(doc) == 10
-    # The answers' validation asserts the formats jsonschema can check (date): lengths that
-    # no date has leave no value. An unchecked format (time, here) is an annotation only:
-    # the lengths alone hold. A pattern is a constraint.
+    # An enforced format is a constraint (the answers' validation asserts it): lengths that no
+    # date has leave no value. Another format (hostname) is an annotation only: the lengths
+    # alone hold. A pattern is a constraint.
     with pytest.raises(GrammarError, match="no string matches"):
         schema_to_grammar({"type": "string", "format": "date", "maxLength": 9})
-    assert all(len(d) <= 5 for d in sample(llm, {"type": "string", "format": "time", "maxLength": 5}, n=8))
+    with pytest.raises(GrammarError, match="no string matches"):
+        schema_to_grammar({"type": "string", "format": "time", "maxLength": 5})
+    docs = sample(llm, {"type": "string", "format": "hostname", "maxLength": 5}, n=8)
+    assert all(len(d) <= 5 for d in docs)
     with pytest.raises(GrammarError, match="no string matches"):
         schema_to_grammar({"type": "string", "pattern": "^[0-9]{4}$", "maxLength": 3})
 
 
 def test_formats_checked_by_validation_are_enforced_or_refused(llm: Llama) -> None:
     checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
-    for fmt in ("ipv4", "email", "json-pointer", "uuid"):
+    for fmt in ("ipv4", "email", "json-pointer", "uuid", "date"):
         for doc in sample(llm, {"type": "string", "format": fmt}, n=6):
             assert checker.conforms(doc, fmt), (fmt, doc)
+    # An enum or const is checked against the format too (no value: refused).
+    assert schema_to_grammar({"enum": ["x", "1.2.3.4"], "format": "ipv4"}) == schema_to_grammar(
+        {"const": "1.2.3.4"}
+    )
+    with pytest.raises(GrammarError, match="no value of the enum/const"):
+        schema_to_grammar({"const": "x", "format": "ipv4"})
     for fmt in ("ipv6", "regex", "relative-json-pointer", "idn-hostname"):
         with pytest.raises(UnsupportedSchemaError, match=f"format {fmt} has no grammar") as refused:
             schema_to_grammar({"type": "object", "properties": {"a": {"type": "string", "format": fmt}}})

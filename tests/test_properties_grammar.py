@@ -14,6 +14,7 @@ subprocess, so that a regression fails the test instead of killing the suite.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -28,6 +29,8 @@ from hypothesis_jsonschema import from_schema
 
 from conftest import examples
 from llama_cpp import GrammarError, Llama, LlamaGrammar, SamplingParams, UnsupportedSchemaError
+from llama_cpp._schema_strings import FORMAT_PATTERNS
+from llama_cpp.json_schema import FORMAT_CHECKER
 
 
 def compiles(gbnf: str) -> LlamaGrammar | None:
@@ -149,10 +152,16 @@ def test_grammars_that_compile_generate_or_raise_grammar_error(
             "root ::= " + "(" * 100_000 + '"a"' + ")" * 100_000,
             "parentheses nested deeper than 1000 levels, at line 1",
         ),
-        # Quadratic in the alternatives of one group: 10 s for 100,000, a hang for a million.
+        # Quadratic in the alternatives a group starts with: 10 s for 100,000, a hang for a
+        # million, whether in one group or in groups that open alternatives of another.
         (
             'root ::= "x" ("y" | ' + " | ".join(f'"v{i}"' for i in range(1_000_000)) + ")",
-            "a rule or group with more than 20000 alternatives, at line 1",
+            "a rule or group that starts with more than 20000 alternatives, at line 1",
+        ),
+        (
+            "root ::= "
+            + " | ".join("(" + " | ".join(f'"{j}-{i}"' for i in range(19_000)) + ")" for j in range(50)),
+            "a rule or group that starts with more than 20000 alternatives, at line 1",
         ),
     ],
 )
@@ -288,10 +297,12 @@ SCHEMA_OF_SCHEMAS: dict[str, Any] = {
 @examples(200)
 @given(schema=from_schema(SCHEMA_OF_SCHEMAS))
 def test_schemas_from_hypothesis_jsonschema_compile_or_raise_grammar_error(schema: dict[str, Any]) -> None:
-    if schema_compiles(schema) is None:
+    grammar = schema_compiles(schema)
+    if grammar is None:
         return
-    # An accepted schema's grammar accepts something, and llama.cpp compiled it.
-    assert LlamaGrammar.from_json_schema(json.dumps(schema)) is not None
+    # The schema's JSON text gives the same grammar as the dict.
+    text_grammar = LlamaGrammar.from_json_schema(json.dumps(schema))
+    assert text_grammar.grammar == grammar.grammar
 
 
 DEEP = "invalid JSON schema: nested deeper than 100 levels"
@@ -364,3 +375,18 @@ def test_hostile_schemas_compile_or_raise_grammar_error() -> None:
     )
     results = dict(json.loads(line) for line in output.splitlines())
     assert results == {name: expected for name, (_, expected) in HOSTILE_SCHEMAS.items()}
+
+
+@pytest.mark.parametrize("fmt", sorted(set(FORMAT_PATTERNS) & set(FORMAT_CHECKER.checkers)))
+def test_every_string_of_a_format_pattern_passes_the_format_check(fmt: str) -> None:
+    # The grammar of an enforced format is its pattern: each string it accepts must pass the
+    # answer's validation (a year 0000 did not: date.fromisoformat refuses it).
+    @examples(300)
+    @given(text=st.from_regex(FORMAT_PATTERNS[fmt], fullmatch=True))
+    def conforms(text: str) -> None:
+        assert FORMAT_CHECKER.conforms(text, fmt), text
+
+    conforms()
+    assert FORMAT_CHECKER.conforms("0001-01-01", "date")
+    assert not FORMAT_CHECKER.conforms("0000-01-01", "date")
+    assert re.fullmatch(FORMAT_PATTERNS["date"], "0000-01-01") is None

@@ -170,9 +170,18 @@ def test_hostile_prompts_raise_invalid_argument(front: FrontEnd, prompt: Any, me
         front.create_completion(prompt, max_tokens=1)
     with pytest.raises(InvalidArgumentError, match=message):
         front.create_completion(prompt, max_tokens=1, stream=True)
-    # Token ids from numpy are ids (typed as Sequence[int], which an array is not).
+
+
+def test_token_ids_from_numpy(front: FrontEnd) -> None:
+    # Typed as Sequence[int], which an array is not; a flat integer array works.
     ids: Any = numpy.array([1, 2], dtype=numpy.int32)
     assert front.create_completion(ids, max_tokens=1)["choices"]
+    bad: list[Any] = [numpy.array(5), numpy.array([[1, 2]]), numpy.array([1.5])]
+    for prompt in bad:
+        with pytest.raises(
+            InvalidArgumentError, match=r"prompt must be a flat sequence|token ids must be ints"
+        ):
+            front.create_completion(prompt, max_tokens=1)
 
 
 def test_hostile_chat_messages_raise_invalid_argument(front: FrontEnd) -> None:

@@ -897,33 +897,35 @@ std::optional<int64_t> gguf_int(const gguf_context *gguf, const std::string &key
     return largest;
 }
 
-// Architectures whose graph (src/models/<arch>.cpp at the pinned llama.cpp) asserts that the
-// head sizes agree, GGML_ASSERT(n_embd_head_v == n_embd_head_k), and that the rotary dimension
-// is the head size, GGML_ASSERT(n_embd_head == n_rot): the assert fires at the first decode,
-// after a load that went well. Listed by scripts/graph_asserts.py from the pinned source.
+// Architectures whose graph (src/models/<arch>.cpp at the pinned llama.cpp) opens with asserts
+// that the key and value head sizes agree, GGML_ASSERT(n_embd_head == hparams.n_embd_head_k())
+// and the like, and that the rotary dimension is the head size, GGML_ASSERT(n_embd_head ==
+// n_rot): they fire at the first decode, after a load that went well. Listed by
+// scripts/graph_asserts.py from the pinned source (asserts deeper in a graph are not listed:
+// a gap, never a valid model refused).
 const std::set<std::string> kArchsHeadSizesEqual = {
     "afmoe", "apertus", "arcee", "arctic", "baichuan", "bailingmoe2", "bert", "bitnet", "bloom",
     "chameleon", "chatglm", "codeshell", "cogvlm", "cohere2", "cohere2moe", "command-r", "dbrx",
     "deci", "deepseek", "dflash", "dots1", "dream", "eagle3", "ernie4_5", "ernie4_5-moe",
-    "eurobert", "exaone", "falcon", "glm4", "glm4moe", "gpt2", "gptneox", "granite", "granite_swa",
-    "granitehybrid", "graniteswitch", "grok", "grovemoe", "hunyuan-moe", "hunyuan_vl", "hy_v3",
-    "internlm2", "jais", "jais2", "laguna", "llada", "llada-moe", "llama", "llama4", "maincoder",
-    "mellum", "minimax-01", "minimax-m2", "minimax-m3", "mistral3", "modern-bert", "mpt",
-    "muse-glimmer", "nanbeige", "nemotron", "nemotron_h", "neo-bert", "olmo", "olmo2", "olmoe",
-    "openelm", "orion", "paddleocr", "pangu-embedded", "phi2", "phi3", "plamo", "pockettts", "qwen",
-    "qwen2", "qwen2moe", "qwen2vl", "qwen3", "qwen35", "qwen35moe", "qwen3moe", "qwen3next",
+    "eurobert", "exaone", "exaone-moe", "exaone4", "falcon", "glm4", "glm4moe", "gpt2", "gptneox",
+    "granite", "granite_swa", "granitehybrid", "graniteswitch", "grok", "grovemoe", "hunyuan-moe",
+    "hunyuan_vl", "hy_v3", "internlm2", "jais", "jais2", "laguna", "llada", "llada-moe", "llama",
+    "llama4", "maincoder", "maple", "mellum", "minimax-01", "minimax-m2", "minimax-m3", "mistral3",
+    "modern-bert", "mpt", "muse-glimmer", "nanbeige", "nemotron", "nemotron_h", "neo-bert", "olmo",
+    "olmo2", "olmoe", "openelm", "orion", "paddleocr", "pangu-embedded", "phi2", "phi3", "plamo",
+    "pockettts", "qwen", "qwen2", "qwen2moe", "qwen2vl", "qwen3", "qwen35", "qwen35moe", "qwen3moe",
     "qwen3vl", "qwen3vlmoe", "qwen4exp", "refact", "rnd1", "seed_oss", "smallthinker", "smollm3",
-    "spark2_5", "stablelm", "starcoder", "starcoder2", "t5", "xverse",
+    "spark2_5", "stablelm", "starcoder", "starcoder2", "t5", "talkie", "xverse",
 };
 const std::set<std::string> kArchsRotIsHeadSize = {
     "apertus", "arcee", "arctic", "baichuan", "chameleon", "codeshell", "cogvlm", "cohere2moe",
     "dbrx", "deci", "deepseek", "dots1", "dream", "ernie4_5", "ernie4_5-moe", "exaone",
-    "exaone-moe", "exaone4", "falcon", "granite", "granite_swa", "graniteswitch", "grok",
-    "grovemoe", "hunyuan-moe", "hunyuan_vl", "hy_v3", "internlm2", "jais2", "llada", "llada-moe",
-    "llama", "llama4", "maincoder", "mellum", "mistral3", "olmo", "olmo2", "olmoe", "orion",
-    "paddleocr", "pangu-embedded", "plamo", "pockettts", "qwen2", "qwen2moe", "qwen2vl", "qwen3",
-    "qwen3moe", "qwen3vl", "qwen3vlmoe", "rnd1", "seed_oss", "smallthinker", "smollm3",
-    "starcoder2", "talkie", "xverse",
+    "exaone-moe", "exaone4", "falcon", "granite", "granite_swa", "grok", "grovemoe", "hunyuan-moe",
+    "hunyuan_vl", "hy_v3", "internlm2", "jais2", "llada", "llada-moe", "llama", "llama4",
+    "maincoder", "mellum", "mistral3", "olmo", "olmo2", "olmoe", "orion", "paddleocr",
+    "pangu-embedded", "plamo", "pockettts", "qwen2", "qwen2moe", "qwen2vl", "qwen3", "qwen3moe",
+    "qwen3vl", "qwen3vlmoe", "rnd1", "seed_oss", "smallthinker", "smollm3", "starcoder2", "talkie",
+    "xverse",
 };
 
 // Refuses head sizes (attention.key_length, attention.value_length, rope.dimension_count; the
@@ -2008,11 +2010,13 @@ using SamplerPtr = std::unique_ptr<llama_sampler, SamplerDeleter>;
 // once (or more) per level and overflow the stack, killing the process, from about 20000
 // levels on. Real grammars and schemas nest a few dozen levels.
 constexpr size_t MAX_GRAMMAR_NESTING = 1000;
-// Most alternatives in one rule or parenthesized group. llama.cpp's grammar keeps a stack per
-// alternative it may be in and compares each new stack with all the others: compiling (and
-// each sampling step into) a group of n alternatives costs n^2, 0.3 s for 20,000 here, 10 s
-// for 100,000, and a million would be a hang. json_schema.py writes a large enum as a prefix
-// tree, whose groups have as many alternatives as there are distinct next characters.
+// Most alternatives a rule or parenthesized group may start with, counting those of groups
+// that open an alternative (`(a | b) | c` starts with 3). llama.cpp's grammar keeps a stack
+// per alternative it may be in and compares each new stack with all the others: compiling
+// (and each sampling step into) n of them costs n^2, 0.3 s for 20,000 here, 10 s for 100,000,
+// and a million would be a hang. json_schema.py writes a large enum as a prefix tree, whose
+// groups start with as many alternatives as there are distinct next characters. Alternatives
+// reached through a rule reference (`root ::= r0 | r1`) are not counted.
 constexpr size_t MAX_GRAMMAR_ALTERNATIVES = 20000;
 constexpr size_t MAX_SCHEMA_NESTING = 512;
 
@@ -2046,19 +2050,41 @@ std::string grammar_hazard(const std::string &grammar) {
         }
         return i > start;
     };
-    std::vector<size_t> alternatives{1};  // of the rule, then of each open group
+    // The rule, then each open group: alternatives it starts with so far, what the current
+    // alternative starts with (0: nothing yet), and whether the group opened an alternative
+    // of its parent.
+    struct Group {
+        size_t starts = 0;
+        size_t first = 0;
+        bool opens_parent = false;
+    };
+    std::vector<Group> groups(1);
+    auto element = [&](size_t fan_out) {
+        if (groups.back().first == 0) groups.back().first = fan_out;
+    };
+    auto close_alternative = [&](size_t at) -> std::string {
+        Group &group = groups.back();
+        // An empty alternative starts with 1; an unclosed group's SIZE_MAX is capped, not wrapped.
+        group.starts += std::clamp<size_t>(group.first, 1, MAX_GRAMMAR_ALTERNATIVES + 1);
+        group.first = 0;
+        if (group.starts > MAX_GRAMMAR_ALTERNATIVES) {
+            return "a rule or group that starts with more than " + std::to_string(MAX_GRAMMAR_ALTERNATIVES) +
+                   " alternatives, at line " + line_at(at);
+        }
+        return "";
+    };
     for (size_t i = 0; i < size;) {
         const char c = grammar[i];
         if (c == '|') {
-            if (++alternatives.back() > MAX_GRAMMAR_ALTERNATIVES) {
-                return "a rule or group with more than " + std::to_string(MAX_GRAMMAR_ALTERNATIVES) +
-                       " alternatives, at line " + line_at(i);
-            }
+            if (std::string reason = close_alternative(i); !reason.empty()) return reason;
             ++i;
         } else if (c == ':' && grammar.compare(i, 3, "::=") == 0) {
-            alternatives = {1};  // a new rule
+            // A new rule: the last one ends (its name, already read, counts for nothing).
+            if (std::string reason = close_alternative(i); !reason.empty()) return reason;
+            groups.assign(1, Group{});
             i += 3;
         } else if (c == '"' || c == '[') {
+            element(1);
             const char close = c == '"' ? '"' : ']';
             for (++i; i < size && grammar[i] != close; ++i) {
                 if (grammar[i] == '\\') ++i;  // an escape: the next character is literal
@@ -2084,19 +2110,26 @@ std::string grammar_hazard(const std::string &grammar) {
                 return "parentheses nested deeper than " + std::to_string(MAX_GRAMMAR_NESTING) + " levels, at line " +
                        line_at(i);
             }
-            alternatives.push_back(1);
+            const bool opens = groups.back().first == 0;
+            element(SIZE_MAX);  // the parent's alternative starts with this group (set at ')')
+            groups.push_back(Group{0, 0, opens});
             ++i;
         } else {
             if (c == ')' && depth > 0) {
                 --depth;
             }
-            if (c == ')' && alternatives.size() > 1) {
-                alternatives.pop_back();
+            if (c == ')' && groups.size() > 1) {
+                if (std::string reason = close_alternative(i); !reason.empty()) return reason;
+                const Group closed = groups.back();
+                groups.pop_back();
+                if (closed.opens_parent) groups.back().first = closed.starts;
+            } else if (std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-') {
+                element(1);  // a rule name, or any character (.)
             }
             ++i;
         }
     }
-    return "";
+    return close_alternative(size);
 }
 
 // Throws GrammarError if the JSON text `schema` nests arrays and objects deeper than
@@ -2652,7 +2685,12 @@ constexpr size_t kTemplateMaxMacroDepth = 512;
 // level, and 32 MiB for the rest; address space only, touched as used. max_macro_depth 0
 // (no guard, for trusted templates) gets the most. Under AddressSanitizer every frame carries
 // redzones: the same render needs several times the stack (scripts/build_sanitized.py).
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)  // clang's spelling
+#define LLAMA_CPP_ASAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) || defined(LLAMA_CPP_ASAN)
 constexpr size_t kTemplateStackScale = 4;
 #else
 constexpr size_t kTemplateStackScale = 1;

@@ -20,10 +20,12 @@ from llama_cpp._gbnf import CharSet, Rules, complement, json_chars, normalize, u
 MAX_NFA_STATES = 4000
 MAX_PRODUCT_STATES = 20000
 
-# Days up to 28: every date valid whatever the month and year.
-_DATE = r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"
+# Years 0001-9999 (date.fromisoformat refuses 0000), days up to 28: every date valid
+# whatever the month and year.
+_DATE = r"(000[1-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-9][0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"
 _TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
-#: Patterns of the formats that jsonschema's format checker knows and the grammar enforces.
+#: The formats the grammar enforces, each by a pattern whose strings the format's checker
+#: accepts (a subset); the answer's validation asserts exactly these.
 FORMAT_PATTERNS = {
     "date": _DATE,
     "time": _TIME,

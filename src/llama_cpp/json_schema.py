@@ -21,7 +21,7 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import unquote
 
-from jsonschema import Draft202012Validator, SchemaError
+from jsonschema import Draft202012Validator, FormatChecker, SchemaError
 
 from llama_cpp import _core
 from llama_cpp._gbnf import JSON_CHAR, Rules, choice, literal
@@ -52,9 +52,19 @@ UNSUPPORTED_KEYWORDS = (
 #: Most items or characters one repetition may need (more is cut: a subset), deepest nesting.
 MAX_REPEAT = 1000
 MAX_DEPTH = 100
-#: Formats the validation of answers asserts (jsonschema's checker, with the packages it
-#: found installed): each must have a pattern in FORMAT_PATTERNS, or the schema is refused.
-CHECKED_FORMATS = frozenset(Draft202012Validator.FORMAT_CHECKER.checkers)
+#: Formats refused up front: ones jsonschema checks out of the box that no pattern here
+#: enforces. Every other format outside FORMAT_PATTERNS (uri, hostname, duration, ...) is an
+#: annotation, as draft 2020-12 has it by default: neither enforced nor asserted, whatever
+#: format packages are installed.
+REFUSED_FORMATS = frozenset({"ipv6", "regex", "idn-hostname", "relative-json-pointer"})
+#: The checker of the formats the grammar enforces: draft 2020-12's checkers of them (time
+#: and date-time need jsonschema's optional rfc3339-validator; their patterns hold regardless).
+FORMAT_CHECKER = FormatChecker(())
+FORMAT_CHECKER.checkers = {
+    name: check
+    for name, check in Draft202012Validator.FORMAT_CHECKER.checkers.items()
+    if name in FORMAT_PATTERNS
+}
 #: Most distinct values of a uniqueItems array the grammar lists in canonical order.
 MAX_UNIQUE_DOMAIN = 64
 _ONE_SCHEMA = ("additionalProperties", "items", "additionalItems", *UNSUPPORTED_KEYWORDS[:8])
@@ -141,7 +151,8 @@ def _to_grammar(schema: Mapping[str, Any] | bool) -> str:
     return grammar
 
 
-_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+# A string to its closing quote or, unclosed, to the end (no backtracking: linear), or a bracket.
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*(?:"|\Z)|[\[\]{}]')
 
 
 def check_depth(schema: object) -> None:
@@ -204,7 +215,9 @@ class _Converter:
         self.root = root
         self.rules = Rules()
         self.refused: list[tuple[str, str]] = []
-        self.validator = Draft202012Validator(root if isinstance(root, Mapping) else {})
+        self.validator = Draft202012Validator(
+            root if isinstance(root, Mapping) else {}, format_checker=FORMAT_CHECKER
+        )
         self.refs: dict[str, str] = {}
 
     def convert(self) -> None:
@@ -444,23 +457,18 @@ class _Converter:
     def string(self, schema: Mapping[str, Any], ptr: str, hint: str) -> str:
         low, high = int(schema.get("minLength", 0)), _count(schema.get("maxLength"))
         fmt = schema.get("format", "")
-        if fmt in CHECKED_FORMATS:
-            # The answer's validation asserts the format: the grammar must enforce it too.
-            if fmt not in FORMAT_PATTERNS:
-                raise Refused(f"{ptr}/format", f"format {fmt} has no grammar")
-            if "pattern" in schema:
-                raise Refused(f"{ptr}/format", f"format {fmt} beside a pattern")
+        if fmt in REFUSED_FORMATS:
+            raise Refused(f"{ptr}/format", f"format {fmt} has no grammar")
+        if fmt in FORMAT_PATTERNS and "pattern" in schema:
+            raise Refused(f"{ptr}/format", f"format {fmt} beside a pattern")
         pattern = schema.get("pattern", FORMAT_PATTERNS.get(fmt))
         if pattern is not None:
             try:
                 return string_rule(self.rules, f"{hint}-str", pattern, low, high)
             except PatternError as e:
                 if not e.args[0].startswith("no string"):
-                    raise Refused(f"{ptr}/pattern", str(e)) from None
-                if "pattern" in schema or fmt in CHECKED_FORMATS:
-                    raise NoValue(f"invalid JSON schema: {ptr}: {e}") from None
-                # An unchecked format's pattern and the lengths disagree: such a format is an
-                # annotation only, so the lengths alone hold.
+                    raise Refused(f"{ptr}/{'pattern' if 'pattern' in schema else 'format'}", str(e)) from None
+                raise NoValue(f"invalid JSON schema: {ptr}: {e}") from None
         if low == 0 and high is None:
             return self.primitive("string")
         chars = _repetition("char", low, high, "", ptr=ptr, keyword="minLength")

@@ -205,10 +205,13 @@ class RequestBuilder:
                 f"prompt must be str, bytes or a sequence of token ids, got {type(prompt).__name__}"
             )
         ids: list[int] = []
-        for token in prompt:  # numpy integers too; not bools, floats or strings
-            if isinstance(token, bool) or not hasattr(token, "__index__"):
-                raise InvalidArgumentError(f"token ids must be ints, got {token!r}")
-            ids.append(operator.index(token))
+        try:
+            for token in prompt:  # numpy integers too; not bools, floats, strings or rows
+                if isinstance(token, bool) or not hasattr(token, "__index__"):
+                    raise InvalidArgumentError(f"token ids must be ints, got {token!r}")
+                ids.append(operator.index(token))
+        except TypeError as e:  # a 0-d array (not iterable), a 2-d one (rows are no index)
+            raise InvalidArgumentError(f"prompt must be a flat sequence of token ids ({e})") from None
         # The vocabulary's range is checked where the ids are used; here, what int32 holds.
         if ids and not (min(ids) >= 0 and max(ids) < 2**31):
             bad = next(t for t in ids if not 0 <= t < 2**31)

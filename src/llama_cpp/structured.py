@@ -19,7 +19,7 @@ from typing import Any
 import jsonschema
 
 from llama_cpp.errors import GrammarError, InvalidArgumentError, SchemaValidationError
-from llama_cpp.json_schema import check_depth
+from llama_cpp.json_schema import FORMAT_CHECKER, check_depth
 from llama_cpp.llama_types import ChatCompletionChunk, ChatCompletionMessage
 
 __all__ = ["AnswerCheck", "StreamedAnswer", "schema_validator"]
@@ -33,7 +33,7 @@ _QUOTE = 200
 
 def schema_validator(schema: Mapping[str, Any], where: str = "JSON schema") -> Validator:
     """A validator of ``schema``: the draft its ``$schema`` names, Draft 2020-12 without one;
-    ``format`` is asserted for the formats jsonschema can check.
+    ``format`` is asserted for the formats the grammar enforces.
 
     Raises:
         GrammarError: ``schema`` is not a valid schema of its draft (with jsonschema's reason).
@@ -48,9 +48,9 @@ def schema_validator(schema: Mapping[str, Any], where: str = "JSON schema") -> V
         raise GrammarError(f"invalid JSON schema ({where}): {error.message}") from error
     except RecursionError:  # $refs that nest deeper than the schema's own depth
         raise GrammarError(f"invalid JSON schema ({where}): nested too deeply to check") from None
-    # Why the format checker: llama.cpp's grammar enforces some formats (date, uuid, ...);
-    # validation asserts every format jsonschema knows, so that none passes by unchecked.
-    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+    # The formats the grammar enforces are asserted (json_schema.FORMAT_CHECKER); the others
+    # are refused (json_schema.REFUSED_FORMATS) or annotations, whatever packages are installed.
+    return cls(schema, format_checker=FORMAT_CHECKER)
 
 
 def _invalid(what: str, answer: str, reason: str) -> SchemaValidationError:

@@ -271,6 +271,8 @@ def test_hostile_schemas_convert_in_bounded_time_or_raise() -> None:
         LlamaGrammar.from_json_schema("[" * 100_000)  # refused before json.loads recurses
     with pytest.raises(GrammarError, match="not JSON"):
         LlamaGrammar.from_json_schema('{"type": "string"')
+    with pytest.raises(GrammarError, match="not JSON"):  # an unclosed string: a linear scan (was quadratic)
+        LlamaGrammar.from_json_schema('"' + '\\"' * 200_000)
     with pytest.raises(GrammarError, match="expected an object, got list"):
         LlamaGrammar.from_json_schema("[]")
     schema_to_grammar({"enum": [f"value-{i}" for i in range(20_000)]})

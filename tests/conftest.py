@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +38,21 @@ def examples(n: int) -> settings:
     more (``fuzz``): a test bounds its own examples to stay within a few seconds."""
     profile = settings().max_examples  # the loaded profile's
     return settings(max_examples=n if profile <= 50 else max(n, profile))
+
+
+def run_python(
+    code: str, *args: str, stdin: str | None = None, timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` (dedented) in a fresh interpreter, argv[1:] = ``args``: for what may crash
+    or hang the process, so that it fails the test instead of killing pytest."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def llama_build() -> dict[str, object]:

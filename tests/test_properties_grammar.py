@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
-from conftest import examples
+from conftest import examples, run_python
 from llama_cpp import GrammarError, Llama, LlamaGrammar, SamplingParams, UnsupportedSchemaError
 from llama_cpp._schema_strings import FORMAT_PATTERNS
 from llama_cpp.json_schema import FORMAT_CHECKER
@@ -188,14 +185,7 @@ def test_braces_and_parentheses_inside_literals_are_not_syntax() -> None:
 
 def run_isolated(code: str, stdin: str, timeout: float = 60.0) -> str:
     """The output of ``code`` in a fresh interpreter: a crash or a hang fails the test."""
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    result = run_python(code, stdin=stdin, timeout=timeout)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout.strip()
 

@@ -4,28 +4,15 @@ crash fails the test instead of killing pytest."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import numpy
 import pytest
 
+from conftest import run_python
 from llama_cpp import ClosedError, GrammarError, InvalidArgumentError, Llama, LlamaGrammar, LlamaState, _core
 from llama_cpp.frontend import FrontEnd
-
-
-def run_python(code: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh interpreter (argv[1:] = ``args``)."""
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def test_every_model_method_raises_closed_error_once_closed(tiny_model_path: Path) -> None:

@@ -8,15 +8,13 @@ a failure fails the test instead of killing pytest."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import run_python
 from llama_cpp import InvalidArgumentError, Llama, _core
 from llama_cpp.errors import TemplateError
 from llama_cpp.families import detect_family
@@ -62,17 +60,6 @@ TOOLS = [
 ]
 
 
-def run_python(code: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh interpreter (argv[1:] = ``args``)."""
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def model_with_template(directory: Path, template: str) -> Path:
     """A tiny GGUF whose ``tokenizer.chat_template`` is ``template``."""
     return write_tiny_llama(directory / "hostile.gguf", TinyModelSpec(chat_template=template))
@@ -114,6 +101,7 @@ def test_the_issues_templates_in_a_gguf_end_in_template_error_and_the_process_st
             print("alive", llm.n_vocab())
         """,
         str(path),
+        timeout=60.0,
     )
     assert result.returncode == 0, result.stderr
     expected = {
@@ -209,6 +197,7 @@ def test_recursion_through_a_parameter_stops_at_the_macro_depth_limit(tmp_path: 
             print("alive")
         """,
         str(path),
+        timeout=60.0,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["raised: True", "alive"]
@@ -229,6 +218,7 @@ def test_the_render_stack_holds_the_deepest_macro_at_the_deepest_recursion(tmp_p
             print(llm.render_chat([{"role": "user", "content": "hi"}]).prompt)
         """,
         str(path),
+        timeout=60.0,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "248\n"  # f(0) renders "", f(1) "245", each level above len("245") + 245
@@ -272,6 +262,7 @@ def test_a_render_past_its_time_limit_is_refused_for_good_and_the_process_exits_
         sys.exit(3)
         """,
         str(path),
+        timeout=60.0,
     )
     assert result.returncode == 3, result.stderr
     refusal = (
@@ -300,6 +291,7 @@ def test_loading_past_the_time_limit_is_refused_once(tmp_path: Path) -> None:
                 print(error)
         """,
         str(path),
+        timeout=60.0,
     )
     assert result.returncode == 0, result.stderr
     refusal = (

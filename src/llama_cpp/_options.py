@@ -50,16 +50,22 @@ def _int_or_none(name: str, value: object) -> int | None:
     return value
 
 
+def utf8(text: str, what: str) -> bytes:
+    """``text`` as UTF-8; InvalidArgumentError naming ``what`` if it has no UTF-8 form (a lone
+    surrogate), as the tokenizer, the stop strings and the templates need it."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidArgumentError(f"{what} has no UTF-8 form ({e.reason})") from None
+
+
 def _stops(stop: object) -> list[str]:
     """The non-empty stop strings of ``stop`` (a str, a sequence of str, or None)."""
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, Sequence) or not all(isinstance(s, str) for s in stops):
         raise InvalidArgumentError(f"stop must be a str or a list of str, got {stop!r}")
     for s in stops:
-        try:
-            s.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InvalidArgumentError(f"stop {s!r} has no UTF-8 form ({e.reason})") from None
+        utf8(s, f"stop {s!r}")
     return [s for s in stops if s]
 
 

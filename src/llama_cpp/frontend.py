@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from llama_cpp import _async, _core
+from llama_cpp._options import utf8
 from llama_cpp.chat import RenderedChat, answer_grammar, openai_chunks
 from llama_cpp.completion_output import GenerationStream, Outcome, collect
 from llama_cpp.embeddings import EmbeddingInput
@@ -89,10 +90,7 @@ class FrontEnd(ABC):
                 BPE pre-tokenizers) and the bytes are not.
         """
         if isinstance(text, str):
-            try:
-                data = text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise InvalidArgumentError(f"tokenize: the text has no UTF-8 form ({e.reason})") from None
+            data = utf8(text, "tokenize: the text")
         elif isinstance(text, bytes | bytearray | memoryview):
             # Not bytes(x) on anything: bytes(5) is five NUL bytes, a silently wrong answer.
             data = bytes(text)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from llama_cpp import _core, fim, hooks
-from llama_cpp._options import generate_options
+from llama_cpp._options import generate_options, utf8
 from llama_cpp.chat import ChatGrammar, ChatRenderer
 from llama_cpp.chat_output import OutputParser, chat_chunks, chat_response
 from llama_cpp.completion_output import CompletionBuilder, GenerationStream, Outcome
@@ -194,10 +194,7 @@ class RequestBuilder:
         """Text tokenized as llama-cpp-python does (BOS/EOS where the model asks, special
         tokens parsed), or token ids as they are."""
         if isinstance(prompt, str):
-            try:
-                return self._model.tokenize(prompt.encode("utf-8"), True, True)
-            except UnicodeEncodeError as e:
-                raise InvalidArgumentError(f"prompt has no UTF-8 form ({e.reason})") from None
+            return self._model.tokenize(utf8(prompt, "prompt"), True, True)
         if isinstance(prompt, bytes | bytearray):
             return self._model.tokenize(bytes(prompt), True, True)
         if not isinstance(prompt, Iterable) or isinstance(prompt, Mapping):

@@ -160,8 +160,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         # Starlette's own: an unknown route (404), a wrong method (405), a body that is not
         # JSON or nests too deeply to parse (400). OpenAI's body instead of {"detail": ...}.
-        kind = {401: "authentication_error", 404: "not_found_error"}.get(error.status_code)
-        if kind is None:
+        if error.status_code == 404:
+            kind = "not_found_error"
+        else:
             kind = "invalid_request_error" if error.status_code < 500 else "server_error"
         api = APIError(error.status_code, str(error.detail), kind, headers=dict(error.headers or {}) or None)
         return _error_response(api)

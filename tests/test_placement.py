@@ -227,7 +227,15 @@ def test_plan_fit_without_an_accelerator(moe_path: Path, tensor_bytes: dict[str,
         assert llm.n_ctx() == llm.fit_plan.n_ctx == SPEC.context_length
     with LlamaPool(moe_path, 2, n_ctx=0, fit=True, verbose=False) as pool:
         assert pool.fit_plan is not None
-        # n_ctx=0 in a pool: the training context, shared by its sequences.
+        # n_ctx=0 in a pool that fits: the training context for each sequence (its own stream
+        # of cells), as llama.cpp's fit extends it when memory allows.
+        assert pool.n_ctx() == pool.fit_plan.n_ctx == SPEC.context_length
+        assert pool.fit_plan.reason.endswith(
+            f"n_ctx={SPEC.context_length} for each of 2 sequences: the training context"
+        )
+    with LlamaPool(moe_path, 2, n_ctx=0, fit=True, kv_unified=True, verbose=False) as pool:
+        assert pool.fit_plan is not None
+        # ... and with one unified cache, the training context shared by the sequences.
         assert pool.n_ctx() == pool.fit_plan.n_ctx == SPEC.context_length // 2
         assert pool.fit_plan.reason.endswith(
             f"n_ctx={SPEC.context_length // 2} for each of 2 sequences: the training context"

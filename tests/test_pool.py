@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -283,11 +284,14 @@ def test_close_fails_running_and_queued_requests(tiny_model_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_a_shared_prompt_prefix_is_evaluated_once(tiny_model_path: Path) -> None:
+@pytest.mark.parametrize("kv_unified", [False, True], ids=["streams", "unified"])
+def test_a_shared_prompt_prefix_is_evaluated_once(tiny_model_path: Path, kv_unified: bool) -> None:
     system = "the system prompt, shared by every request of this test. " * 2
     prompts = [system + suffix for suffix in ("A", "B", "x y", "q")]
     expected = solo_texts(tiny_model_path, prompts, max_tokens=8, sampling=GREEDY)
-    with LlamaPool(tiny_model_path, pool_size=4, n_ctx=512, n_batch=64, verbose=False) as pool:
+    with LlamaPool(
+        tiny_model_path, pool_size=4, n_ctx=512, n_batch=64, kv_unified=kv_unified, verbose=False
+    ) as pool:
         tokens = [pool.tokenize(p, special=True) for p in prompts]
         streams = [pool.submit(p, max_tokens=8, sampling=GREEDY) for p in prompts]
         assert [drain(s) for s in streams] == expected
@@ -296,6 +300,32 @@ def test_a_shared_prompt_prefix_is_evaluated_once(tiny_model_path: Path) -> None
         stats = pool.stats()
         assert stats.n_prompt_evaluated == sum(len(t) for t in tokens) - 3 * shared
         assert stats.n_prompt_reused == 3 * shared
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kv_unified", [False, True], ids=["streams", "unified"])
+def test_a_running_sequence_lends_its_prefix(tiny_model_path: Path, kv_unified: bool) -> None:
+    # A request that starts while another runs copies the prompt tokens they share from its
+    # sequence: in a unified cache always (its cells are shared), with a stream of cells per
+    # sequence only when it saves 16 tokens or more (the whole stream is copied).
+    with LlamaPool(
+        tiny_model_path, pool_size=2, n_ctx=256, n_batch=64, kv_unified=kv_unified, verbose=False
+    ) as pool:
+        for prefix in ("the system prompt, shared by both requests. ", "ab "):
+            lending, borrowing = prefix + "a", prefix + "B"
+            [expected] = solo_texts(tiny_model_path, [borrowing], max_tokens=8, sampling=GREEDY)
+            tokens = [pool.tokenize(text, special=True) for text in (lending, borrowing)]
+            pairs = zip(*tokens, strict=False)
+            shared = sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], pairs))
+            lender = pool.submit(lending, max_tokens=None, sampling=GREEDY)  # lowercase: runs on
+            assert lender.next() is not None  # its prompt is in its sequence
+            borrower = pool.submit(borrowing, max_tokens=8, sampling=GREEDY)
+            assert drain(borrower) == expected
+            copied = kv_unified or shared >= 16
+            assert (shared, borrower.n_reused) == (shared, shared if copied else 0)
+            lender.cancel()
+            with pytest.raises(GenerationCancelled):
+                drain(lender)
 
 
 @pytest.mark.timeout(60)

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_command_serves_and_stops_on_sigterm(tiny_model_path: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_model_path), "--alias", "tiny",
-         "--port", "0", "--parallel", "1", "--ctx-size", "128", "--api-key", "k"],
+         "--port", "0", "--parallel", "1", "--ctx-size", "128", "--api-key", "k", "--kv-unified"],
         cwd=ROOT, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

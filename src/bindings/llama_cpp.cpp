@@ -5846,6 +5846,8 @@ struct EngineOptions {
     int32_t max_queue = 64;  // requests that may wait for a slot; beyond them submit raises
     // A new request waits for a running prefill that shares at least this many more prompt
     // tokens than any cached sequence, then copies them instead of evaluating them again.
+    // Without a unified cache, also the fewest tokens worth copying another sequence's cells
+    // for (a whole stream is copied) instead of evaluating them.
     int32_t min_shared_prefix = 16;
 };
 
@@ -6055,7 +6057,11 @@ class Engine {
         if (context_options.embeddings) throw InvalidArgumentError("an engine context cannot compute embeddings");
         ContextOptions copts = context_options;
         copts.n_seq_max = static_cast<uint32_t>(options.n_slots);
-        copts.kv_unified = true;  // one cell pool: sequences share prefix cells (seq_cp)
+        // kv_unified: one cell pool, where sequences share a prefix's cells (seq_cp is free) but
+        // every token attends over the cells of all of them. Otherwise (llama-server's default
+        // with -np N) a stream of cells per sequence: attention reads only its own, and a prefix
+        // lent by another sequence is a copy of that sequence's whole stream.
+        unified_ = copts.kv_unified;
         llama_context_params params = context_params(copts);
         params.abort_callback = [](void *data) { return static_cast<Engine *>(data)->aborting_.load(); };
         params.abort_callback_data = this;
@@ -6068,8 +6074,9 @@ class Engine {
             throw LlamaError("failed to create a context: " + last_errors_or("see the llama_cpp log"));
         }
         ctx_.reset(ctx);
-        // Each sequence gets an equal share of the cells, so that the running ones always fit.
-        n_ctx_seq_ = static_cast<int32_t>(llama_n_ctx(ctx)) / options.n_slots;
+        // Each sequence gets an equal share of the cells, so that the running ones always fit
+        // (its own stream, without kv_unified, which llama.cpp sizes in multiples of 256).
+        n_ctx_seq_ = static_cast<int32_t>(std::min(llama_n_ctx_seq(ctx), llama_n_ctx(ctx) / static_cast<uint32_t>(options.n_slots)));
         batch_ = std::make_unique<BatchOwner>(static_cast<int32_t>(llama_n_batch(ctx)));
         slots_.resize(static_cast<size_t>(options.n_slots));
         for (size_t i = 0; i < slots_.size(); ++i) slots_[i].seq = static_cast<llama_seq_id>(i);
@@ -6366,28 +6373,41 @@ class Engine {
         attach_prefix(*slot);
     }
 
-    // The slot (or none: -1) whose cached tokens give `slot`'s prompt its longest prefix, and
-    // that prefix's length; `slot` itself counts.
+    // The slot whose cached tokens give `slot`'s prompt its longest prefix, and that prefix's
+    // length; `slot` itself counts. Without kv_unified, lending copies the lender's whole stream
+    // of cells: another slot is taken only when it saves min_shared_prefix tokens or more.
     std::pair<ptrdiff_t, size_t> best_prefix(const Slot &slot) const {
         const EngineRequest &request = *slot.request;
-        std::pair<ptrdiff_t, size_t> best{&slot - slots_.data(), reusable(slot, request)};
+        const size_t own = reusable(slot, request);
+        const size_t gain = unified_ ? 1 : static_cast<size_t>(std::max(options_.min_shared_prefix, 1));
+        std::pair<ptrdiff_t, size_t> best{&slot - slots_.data(), own};
         for (size_t i = 0; i < slots_.size(); ++i) {
             const size_t n = reusable(slots_[i], request);
-            if (n > best.second) best = {static_cast<ptrdiff_t>(i), n};
+            if (n > best.second && n >= own + gain) best = {static_cast<ptrdiff_t>(i), n};
         }
         return best;
     }
 
     // Makes `slot`'s sequence hold the longest available prefix of its prompt: its own cache,
-    // trimmed, or a copy of another sequence's cells (shared, not duplicated, in the unified
-    // cache). Then the rest of the prompt is prefilled.
+    // trimmed, or another sequence's cells (shared, not duplicated, in the unified cache; a
+    // copy of that sequence's stream, trimmed, otherwise: llama.cpp copies streams whole, at
+    // the next decode). Then the rest of the prompt is prefilled.
     void attach_prefix(Slot &slot) {
         const auto &prompt = slot.request->prompt;
         auto [from, keep] = best_prefix(slot);
         llama_memory_t mem = memory();
         if (&slots_[static_cast<size_t>(from)] != &slot && keep > 0) {
+            const llama_seq_id source = slots_[static_cast<size_t>(from)].seq;
             llama_memory_seq_rm(mem, slot.seq, -1, -1);
-            llama_memory_seq_cp(mem, slots_[static_cast<size_t>(from)].seq, slot.seq, 0, static_cast<llama_pos>(keep));
+            if (unified_) {
+                llama_memory_seq_cp(mem, source, slot.seq, 0, static_cast<llama_pos>(keep));
+            } else {
+                llama_memory_seq_cp(mem, source, slot.seq, -1, -1);
+                if (!llama_memory_seq_rm(mem, slot.seq, static_cast<llama_pos>(keep), -1)) {
+                    llama_memory_seq_rm(mem, slot.seq, -1, -1);  // a recurrent state: not divisible
+                    keep = 0;
+                }
+            }
         } else {
             keep = reusable(slot, *slot.request);
             if (keep == 0 || !llama_memory_seq_rm(mem, slot.seq, static_cast<llama_pos>(keep), -1)) {
@@ -6590,6 +6610,7 @@ class Engine {
     LoraSet applied_;  // the adapters the context applies now (scheduler thread; it refers to them)
     std::vector<Slot> slots_;
     int32_t n_ctx_seq_ = 0;
+    bool unified_ = false;  // one cell pool for all sequences (ContextOptions::kv_unified)
     uint64_t clock_ = 0;
     std::atomic<bool> aborting_{false};  // read by llama.cpp's abort callback
     std::atomic<bool> closed_{false};

@@ -47,6 +47,10 @@ class LlamaConfig:
     n_threads_batch: int | None = None
     flash_attn: bool | None = False
     offload_kqv: bool = True
+    #: llama.cpp's --kv-unified, for a LlamaPool: one pool of KV cells for all its sequences
+    #: (a shared prefix is held once) instead of a stream of cells per sequence (each token
+    #: attends over its own sequence's cells only: faster with several running).
+    kv_unified: bool = False
     embedding: bool = False
     pooling_type: int = -1
     rope_scaling_type: int = -1
@@ -201,6 +205,7 @@ class LlamaConfig:
         # (embeddings) alters the output, where the default path gives the same tokens.
         options.flash_attn = -1 if self.flash_attn is None else int(self.flash_attn)
         options.offload_kqv = self.offload_kqv
+        options.kv_unified = self.kv_unified
         options.embeddings = self.embedding
         options.pooling_type = self.pooling_type
         if self.embedding:

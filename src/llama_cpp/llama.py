@@ -101,6 +101,10 @@ class Llama(FrontEnd):
         flash_attn: Use flash attention (None: let llama.cpp decide). Off by default, as in
             llama-cpp-python; see the README for why it stays off on the CPU.
         offload_kqv: Keep the KV cache on the GPU when layers are offloaded.
+        kv_unified: For a :class:`LlamaPool`: one pool of KV cells shared by its sequences
+            (llama.cpp's ``--kv-unified``) instead of a stream of cells per sequence, the
+            default. Shared prefixes then take their cells once, but every token attends over
+            the cells of all sequences: slower with several running (no effect on a Llama).
         embedding: Create the context for :meth:`embed` / :meth:`create_embedding`.
         pooling_type: -1 the model's, 0 none (a vector per token), 1 mean, 2 CLS, 3 last, 4 rank.
         rope_freq_base, rope_freq_scale, rope_scaling_type, yarn_*: RoPE overrides.

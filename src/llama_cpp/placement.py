@@ -162,10 +162,9 @@ def _plan(model_path: str, config: LlamaConfig, *, n_seq: int) -> FitPlan:
     if config.n_gpu_layers == 0:
         model.n_gpu_layers = -1  # llama.cpp's "auto": the fit chooses
     context = config.context_options()
-    if n_seq > 1:  # as LlamaPool creates its engine: one unified cache for all sequences
+    if n_seq > 1:  # as LlamaPool creates its engine: n_seq sequences of n_ctx each
         context.n_ctx = config.n_ctx * n_seq
         context.n_seq_max = n_seq
-        context.kv_unified = True
     result = _core.fit_params(model_path, model, context, config.fit_margin, config.fit_min_ctx * n_seq)
     status: Literal["success", "failure"] = "success" if result.status == 0 else "failure"
     devices = tuple(
@@ -215,7 +214,9 @@ def _reason(plan: FitPlan, config: LlamaConfig, n_seq: int, *, given_overrides: 
             parts.append(f"tensor overrides place what does not fit by layer: {placed}")
     if config.n_ctx == 0:
         each = f" for each of {n_seq} sequences" if n_seq > 1 else ""
-        if plan.n_ctx * n_seq >= plan.n_ctx_train:
+        # A unified cache is one window shared by the sequences; otherwise each has its own.
+        window = plan.n_ctx * n_seq if config.kv_unified else plan.n_ctx
+        if window >= plan.n_ctx_train:
             parts.append(f"n_ctx={plan.n_ctx}{each}: the training context")
         else:
             parts.append(

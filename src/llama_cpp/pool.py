@@ -64,13 +64,20 @@ class LlamaPool(FrontEnd):
             :class:`PoolBusyError` (batch methods wait for room instead).
         config: The model and context settings as a :class:`LlamaConfig`.
         **options: :class:`Llama`'s keyword arguments (set over ``config``). ``n_ctx`` is
-            the window of each sequence (0: the model's window, shared by all); ``n_batch``
+            the window of each sequence (0: the model's window, shared by all; with ``fit``,
+            up to the model's window each, as much as fits); ``n_batch``
             (>= ``pool_size``) caps the tokens decoded per step; ``lora_path`` loads an
             adapter that every request runs with unless it names its own (see
             :meth:`load_lora`). The placement options (``tensor_overrides``, ``cpu_moe``,
             ``n_cpu_moe``, ``fit``, ``numa``) are :class:`Llama`'s; ``fit`` sizes the context
             of all ``pool_size`` sequences together (``n_ctx=0``: chosen per sequence);
             ``profile_experts`` counts expert routing over all requests (:meth:`expert_stats`).
+            Each sequence has its own stream of KV cells (llama-server's layout with ``-np``):
+            a token attends over its own sequence only, and a cached prefix lent by another
+            sequence is a copy of its stream (made when it saves 16 tokens or more);
+            ``kv_unified=True`` gives them one pool of cells instead, where a shared prefix is
+            held once but every token attends over all sequences' cells (slower with several
+            running).
 
     Raises:
         TypeError: An unknown keyword argument.

@@ -38,6 +38,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile-experts", action="store_true", default=None,
                         help="count MoE expert routing (served at /api/v1/expert-stats)")  # fmt: skip
     parser.add_argument("--config", help="a JSON or TOML file of settings (see the README's table)")
+    parser.add_argument("-kvu", "--kv-unified", action="store_true",
+                        help="one pool of KV cells for all slots (a shared prefix held once) instead "
+                        "of a stream per slot (faster attention)")  # fmt: skip
     add_placement_arguments(parser)  # the default model's; merged into its options
     parser.add_argument("--isolated", action="store_const", const=True, default=None,
                         help="models in supervised child processes (outlive lost RPC workers)")  # fmt: skip
@@ -51,10 +54,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _placement(args: argparse.Namespace) -> dict[str, Any]:
-    """The placement flags that were given (set over the default model's ``options``)."""
-    return {
-        name: value for name, value in placement_options(args).items() if value not in (False, 0, [], None)
-    }
+    """The placement and cache flags that were given (set over the default model's ``options``)."""
+    given = {"kv_unified": args.kv_unified, **placement_options(args)}
+    return {name: value for name, value in given.items() if value not in (False, 0, [], None)}
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from llama_cpp.experts import simulate_cache
 from llama_cpp.testing import TinyMoeSpec, tiny_moe_experts, write_tiny_moe
 
 SPEC = TinyMoeSpec()
+GREEDY = SamplingParams.greedy()
 ACTIVE = TinyMoeSpec(expert_scale=0.5)
 LAST = SPEC.n_layer - 1
 
@@ -74,6 +75,35 @@ def test_counts_are_the_known_routing_of_prompt_and_generated_tokens(moe_path: P
     assert stats.tokens.tolist() == [len(decoded)] * LAST + [len(outputs)]
     np.testing.assert_array_equal(stats.counts.sum(axis=1), stats.tokens * SPEC.n_expert_used)
     assert stats.trace.shape == (0, 4, SPEC.n_expert_used)  # no trace asked for
+
+
+def test_a_wider_f16_moe_routes_as_its_spec_says_and_generates_the_same(
+    tmp_path: Path, moe_path: Path
+) -> None:
+    # What benchmarks/bench_experts.py builds its larger models with: a wider hidden state and
+    # F16 experts change the compute per token, not the routing the spec gives nor the text.
+    import gguf
+
+    wide = TinyMoeSpec(n_embd_min=500, expert_dtype="float16")
+    path = write_tiny_moe(tmp_path / "wide.gguf", wide)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.ffn_up_exps.weight"] == gguf.GGMLQuantizationType.F16
+    assert types["blk.0.ffn_gate_inp.weight"] == gguf.GGMLQuantizationType.F32
+    with (
+        Llama(path, n_ctx=128, profile_experts=True, verbose=False) as llm,
+        Llama(moe_path, n_ctx=128, verbose=False) as narrow,
+    ):
+        assert llm.n_embd() == wide.n_embd == 504  # rounded up to a multiple of 2 x n_head
+        prompt = llm.tokenize(b"ABCD")
+        llm.eval(prompt)
+        counts = np.zeros(wide.n_expert, dtype=np.int64)
+        for token in prompt:
+            counts[sorted(tiny_moe_experts(token, wide)[0])] += 1
+        np.testing.assert_array_equal(llm.expert_stats().counts[0], counts)
+        llm.reset()
+        assert llm.generate("a", max_tokens=6, sampling=GREEDY) == narrow.generate(
+            "a", max_tokens=6, sampling=GREEDY
+        )
 
 
 def test_a_reused_prefix_is_not_routed_again_and_reset_starts_over(moe_path: Path) -> None:

@@ -8,14 +8,25 @@ FIM_MID, while a plain prompt "ab" goes on through the alphabet.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from conftest import FrontEnd
 from llama_cpp import InvalidArgumentError, Llama, LlamaPool
-from llama_cpp.fim import fim_prompt
-from llama_cpp.testing import BOS_ID, FIM_MID_ID, FIM_PRE_ID, FIM_SUF_ID, SPACE_ID, TinyModelSpec, byte_token
+from llama_cpp.fim import fim_prompt, repo_context, repo_infill_prompt
+from llama_cpp.testing import (
+    BOS_ID,
+    FIM_MID_ID,
+    FIM_PRE_ID,
+    FIM_REP_ID,
+    FIM_SEP_ID,
+    FIM_SUF_ID,
+    SPACE_ID,
+    TinyModelSpec,
+    byte_token,
+)
 from llama_cpp.testing import write_tiny_llama as write
 from llama_cpp.testing.tiny_models import chain
 
@@ -171,3 +182,45 @@ def test_a_model_without_fim_tokens_refuses_a_suffix(gemma: Llama) -> None:
 def test_both_front_ends_refuse_a_suffix_without_fim_tokens(front: FrontEnd) -> None:
     with pytest.raises(InvalidArgumentError, match="this model has no FIM_PRE, FIM_SUF, FIM_MID token"):
         front.create_completion("a", suffix="b", max_tokens=1)
+
+
+def test_the_repository_context_is_llama_servers(tmp_path: Path, fim: Llama) -> None:
+    # llama-server's format_prompt_infill: FIM_REP "myproject\n", each chunk behind FIM_SEP and
+    # its file name, FIM_SEP "filename\n" for the edited file; without FIM_REP / FIM_SEP, a
+    # "--- snippet ---" line ahead of each chunk. Then the last `budget` tokens of all that.
+    chunks = [("a.py", "x = 1"), ("b.py", "y")]
+    spaced = [byte_token(ord("x")), SPACE_ID, byte_token(ord("=")), SPACE_ID, byte_token(ord("1"))]
+    with Llama(
+        write(tmp_path / "repo.gguf", replace(_spec(), fim_repo=True)), n_ctx=256, verbose=False
+    ) as repo:
+        assert (repo.model.token_fim_rep, repo.model.token_fim_sep) == (FIM_REP_ID, FIM_SEP_ID)
+        context = repo_context(repo.model, chunks)
+        assert context == [
+            FIM_REP_ID, *_bytes("myproject\n"),
+            FIM_SEP_ID, *_bytes("a.py\n"), *spaced,
+            FIM_SEP_ID, *_bytes("b.py\n"), *_bytes("y"),
+            FIM_SEP_ID, *_bytes("filename\n"),
+        ]  # fmt: skip
+        assert repo_context(repo.model, []) == [
+            FIM_REP_ID,
+            *_bytes("myproject\n"),
+            FIM_SEP_ID,
+            *_bytes("filename\n"),
+        ]
+        assert repo_infill_prompt(repo.model, "ab", "cd", chunks, budget=10**6) == context + AB_CD
+        assert repo_infill_prompt(repo.model, "ab", "cd", chunks, budget=12) == context[-12:] + AB_CD
+        assert repo_infill_prompt(repo.model, "ab", "cd", chunks, budget=-5) == AB_CD
+    snippet = [
+        byte_token(10),
+        byte_token(10),
+        *[SPACE_ID if c == " " else byte_token(ord(c)) for c in "--- snippet ---"],
+    ]
+    assert repo_context(fim.model, chunks) == [
+        *snippet,
+        *_bytes("\n\n"),
+        *spaced,
+        *snippet,
+        *_bytes("\n\n"),
+        *_bytes("y"),
+    ]
+    assert repo_context(fim.model, []) == []

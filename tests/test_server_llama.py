@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,16 @@ def fim_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(default_model_path: Path, reranker_path: Path, fim_path: Path) -> Iterator[Server]:
+def fim_repo_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llama(
+        tmp_path_factory.mktemp("fim") / "fim-repo.gguf", replace(_fim_spec(), fim_repo=True)
+    )
+
+
+@pytest.fixture(scope="module")
+def server(
+    default_model_path: Path, reranker_path: Path, fim_path: Path, fim_repo_path: Path
+) -> Iterator[Server]:
     settings = ServerSettings(
         model=default_model_path,
         alias="gemma",
@@ -73,6 +83,10 @@ def server(default_model_path: Path, reranker_path: Path, fim_path: Path) -> Ite
                 path=reranker_path, kind="reranker", ctx_size=256, options={"n_batch": 64}
             ),
             "fim": ModelSettings(path=fim_path, parallel=2, ctx_size=256),
+            # Room for repository context: llama-server's budget is the window less a batch
+            # and twice n_predict (with fim's default batch of 512, none).
+            "fim-snippets": ModelSettings(path=fim_path, parallel=1, ctx_size=256, options={"n_batch": 64}),
+            "fim-repo": ModelSettings(path=fim_repo_path, parallel=1, ctx_size=256, options={"n_batch": 64}),
             "misconfigured": ModelSettings(path=fim_path, kind="reranker", ctx_size=256),
         },
     )
@@ -158,7 +172,7 @@ def test_rerank_refuses_other_models_and_bad_bodies(server: Server) -> None:
 
 def test_a_reranker_loads_and_unloads_as_an_alias(server: Server) -> None:
     models = {m["id"]: m["loaded"] for m in server.http.get("/v1/models").json()["data"]}
-    assert set(models) == {"gemma", "reranker", "fim", "misconfigured"}
+    assert set(models) == {"gemma", "reranker", "fim", "fim-snippets", "fim-repo", "misconfigured"}
     assert server.http.post("/models/unload", json={"model": "reranker"}).status_code == 200
     assert server.http.post("/models/load", json={"model": "reranker"}).json() == {
         "model": "reranker",
@@ -200,6 +214,30 @@ def test_infill_fills_the_middle(server: Server, fim_path: Path) -> None:
     # `prompt` continues the prefix (llama-server puts its tokens right after the prefix's).
     split = server.http.post("/infill", json={**body, "input_prefix": "a", "prompt": "b"}).json()
     assert (split["content"], split["tokens_evaluated"]) == ("XYZ", AB_CD_TOKENS)
+
+
+def test_infill_puts_the_repository_context_ahead_as_far_as_it_fits(server: Server) -> None:
+    # input_extra as llama.vim and llama.vscode send it; its tokens, laid out as llama-server
+    # does (tests/test_fim.py checks them one by one), count in tokens_evaluated.
+    extra = [{"filename": "a.py", "text": "x = 1"}, {"text": "y"}]
+    body = {"input_prefix": "ab", "input_suffix": "cd", "input_extra": extra, "temperature": 0}
+
+    def infill(model: str, **more: Any) -> dict[str, Any]:
+        answer = server.http.post("/infill", json={**body, "model": model, **more})
+        assert answer.status_code == 200, answer.text
+        result: dict[str, Any] = answer.json()
+        assert result["content"] == "XYZ"
+        return result
+
+    # FIM_REP "myproject\n" (11), FIM_SEP "a.py\n" "x = 1" (11), FIM_SEP "tmp\n" "y" (6),
+    # FIM_SEP "filename\n" (10): 38 tokens ahead of the 8 of the FIM prompt.
+    assert infill("fim-repo")["tokens_evaluated"] == AB_CD_TOKENS + 38
+    # n_predict 90: 256 - 64 - 180 = 12 tokens of context are left, the last ones.
+    assert infill("fim-repo", n_predict=90)["tokens_evaluated"] == AB_CD_TOKENS + 12
+    # Without FIM_REP / FIM_SEP: a "--- snippet ---" line (19 tokens) ahead of each chunk.
+    assert infill("fim-snippets")["tokens_evaluated"] == AB_CD_TOKENS + 19 + 5 + 19 + 1
+    # The window less a batch of 512 leaves nothing: the FIM prompt alone, as llama-server.
+    assert infill("fim")["tokens_evaluated"] == AB_CD_TOKENS
 
 
 def test_infill_streams_one_token_per_event_without_done(server: Server) -> None:
@@ -246,7 +284,9 @@ def test_infill_refuses_models_without_fim_tokens_and_bad_bodies(server: Server)
     fim = {"model": "fim", "input_prefix": "ab", "input_suffix": "cd"}
     status, body = error({"model": "fim", "input_prefix": "ab"})
     assert (status, body["param"]) == (400, "input_suffix")
-    status, body = error({**fim, "input_extra": [{"filename": "a.py", "text": "x = 1"}]})
+    status, body = error({**fim, "input_extra": [{"filename": "a.py", "text": 1}]})
+    assert (status, body["param"]) == (400, "input_extra.0.text")
+    status, body = error({**fim, "input_extra": {"filename": "a.py"}})
     assert (status, body["param"]) == (400, "input_extra")
     status, body = error({**fim, "n_predict": 0})
     assert (status, body["param"]) == (400, "n_predict")

@@ -8,7 +8,8 @@ gap (``prompt``) and after it (``suffix``), the model writes the middle after::
     [BOS] FIM_PRE prompt FIM_SUF suffix FIM_MID
 
 That is llama-cpp-python's order (its ``spm_infill=False``) and llama-server's ``/infill``
-(``format_prompt_infill``, without its repository-level context).
+(``format_prompt_infill``). :func:`repo_infill_prompt` adds what that endpoint puts ahead of
+it, the repository-level context (the ``input_extra`` chunks).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from llama_cpp import _core
 from llama_cpp.errors import InvalidArgumentError
 
-__all__ = ["fim_prompt", "infill_request"]
+__all__ = ["fim_prompt", "infill_request", "repo_context", "repo_infill_prompt"]
 
 # Code Llama's encode_infilling (which llama-cpp-python copies): the suffix is tokenized
 # behind a throwaway character, whose tokens are then dropped, so that a SentencePiece
@@ -91,6 +92,52 @@ def fim_prompt(
     middle = _suffix_tokens(model, suffix) if isinstance(suffix, str | bytes) else list(suffix)
     bos = [model.token_bos] if model.add_bos and model.token_bos >= 0 else []
     return [*bos, special["FIM_PRE"], *prefix, special["FIM_SUF"], *middle, special["FIM_MID"]]
+
+
+#: llama-server's separator ahead of each repository chunk of a model without FIM_SEP.
+_SNIPPET = "\n\n--- snippet ---\n\n"
+
+
+def repo_context(model: _core.Model, chunks: Sequence[tuple[str, str]]) -> list[int]:
+    """llama-server's repository-level context of ``/infill`` (its ``format_prompt_infill``,
+    after Qwen2.5-Coder's pattern, arXiv:2409.12186), as tokens::
+
+        [FIM_REP "myproject\n"]
+        (FIM_SEP filename "\n" text | "\n\n--- snippet ---\n\n" text)...
+        [FIM_SEP "filename\n"]
+
+    FIM_REP and its project line where the model has that token; each ``(filename, text)``
+    chunk behind FIM_SEP and its file name, or, for a model without FIM_SEP, behind a
+    ``--- snippet ---`` line; then FIM_SEP and a file name for the file being edited, where
+    the model has FIM_SEP. The names are llama-server's placeholders, as it sends them.
+    """
+    rep, sep = model.token_fim_rep, model.token_fim_sep
+    tokens: list[int] = [rep, *_text_tokens(model, "myproject\n")] if rep >= 0 else []
+    for filename, text in chunks:
+        if sep >= 0:
+            tokens += [sep, *_text_tokens(model, filename + "\n")]
+        else:
+            tokens += _text_tokens(model, _SNIPPET)
+        tokens += _text_tokens(model, text)
+    if sep >= 0:
+        tokens += [sep, *_text_tokens(model, "filename\n")]
+    return tokens
+
+
+def repo_infill_prompt(
+    model: _core.Model, prefix: str, suffix: str, chunks: Sequence[tuple[str, str]], *, budget: int
+) -> list[int]:
+    """llama-server's ``/infill`` prompt: the last ``budget`` tokens of :func:`repo_context`
+    (llama-server's budget: what the window leaves after a batch and twice ``n_predict``),
+    then :func:`fim_prompt`'s ``[BOS] FIM_PRE prefix FIM_SUF suffix FIM_MID``.
+
+    Raises:
+        InvalidArgumentError: The model lacks one of FIM_PRE, FIM_SUF and FIM_MID.
+    """
+    core = fim_prompt(model, prefix, suffix)
+    extra = repo_context(model, chunks)
+    take = min(max(0, budget), len(extra))
+    return extra[len(extra) - take :] + core
 
 
 def infill_request(

@@ -108,22 +108,22 @@ def llama_router(service: Service) -> APIRouter:
 
     @router.post("/infill")
     async def infill(body: InfillRequest) -> Response:
-        """Fill in the middle between ``input_prefix`` and ``input_suffix`` (a FIM model)."""
-        if body.input_extra:
-            # llama-server puts these chunks ahead of BOS (its repo-level pattern); the
-            # library's infill prompt has no place for them.
-            raise APIError(400, "input_extra is not supported by this server", param="input_extra")
+        """Fill in the middle between ``input_prefix`` and ``input_suffix`` (a FIM model),
+        with the repository context ``input_extra`` ahead, as llama-server lays it out."""
         if body.n != 1:
             raise APIError(400, "/infill generates one answer: n must be 1", param="n", code="invalid_value")
         keywords = body.keywords()
         service.check_max_tokens(
             keywords.get("max_tokens"), "max_tokens" if body.n_predict is None else "n_predict"
         )
-        keywords["suffix"] = body.input_suffix
         # llama-server tokenizes `prompt` on its own and puts it right after the prefix (its
         # README says after FIM_MID; its format_prompt_infill says otherwise): as the text
         # that continues the prefix, it is part of the prompt before the gap here.
-        prompt = body.input_prefix + body.prompt
+        n_predict = next((n for n in (body.n_predict, body.max_tokens) if n is not None), -1)
+        extra = [(chunk.filename, chunk.text) for chunk in body.input_extra]
+        prompt = await service.infill_prompt(
+            body.model, body.input_prefix + body.prompt, body.input_suffix, extra, n_predict
+        )
         # llama-server's n_predict defaults to -1 (no limit): the server's limit here.
         keywords.setdefault("max_tokens", service.settings.max_tokens_limit)
         if body.stream:

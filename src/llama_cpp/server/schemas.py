@@ -204,6 +204,13 @@ class RerankRequest(_Body):
     )
 
 
+class InfillChunk(_Body):
+    """One chunk of ``/infill``'s repository context (llama-server's ``input_extra`` item)."""
+
+    text: Text = Field(default="", description="The chunk's text")
+    filename: Text = Field(default="tmp", description="The file it comes from")
+
+
 class InfillRequest(_Sampling):
     """``POST /infill``: llama-server's fill-in-the-middle body (its sampling fields too)."""
 
@@ -212,8 +219,9 @@ class InfillRequest(_Sampling):
     prompt: Text = Field(
         default="", description="Text that continues the prefix (placed after it, before FIM_SUF)"
     )
-    input_extra: list[dict[str, Any]] | None = Field(
-        default=None, description="Repository context chunks: not supported (must be absent or empty)"
+    input_extra: list[InfillChunk] = Field(
+        default_factory=list,
+        description="Repository context: chunks put ahead of the FIM prompt, as far as the window allows",
     )
     n_predict: int | None = Field(
         default=None, ge=-1, lt=2**31, description="Tokens to generate at most (-1: the server's limit)"

@@ -21,6 +21,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, cast
 
+from llama_cpp import fim
 from llama_cpp.embeddings import EmbeddingInput
 from llama_cpp.errors import ContextOverflowError
 from llama_cpp.server.errors import APIError, from_library_error
@@ -178,6 +179,19 @@ class Service:
 
         jobs = [{"_job": j} for j in range(len(per_prompt))]
         return await self._run_jobs("text_completion", model, keywords, jobs, n=n, stream=stream, start=start)
+
+    async def infill_prompt(
+        self, model: str | None, prefix: str, suffix: str, chunks: Sequence[tuple[str, str]], n_predict: int
+    ) -> list[int]:
+        """llama-server's ``/infill`` prompt on ``model``'s vocabulary: repository context
+        ``chunks`` ((filename, text) pairs) as far as llama-server's budget allows (the window,
+        less a batch and twice ``n_predict``), then the FIM prompt
+        (:func:`llama_cpp.fim.repo_infill_prompt`)."""
+        async with self.registry.lease(model) as (_, pool):
+            budget = pool.n_ctx() - pool.config.n_batch - 2 * n_predict
+            return await asyncio.to_thread(
+                fim.repo_infill_prompt, pool.model, prefix, suffix, chunks, budget=budget
+            )
 
     # -- embeddings -----------------------------------------------------------------------
 

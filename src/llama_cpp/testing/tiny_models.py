@@ -12,7 +12,9 @@ The vocabulary is SentencePiece-style: ``<unk>``, ``<s>``, ``</s>``, the 256 byt
 ``<0x00>``..``<0xFF>``, ``▁`` (a space) and ``<end_of_turn>`` (end of generation, not EOS);
 every other text tokenizes to its UTF-8 bytes. With ``TinyModelSpec(fim=True)`` the
 fill-in-the-middle control tokens ``<|fim_prefix|>``, ``<|fim_suffix|>`` and ``<|fim_middle|>``
-follow (:data:`FIM_PRE_ID`, :data:`FIM_SUF_ID`, :data:`FIM_MID_ID`).
+follow (:data:`FIM_PRE_ID`, :data:`FIM_SUF_ID`, :data:`FIM_MID_ID`), and with ``fim_repo=True``
+also the repository-level ones ``<|repo_name|>`` and ``<|file_sep|>`` (:data:`FIM_REP_ID`,
+:data:`FIM_SEP_ID`, as Qwen2.5-Coder has them).
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ FIM_PRE_ID = N_VOCAB
 FIM_SUF_ID = N_VOCAB + 1
 FIM_MID_ID = N_VOCAB + 2
 _FIM_TOKENS = (b"<|fim_prefix|>", b"<|fim_suffix|>", b"<|fim_middle|>")
+#: Repository-level FIM tokens, after those (``TinyModelSpec(fim=True, fim_repo=True)``).
+FIM_REP_ID = N_VOCAB + 3
+FIM_SEP_ID = N_VOCAB + 4
+_FIM_REPO_TOKENS = (b"<|repo_name|>", b"<|file_sep|>")
 
 
 def byte_token(byte: int) -> int:
@@ -88,6 +94,9 @@ class TinyModelSpec:
         default_successor: Successor of unlisted tokens (default: end of generation).
         n_layer: Transformer blocks.
         n_head: Attention heads (``n_embd`` is the vocabulary size rounded up to a multiple).
+        n_embd_min: A wider hidden state: ``n_embd`` is at least this, rounded up the same
+            way (the benchmarks' larger models; the extra dimensions stay zero in the
+            embedding, so greedy decoding is the same).
         n_ff: Feed-forward width.
         context_length: The model's training context.
         logit_scale: Logit of the successor relative to every other token, per unit of the
@@ -98,6 +107,8 @@ class TinyModelSpec:
         name: ``general.name``.
         fim: Add the fill-in-the-middle control tokens (:data:`FIM_PRE_ID` ...) to the
             vocabulary and name them in the ``tokenizer.ggml.fim_*_token_id`` metadata.
+        fim_repo: With ``fim``, also the repository-level tokens (:data:`FIM_REP_ID`,
+            :data:`FIM_SEP_ID`).
         add_space_prefix: The tokenizer prepends a space (``▁``) to the text it is given, as
             SentencePiece models such as Code Llama do.
         chat_template: ``tokenizer.chat_template`` (None: the file has none), e.g. a hostile
@@ -110,6 +121,7 @@ class TinyModelSpec:
     default_successor: int = EOS_ID
     n_layer: int = 2
     n_head: int = 4
+    n_embd_min: int = 0
     n_ff: int = 64
     context_length: int = 4096
     logit_scale: float = 1.0
@@ -117,24 +129,33 @@ class TinyModelSpec:
     seed: int = 0
     name: str = "tiny-successor-llama"
     fim: bool = False
+    fim_repo: bool = False
     add_space_prefix: bool = False
     chat_template: str | None = None
     tool_use_template: str | None = None
 
     @property
     def n_vocab(self) -> int:
-        return N_VOCAB + (len(_FIM_TOKENS) if self.fim else 0)
+        return N_VOCAB + len(_fim_tokens(self.fim, self.fim_repo))
 
     @property
     def n_embd(self) -> int:
         step = self.n_head * 2  # rope wants an even head dimension
-        return -(-self.n_vocab // step) * step
+        return -(-max(self.n_vocab, self.n_embd_min) // step) * step
 
     def successor(self, token: int) -> int:
         return self.successors.get(token, self.default_successor)
 
 
-def tiny_vocabulary(*, fim: bool = False) -> tuple[list[bytes], list[float], list[int]]:
+def _fim_tokens(fim: bool, fim_repo: bool) -> tuple[bytes, ...]:
+    if fim_repo and not fim:
+        raise ValueError("fim_repo adds to the FIM tokens: it needs fim=True")
+    return (_FIM_TOKENS if fim else ()) + (_FIM_REPO_TOKENS if fim_repo else ())
+
+
+def tiny_vocabulary(
+    *, fim: bool = False, fim_repo: bool = False
+) -> tuple[list[bytes], list[float], list[int]]:
     """The tiny models' tokens, scores and token types (see the module docstring)."""
     import gguf
 
@@ -145,9 +166,9 @@ def tiny_vocabulary(*, fim: bool = False) -> tuple[list[bytes], list[float], lis
     )
     types = [int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.CONTROL), int(gguf.TokenType.CONTROL)]
     types += [int(gguf.TokenType.BYTE)] * 256 + [int(gguf.TokenType.NORMAL), int(gguf.TokenType.CONTROL)]
-    if fim:
-        tokens += _FIM_TOKENS
-        types += [int(gguf.TokenType.CONTROL)] * len(_FIM_TOKENS)
+    extra = _fim_tokens(fim, fim_repo)
+    tokens += extra
+    types += [int(gguf.TokenType.CONTROL)] * len(extra)
     return tokens, [0.0] * len(tokens), types
 
 
@@ -225,7 +246,7 @@ def write_llama_gguf(
         writer.add_expert_count(n_expert)
         writer.add_expert_used_count(n_expert_used)
     writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-    tokens, scores, types = tiny_vocabulary(fim=spec.fim)
+    tokens, scores, types = tiny_vocabulary(fim=spec.fim, fim_repo=spec.fim_repo)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
@@ -238,6 +259,9 @@ def write_llama_gguf(
         writer.add_uint32(gguf.Keys.Tokenizer.FIM_PRE_ID, FIM_PRE_ID)
         writer.add_uint32(gguf.Keys.Tokenizer.FIM_SUF_ID, FIM_SUF_ID)
         writer.add_uint32(gguf.Keys.Tokenizer.FIM_MID_ID, FIM_MID_ID)
+    if spec.fim_repo:
+        writer.add_uint32(gguf.Keys.Tokenizer.FIM_REP_ID, FIM_REP_ID)
+        writer.add_uint32(gguf.Keys.Tokenizer.FIM_SEP_ID, FIM_SEP_ID)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(spec.add_space_prefix)

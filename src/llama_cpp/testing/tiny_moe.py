@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -36,6 +36,8 @@ class TinyMoeSpec(TinyModelSpec):
         expert_scale: Standard deviation of the experts' random weights; 0 keeps the
             residual stream one-hot and the routing exactly known.
         router_seed: Seed of the routers' (and experts') random weights.
+        expert_dtype: The experts' storage, ``"float32"`` or ``"float16"`` (F16 tensors:
+            half the file of a large benchmark model).
     """
 
     n_layer: int = 4
@@ -44,11 +46,14 @@ class TinyMoeSpec(TinyModelSpec):
     n_expert_used: int = 2
     expert_scale: float = 0.0
     router_seed: int = 0
+    expert_dtype: Literal["float32", "float16"] = "float32"
     name: str = "tiny-successor-moe"
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_expert_used <= self.n_expert:
             raise ValueError(f"n_expert_used must be in 1..{self.n_expert}, got {self.n_expert_used}")
+        if self.expert_dtype not in ("float32", "float16"):
+            raise ValueError(f"expert_dtype must be 'float32' or 'float16', got {self.expert_dtype!r}")
 
 
 def _routers(spec: TinyMoeSpec) -> npt.NDArray[np.float32]:
@@ -88,10 +93,10 @@ def _tensors(spec: TinyMoeSpec) -> dict[str, Any]:
     routers = _routers(spec)
     rng = np.random.default_rng(spec.router_seed + 1)
 
-    def experts(*shape: int) -> npt.NDArray[np.float32]:
+    def experts(*shape: int) -> npt.NDArray[np.floating[Any]]:
         if spec.expert_scale == 0:
-            return np.zeros(shape, dtype=np.float32)
-        return rng.normal(0.0, spec.expert_scale, size=shape).astype(np.float32)
+            return np.zeros(shape, dtype=spec.expert_dtype)
+        return rng.normal(0.0, spec.expert_scale, size=shape).astype(spec.expert_dtype)
 
     for layer in range(spec.n_layer):
         blk = f"blk.{layer}"

@@ -103,8 +103,9 @@ class Llama(FrontEnd):
         offload_kqv: Keep the KV cache on the GPU when layers are offloaded.
         kv_unified: For a :class:`LlamaPool`: one pool of KV cells shared by its sequences
             (llama.cpp's ``--kv-unified``) instead of a stream of cells per sequence, the
-            default. Shared prefixes then take their cells once, but every token attends over
-            the cells of all sequences: slower with several running (no effect on a Llama).
+            default. Shared prefixes then take their cells once and a burst of prompts is
+            prefilled in fewer passes, but every token attends over the cells of all
+            sequences: slower decoding with several running (no effect on a Llama).
         embedding: Create the context for :meth:`embed` / :meth:`create_embedding`.
         pooling_type: -1 the model's, 0 none (a vector per token), 1 mean, 2 CLS, 3 last, 4 rank.
         rope_freq_base, rope_freq_scale, rope_scaling_type, yarn_*: RoPE overrides.

@@ -76,8 +76,9 @@ class LlamaPool(FrontEnd):
             a token attends over its own sequence only, and a cached prefix lent by another
             sequence is a copy of its stream (made when it saves 16 tokens or more);
             ``kv_unified=True`` gives them one pool of cells instead, where a shared prefix is
-            held once but every token attends over all sequences' cells (slower with several
-            running).
+            held once but every token attends over all sequences' cells (slower decoding with
+            several running; prompts of different lengths arriving together are prefilled in
+            one pass, where streams take one pass per distinct length).
 
     Raises:
         TypeError: An unknown keyword argument.

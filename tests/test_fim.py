@@ -207,9 +207,42 @@ def test_the_repository_context_is_llama_servers(tmp_path: Path, fim: Llama) -> 
             FIM_SEP_ID,
             *_bytes("filename\n"),
         ]
-        assert repo_infill_prompt(repo.model, "ab", "cd", chunks, budget=10**6) == context + AB_CD
-        assert repo_infill_prompt(repo.model, "ab", "cd", chunks, budget=12) == context[-12:] + AB_CD
-        assert repo_infill_prompt(repo.model, "ab", "cd", chunks, budget=-5) == AB_CD
+
+        def infill(prefix: str, suffix: str, prompt: str = "", **sizes: int) -> list[int]:
+            return repo_infill_prompt(repo.model, prefix, suffix, prompt, chunks, **sizes)
+
+        assert infill("ab", "cd", n_ctx=4096, n_batch=512, n_predict=-1) == context + AB_CD
+        # llama-server's budget: the window less a batch and twice n_predict (256 - 64 - 180).
+        assert infill("ab", "cd", n_ctx=256, n_batch=64, n_predict=90) == context[-12:] + AB_CD
+        assert infill("ab", "cd", n_ctx=256, n_batch=64, n_predict=200) == AB_CD
+        # Ours too: room for one token after the prompt (40 - 6 - 1, where the budget is 34).
+        assert infill("ab", "cd", n_ctx=40, n_batch=8, n_predict=-1) == [
+            *context[-33:],
+            *AB_CD[:5],
+            FIM_MID_ID,
+        ]
+        # The prefix keeps its last 3 x (n_batch // 4) tokens, the suffix its first
+        # n_batch // 4 - 2 - len(prompt); `prompt` follows the prefix.
+        cut = infill("0123456789abcdef", "ghijkl", n_ctx=4096, n_batch=16, n_predict=-1)
+        assert cut == [
+            *context,
+            BOS_ID,
+            FIM_PRE_ID,
+            *_bytes("456789abcdef"),
+            FIM_SUF_ID,
+            *_bytes("gh"),
+            FIM_MID_ID,
+        ]
+        cut = infill("0123456789abcdef", "ghijkl", "x", n_ctx=4096, n_batch=16, n_predict=-1)
+        assert cut == [
+            *context,
+            BOS_ID,
+            FIM_PRE_ID,
+            *_bytes("456789abcdefx"),
+            FIM_SUF_ID,
+            *_bytes("g"),
+            FIM_MID_ID,
+        ]
     snippet = [
         byte_token(10),
         byte_token(10),

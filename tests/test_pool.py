@@ -308,8 +308,9 @@ def test_a_running_sequence_lends_its_prefix(tiny_model_path: Path, kv_unified: 
     # A request that starts while another runs copies the prompt tokens they share from its
     # sequence: in a unified cache always (its cells are shared), with a stream of cells per
     # sequence only when it saves 16 tokens or more (the whole stream is copied).
+    # A window of 4096: the lender is still running when the borrower is admitted.
     with LlamaPool(
-        tiny_model_path, pool_size=2, n_ctx=256, n_batch=64, kv_unified=kv_unified, verbose=False
+        tiny_model_path, pool_size=2, n_ctx=4096, n_batch=64, kv_unified=kv_unified, verbose=False
     ) as pool:
         for prefix in ("the system prompt, shared by both requests. ", "ab "):
             lending, borrowing = prefix + "a", prefix + "B"
@@ -326,6 +327,49 @@ def test_a_running_sequence_lends_its_prefix(tiny_model_path: Path, kv_unified: 
             lender.cancel()
             with pytest.raises(GenerationCancelled):
                 drain(lender)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kv_unified", [False, True], ids=["streams", "unified"])
+def test_a_lent_prefix_gives_the_default_model_the_answer_it_gives_alone(
+    default_model_path: Path, gemma: Llama, kv_unified: bool
+) -> None:
+    # The tiny model reads only the last token; Gemma's next token depends on every cell of
+    # the prompt, so cells copied wrong, late or not at all would change its distribution
+    # (without the shared sentences " Rome" is not even the likeliest token).
+    shared = (
+        "The capital of France is Paris. The capital of Germany is Berlin. The capital of Spain is Madrid."
+    )
+    lending, borrowing = shared + " The capital of Portugal is", shared + " The capital of Italy is"
+    n_shared = sum(1 for _ in itertools.takewhile(lambda p: p[0] == p[1], zip(
+        gemma.tokenize(lending.encode()), gemma.tokenize(borrowing.encode()), strict=False
+    )))  # fmt: skip
+    assert n_shared >= 16  # enough for a stream to be copied
+    gemma.reset()
+    solo = gemma.create_completion(borrowing, max_tokens=1, temperature=0, logprobs=5)
+    assert isinstance(solo, dict)
+    on = SamplingParams(temperature=0, logit_bias={1: -100.0, 106: -100.0})  # no end of generation
+    with LlamaPool(
+        default_model_path, pool_size=2, n_ctx=512, n_threads=2, kv_unified=kv_unified, verbose=False
+    ) as pool:
+        lender = pool.submit(lending, max_tokens=400, sampling=on)
+        assert lender.next() is not None  # its prompt is in its sequence; it runs on
+        borrowed = pool.create_completion(borrowing, max_tokens=1, temperature=0, logprobs=5)
+        assert isinstance(borrowed, dict)
+        lender.cancel()
+        with pytest.raises(GenerationCancelled):
+            drain(lender)
+    assert borrowed["usage"]["prompt_tokens_details"]["cached_tokens"] == n_shared
+
+    def first_top(completion: Any) -> dict[str, float]:
+        top: dict[str, float] = completion["choices"][0]["logprobs"]["top_logprobs"][0]
+        return top
+
+    alone, lent = first_top(solo), first_top(borrowed)
+    assert max(lent, key=lambda t: lent[t]) == max(alone, key=lambda t: alone[t]) == " Rome"
+    assert len(lent.keys() & alone.keys()) >= 4
+    for token in lent.keys() & alone.keys():
+        assert lent[token] == pytest.approx(alone[token], abs=0.1), token
 
 
 @pytest.mark.timeout(60)

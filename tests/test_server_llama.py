@@ -288,6 +288,8 @@ def test_infill_refuses_models_without_fim_tokens_and_bad_bodies(server: Server)
     assert (status, body["param"]) == (400, "input_extra.0.text")
     status, body = error({**fim, "input_extra": {"filename": "a.py"}})
     assert (status, body["param"]) == (400, "input_extra")
+    status, body = error({**fim, "input_extra": [{"filename": "a.py"}]})  # llama-server: text is required
+    assert (status, body["param"]) == (400, "input_extra.0.text")
     status, body = error({**fim, "n_predict": 0})
     assert (status, body["param"]) == (400, "n_predict")
     status, body = error({**fim, "n_predict": 5000})

@@ -6488,8 +6488,9 @@ class Engine {
         const LoraSet loras = first->request->loras;
         apply_loras(loras);
 
-        llama_batch &b = batch_->batch;
-        b.n_tokens = 0;
+        // What each sequence puts in the batch: a decoding one its next token, prefilling ones
+        // prompt chunks in admission order, as far as the batch has room.
+        size_t room = static_cast<size_t>(batch_->capacity);
         std::vector<Slot *> prefilling;
         for (auto &slot : slots_) {
             slot.row = -1;
@@ -6497,27 +6498,39 @@ class Engine {
             slot.n_in_batch = 0;
             if (!slot.request || slot.request->loras != loras) continue;
             if (slot.phase == Phase::decode) {
-                slot.row = b.n_tokens;
                 slot.n_in_batch = 1;
-                add_token(slot.next, static_cast<llama_pos>(slot.cached.size()), slot.seq, true);
+                --room;
             } else if (slot.phase == Phase::prefill) {
                 prefilling.push_back(&slot);
             }
         }
         std::sort(prefilling.begin(), prefilling.end(), [](const Slot *a, const Slot *c) { return a->admitted < c->admitted; });
         for (Slot *slot : prefilling) {
-            const auto &prompt = slot->request->prompt;
-            const bool scoring = slot->request->scores_prompt();
-            const size_t done = slot->cached.size();
-            const size_t n = std::min(prompt.size() - done, static_cast<size_t>(batch_->capacity - b.n_tokens));
-            if (n == 0) break;
-            slot->first_row = b.n_tokens;
-            for (size_t i = 0; i < n; ++i) {
-                const bool last = done + i + 1 == prompt.size();
-                if (last) slot->row = b.n_tokens;
-                add_token(prompt[done + i], static_cast<llama_pos>(done + i), slot->seq, last || scoring);
+            slot->n_in_batch = std::min(slot->request->prompt.size() - slot->cached.size(), room);
+            room -= slot->n_in_batch;
+        }
+        // The tokens grouped by sequence, in sequence order: with a stream of cells per
+        // sequence, llama.cpp cuts a batch into ubatches of consecutive sequence ids that each
+        // take as many tokens (split_equal, sequential), so a prompt chunk placed after the
+        // decoded tokens of higher sequences would cost a pass of its own.
+        llama_batch &b = batch_->batch;
+        b.n_tokens = 0;
+        for (auto &slot : slots_) {
+            if (slot.n_in_batch == 0) continue;
+            if (slot.phase == Phase::decode) {
+                slot.row = b.n_tokens;
+                add_token(slot.next, static_cast<llama_pos>(slot.cached.size()), slot.seq, true);
+                continue;
             }
-            slot->n_in_batch = n;
+            const auto &prompt = slot.request->prompt;
+            const bool scoring = slot.request->scores_prompt();
+            const size_t done = slot.cached.size();
+            slot.first_row = b.n_tokens;
+            for (size_t i = 0; i < slot.n_in_batch; ++i) {
+                const bool last = done + i + 1 == prompt.size();
+                if (last) slot.row = b.n_tokens;
+                add_token(prompt[done + i], static_cast<llama_pos>(done + i), slot.seq, last || scoring);
+            }
         }
 
         int32_t rc = 0;

@@ -125,18 +125,40 @@ def repo_context(model: _core.Model, chunks: Sequence[tuple[str, str]]) -> list[
 
 
 def repo_infill_prompt(
-    model: _core.Model, prefix: str, suffix: str, chunks: Sequence[tuple[str, str]], *, budget: int
+    model: _core.Model,
+    prefix: str,
+    suffix: str,
+    prompt: str,
+    chunks: Sequence[tuple[str, str]],
+    *,
+    n_ctx: int,
+    n_batch: int,
+    n_predict: int,
 ) -> list[int]:
-    """llama-server's ``/infill`` prompt: the last ``budget`` tokens of :func:`repo_context`
-    (llama-server's budget: what the window leaves after a batch and twice ``n_predict``),
-    then :func:`fim_prompt`'s ``[BOS] FIM_PRE prefix FIM_SUF suffix FIM_MID``.
+    """llama-server's ``/infill`` prompt (its ``format_prompt_infill``)::
+
+        repository context  [BOS] FIM_PRE prefix prompt FIM_SUF suffix FIM_MID
+
+    cut as llama-server cuts it to fit a window of ``n_ctx`` tokens: the prefix keeps its
+    last ``3 * (n_batch // 4)`` tokens, the suffix its first ``n_batch // 4 - 2 - len(prompt)``,
+    and the context (:func:`repo_context`) its last ``n_ctx - n_batch - 2 * n_predict``; here,
+    also no more than leaves room for ``n_predict`` tokens (at least one) after the prompt.
+    ``prompt`` (the text that continues the prefix) is tokenized on its own, as there.
 
     Raises:
         InvalidArgumentError: The model lacks one of FIM_PRE, FIM_SUF and FIM_MID.
     """
-    core = fim_prompt(model, prefix, suffix)
+    tokens_prefix = _text_tokens(model, prefix)
+    tokens_prompt = _text_tokens(model, prompt)
+    tokens_suffix = _suffix_tokens(model, suffix)
+    quarter = n_batch // 4
+    prefix_take = min(len(tokens_prefix), 3 * quarter)
+    suffix_take = min(len(tokens_suffix), max(0, quarter - (2 + len(tokens_prompt))))
+    core = fim_prompt(
+        model, tokens_prefix[len(tokens_prefix) - prefix_take :] + tokens_prompt, tokens_suffix[:suffix_take]
+    )
     extra = repo_context(model, chunks)
-    take = min(max(0, budget), len(extra))
+    take = max(0, min(len(extra), n_ctx - n_batch - 2 * n_predict, n_ctx - len(core) - max(n_predict, 1)))
     return extra[len(extra) - take :] + core
 
 

@@ -165,7 +165,10 @@ def _plan(model_path: str, config: LlamaConfig, *, n_seq: int) -> FitPlan:
     if n_seq > 1:  # as LlamaPool creates its engine: n_seq sequences of n_ctx each
         context.n_ctx = config.n_ctx * n_seq
         context.n_seq_max = n_seq
-    result = _core.fit_params(model_path, model, context, config.fit_margin, config.fit_min_ctx * n_seq)
+    # The smallest context the fit may lower to: llama.cpp's fit multiplies it by the number
+    # of streams itself (one per sequence unless the cache is unified).
+    n_ctx_min = config.fit_min_ctx * n_seq if config.kv_unified else config.fit_min_ctx
+    result = _core.fit_params(model_path, model, context, config.fit_margin, n_ctx_min)
     status: Literal["success", "failure"] = "success" if result.status == 0 else "failure"
     devices = tuple(
         DeviceMemory(

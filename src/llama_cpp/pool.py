@@ -72,7 +72,8 @@ class LlamaPool(FrontEnd):
             ``n_cpu_moe``, ``fit``, ``numa``) are :class:`Llama`'s; ``fit`` sizes the context
             of all ``pool_size`` sequences together (``n_ctx=0``: chosen per sequence);
             ``profile_experts`` counts expert routing over all requests (:meth:`expert_stats`).
-            Each sequence has its own stream of KV cells (llama-server's layout with ``-np``):
+            Each sequence has its own stream of KV cells (llama-server's layout with ``-np``;
+            llama.cpp rounds a stream up to a multiple of 256 cells, which ``n_ctx()`` reports):
             a token attends over its own sequence only, and a cached prefix lent by another
             sequence is a copy of its stream (made when it saves 16 tokens or more);
             ``kv_unified=True`` gives them one pool of cells instead, where a shared prefix is

@@ -9,9 +9,11 @@ kind is ``"reranker"`` (:meth:`Llama.rerank`; any other model is a 400).
 answers its non-OpenAI shape ``{content, stop: true, model, tokens_predicted,
 tokens_evaluated, stop_type, truncated, ...}``; streamed, one ``data: {content, stop: false}``
 event per token and a last one with ``stop: true``, with no ``[DONE]`` (as llama-server). It
-runs on :meth:`Service.completion` with ``suffix``: the library's infill prompt
-``[BOS] FIM_PRE prefix FIM_SUF suffix FIM_MID`` (:mod:`llama_cpp.fim`), so a model without
-FIM tokens is the library's 400. Where llama-server differs, it is said at the line.
+runs on :meth:`Service.completion` of the token prompt :meth:`Service.infill_prompt` builds as
+llama-server's ``format_prompt_infill`` does (:func:`llama_cpp.fim.repo_infill_prompt`): the
+repository context ``input_extra``, then ``[BOS] FIM_PRE prefix prompt FIM_SUF suffix
+FIM_MID``, so a model without FIM tokens is the library's 400. Where llama-server differs, it
+is said at the line.
 """
 
 from __future__ import annotations
@@ -117,13 +119,13 @@ def llama_router(service: Service) -> APIRouter:
             keywords.get("max_tokens"), "max_tokens" if body.n_predict is None else "n_predict"
         )
         # llama-server tokenizes `prompt` on its own and puts it right after the prefix (its
-        # README says after FIM_MID; its format_prompt_infill says otherwise): as the text
-        # that continues the prefix, it is part of the prompt before the gap here.
+        # README says after FIM_MID; its format_prompt_infill says otherwise), parsing special
+        # tokens in it: here they stay text, as in the prefix and suffix. It cuts the context
+        # to what its server-wide n_predict (-n, default -1) leaves: the request's here.
         n_predict = next((n for n in (body.n_predict, body.max_tokens) if n is not None), -1)
         extra = [(chunk.filename, chunk.text) for chunk in body.input_extra]
-        prompt = await service.infill_prompt(
-            body.model, body.input_prefix + body.prompt, body.input_suffix, extra, n_predict
-        )
+        texts = (body.input_prefix, body.input_suffix, body.prompt)
+        prompt = await service.infill_prompt(body.model, texts, extra, n_predict)
         # llama-server's n_predict defaults to -1 (no limit): the server's limit here.
         keywords.setdefault("max_tokens", service.settings.max_tokens_limit)
         if body.stream:

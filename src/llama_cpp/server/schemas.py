@@ -207,7 +207,7 @@ class RerankRequest(_Body):
 class InfillChunk(_Body):
     """One chunk of ``/infill``'s repository context (llama-server's ``input_extra`` item)."""
 
-    text: Text = Field(default="", description="The chunk's text")
+    text: Text = Field(description="The chunk's text")
     filename: Text = Field(default="tmp", description="The file it comes from")
 
 

@@ -181,17 +181,21 @@ class Service:
         return await self._run_jobs("text_completion", model, keywords, jobs, n=n, stream=stream, start=start)
 
     async def infill_prompt(
-        self, model: str | None, prefix: str, suffix: str, chunks: Sequence[tuple[str, str]], n_predict: int
+        self,
+        model: str | None,
+        body: tuple[str, str, str],
+        chunks: Sequence[tuple[str, str]],
+        n_predict: int,
     ) -> list[int]:
-        """llama-server's ``/infill`` prompt on ``model``'s vocabulary: repository context
-        ``chunks`` ((filename, text) pairs) as far as llama-server's budget allows (the window,
-        less a batch and twice ``n_predict``), then the FIM prompt
-        (:func:`llama_cpp.fim.repo_infill_prompt`)."""
+        """llama-server's ``/infill`` prompt of ``body`` (prefix, suffix, prompt) and the
+        repository context ``chunks`` ((filename, text) pairs), cut to ``model``'s window and
+        batch (:func:`llama_cpp.fim.repo_infill_prompt`)."""
+        prefix, suffix, prompt = body
         async with self.registry.lease(model) as (_, pool):
-            budget = pool.n_ctx() - pool.config.n_batch - 2 * n_predict
             return await asyncio.to_thread(
-                fim.repo_infill_prompt, pool.model, prefix, suffix, chunks, budget=budget
-            )
+                fim.repo_infill_prompt, pool.model, prefix, suffix, prompt, chunks,
+                n_ctx=pool.n_ctx(), n_batch=pool.config.n_batch, n_predict=n_predict,
+            )  # fmt: skip
 
     # -- embeddings -----------------------------------------------------------------------
 

@@ -53,6 +53,12 @@ def drain(stream: GenerationStream) -> str:
     return "".join(chunk.text for chunk in iter(stream.next, None))
 
 
+def shared_prefix(front: Llama | LlamaPool, a: str, b: str) -> int:
+    """How many leading tokens the prompts ``a`` and ``b`` share."""
+    pairs = zip(front.tokenize(a), front.tokenize(b), strict=False)
+    return sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], pairs))
+
+
 def solo_texts(model: Path, prompts: list[str], max_tokens: int, sampling: SamplingParams) -> list[str]:
     """What a single Llama generates for each prompt, one after another."""
     with Llama(model, n_ctx=256, n_batch=64, verbose=False) as llm:
@@ -315,15 +321,13 @@ def test_a_running_sequence_lends_its_prefix(tiny_model_path: Path, kv_unified: 
         for prefix in ("the system prompt, shared by both requests. ", "ab "):
             lending, borrowing = prefix + "a", prefix + "B"
             [expected] = solo_texts(tiny_model_path, [borrowing], max_tokens=8, sampling=GREEDY)
-            tokens = [pool.tokenize(text, special=True) for text in (lending, borrowing)]
-            pairs = zip(*tokens, strict=False)
-            shared = sum(1 for _ in itertools.takewhile(lambda pair: pair[0] == pair[1], pairs))
+            shared = shared_prefix(pool, lending, borrowing)
             lender = pool.submit(lending, max_tokens=None, sampling=GREEDY)  # lowercase: runs on
             assert lender.next() is not None  # its prompt is in its sequence
             borrower = pool.submit(borrowing, max_tokens=8, sampling=GREEDY)
             assert drain(borrower) == expected
             copied = kv_unified or shared >= 16
-            assert (shared, borrower.n_reused) == (shared, shared if copied else 0)
+            assert borrower.n_reused == (shared if copied else 0), shared
             lender.cancel()
             with pytest.raises(GenerationCancelled):
                 drain(lender)
@@ -341,9 +345,7 @@ def test_a_lent_prefix_gives_the_default_model_the_answer_it_gives_alone(
         "The capital of France is Paris. The capital of Germany is Berlin. The capital of Spain is Madrid."
     )
     lending, borrowing = shared + " The capital of Portugal is", shared + " The capital of Italy is"
-    n_shared = sum(1 for _ in itertools.takewhile(lambda p: p[0] == p[1], zip(
-        gemma.tokenize(lending.encode()), gemma.tokenize(borrowing.encode()), strict=False
-    )))  # fmt: skip
+    n_shared = shared_prefix(gemma, lending, borrowing)
     assert n_shared >= 16  # enough for a stream to be copied
     gemma.reset()
     solo = gemma.create_completion(borrowing, max_tokens=1, temperature=0, logprobs=5)

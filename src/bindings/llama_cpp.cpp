@@ -6076,7 +6076,8 @@ class Engine {
         ctx_.reset(ctx);
         // Each sequence gets an equal share of the cells, so that the running ones always fit
         // (its own stream, without kv_unified, which llama.cpp sizes in multiples of 256).
-        n_ctx_seq_ = static_cast<int32_t>(std::min(llama_n_ctx_seq(ctx), llama_n_ctx(ctx) / static_cast<uint32_t>(options.n_slots)));
+        const uint32_t share = llama_n_ctx(ctx) / static_cast<uint32_t>(options.n_slots);
+        n_ctx_seq_ = static_cast<int32_t>(std::min(llama_n_ctx_seq(ctx), share));
         batch_ = std::make_unique<BatchOwner>(static_cast<int32_t>(llama_n_batch(ctx)));
         slots_.resize(static_cast<size_t>(options.n_slots));
         for (size_t i = 0; i < slots_.size(); ++i) slots_[i].seq = static_cast<llama_seq_id>(i);

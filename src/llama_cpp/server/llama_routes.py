@@ -124,8 +124,10 @@ def llama_router(service: Service) -> APIRouter:
         # to what its server-wide n_predict (-n, default -1) leaves: the request's here.
         n_predict = next((n for n in (body.n_predict, body.max_tokens) if n is not None), -1)
         extra = [(chunk.filename, chunk.text) for chunk in body.input_extra]
-        texts = (body.input_prefix, body.input_suffix, body.prompt)
-        prompt = await service.infill_prompt(body.model, texts, extra, n_predict)
+        prompt = await service.infill_prompt(
+            body.model, prefix=body.input_prefix, suffix=body.input_suffix, prompt=body.prompt,
+            chunks=extra, n_predict=n_predict,
+        )  # fmt: skip
         # llama-server's n_predict defaults to -1 (no limit): the server's limit here.
         keywords.setdefault("max_tokens", service.settings.max_tokens_limit)
         if body.stream:

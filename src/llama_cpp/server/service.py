@@ -183,14 +183,16 @@ class Service:
     async def infill_prompt(
         self,
         model: str | None,
-        body: tuple[str, str, str],
+        *,
+        prefix: str,
+        suffix: str,
+        prompt: str,
         chunks: Sequence[tuple[str, str]],
         n_predict: int,
     ) -> list[int]:
-        """llama-server's ``/infill`` prompt of ``body`` (prefix, suffix, prompt) and the
+        """llama-server's ``/infill`` prompt of ``prefix``, ``suffix``, ``prompt`` and the
         repository context ``chunks`` ((filename, text) pairs), cut to ``model``'s window and
         batch (:func:`llama_cpp.fim.repo_infill_prompt`)."""
-        prefix, suffix, prompt = body
         async with self.registry.lease(model) as (_, pool):
             return await asyncio.to_thread(
                 fim.repo_infill_prompt, pool.model, prefix, suffix, prompt, chunks,
